@@ -1,0 +1,146 @@
+"""``sentinel-node simulate``: the in-process DP x PP mesh, with optional comparison runs, report and plot."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from tqdm import tqdm
+
+from node.report import plot_runs, write_json
+from sentinel.attacks import parse_params
+from sentinel.config import ALL_METRICS, SentinelConfig
+from swarm.data import load_corpus
+from swarm.mesh import TAINT_SCOPES, Mesh, MeshConfig, MeshResult
+from swarm.model import PRESETS
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="run the in-process DP x PP mesh (attackers, validators, bans) and score the defence",
+        description="Simulate S untrusted stages x R replicas in one process, attack them, and score SENTINEL.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d = MeshConfig()
+    s = SentinelConfig()
+    p.add_argument("--preset", default=d.preset, choices=sorted(PRESETS), help="model size")
+    p.add_argument("--stages", type=int, default=d.stages, help="untrusted pipeline stages (may exceed the depth)")
+    p.add_argument("--replicas", type=int, default=d.replicas, help="data-parallel replicas per stage")
+    p.add_argument("--malicious-fraction", type=float, default=d.malicious_fraction)
+    p.add_argument("--attack", default="none", help="group-A name or id (A1..A10), none, or module:function")
+    p.add_argument("--attack-params", default="", help="e.g. 'lam=0.5' or 'kappa=0.3,q=0.5' (default: strongest)")
+    p.add_argument("--attack-direction", default=d.attack_direction, choices=["forward", "backward", "both"])
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--warmup", type=int, default=d.warmup, help="honest warm-up steps")
+    p.add_argument("--onset", type=int, default=None, help="first attacked step (default: end of warm-up)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--defense", choices=["on", "off"], default="on")
+    p.add_argument("--compare", action="store_true", help="also run the attack-free and the undefended run")
+    p.add_argument("--report", metavar="PATH", help="write the JSON report here")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG of losses and the flag/ban timeline here")
+    p.add_argument("--microbatches", type=int, default=d.microbatches, help="micro-batches per step")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between validation runs (0: end)")
+    p.add_argument("--data", default=None, help="text file or folder (default: the Python standard library)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--taint-scope", default=d.taint_scope, choices=TAINT_SCOPES)
+    g = p.add_argument_group("sentinel")
+    g.add_argument("--beta-forward", type=float, default=s.beta_forward)
+    g.add_argument("--beta-backward", type=float, default=s.beta_backward)
+    g.add_argument("--metrics", default=",".join(s.metrics), help=f"comma-separated subset of {ALL_METRICS}")
+    g.add_argument("--combine", default=s.combine, choices=["any", "mean"])
+    g.add_argument("--fence-k", type=float, default=s.fence_k)
+    g.add_argument("--window", type=int, default=s.window)
+    g.add_argument("--ban-level", type=int, default=s.ban_level)
+    g.add_argument("--forgive-after", type=int, default=s.forgive_after)
+    g.add_argument("--replacement", default=s.replacement, choices=["baseline", "drop"])
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> MeshConfig:
+    sentinel = SentinelConfig(
+        beta_forward=args.beta_forward,
+        beta_backward=args.beta_backward,
+        metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
+        combine=args.combine,
+        fence_k=args.fence_k,
+        window=args.window,
+        min_window=min(SentinelConfig.min_window, args.window),
+        ban_level=args.ban_level,
+        forgive_after=args.forgive_after,
+        replacement=args.replacement,
+        seed=args.seed,
+    )
+    return MeshConfig(
+        preset=args.preset,
+        stages=args.stages,
+        replicas=args.replicas,
+        malicious_fraction=args.malicious_fraction,
+        attack=args.attack,
+        attack_params=parse_params(args.attack_params),
+        attack_direction=args.attack_direction,
+        steps=args.steps,
+        warmup=args.warmup,
+        onset=args.onset,
+        seed=args.seed,
+        defense=args.defense == "on",
+        microbatches=args.microbatches,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        eval_every=args.eval_every,
+        data=args.data,
+        device=args.device,
+        taint_scope=args.taint_scope,
+        sentinel=sentinel,
+    )
+
+
+def run_one(config: MeshConfig, label: str, corpus, quiet: bool) -> MeshResult:
+    mesh = Mesh(config, corpus)
+    bar = tqdm(total=config.steps, desc=f"{label:>10}", unit="step", disable=quiet, file=sys.stderr)
+
+    def progress(step: int, info: dict) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{info['loss']:.3f}", banned=info["banned"])
+
+    try:
+        return mesh.run(progress)
+    finally:
+        bar.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    corpus = load_corpus(config.data)
+    main_label = "defended" if config.defense else "undefended"
+    runs: dict[str, MeshResult] = {main_label: run_one(config, main_label, corpus, args.quiet)}
+    if args.compare:
+        from dataclasses import replace
+
+        runs["clean"] = run_one(replace(config, attack="none", defense=False), "clean", corpus, args.quiet)
+        if config.defense and config.attack != "none":
+            runs["undefended"] = run_one(replace(config, defense=False), "undefended", corpus, args.quiet)
+    main = runs[main_label]
+    report = dict(main.report)
+    if "clean" in runs:
+        report["val_loss_clean"] = runs["clean"].report["val_loss"]
+    if "undefended" in runs:
+        report["val_loss_undefended"] = runs["undefended"].report["val_loss"]
+    elif main_label == "undefended":
+        report["val_loss_undefended"] = main.report["val_loss"]
+    report["history"] = {label: r.history for label, r in runs.items()}
+    if args.report:
+        write_json(args.report, report)
+    if args.plot:
+        workers = Mesh.worker_ids(config)
+        plot_runs(args.plot, runs, workers, main.report["malicious"], config.attack_onset)
+    summary = {k: report.get(k) for k in (
+        "precision", "recall", "f1", "banned", "false_bans", "time_to_ban", "taint_precision", "taint_recall",
+        "val_loss", "val_loss_clean", "val_loss_undefended", "tokens_per_s", "validator_time_fraction",
+    ) if k in report}
+    print(json.dumps(summary, indent=2, default=str))
+    return 0

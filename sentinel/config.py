@@ -1,0 +1,99 @@
+"""Configuration of the SENTINEL method: one small dataclass, every value configurable, paper defaults where known."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+DIRECTIONS = ("forward", "backward")
+ALL_METRICS = ("l1", "l2", "sign_flip", "wasserstein", "cosine", "gain")
+COMBINE_MODES = ("any", "mean")
+REPLACEMENT_MODES = ("baseline", "drop")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of its valid range."""
+
+
+@dataclass(frozen=True)
+class SentinelConfig:
+    """Hyperparameters of the validator's monitor, ledger and taint handling.
+
+    Units: ``window``, ``min_window`` and ``forgive_after`` count *checked tensors* (one per micro-batch per
+    boundary and direction), never steps.
+    """
+
+    beta_forward: float = 0.9  # EMA decay of the activation baseline (paper: beta_h = 0.9)
+    beta_backward: float = 0.8  # EMA decay of the gradient baseline (paper: beta_g = 0.8)
+    metrics: tuple[str, ...] = ALL_METRICS  # which distances are computed and fenced
+    combine: str = "any"  # "any": flag if any distance crosses its fence; "mean": mean of distance/fence > 1
+    fence_k: float = 4.0  # Tukey fence multiplier: Q3 + k * IQR
+    window: int = 128  # accepted distances kept per (boundary, direction, metric) for the fence
+    min_window: int = 16  # accepted observations needed before a monitor may flag (a late joiner warms itself)
+    min_iqr_fraction: float = 0.1  # IQR floor, as a fraction of the window's median (a flat window is no licence)
+    # absolute fence floors, in each metric's own scale-free unit: e.g. a 5% change of the output/input norm ratio
+    # (gain) or a 0.05 change of the mean token cosine is never worth a strike, however quiet the window was
+    floor_l1: float = 0.0
+    floor_l2: float = 0.0
+    floor_sign_flip: float = 0.25
+    floor_wasserstein: float = 0.0
+    floor_cosine: float = 0.05
+    floor_gain: float = 0.05
+    n_projections: int = 16  # sliced-Wasserstein random directions, private to each validator
+    n_quantiles: int = 16  # quantile levels per projection
+    ban_level: int = 4  # strikes that ban a worker
+    forgive_after: int = 100  # consecutive clean checked tensors that wipe a worker's strikes
+    drift_run: int = 8  # this many consecutive flags at one monitor ...
+    drift_senders: int = 3  # ... from at least this many distinct senders mean honest drift, not an attack
+    replacement: str = "baseline"  # tainted tensor: "baseline" replacement or "drop" the micro-batch
+    seed: int = 0  # seeds the validator-private projections
+
+    def __post_init__(self) -> None:
+        for name in ("beta_forward", "beta_backward"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {value}")
+        unknown = [m for m in self.metrics if m not in ALL_METRICS]
+        if unknown or not self.metrics:
+            raise ConfigError(f"metrics must be a non-empty subset of {ALL_METRICS}, got {self.metrics}")
+        if self.combine not in COMBINE_MODES:
+            raise ConfigError(f"combine must be one of {COMBINE_MODES}, got {self.combine!r}")
+        if self.replacement not in REPLACEMENT_MODES:
+            raise ConfigError(f"replacement must be one of {REPLACEMENT_MODES}, got {self.replacement!r}")
+        if self.fence_k <= 0:
+            raise ConfigError(f"fence_k must be positive, got {self.fence_k}")
+        if self.window < 4 or not 1 <= self.min_window <= self.window:
+            raise ConfigError(f"need window >= 4 and 1 <= min_window <= window, got {self.window}, {self.min_window}")
+        if self.n_projections < 1 or self.n_quantiles < 2:
+            raise ConfigError("need n_projections >= 1 and n_quantiles >= 2")
+        if self.ban_level < 1 or self.forgive_after < 1:
+            raise ConfigError("need ban_level >= 1 and forgive_after >= 1")
+        if self.drift_run < 2 or self.drift_senders < 2:
+            raise ConfigError("need drift_run >= 2 and drift_senders >= 2")
+        if self.min_iqr_fraction < 0:
+            raise ConfigError("min_iqr_fraction must be >= 0")
+
+    def beta(self, direction: str) -> float:
+        if direction == "forward":
+            return self.beta_forward
+        if direction == "backward":
+            return self.beta_backward
+        raise ConfigError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+
+    def fence_floor(self, metric: str) -> float:
+        return float(getattr(self, f"floor_{metric}"))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["metrics"] = list(self.metrics)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SentinelConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"unknown sentinel settings: {sorted(unknown)}")
+        d = dict(d)
+        if "metrics" in d:
+            d["metrics"] = tuple(d["metrics"])
+        return cls(**d)

@@ -1,0 +1,220 @@
+"""The per-(boundary, direction) monitor: EMA baseline, adaptive Tukey fences, honest warm-up.
+
+One ``BoundaryMonitor`` watches one stream of tensors (say, the forward activations crossing boundary 3). For each
+tensor it computes the summary, measures the configured distances to the EMA baseline, compares each to a Tukey
+upper fence (Q3 + k * IQR) over a window of recently *accepted* distances, and decides. Flagged tensors never touch
+the baseline or the fences, so an attacker cannot drag the baseline towards its own traffic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from sentinel.config import SentinelConfig
+from sentinel.stats import Summary, distances, make_projections, summarize
+
+
+class TukeyFence:
+    """Upper Tukey fence over a sliding window of accepted distances.
+
+    ``fence = max(Q3 + k * max(IQR, min_iqr_fraction * median), floor)``. The IQR floor matters for distances that
+    are almost constant on honest traffic: without it a window of near-identical values yields a fence so tight that
+    ordinary numerical noise crosses it. The absolute ``floor`` is a tolerance in the metric's own scale-free unit
+    (all our distances are relative), below which no deviation is worth a strike.
+    """
+
+    def __init__(self, window: int, k: float, min_iqr_fraction: float, floor: float = 0.0):
+        self.values: deque[float] = deque(maxlen=window)
+        self.k = k
+        self.min_iqr_fraction = min_iqr_fraction
+        self.floor = floor
+        self._cached: float | None = None
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def add(self, value: float) -> None:
+        self.values.append(value)
+        self._cached = None
+
+    def fence(self) -> float:
+        if not self.values:
+            return math.inf
+        if self._cached is None:
+            q1, median, q3 = np.percentile(np.fromiter(self.values, dtype=np.float64), [25, 50, 75])
+            iqr = max(q3 - q1, self.min_iqr_fraction * abs(median), 1e-9)
+            self._cached = max(float(q3 + self.k * iqr), self.floor)
+        return self._cached
+
+    def __repr__(self) -> str:
+        return f"TukeyFence(n={len(self)}, fence={self.fence():.4g}, k={self.k})"
+
+
+class InvalidTensor(ValueError):
+    """A checked tensor is malformed: wrong shape against its reference, or not floating point."""
+
+
+@dataclass
+class Observation:
+    """What the monitor concluded about one tensor."""
+
+    flagged: bool
+    reason: str  # "" when accepted; "non-finite", "shape", or "distance:<metric>,..." when flagged
+    scores: dict[str, float] = field(default_factory=dict)
+    fences: dict[str, float] = field(default_factory=dict)
+    summary: Summary | None = None
+
+
+class BoundaryMonitor:
+    """EMA baseline and fences for one (boundary, direction) stream."""
+
+    def __init__(self, config: SentinelConfig, direction: str, boundary: int):
+        self.config = config
+        self.direction = direction
+        self.boundary = boundary
+        self.beta = config.beta(direction)
+        self.baseline: Summary | None = None
+        self.residual_mean: torch.Tensor | None = None  # EMA of per-feature mean(x - reference), for replacement
+        self.fences = {
+            m: TukeyFence(config.window, config.fence_k, config.min_iqr_fraction, config.fence_floor(m))
+            for m in config.metrics
+        }
+        self.n_accepted = 0
+        self._projections: torch.Tensor | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Whether enough honest traffic has been seen for this monitor to flag anything on distance."""
+        return self.baseline is not None and self.n_accepted >= self.config.min_window
+
+    def projections(self, dim: int, device: torch.device) -> torch.Tensor:
+        if self._projections is None or self._projections.shape[0] != dim:
+            # private to this validator: seeded by its own seed and the stream it watches
+            tag = f"{self.config.seed}/{self.boundary}/{self.direction}".encode()
+            seed = int.from_bytes(hashlib.sha256(tag).digest()[:4], "little")
+            self._projections = make_projections(dim, self.config.n_projections, seed)
+        if self._projections.device != device:
+            self._projections = self._projections.to(device)
+        return self._projections
+
+    def observe(
+        self, x: torch.Tensor, reference: torch.Tensor | None = None, *, detect: bool = True, learn: bool = True
+    ) -> Observation:
+        """Check ``x`` and, if it is accepted and ``learn`` is set, fold it into the baseline.
+
+        ``detect=False`` is the honest warm-up (and the taint skip): distances are measured but nothing is flagged
+        on distance. Non-finite or malformed tensors are always flagged: no baseline is needed to reject a NaN.
+        """
+        if not x.is_floating_point():
+            raise InvalidTensor(f"expected a floating-point tensor, got {x.dtype}")
+        if reference is not None and reference.shape != x.shape:
+            return Observation(True, "shape")
+        if not bool(torch.isfinite(x).all()):
+            return Observation(True, "non-finite")
+        if x.numel() == 0 or x.dim() < 2:
+            return Observation(True, "shape")
+        summary = summarize(x, self.projections(x.shape[-1], x.device), self.config.n_quantiles, reference)
+        if self.baseline is None:
+            if learn:
+                self._accept(x, reference, summary, scores=None)
+            return Observation(False, "", summary=summary)
+        if self.baseline.mean.shape != summary.mean.shape:
+            return Observation(True, "shape")
+        scores = distances(summary, self.baseline, self.config.metrics)
+        fences = {m: self.fences[m].fence() for m in self.config.metrics}
+        flagged, reason = False, ""
+        if detect and self.ready:
+            flagged, reason = self._decide(scores, fences)
+        if not flagged and learn:
+            self._accept(x, reference, summary, scores)
+        return Observation(flagged, reason, scores, fences, summary)
+
+    def _decide(self, scores: dict[str, float], fences: dict[str, float]) -> tuple[bool, str]:
+        over = [m for m in scores if scores[m] > fences[m]]
+        if self.config.combine == "any":
+            flagged = bool(over)
+        else:  # "mean": the average of each distance relative to its own fence
+            ratio = sum(scores[m] / max(fences[m], 1e-12) for m in scores) / len(scores)
+            flagged = ratio > 1.0
+        return flagged, ("distance:" + ",".join(over) if flagged else "")
+
+    def _accept(
+        self, x: torch.Tensor, reference: torch.Tensor | None, summary: Summary, scores: dict[str, float] | None
+    ) -> None:
+        weight = 1.0 - self.beta
+        if scores is not None:
+            for m, value in scores.items():
+                self.fences[m].add(value)
+        if self.baseline is None:
+            self.baseline = summary.clone()
+        else:
+            self.baseline.lerp_(summary, weight)
+        if reference is not None:
+            delta = (x.detach().float() - reference.detach().float()).reshape(-1, x.shape[-1]).mean(dim=0)
+            if self.residual_mean is None:
+                self.residual_mean = delta
+            else:
+                self.residual_mean.lerp_(delta, weight)
+        self.n_accepted += 1
+
+    def reanchor(self, summary: Summary) -> None:
+        """Restart from ``summary`` after honest drift: new baseline, empty fences, warm up again.
+
+        Called by the validator's drift guard when the whole honest population at once stopped matching the baseline.
+        """
+        self.baseline = summary.clone()
+        self.residual_mean = None
+        for fence in self.fences.values():
+            fence.values.clear()
+            fence._cached = None
+        self.n_accepted = 0
+
+    def replacement(self, like: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+        """A harmless stand-in for a tainted tensor, derived from the baseline: the stage is bypassed.
+
+        Forward: the stage's input plus the baseline's mean residual update, as if the stage had done its typical
+        average work. Backward: the gradient the sender received, rescaled by the baseline's typical gain, as if
+        the gradient had only taken the residual path through the stage. Both keep every token's own content, so
+        what follows sees an in-distribution tensor (no cascade). With no reference, the baseline mean at every
+        token (the paper's EMA replacement).
+        """
+        dtype, device = like.dtype, like.device
+        if self.baseline is None:
+            return torch.zeros_like(like) if reference is None else reference.detach().clone()
+        if reference is not None and self.direction == "forward" and self.residual_mean is not None:
+            out = reference.detach().float() + self.residual_mean.to(device)
+        elif reference is not None and self.direction == "backward" and self.baseline.gain is not None:
+            out = reference.detach().float() * math.exp(self.baseline.gain)
+        else:
+            out = self.baseline.mean.to(device).expand(like.shape)
+        return out.to(dtype).clone()
+
+    def state_dict(self) -> dict:
+        return {
+            "baseline": None if self.baseline is None else self.baseline.state_dict(),
+            "residual_mean": None if self.residual_mean is None else self.residual_mean.cpu(),
+            "fences": {m: list(f.values) for m, f in self.fences.items()},
+            "n_accepted": self.n_accepted,
+        }
+
+    def load_state_dict(self, d: dict) -> None:
+        self.baseline = None if d["baseline"] is None else Summary.from_state_dict(d["baseline"])
+        self.residual_mean = None if d["residual_mean"] is None else d["residual_mean"].clone()
+        for m, values in d["fences"].items():
+            if m in self.fences:
+                self.fences[m].values.clear()
+                self.fences[m].values.extend(values)
+                self.fences[m]._cached = None
+        self.n_accepted = int(d["n_accepted"])
+
+    def __repr__(self) -> str:
+        return (
+            f"BoundaryMonitor(boundary={self.boundary}, direction={self.direction}, beta={self.beta}, "
+            f"accepted={self.n_accepted}, ready={self.ready})"
+        )

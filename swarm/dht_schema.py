@@ -1,0 +1,552 @@
+"""The swarm's records in the hivemind DHT: key layout, the record validator every node runs, ban quorum, I/O helpers.
+
+Key layout (all under the run's prefix; the key is hashed by hivemind, so every protection lives in the subkey)::
+
+    sentinel.{run}.manifest              subkey [ed25519:<authority>]                 SignedManifest
+    sentinel.{run}.stage.{k}             subkey [ed25519:<owner>]                     StageAnnouncement
+    sentinel.{run}.validator.{b}         subkey [ed25519:<validator>]                 ValidatorAnnouncement
+    sentinel.{run}.taint.{bucket}        subkey <step.mb.boundary.dir>[ed25519:<v>]   TaintNotice
+    sentinel.{run}.strikes.{peer}        subkey [ed25519:<validator>]                 StrikeRecord
+
+Stored value: ``msgpack([payload, signature])`` where `payload` is the msgpack of the record's wire tuple (what the
+application stored) and `signature` is the subkey owner's Ed25519 signature of
+``msgpack([DHT_DOMAIN_TAG, key_id, subkey_bytes, payload, float(expiration_time)])``. `key_id` is the *hashed* key
+(``DHTID.generate(key).to_bytes()``) and `subkey_bytes` the msgpack of the subkey: exactly the `DHTRecord` that
+hivemind hands to `sign_value` on the writer and to `validate` on every storing and reading peer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import msgpack
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hivemind.dht import DHT
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils import MSGPackSerializer, get_logger
+
+from swarm.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity
+from swarm.records import (
+    Manifest,
+    RecordError,
+    RecordKind,
+    SignedManifest,
+    StageAnnouncement,
+    StrikeRecord,
+    TaintNotice,
+    ValidatorAnnouncement,
+    WireRecord,
+    parse_record,
+)
+
+logger = get_logger(__name__)
+
+KEY_PREFIX = "sentinel"
+DEFAULT_BUCKET_SIZE = 16
+DHT_DOMAIN_TAG = b"sentinel-swarm/dht/v1"
+MAX_VALUE_BYTES = 64 * 1024  # one signed record; the largest (a manifest with 256+256 keys) is ~20 KiB
+MAX_DISCRIMINATOR = 64
+
+_MARKER_PREFIX = b"[ed25519:"
+_SUBKEY_RE = re.compile(rb"([0-9A-Za-z._:-]{0,%d})\[ed25519:([0-9a-f]{64})\]" % MAX_DISCRIMINATOR)
+_RUN_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_KIND_VALUES = frozenset(int(kind) for kind in RecordKind)
+
+
+# ------------------------------------------------------------------------------------------------------------ keys
+def _run(run: str) -> str:
+    if not isinstance(run, str) or not _RUN_RE.fullmatch(run):
+        raise ValueError(f"invalid run id {run!r:.80}")
+    return run
+
+
+def _index(value: int, name: str) -> int:
+    if type(value) is not int or value < 0:
+        raise ValueError(f"{name} must be a non-negative int")
+    return value
+
+
+def manifest_key(run: str) -> str:
+    return f"{KEY_PREFIX}.{_run(run)}.manifest"
+
+
+def stage_key(run: str, stage: int) -> str:
+    return f"{KEY_PREFIX}.{_run(run)}.stage.{_index(stage, 'stage')}"
+
+
+def validator_key(run: str, boundary: int) -> str:
+    return f"{KEY_PREFIX}.{_run(run)}.validator.{_index(boundary, 'boundary')}"
+
+
+def taint_key(run: str, bucket: int) -> str:
+    return f"{KEY_PREFIX}.{_run(run)}.taint.{_index(bucket, 'bucket')}"
+
+
+def strikes_key(run: str, peer: str) -> str:
+    if not isinstance(peer, str) or not 1 <= len(peer) <= 128:
+        raise ValueError("peer must be a str of 1 to 128 characters")
+    return f"{KEY_PREFIX}.{_run(run)}.strikes.{peer}"
+
+
+def step_bucket(step: int, size: int = DEFAULT_BUCKET_SIZE) -> int:
+    """Taint notices of steps [b*size, (b+1)*size) share one key, so one `get` returns a bounded dictionary."""
+    if _index(size, "size") < 1:
+        raise ValueError("size must be >= 1")
+    return _index(step, "step") // size
+
+
+def dht_key_id(key: str) -> bytes:
+    """The hashed key that hivemind stores under and that `RecordValidatorBase.validate` receives as `record.key`."""
+    return DHTID.generate(source=key).to_bytes()
+
+
+# --------------------------------------------------------------------------------------------- subkeys, envelope
+def owner_marker(public_key: bytes) -> bytes:
+    return _MARKER_PREFIX + public_key.hex().encode() + b"]"
+
+
+def make_subkey(public_key: bytes, discriminator: bytes = b"") -> bytes:
+    """`discriminator` (optional, [0-9A-Za-z._:-]{0,64}) goes before the owner marker: one owner, several entries."""
+    subkey = discriminator + owner_marker(public_key)
+    if len(public_key) != PUBLIC_KEY_BYTES or not _SUBKEY_RE.fullmatch(subkey):
+        raise ValueError("invalid public key or discriminator")
+    return subkey
+
+
+def parse_subkey(subkey: Any) -> tuple[bytes, bytes] | None:
+    """(discriminator, public key) of an application-level subkey; None if it carries no owner marker at all.
+
+    Raises RecordError if it mentions a marker but is not exactly `discriminator + [ed25519:<64 lowercase hex>]`.
+    """
+    raw = subkey.encode("utf-8", "replace") if isinstance(subkey, str) else subkey
+    if not isinstance(raw, bytes) or _MARKER_PREFIX not in raw:
+        return None
+    match = _SUBKEY_RE.fullmatch(raw) if isinstance(subkey, bytes) else None
+    if match is None:
+        raise RecordError("malformed owner marker in subkey")
+    return match.group(1), bytes.fromhex(match.group(2).decode())
+
+
+def _parse_wire_subkey(subkey_bytes: bytes) -> tuple[bytes, bytes] | None:
+    """Like parse_subkey, for the msgpack-encoded subkey bytes that a DHTRecord carries."""
+    if _MARKER_PREFIX not in subkey_bytes:
+        return None
+    try:
+        subkey = MSGPackSerializer.loads(subkey_bytes)
+    except Exception:
+        raise RecordError("undecodable subkey") from None
+    parsed = parse_subkey(subkey)
+    if parsed is None:  # the marker bytes were there but not in a bytes/str subkey
+        raise RecordError("owner marker in a subkey that is not bytes")
+    return parsed
+
+
+def dht_signing_bytes(key_id: bytes, subkey_bytes: bytes, payload: bytes, expiration_time: float) -> bytes:
+    """What the owner signs: the domain tag, the hashed key, the msgpack'd subkey, the payload and the expiration."""
+    return msgpack.packb([DHT_DOMAIN_TAG, key_id, subkey_bytes, payload, float(expiration_time)], use_bin_type=True)
+
+
+def pack_signed_value(payload: bytes, signature: bytes) -> bytes:
+    return msgpack.packb([payload, signature], use_bin_type=True)
+
+
+def unpack_signed_value(value: bytes) -> tuple[bytes, bytes]:
+    """(payload, signature) of a stored value; RecordError if it is not exactly that."""
+    if not isinstance(value, bytes) or len(value) > MAX_VALUE_BYTES:
+        raise RecordError("signed value missing or too large")
+    try:
+        items = msgpack.unpackb(value, raw=False)
+    except Exception:
+        raise RecordError("signed value is not msgpack") from None
+    if type(items) is not list or len(items) != 2:
+        raise RecordError("signed value must be [payload, signature]")
+    payload, signature = items
+    if type(payload) is not bytes or type(signature) is not bytes or len(signature) != SIGNATURE_BYTES:
+        raise RecordError("signed value must be [payload bytes, 64-byte signature]")
+    return payload, signature
+
+
+def taint_discriminator(notice: TaintNotice) -> bytes:
+    """Tells apart one validator's notices in a bucket: step, micro-batch, boundary and direction."""
+    return b"%d.%d.%d.%d" % (notice.step, notice.microbatch, notice.boundary, int(notice.direction))
+
+
+# ---------------------------------------------------------------------------------------------------- replay guard
+class ReplayGuard:
+    """Highest strike step seen per (validator, peer); a record older than that is a replay and is refused.
+
+    Equal steps are admitted: the same record is re-validated on every `get`, and a validator may re-publish its
+    current record. Only the validator can sign its records, but anyone who once saw an old signed record can store
+    it again: hivemind's own "highest expiration wins" rule stops that where the newer record is already stored,
+    and this guard also stops it at every node that has seen the newer step (e.g. a reader served a stale replica).
+    Bounded: the least recently seen pairs are forgotten beyond `max_entries`.
+    """
+
+    def __init__(self, max_entries: int = 100_000):
+        if max_entries < 1:
+            raise ValueError("max_entries must be >= 1")
+        self.max_entries = max_entries
+        self._highest: OrderedDict[tuple[bytes, str], int] = OrderedDict()
+
+    def highest(self, validator: bytes, peer: str) -> int | None:
+        return self._highest.get((validator, peer))
+
+    def admit(self, validator: bytes, peer: str, step: int) -> bool:
+        """True (and remember `step`) unless `step` is older than the highest step seen for (validator, peer)."""
+        key = (validator, peer)
+        highest = self._highest.get(key)
+        if highest is not None and step < highest:
+            return False
+        self._highest[key] = step if highest is None else max(step, highest)
+        self._highest.move_to_end(key)
+        while len(self._highest) > self.max_entries:
+            self._highest.popitem(last=False)
+        return True
+
+    def __len__(self) -> int:
+        return len(self._highest)
+
+    def __repr__(self) -> str:
+        return f"ReplayGuard({len(self)}/{self.max_entries} pairs)"
+
+
+# ------------------------------------------------------------------------------------------------ record validator
+class SentinelRecordValidator(RecordValidatorBase):
+    """Signs this node's records and validates everyone's; every node of a run registers the same policy.
+
+    Holds only picklable plain data (run id, authorized keys, the local signing seed, the replay guard), so it can be
+    passed to `DHT(record_validators=[...])` and `DHT.add_validators`.
+
+    Policy for a record whose subkey carries an `[ed25519:<key>]` marker (a *protected* record):
+
+    * the value is `[payload, signature]` and the signature of the marker's key verifies over the hashed key, the
+      subkey, the payload and the expiration;
+    * the payload parses as a known wire record (strict `from_tuple`) whose run is this validator's run and whose own
+      key field (authority / owner / validator) is the marker's key;
+    * the record sits under the key (and discriminator) its own fields determine, so it cannot be moved elsewhere;
+    * writers: manifest -> the configured authority; stage announcement -> anyone, self-signed; validator
+      announcement, taint notice and strike record -> an authorized validator of the manifest;
+    * strike records must not be older (in steps) than the newest seen from the same validator for the same peer.
+
+    Records without a marker belong to other hivemind components (e.g. averaging) and pass if `allow_foreign`,
+    except where they would squat a key this run owns or impersonate a sentinel record. Readers in this module ignore
+    unmarked entries.
+    """
+
+    def __init__(
+        self,
+        run_id: str,
+        *,
+        authority: bytes | None = None,
+        validators: Iterable[bytes] = (),
+        n_stages: int | None = None,
+        local_seed: bytes | None = None,
+        bucket_size: int = DEFAULT_BUCKET_SIZE,
+        allow_foreign: bool = True,
+        replay_guard_entries: int = 100_000,
+    ):
+        self.run_id = _run(run_id)
+        self.authority = authority
+        self.validators = frozenset(validators)
+        self.n_stages = n_stages
+        self.bucket_size = bucket_size
+        self.allow_foreign = allow_foreign
+        self.replay_guard = ReplayGuard(replay_guard_entries)
+        self._local_seed = local_seed
+        self._local_public_key = Identity.from_seed(local_seed).public_key if local_seed is not None else None
+        self._signer: Ed25519PrivateKey | None = None  # built lazily from the seed, not pickled
+        self._protected_keys = self._compute_protected_keys()
+
+    @classmethod
+    def from_manifest(
+        cls, manifest: Manifest, identity: Identity | None = None, **kwargs: Any
+    ) -> SentinelRecordValidator:
+        """The full policy once the node has a verified manifest."""
+        return cls(
+            manifest.run_id,
+            authority=manifest.authority,
+            validators=manifest.validators,
+            n_stages=manifest.n_stages,
+            local_seed=identity.seed() if identity is not None else None,
+            **kwargs,
+        )
+
+    @classmethod
+    def for_bootstrap(
+        cls, run_id: str, authority: bytes, identity: Identity | None = None, **kwargs: Any
+    ) -> SentinelRecordValidator:
+        """Before the manifest is known: only the authority's manifest (and self-signed announcements) validate.
+
+        Once the manifest is fetched and verified, `dht.add_validators([SentinelRecordValidator.from_manifest(...)])`
+        upgrades this instance in place (see `merge_with`).
+        """
+        return cls(run_id, authority=authority, local_seed=identity.seed() if identity is not None else None, **kwargs)
+
+    def _compute_protected_keys(self) -> frozenset[bytes]:
+        keys = [manifest_key(self.run_id)]
+        if self.n_stages is not None:
+            keys += [stage_key(self.run_id, k) for k in range(self.n_stages)]
+            keys += [validator_key(self.run_id, b) for b in range(self.n_stages + 1)]
+        return frozenset(dht_key_id(key) for key in keys)
+
+    @property
+    def local_public_key(self) -> bytes | None:
+        return self._local_public_key
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_signer"] = None
+        return state
+
+    # ---------------------------------------------------------------------------------------------- hivemind hooks
+    def validate(self, record: DHTRecord) -> bool:
+        try:
+            self._validate(record)
+            return True
+        except RecordError as e:
+            logger.debug(f"Rejected DHT record: {e}")
+            return False
+        except Exception as e:  # never let remote input crash the DHT loop
+            logger.debug(f"Rejected DHT record ({type(e).__name__}): {e}")
+            return False
+
+    def sign_value(self, record: DHTRecord) -> bytes:
+        """Sign records whose subkey carries this node's own marker; leave everything else unchanged."""
+        if self._local_public_key is None:
+            return record.value
+        try:
+            parsed = _parse_wire_subkey(record.subkey)
+        except RecordError:
+            return record.value  # validate() will refuse it
+        if parsed is None or parsed[1] != self._local_public_key:
+            return record.value
+        if self._signer is None:
+            self._signer = Ed25519PrivateKey.from_private_bytes(self._local_seed)
+        signing_bytes = dht_signing_bytes(record.key, record.subkey, record.value, record.expiration_time)
+        return pack_signed_value(record.value, self._signer.sign(signing_bytes))
+
+    def strip_value(self, record: DHTRecord) -> bytes:
+        """Hand the application the payload (the msgpack of the record's wire tuple) without the signature."""
+        try:
+            if _parse_wire_subkey(record.subkey) is None:
+                return record.value
+            return unpack_signed_value(record.value)[0]
+        except RecordError:
+            return record.value
+
+    @property
+    def priority(self) -> int:
+        # like RSASignatureValidator: validate (and strip) before any validator that deserializes the value
+        return 10
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        """Adopt a newer policy for the same run and authority (e.g. bootstrap -> full manifest); True if merged."""
+        if not isinstance(other, SentinelRecordValidator) or other.run_id != self.run_id:
+            return False
+        if self.authority is not None and other.authority != self.authority:
+            return False
+        self.authority = other.authority
+        self.validators = other.validators
+        self.n_stages = other.n_stages
+        self.bucket_size = other.bucket_size
+        self.allow_foreign = other.allow_foreign
+        if other._local_seed is not None:
+            self._local_seed, self._local_public_key, self._signer = other._local_seed, other._local_public_key, None
+        self._protected_keys = self._compute_protected_keys()
+        return True
+
+    # --------------------------------------------------------------------------------------------------- the policy
+    def _validate(self, record: DHTRecord) -> None:
+        parsed = _parse_wire_subkey(record.subkey)
+        if parsed is None:
+            self._validate_foreign(record)
+            return
+        discriminator, signer = parsed
+        payload, signature = unpack_signed_value(record.value)
+        signing_bytes = dht_signing_bytes(record.key, record.subkey, payload, record.expiration_time)
+        if not Identity.verify(signer, signing_bytes, signature):
+            raise RecordError("bad signature")
+        try:
+            wire = MSGPackSerializer.loads(payload)
+        except Exception:
+            raise RecordError("undecodable payload") from None
+        item = parse_record(wire)
+        if getattr(item, "run_id", None) != self.run_id and not isinstance(item, SignedManifest):
+            raise RecordError("record is for another run")
+
+        expected_key, expected_discriminator, owner = self._binding(item, signer)
+        if owner != signer:
+            raise RecordError("record's own key field is not the subkey owner")
+        if record.key != dht_key_id(expected_key) or discriminator != expected_discriminator:
+            raise RecordError("record is stored under a key or subkey its fields do not name")
+        if isinstance(item, StrikeRecord) and not self.replay_guard.admit(signer, item.peer, item.step):
+            raise RecordError("strike record older than one already seen (replay)")
+
+    def _binding(self, item: WireRecord, signer: bytes) -> tuple[str, bytes, bytes]:
+        """(key, discriminator, owner) that a record must have; raises RecordError if its writer may not write it."""
+        if isinstance(item, SignedManifest):
+            manifest = item.manifest
+            if manifest.run_id != self.run_id:
+                raise RecordError("manifest is for another run")
+            if self.authority is None or manifest.authority != self.authority:
+                raise RecordError("manifest is not from this run's authority")
+            if not item.is_self_consistent():
+                raise RecordError("manifest signature does not verify")
+            return manifest_key(self.run_id), b"", manifest.authority
+        if isinstance(item, StageAnnouncement):
+            if self.n_stages is not None and item.stage >= self.n_stages:
+                raise RecordError("stage index outside the manifest")
+            return stage_key(self.run_id, item.stage), b"", item.owner
+        if signer not in self.validators:
+            raise RecordError("writer is not an authorized validator")
+        if isinstance(item, ValidatorAnnouncement):
+            if self.n_stages is not None and item.boundary > self.n_stages:
+                raise RecordError("boundary outside the manifest")
+            return validator_key(self.run_id, item.boundary), b"", item.validator
+        if isinstance(item, TaintNotice):
+            bucket = step_bucket(item.step, self.bucket_size)
+            return taint_key(self.run_id, bucket), taint_discriminator(item), item.validator
+        if isinstance(item, StrikeRecord):
+            return strikes_key(self.run_id, item.peer), b"", item.validator
+        raise RecordError(f"{type(item).__name__} records are not stored in the DHT")
+
+    def _validate_foreign(self, record: DHTRecord) -> None:
+        if record.key in self._protected_keys:
+            raise RecordError("unsigned record under a key owned by this run")
+        try:
+            wire = MSGPackSerializer.loads(record.value)
+        except Exception:
+            wire = None
+        if type(wire) in (list, tuple) and wire and type(wire[0]) is int and wire[0] in _KIND_VALUES:
+            raise RecordError("sentinel record without an owner marker")
+        if not self.allow_foreign:
+            raise RecordError("records without an owner marker are not allowed")
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(run={self.run_id}, validators={len(self.validators)}, "
+            f"manifest={'yes' if self.n_stages is not None else 'no'}, {self.replay_guard})"
+        )
+
+
+# ------------------------------------------------------------------------------------------------------ ban quorum
+def banned_peers(strike_records: Iterable[StrikeRecord], manifest: Manifest) -> set[str]:
+    """Peers banned swarm-wide: at least `manifest.ban_quorum` DISTINCT authorized validators currently ban them.
+
+    Why a quorum of distinct validators: one validator may be wrong (a noisy baseline) or malicious, and a single key
+    must not be able to evict honest stages; counting keys (not records) stops one validator from voting many times.
+    Why "currently": a validator's newest record for a peer (highest step) is its present opinion, so a ban it lifted
+    (forgiveness) no longer counts; at equal steps a ban wins, to be deterministic whatever order records come in.
+    Records from keys the manifest does not authorize, or for another run, are ignored: anyone can write a DHT record.
+    Pure and deterministic: plain records in, a set of peer ids out.
+    """
+    latest: dict[tuple[str, bytes], tuple[int, bool]] = {}
+    for record in strike_records:
+        if record.run_id != manifest.run_id or not manifest.is_validator(record.validator):
+            continue
+        key = (record.peer, record.validator)
+        candidate = (record.step, record.banned)
+        if key not in latest or candidate > latest[key]:  # tuple order: newer step, then banned=True over False
+            latest[key] = candidate
+
+    votes: dict[str, int] = defaultdict(int)
+    for (peer, _validator), (_step, banned) in latest.items():
+        if banned:
+            votes[peer] += 1
+    return {peer for peer, count in votes.items() if count >= manifest.ban_quorum}
+
+
+# -------------------------------------------------------------------------------------------------- DHT helpers
+_T = TypeVar("_T", bound=WireRecord)
+
+
+def _publish(
+    dht: DHT, identity: Identity, owner: bytes, key: str, discriminator: bytes, item: WireRecord, expiration: float
+) -> bool:
+    """Store `item` under (key, discriminator + owner marker). `expiration` is absolute DHT time (get_dht_time()+ttl).
+
+    The DHT's SentinelRecordValidator must hold `identity`'s seed: it signs inside the DHT process. Returns whether
+    at least one peer accepted the record.
+    """
+    if owner != identity.public_key:
+        raise ValueError("a record can only be published by the identity it names as its writer")
+    subkey = make_subkey(identity.public_key, discriminator)
+    return bool(dht.store(key, item.to_tuple(), expiration_time=expiration, subkey=subkey))
+
+
+def _fetch(dht: DHT, key: str, parse: Callable[[Any], _T], owner_of: Callable[[_T], bytes]) -> list[tuple[bytes, _T]]:
+    """(owner key, record) for every protected entry under `key` that parses and names its subkey owner as writer.
+
+    Relies on the DHT running SentinelRecordValidator (signatures are checked there, then stripped); entries without
+    an owner marker are foreign and skipped. Sorted by subkey, so the result does not depend on arrival order.
+    """
+    found = dht.get(key, latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return []
+    out = []
+    for subkey, entry in sorted(found.value.items(), key=lambda kv: repr(kv[0])):
+        try:
+            parsed = parse_subkey(subkey)
+            if parsed is None:
+                continue
+            item = parse(entry.value)
+        except RecordError as e:
+            logger.debug(f"Skipping DHT entry under {key}: {e}")
+            continue
+        if owner_of(item) == parsed[1]:
+            out.append((parsed[1], item))
+    return out
+
+
+def publish_manifest(dht: DHT, identity: Identity, signed: SignedManifest, expiration: float) -> bool:
+    return _publish(
+        dht, identity, signed.manifest.authority, manifest_key(signed.manifest.run_id), b"", signed, expiration
+    )
+
+
+def fetch_manifest(dht: DHT, run: str, authority_key: bytes) -> SignedManifest | None:
+    """The run's manifest signed by `authority_key` (obtained out of band), verified; None if absent."""
+    for owner, signed in _fetch(dht, manifest_key(run), SignedManifest.from_tuple, lambda s: s.manifest.authority):
+        if owner != authority_key:
+            continue
+        try:
+            if signed.verify(authority=authority_key).run_id == run:
+                return signed
+        except RecordError:
+            continue
+    return None
+
+
+def publish_stage(dht: DHT, identity: Identity, announcement: StageAnnouncement, expiration: float) -> bool:
+    key = stage_key(announcement.run_id, announcement.stage)
+    return _publish(dht, identity, announcement.owner, key, b"", announcement, expiration)
+
+
+def fetch_stages(dht: DHT, run: str, stage: int) -> list[StageAnnouncement]:
+    entries = _fetch(dht, stage_key(run, stage), StageAnnouncement.from_tuple, lambda a: a.owner)
+    return [a for _, a in entries if a.run_id == run and a.stage == stage]
+
+
+def publish_taint(
+    dht: DHT, identity: Identity, notice: TaintNotice, expiration: float, bucket_size: int = DEFAULT_BUCKET_SIZE
+) -> bool:
+    key = taint_key(notice.run_id, step_bucket(notice.step, bucket_size))
+    return _publish(dht, identity, notice.validator, key, taint_discriminator(notice), notice, expiration)
+
+
+def fetch_taints(dht: DHT, run: str, bucket: int, bucket_size: int = DEFAULT_BUCKET_SIZE) -> list[TaintNotice]:
+    entries = _fetch(dht, taint_key(run, bucket), TaintNotice.from_tuple, lambda n: n.validator)
+    return [n for _, n in entries if n.run_id == run and step_bucket(n.step, bucket_size) == bucket]
+
+
+def publish_strike(dht: DHT, identity: Identity, record: StrikeRecord, expiration: float) -> bool:
+    return _publish(dht, identity, record.validator, strikes_key(record.run_id, record.peer), b"", record, expiration)
+
+
+def fetch_strikes(dht: DHT, run: str, peer: str) -> list[StrikeRecord]:
+    entries = _fetch(dht, strikes_key(run, peer), StrikeRecord.from_tuple, lambda r: r.validator)
+    return [r for _, r in entries if r.run_id == run and r.peer == peer]

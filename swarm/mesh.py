@@ -1,0 +1,358 @@
+"""The in-process DP x PP mesh: S untrusted stages x R replicas, attackers and validators, in one process.
+
+It runs the same model, data, monitor and attacks as the real swarm, so that detection can be measured at the
+paper's scale (100+ workers) on a laptop.
+
+Data parallelism: the replicas of a stage start identical and average every step. Because malicious workers here
+attack only the pipeline channel (what they send), not their parameter updates, averaging their parameters is the
+same as averaging their gradients; the mesh therefore keeps one parameter copy per stage and accumulates every
+replica's gradient into it (an all-reduce), while routing, attacks, blame and bans stay per worker.
+
+Per micro-batch: the trainer embeds the tokens; each untrusted stage ``k`` runs on a random non-banned replica;
+its output is checked at forward boundary ``k`` (reference: the stage's input) and passed on, or replaced when
+tainted. The trusted head computes the loss. Backward runs in reverse: the gradient stage ``k`` sends for its input
+is checked at backward boundary ``k - 1`` (reference: the gradient stage ``k`` received). A stage whose forward
+output was replaced is bypassed on the way back (the replacement is its input plus a constant, so the gradient
+passes through unchanged) and is neither run nor blamed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from sentinel.attacks import MaliciousBehaviour, make_attack, parse_direction
+from sentinel.config import SentinelConfig
+from sentinel.metrics import precision_recall_f1, taint_scores, time_to_ban
+from sentinel.validator import Validator
+from swarm.data import BatchSampler, Corpus, load_corpus, validation_batches
+from swarm.model import ModelConfig, build_pipeline, resolve_config
+
+TAINT_SCOPES = ("microbatch", "tensor")
+
+
+class MeshConfigError(ValueError):
+    """An invalid mesh configuration."""
+
+
+@dataclass
+class MeshConfig:
+    """One experiment. Steps are optimizer steps; each step runs ``microbatches`` micro-batches."""
+
+    preset: str = "small"
+    stages: int = 8  # untrusted stages
+    replicas: int = 4
+    malicious_fraction: float = 0.375  # of all untrusted workers, spread evenly over the stages
+    attack: str = "none"  # a group-A name or id, "none", or "module:function"
+    attack_params: dict = field(default_factory=dict)  # empty: the attack's strongest listed setting
+    attack_direction: str = "forward"  # forward | backward | both
+    steps: int = 100
+    warmup: int = 40  # honest warm-up steps: baselines learn, nothing is flagged on distance
+    onset: int | None = None  # first attacked step; default: right after the warm-up
+    seed: int = 0
+    defense: bool = True
+    microbatches: int = 8  # per step
+    batch_size: int = 4  # sequences per micro-batch
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    eval_every: int = 25
+    eval_batches: int = 8
+    data: str | None = None  # None: the Python standard library's source text
+    device: str = "auto"
+    taint_scope: str = "tensor"  # which later checks of a flagged micro-batch skip blame (see module docstring)
+    sentinel: SentinelConfig = field(default_factory=SentinelConfig)
+
+    def __post_init__(self) -> None:
+        if self.stages < 1 or self.replicas < 1:
+            raise MeshConfigError("stages and replicas must be >= 1")
+        if not 0.0 <= self.malicious_fraction < 1.0:
+            raise MeshConfigError("malicious_fraction must be in [0, 1)")
+        if self.steps < 1 or self.warmup < 0 or self.microbatches < 1 or self.batch_size < 1:
+            raise MeshConfigError("steps, microbatches and batch_size must be >= 1 and warmup >= 0")
+        if self.taint_scope not in TAINT_SCOPES:
+            raise MeshConfigError(f"taint_scope must be one of {TAINT_SCOPES}")
+        parse_direction(self.attack_direction)
+
+    @property
+    def attack_onset(self) -> int:
+        return self.warmup if self.onset is None else self.onset
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["sentinel"] = self.sentinel.to_dict()
+        d["onset"] = self.attack_onset
+        return d
+
+
+def worker_id(stage: int, replica: int) -> str:
+    return f"s{stage}r{replica}"
+
+
+def choose_malicious(stages: int, replicas: int, fraction: float, seed: int) -> list[str]:
+    """``round(fraction * stages * replicas)`` workers spread as evenly as possible over the stages.
+
+    Every stage keeps at least one honest replica (a stage with no honest replica cannot be defended by routing).
+    """
+    rng = np.random.default_rng([seed, 7])
+    total = int(round(fraction * stages * replicas))
+    per_stage = [total // stages] * stages
+    for s in rng.permutation(stages)[: total % stages]:
+        per_stage[s] += 1
+    chosen = []
+    for s in range(stages):
+        count = min(per_stage[s], replicas - 1)
+        for r in sorted(rng.choice(replicas, size=count, replace=False).tolist()):
+            chosen.append(worker_id(s + 1, r))
+    return chosen
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class Event:
+    step: int
+    worker: str
+    kind: str  # "flag" or "ban"
+    boundary: int
+    direction: str
+    reason: str = ""
+
+
+@dataclass
+class MeshResult:
+    report: dict
+    history: dict  # per-step series for plots: step, loss, val (step, loss) pairs, banned count
+    events: list[Event]
+
+
+class Mesh:
+    def __init__(self, config: MeshConfig, corpus: Corpus | None = None):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.model_config: ModelConfig = resolve_config(config.preset, config.stages)
+        self.corpus = corpus if corpus is not None else load_corpus(config.data)
+        torch.manual_seed(config.seed)
+        embedding, stages, head = build_pipeline(self.model_config, config.stages, config.seed)
+        self.embedding = embedding.to(self.device)
+        self.stages = [s.to(self.device) for s in stages]
+        self.head = head.to(self.device)
+        params = [p for m in (self.embedding, *self.stages, self.head) for p in m.parameters()]
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.sampler = BatchSampler(self.corpus.train, config.batch_size, self.model_config.seq_len, config.seed)
+        self.val_batches = validation_batches(
+            self.corpus.val, config.batch_size, self.model_config.seq_len, config.eval_batches
+        )
+        self.workers = self.worker_ids(config)
+        self.malicious: list[str] = []
+        self.behaviours: dict[str, MaliciousBehaviour] = {}
+        if config.attack != "none":
+            self.malicious = choose_malicious(config.stages, config.replicas, config.malicious_fraction, config.seed)
+            directions = parse_direction(config.attack_direction)
+            for w in self.malicious:
+                index = self.workers.index(w)
+                attack = make_attack(config.attack, config.attack_params or None, seed=config.seed, worker=index)
+                self.behaviours[w] = MaliciousBehaviour(
+                    worker=index, attack=attack, directions=directions, onset=config.attack_onset, seed=config.seed
+                )
+        self.validator = Validator(config.sentinel) if config.defense else None
+        self.route_rng = np.random.default_rng([config.seed, 11])
+        self.events: list[Event] = []
+        self.poisoned: set[int] = set()
+        self.tainted: set[int] = set()
+        self.stage_seconds = 0.0
+        self.validator_seconds = 0.0
+        self.n_checks = 0
+        self.n_stage_calls = 0
+
+    @staticmethod
+    def worker_ids(config: MeshConfig) -> list[str]:
+        return [worker_id(s, r) for s in range(1, config.stages + 1) for r in range(config.replicas)]
+
+    # --- routing ----------------------------------------------------------------------------------------------
+
+    def banned(self) -> dict[str, int]:
+        return {} if self.validator is None else self.validator.ledger.banned()
+
+    def route(self) -> list[int]:
+        """One replica per stage, uniformly among the stage's non-banned workers (stochastic wiring)."""
+        banned = self.banned()
+        route = []
+        for s in range(1, self.config.stages + 1):
+            alive = [r for r in range(self.config.replicas) if worker_id(s, r) not in banned]
+            if not alive:  # every replica banned: better to route through them than to stop training
+                alive = list(range(self.config.replicas))
+            route.append(int(self.route_rng.choice(alive)))
+        return route
+
+    # --- one micro-batch --------------------------------------------------------------------------------------
+
+    def _send(self, worker: str, tensor: torch.Tensor, step: int, mb: int, direction: str) -> torch.Tensor:
+        behaviour = self.behaviours.get(worker)
+        if behaviour is None:
+            return tensor
+        sent = behaviour.apply(tensor, step=step, microbatch=mb, direction=direction)
+        if sent is not tensor and not torch.equal(sent, tensor):
+            self.poisoned.add(mb)
+        return sent
+
+    def _check(
+        self, tensor: torch.Tensor, *, boundary: int, direction: str, sender: str, step: int, mb: int,
+        reference: torch.Tensor, tainted: bool,
+    ) -> tuple[torch.Tensor | None, bool]:
+        """Validator check; returns (tensor to pass on or None to drop, flagged)."""
+        if self.validator is None:
+            return tensor, False
+        res = self.validator.check(
+            tensor, boundary=boundary, direction=direction, sender=sender, step=step, reference=reference,
+            tainted=tainted and self.config.taint_scope == "microbatch", warmup=step < self.config.warmup,
+        )
+        self.validator_seconds += res.seconds
+        self.n_checks += 1
+        if res.tainted:
+            self.tainted.add(mb)
+            if res.blamed:
+                self.events.append(Event(step, sender, "flag", boundary, direction, res.reason))
+            if res.banned_now:
+                self.events.append(Event(step, sender, "ban", boundary, direction, res.reason))
+        return res.tensor, res.tainted
+
+    def _timed(self, fn: Callable[..., torch.Tensor | None], *args) -> torch.Tensor | None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn(*args)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.stage_seconds += time.perf_counter() - start
+        self.n_stage_calls += 1
+        return out
+
+    def microbatch(self, step: int, mb: int) -> float | None:
+        """Forward and backward of one micro-batch; gradients accumulate. Returns its loss (None if dropped)."""
+        cfg = self.config
+        x, y = self.sampler.sample()
+        x, y = x.to(self.device), y.to(self.device)
+        route = self.route()
+        emb_out = self.embedding(x)
+        h = emb_out.detach().requires_grad_(True)
+        tainted = False
+        saved: list[tuple[torch.Tensor, torch.Tensor, bool]] = []  # (input, output, replaced) per stage
+        for k in range(1, cfg.stages + 1):
+            worker = worker_id(k, route[k - 1])
+            inp = h
+            out = self._timed(self.stages[k - 1], inp)
+            sent = self._send(worker, out.detach(), step, mb, "forward")
+            checked, flagged = self._check(
+                sent, boundary=k, direction="forward", sender=worker, step=step, mb=mb,
+                reference=inp.detach(), tainted=tainted,
+            )
+            if checked is None:  # drop mode: the micro-batch stops here
+                return None
+            tainted = tainted or flagged
+            saved.append((inp, out, flagged))
+            h = checked.detach().requires_grad_(True)
+        loss = self.head(h, y)
+        (loss / cfg.microbatches).backward()
+        g = h.grad
+        for k in range(cfg.stages, 0, -1):
+            inp, out, replaced = saved[k - 1]
+            if replaced:  # stage k's output was replaced by (input + constant): the gradient passes straight through
+                continue
+            worker = worker_id(k, route[k - 1])
+            self._timed(torch.autograd.backward, out, g)
+            sent = self._send(worker, inp.grad, step, mb, "backward")
+            checked, flagged = self._check(
+                sent, boundary=k - 1, direction="backward", sender=worker, step=step, mb=mb, reference=g,
+                tainted=tainted,
+            )
+            if checked is None:  # drop mode: upstream stages get nothing from this micro-batch
+                return float(loss.detach())
+            tainted = tainted or flagged
+            g = checked
+        emb_out.backward(g)
+        return float(loss.detach())
+
+    # --- training ---------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss of the current model (the honest network; attackers only corrupt traffic)."""
+        losses = []
+        for x, y in self.val_batches:
+            h = self.embedding(x.to(self.device))
+            for stage in self.stages:
+                h = stage(h)
+            losses.append(float(self.head(h, y.to(self.device))))
+        return float(np.mean(losses))
+
+    def step(self, step: int) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = []
+        for i in range(self.config.microbatches):
+            loss = self.microbatch(step, step * self.config.microbatches + i)
+            if loss is not None:
+                losses.append(loss)
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+        self.optimizer.step()
+        return float(np.mean(losses)) if losses else math.nan
+
+    def run(self, progress: Callable[[int, dict], None] | None = None) -> MeshResult:
+        cfg = self.config
+        start = time.perf_counter()
+        history: dict[str, list] = {"step": [], "loss": [], "val": [], "banned": []}
+        for step in range(cfg.steps):
+            loss = self.step(step)
+            history["step"].append(step)
+            history["loss"].append(loss)
+            history["banned"].append(len(self.banned()))
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+                history["val"].append((step + 1, self.evaluate()))
+            if progress is not None:
+                progress(step, {"loss": loss, "banned": len(self.banned())})
+        wall = time.perf_counter() - start
+        val_loss = self.evaluate()
+        history["val"].append((cfg.steps, val_loss))
+        return MeshResult(self._report(val_loss, wall), history, self.events)
+
+    def _report(self, val_loss: float, wall: float) -> dict:
+        cfg = self.config
+        banned = self.banned()
+        detection = precision_recall_f1(banned, self.malicious)
+        tokens = cfg.steps * cfg.microbatches * cfg.batch_size * self.model_config.seq_len
+        check_time = self.validator_seconds / self.n_checks if self.n_checks else 0.0
+        stage_time = self.stage_seconds / self.n_stage_calls if self.n_stage_calls else 0.0
+        honest = [w for w in self.workers if w not in self.malicious]
+        return {
+            **detection,
+            "malicious": sorted(self.malicious),
+            "banned": sorted(banned),
+            "ban_steps": dict(sorted(banned.items())),
+            "false_bans": sorted(w for w in banned if w in honest),
+            "time_to_ban": time_to_ban(banned, self.malicious, cfg.attack_onset),
+            **taint_scores(self.tainted, self.poisoned),
+            "tainted_microbatches": len(self.tainted),
+            "poisoned_microbatches": len(self.poisoned),
+            "microbatches": cfg.steps * cfg.microbatches,
+            "val_loss": val_loss,
+            "tokens_per_s": tokens / wall if wall > 0 else 0.0,
+            "wall_s": wall,
+            # stage forward and backward calls are timed separately, so one micro-batch's forward+backward at one
+            # stage costs 2 * stage_time; a stage's traffic is checked twice (its output and its input gradient)
+            "validator_time_fraction": self.validator_seconds / self.stage_seconds if self.stage_seconds else 0.0,
+            "validator_check_s": check_time,
+            "stage_call_s": stage_time,
+            "model": self.model_config.to_dict(),
+            "config": cfg.to_dict(),
+        }

@@ -1,0 +1,22 @@
+"""Shared test setup: no DHT or p2pd process may outlive the test session."""
+
+import psutil
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def cleanup_children():
+    """At session end, terminate (then kill) any child process a test left behind (DHT processes, p2pd daemons)."""
+    yield
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        try:
+            child.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(children, timeout=3)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass

@@ -1,0 +1,307 @@
+"""SentinelRecordValidator: pure record-level checks, then real hivemind DHTs on 127.0.0.1 (forked, 2-3 peers)."""
+
+import dataclasses
+import pickle
+
+import hivemind
+import pytest
+from hivemind.dht.validation import DHTRecord
+from hivemind.utils import MSGPackSerializer, get_dht_time
+
+from swarm.dht_schema import (
+    SentinelRecordValidator,
+    banned_peers,
+    dht_key_id,
+    dht_signing_bytes,
+    fetch_manifest,
+    fetch_stages,
+    fetch_strikes,
+    fetch_taints,
+    make_subkey,
+    manifest_key,
+    pack_signed_value,
+    publish_manifest,
+    publish_stage,
+    publish_strike,
+    publish_taint,
+    stage_key,
+    step_bucket,
+    strikes_key,
+    taint_discriminator,
+    taint_key,
+)
+from swarm.identity import Identity
+from swarm.records import Direction, Manifest, StageAnnouncement, StageState, StrikeRecord, TaintNotice
+
+AUTHORITY = Identity.generate()
+V0, V1, V2 = (Identity.generate() for _ in range(3))
+OUTSIDER = Identity.generate()
+RUN = "dht-test"
+MANIFEST = Manifest(
+    RUN, "tiny", 2, [(0, 2), (2, 4)], {"beta_h": 0.9}, [V0.public_key, V1.public_key, V2.public_key], [], 2, 1.0,
+    AUTHORITY.public_key,
+)  # fmt: skip
+SIGNED_MANIFEST = MANIFEST.sign(AUTHORITY)
+DIGEST = bytes(range(32))
+EXP = 2_000_000_000.0  # a fixed expiration for the pure tests
+
+
+def strike(validator: Identity, step: int = 5, peer: str = "QmBad", banned: bool = True, count: int = 3):
+    return StrikeRecord(RUN, peer, count, banned, [DIGEST], step, validator.public_key)
+
+
+def taint(validator: Identity, step: int = 33, microbatch: int = 1):
+    return TaintNotice(
+        RUN, step, microbatch, 1, Direction.FORWARD, "QmBad", DIGEST, {"l2": 4.0}, "above fence", validator.public_key
+    )
+
+
+def signed_record(writer: Identity, key: str, item, *, discriminator=b"", marker_of=None, expiration=EXP):
+    """The DHTRecord that hivemind's store path builds and the writer's validator signs."""
+    subkey = make_subkey((marker_of or writer).public_key, discriminator)
+    record = DHTRecord(
+        dht_key_id(key), MSGPackSerializer.dumps(subkey), MSGPackSerializer.dumps(item.to_tuple()), expiration
+    )
+    return dataclasses.replace(
+        record, value=SentinelRecordValidator.from_manifest(MANIFEST, writer).sign_value(record)
+    )
+
+
+def reader() -> SentinelRecordValidator:
+    return SentinelRecordValidator.from_manifest(MANIFEST)
+
+
+# ------------------------------------------------------------------------------------------------------ pure checks
+def test_validator_accepts_genuine_records_and_strips_signature():
+    records = [
+        signed_record(V0, strikes_key(RUN, "QmBad"), strike(V0)),
+        signed_record(V1, taint_key(RUN, step_bucket(33)), taint(V1), discriminator=taint_discriminator(taint(V1))),
+        signed_record(AUTHORITY, manifest_key(RUN), SIGNED_MANIFEST),
+        signed_record(OUTSIDER, stage_key(RUN, 1), StageAnnouncement(RUN, 1, "QmS", StageState.ONLINE, (2, 4), 1.0,
+                                                                      OUTSIDER.public_key)),
+    ]  # fmt: skip
+    validator = reader()
+    for record in records:
+        assert validator.validate(record), record
+        payload = validator.strip_value(record)
+        assert payload != record.value and MSGPackSerializer.loads(payload)[0] >= 1
+    assert MSGPackSerializer.loads(validator.strip_value(records[0])) == strike(V0).to_tuple()
+
+
+def test_validator_rejects_forgeries():
+    key = strikes_key(RUN, "QmBad")
+    genuine = signed_record(V0, key, strike(V0))
+    payload = MSGPackSerializer.dumps(strike(V0, count=0, banned=False).to_tuple())
+    tampered = dataclasses.replace(
+        genuine, value=pack_signed_value(payload, MSGPackSerializer.loads(genuine.value)[1])
+    )
+    forged_sig = OUTSIDER.sign(dht_signing_bytes(genuine.key, genuine.subkey, payload, EXP))
+    rejected = {
+        "unauthorized writer": signed_record(OUTSIDER, key, strike(OUTSIDER)),
+        "tampered payload": tampered,
+        "V1 marker signed by outsider": dataclasses.replace(
+            signed_record(V1, key, strike(V1)), value=pack_signed_value(payload, forged_sig)
+        ),
+        "marker of V1, signed by V0": signed_record(V0, key, strike(V1), marker_of=V1),
+        "unsigned (raw payload)": dataclasses.replace(genuine, value=payload),
+        "expiration extended": dataclasses.replace(genuine, expiration_time=EXP + 1000),
+        "moved to another peer's key": dataclasses.replace(genuine, key=dht_key_id(strikes_key(RUN, "QmGood"))),
+        "payload names another peer": signed_record(V0, strikes_key(RUN, "QmGood"), strike(V0)),
+        "payload names another validator": signed_record(V0, key, strike(V1)),
+        "another run": signed_record(V0, key, dataclasses.replace(strike(V0), run_id="other")),
+        "taint without discriminator": signed_record(V0, taint_key(RUN, 2), taint(V0)),
+        "taint in the wrong bucket": signed_record(
+            V0, taint_key(RUN, 0), taint(V0), discriminator=taint_discriminator(taint(V0))
+        ),
+        "manifest from another authority": signed_record(
+            OUTSIDER,
+            manifest_key(RUN),
+            dataclasses.replace(MANIFEST, authority=OUTSIDER.public_key).sign(OUTSIDER),
+        ),
+        "stage announced for someone else": signed_record(
+            OUTSIDER, stage_key(RUN, 0), StageAnnouncement(RUN, 0, "Q", StageState.ONLINE, (0, 2), 1.0, V0.public_key)
+        ),
+        "stage outside the manifest": signed_record(
+            OUTSIDER,
+            stage_key(RUN, 5),
+            StageAnnouncement(RUN, 5, "Q", StageState.ONLINE, (0, 2), 1.0, OUTSIDER.public_key),
+        ),  # fmt: skip
+        "malformed marker": dataclasses.replace(genuine, subkey=MSGPackSerializer.dumps(b"[ed25519:abc]")),
+        "unmarked sentinel payload": dataclasses.replace(genuine, subkey=MSGPackSerializer.dumps(b"x"), value=payload),
+        "unmarked value squatting the manifest key": DHTRecord(
+            dht_key_id(manifest_key(RUN)), MSGPackSerializer.dumps(None), MSGPackSerializer.dumps("squat"), EXP
+        ),
+        "garbage value": dataclasses.replace(genuine, value=b"\xc1garbage"),
+    }
+    validator = reader()
+    assert validator.validate(genuine)
+    for name, record in rejected.items():
+        assert not validator.validate(record), name
+
+
+def test_foreign_records_and_bootstrap_upgrade():
+    foreign = DHTRecord(
+        dht_key_id("averager.group"), MSGPackSerializer.dumps(b"peer"), MSGPackSerializer.dumps(1), EXP
+    )
+    assert reader().validate(foreign)
+    assert not SentinelRecordValidator.from_manifest(MANIFEST, allow_foreign=False).validate(foreign)
+
+    boot = SentinelRecordValidator.for_bootstrap(RUN, AUTHORITY.public_key)
+    strike_record = signed_record(V0, strikes_key(RUN, "QmBad"), strike(V0))
+    assert boot.validate(signed_record(AUTHORITY, manifest_key(RUN), SIGNED_MANIFEST))
+    assert not boot.validate(strike_record)  # no manifest yet: no authorized validators
+    assert not boot.merge_with(SentinelRecordValidator.for_bootstrap(RUN, OUTSIDER.public_key))
+    assert not boot.merge_with(SentinelRecordValidator.for_bootstrap("other", AUTHORITY.public_key))
+    assert boot.merge_with(pickle.loads(pickle.dumps(SentinelRecordValidator.from_manifest(MANIFEST, V0))))
+    assert boot.validate(strike_record) and boot.local_public_key == V0.public_key
+
+
+def test_validator_replay_guard_and_pickling():
+    key = strikes_key(RUN, "QmBad")
+    validator = pickle.loads(pickle.dumps(SentinelRecordValidator.from_manifest(MANIFEST, V2)))
+    assert validator.validate(signed_record(V0, key, strike(V0, step=10)))
+    assert validator.validate(signed_record(V0, key, strike(V0, step=10)))  # re-read of the same record
+    old = signed_record(V0, key, strike(V0, step=9), expiration=EXP + 100)  # later expiration does not help
+    assert not validator.validate(old)
+    assert validator.validate(signed_record(V1, key, strike(V1, step=9)))  # per validator
+    assert validator.validate(signed_record(V0, key, strike(V0, step=11)))
+    # signing only happens for the local identity's own marker
+    unsigned = DHTRecord(dht_key_id(key), MSGPackSerializer.dumps(make_subkey(V0.public_key)), b"\x90", EXP)
+    assert validator.sign_value(unsigned) == unsigned.value
+
+
+# ----------------------------------------------------------------------------------------------- real DHTs
+def start_dht(validators, initial_peers=(), **kwargs):
+    return hivemind.DHT(
+        initial_peers=list(initial_peers),
+        start=True,
+        startup_timeout=30,
+        record_validators=validators,
+        host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+        **kwargs,
+    )
+
+
+def shutdown(*dhts):
+    for dht in dhts:
+        if dht is not None:
+            dht.shutdown()
+
+
+@pytest.mark.forked
+@pytest.mark.timeout(60)
+def test_records_travel_between_nodes_and_bootstrap_upgrade():
+    writer = reader_dht = authority_dht = None
+    try:
+        writer = start_dht([SentinelRecordValidator.from_manifest(MANIFEST, V0)])
+        # the reader starts knowing only the authority key, as a joining node does
+        reader_dht = start_dht(
+            [SentinelRecordValidator.for_bootstrap(RUN, AUTHORITY.public_key)], writer.get_visible_maddrs()
+        )
+        now = get_dht_time()
+
+        # the DHT signs inside its own process, so the authority publishes from a node whose validator holds its seed
+        authority_dht = start_dht(
+            [SentinelRecordValidator.for_bootstrap(RUN, AUTHORITY.public_key, AUTHORITY)], writer.get_visible_maddrs()
+        )
+        assert publish_manifest(authority_dht, AUTHORITY, SIGNED_MANIFEST, now + 60)
+        fetched = fetch_manifest(reader_dht, RUN, AUTHORITY.public_key)
+        assert fetched == SIGNED_MANIFEST and fetched.verify(fingerprint=AUTHORITY.fingerprint) == MANIFEST
+        assert fetch_manifest(reader_dht, RUN, OUTSIDER.public_key) is None
+
+        # before the upgrade the reader refuses strike records: it does not know the validators yet. (store's bool is
+        # the answer of whichever replica replied last, so it is not asserted while the replicas disagree.)
+        publish_strike(writer, V0, strike(V0, step=5), now + 60)
+        assert fetch_strikes(reader_dht, RUN, "QmBad") == []
+        for dht, identity in [(reader_dht, V1), (authority_dht, AUTHORITY)]:
+            dht.add_validators([SentinelRecordValidator.from_manifest(fetched.manifest, identity)])
+        assert fetch_strikes(reader_dht, RUN, "QmBad") == [strike(V0, step=5)]
+        assert banned_peers(fetch_strikes(reader_dht, RUN, "QmBad"), fetched.manifest) == set()  # 1 of 2 votes
+        assert publish_strike(reader_dht, V1, strike(V1, step=6), now + 60)  # the upgrade gave it V1's key
+        assert banned_peers(fetch_strikes(writer, RUN, "QmBad"), fetched.manifest) == {"QmBad"}
+
+        notices = [taint(V0, step=33, microbatch=1), taint(V0, step=34, microbatch=0)]
+        for notice in notices:
+            assert publish_taint(writer, V0, notice, now + 60)
+        assert sorted(fetch_taints(reader_dht, RUN, step_bucket(33)), key=lambda n: n.step) == notices
+        assert fetch_taints(reader_dht, RUN, 0) == []
+
+        stage = StageAnnouncement(RUN, 1, str(writer.peer_id), StageState.ONLINE, (2, 4), 2.5, V0.public_key)
+        assert publish_stage(writer, V0, stage, now + 60)
+        assert fetch_stages(reader_dht, RUN, 1) == [stage]
+    finally:
+        shutdown(authority_dht, reader_dht, writer)
+
+
+@pytest.mark.forked
+@pytest.mark.timeout(60)
+def test_forged_records_are_rejected_over_the_dht():
+    honest = reader_dht = attacker = None
+    try:
+        honest = start_dht([SentinelRecordValidator.from_manifest(MANIFEST, V0)])
+        reader_dht = start_dht([SentinelRecordValidator.from_manifest(MANIFEST, V2)], honest.get_visible_maddrs())
+        # the attacker runs no validators at all, so it can send any bytes it likes
+        attacker = start_dht([], honest.get_visible_maddrs())
+        now = get_dht_time()
+        exp = now + 60
+        key = strikes_key(RUN, "QmBad")
+        assert publish_strike(honest, V0, strike(V0, step=5), exp)
+
+        def raw_store(subkey_owner: Identity, signer: Identity | None, item, payload_item=None):
+            subkey = make_subkey(subkey_owner.public_key)
+            signed_payload = MSGPackSerializer.dumps(item.to_tuple())
+            sent_payload = MSGPackSerializer.dumps((payload_item or item).to_tuple())
+            if signer is None:  # unsigned: the bare payload
+                return attacker.store(
+                    key, (payload_item or item).to_tuple(), exp + 1, subkey=subkey, exclude_self=True
+                )
+            signature = signer.sign(
+                dht_signing_bytes(dht_key_id(key), MSGPackSerializer.dumps(subkey), signed_payload, exp + 1)
+            )
+            return attacker.store(key, [sent_payload, signature], exp + 1, subkey=subkey, exclude_self=True)
+
+        cleared = strike(V0, step=6, count=0, banned=False)
+        assert not raw_store(OUTSIDER, OUTSIDER, strike(OUTSIDER))  # unauthorized key, properly signed
+        assert not raw_store(V0, V0, strike(V0, step=6), payload_item=cleared)  # payload tampered after signing
+        assert not raw_store(V1, OUTSIDER, strike(V1, step=6))  # V1's marker, signed by someone else
+        assert not raw_store(V1, None, strike(V1, step=6))  # V1's marker, unsigned
+        # an unmarked sentinel payload under the strikes key
+        assert not attacker.store(key, strike(V1).to_tuple(), exp, subkey=b"mallory", exclude_self=True)
+
+        assert fetch_strikes(reader_dht, RUN, "QmBad") == [strike(V0, step=5)]
+        assert fetch_strikes(honest, RUN, "QmBad") == [strike(V0, step=5)]
+    finally:
+        shutdown(attacker, reader_dht, honest)
+
+
+@pytest.mark.forked
+@pytest.mark.timeout(60)
+def test_older_strike_record_does_not_replace_newer():
+    honest = reader_dht = attacker = None
+    try:
+        honest = start_dht([SentinelRecordValidator.from_manifest(MANIFEST, V0)])
+        reader_dht = start_dht([SentinelRecordValidator.from_manifest(MANIFEST, V2)], honest.get_visible_maddrs())
+        # a client-mode attacker stores nothing itself, so every store's answer comes from the honest replicas
+        attacker = start_dht([], honest.get_visible_maddrs(), client_mode=True)
+        now = get_dht_time()
+        key, subkey = strikes_key(RUN, "QmBad"), make_subkey(V0.public_key)
+
+        # an attacker captures V0's step-5 record (value and all) ...
+        old = strike(V0, step=5, count=1, banned=False)
+        old_payload = MSGPackSerializer.dumps(old.to_tuple())
+        old_sig = V0.sign(dht_signing_bytes(dht_key_id(key), MSGPackSerializer.dumps(subkey), old_payload, now + 30))
+        assert publish_strike(honest, V0, old, now + 30)
+        # ... V0 then bans the peer at step 10
+        newer = strike(V0, step=10, count=3, banned=True)
+        assert publish_strike(honest, V0, newer, now + 40)
+        assert fetch_strikes(reader_dht, RUN, "QmBad") == [newer]
+
+        # replaying the captured record: refused by "highest expiration wins" and by the step guard
+        assert not attacker.store(key, [old_payload, old_sig], now + 30, subkey=subkey, exclude_self=True)
+        # V0's own stale record signed with a LATER expiration (e.g. a restarted validator with old state):
+        # hivemind's expiration rule would take it; the step guard refuses it on every node that saw step 10
+        assert not publish_strike(honest, V0, old, now + 50)
+        assert fetch_strikes(reader_dht, RUN, "QmBad") == [newer]
+        assert fetch_strikes(honest, RUN, "QmBad") == [newer]
+    finally:
+        shutdown(attacker, reader_dht, honest)
