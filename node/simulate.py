@@ -57,6 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--ban-level", type=int, default=s.ban_level)
     g.add_argument("--forgive-after", type=int, default=s.forgive_after)
     g.add_argument("--replacement", default=s.replacement, choices=["baseline", "drop"])
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -114,6 +115,10 @@ def run_one(config: MeshConfig, label: str, corpus, quiet: bool) -> MeshResult:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     config = config_from_args(args)
     corpus = load_corpus(config.data)
     main_label = "defended" if config.defense else "undefended"

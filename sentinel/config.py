@@ -26,24 +26,24 @@ class SentinelConfig:
     beta_backward: float = 0.8  # EMA decay of the gradient baseline (paper: beta_g = 0.8)
     metrics: tuple[str, ...] = ALL_METRICS  # which distances are computed and fenced
     combine: str = "any"  # "any": flag if any distance crosses its fence; "mean": mean of distance/fence > 1
-    fence_k: float = 4.0  # Tukey fence multiplier: Q3 + k * IQR
+    fence_k: float = 6.0  # Tukey fence multiplier: Q3 + k * IQR
     window: int = 128  # accepted distances kept per (boundary, direction, metric) for the fence
     min_window: int = 16  # accepted observations needed before a monitor may flag (a late joiner warms itself)
     min_iqr_fraction: float = 0.1  # IQR floor, as a fraction of the window's median (a flat window is no licence)
     # absolute fence floors, in each metric's own scale-free unit: e.g. a 5% change of the output/input norm ratio
-    # (gain) or a 0.05 change of the mean token cosine is never worth a strike, however quiet the window was
+    # (gain) or a 0.1 change of the mean token cosine is never worth a strike, however quiet the window was
     floor_l1: float = 0.0
     floor_l2: float = 0.0
     floor_sign_flip: float = 0.25
     floor_wasserstein: float = 0.0
-    floor_cosine: float = 0.05
+    floor_cosine: float = 0.1
     floor_gain: float = 0.05
     n_projections: int = 16  # sliced-Wasserstein random directions, private to each validator
     n_quantiles: int = 16  # quantile levels per projection
-    ban_level: int = 4  # strikes that ban a worker
+    ban_level: int = 5  # strikes that ban a worker
     forgive_after: int = 100  # consecutive clean checked tensors that wipe a worker's strikes
-    drift_run: int = 8  # this many consecutive flags at one monitor ...
-    drift_senders: int = 3  # ... from at least this many distinct senders mean honest drift, not an attack
+    drift_senders: int = 3  # flags from this many distinct senders at one monitor in one step mean drift (a
+    # majority of a stage's replicas: attackers are a minority of every stage)
     replacement: str = "baseline"  # tainted tensor: "baseline" replacement or "drop" the micro-batch
     seed: int = 0  # seeds the validator-private projections
 
@@ -67,8 +67,8 @@ class SentinelConfig:
             raise ConfigError("need n_projections >= 1 and n_quantiles >= 2")
         if self.ban_level < 1 or self.forgive_after < 1:
             raise ConfigError("need ban_level >= 1 and forgive_after >= 1")
-        if self.drift_run < 2 or self.drift_senders < 2:
-            raise ConfigError("need drift_run >= 2 and drift_senders >= 2")
+        if self.drift_senders < 2:
+            raise ConfigError("need drift_senders >= 2")
         if self.min_iqr_fraction < 0:
             raise ConfigError("min_iqr_fraction must be >= 0")
 

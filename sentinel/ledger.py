@@ -6,8 +6,7 @@ Arithmetic, exactly (``L`` = ban level, ``F`` = forgiveness run, both from ``Sen
   banned at that step (bans are permanent for the run);
 * a clean (checked and accepted) tensor: ``clean[w] += 1``; when ``clean[w]`` reaches ``F`` the strikes are wiped
   (``strikes[w] = 0``, ``clean[w] = 0``);
-* a tensor that was not checked (warm-up, or a micro-batch already tainted upstream) changes nothing;
-* ``rescind(w)`` takes one strike back (``strikes[w] -= 1`` if positive) and is used only by the drift guard.
+* a tensor that was not checked (warm-up, or a micro-batch already tainted upstream) changes nothing.
 
 So an honest worker with a rare false flag is banned only if ``L`` flags fall within a run of fewer than ``F``
 clean tensors between any two of them; an attacker who is flagged on most of its tensors is banned after ``L`` of
@@ -57,16 +56,6 @@ class ViolationLedger:
         if rec.clean >= self.forgive_after:
             rec.strikes, rec.clean = 0, 0
         return False
-
-    def rescind(self, worker: str) -> None:
-        """Take back one strike (the flag is known to be the monitor's fault, see the validator's drift guard).
-
-        A ban is final and is not undone; the worker's clean run restarts from zero as it did at the flag.
-        """
-        rec = self._get(worker)
-        if rec.strikes > 0:
-            rec.strikes -= 1
-            rec.total_strikes -= 1
 
     def strikes(self, worker: str) -> int:
         return self._get(worker).strikes

@@ -164,16 +164,11 @@ class BoundaryMonitor:
         self.n_accepted += 1
 
     def reanchor(self, summary: Summary) -> None:
-        """Restart from ``summary`` after honest drift: new baseline, empty fences, warm up again.
+        """Move the baseline to ``summary`` after honest drift; the fences (honest variability) are kept.
 
-        Called by the validator's drift guard when the whole honest population at once stopped matching the baseline.
+        Called by the validator's drift guard when a majority of a stage's senders stopped matching the baseline.
         """
         self.baseline = summary.clone()
-        self.residual_mean = None
-        for fence in self.fences.values():
-            fence.values.clear()
-            fence._cached = None
-        self.n_accepted = 0
 
     def replacement(self, like: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
         """A harmless stand-in for a tainted tensor, derived from the baseline: the stage is bypassed.

@@ -110,17 +110,22 @@ def summarize(
 
 
 def l1_distance(s: Summary, b: Summary) -> float:
-    """Mean absolute difference of the per-feature moments, in units of the baseline's mean feature scale."""
-    diff = (s.mean - b.mean).abs().mean() + (s.std - b.std).abs().mean()
-    scale = b.mean.abs().mean() + b.std.mean()
-    return float(diff / scale.clamp_min(_EPS))
+    """Mean absolute difference of the per-feature means, in units of the baseline's mean feature std.
+
+    Sees shifts of location: zeros, constants, biases, replays of another distribution.
+    """
+    return float((s.mean - b.mean).abs().mean() / b.std.mean().clamp_min(_EPS))
 
 
 def l2_distance(s: Summary, b: Summary) -> float:
-    """Normalised Euclidean distance between the per-feature moment vectors: ||s - b|| / ||b||."""
-    diff = (s.mean - b.mean).square().sum() + (s.std - b.std).square().sum()
-    scale = b.mean.square().sum() + b.std.square().sum()
-    return float((diff / scale.clamp_min(_EPS)).sqrt())
+    """Normalised Euclidean distance between the per-feature std profiles: ||s.std - b.std|| / ||b.std||.
+
+    Sees changes of spread: added noise, rescaling, random values, constants and zeros (spread 0). Kept apart from
+    the means on purpose: in a residual stream the feature means are large and vary from batch to batch, and
+    folding them into one vector would drown a doubling of the variance.
+    """
+    diff = (s.std - b.std).square().sum()
+    return float((diff / b.std.square().sum().clamp_min(_EPS)).sqrt())
 
 
 def sign_flip_ratio(s: Summary, b: Summary) -> float:

@@ -10,18 +10,19 @@ is still compared with the baseline and replaced when it crosses a fence (so a s
 gets no free pass), but nobody is blamed and the baselines learn nothing from it: what comes after a poisoned or
 replaced tensor can look anomalous through no fault of its honest sender (the cascade).
 
-Drift guard: flagged tensors never update the baseline. If the honest traffic itself moves (a fast phase of
-training), every tensor would then be flagged forever and the validator would ban the whole honest population. So
-when ``drift_run`` consecutive distance flags at one monitor come from at least ``drift_senders`` distinct senders,
-which an honest majority of replicas makes impossible for attackers alone (a stage has fewer attackers than that),
-the validator concludes that the baseline is stale: it re-anchors the monitor on the latest tensor, rescinds the
-strikes of that run (bans already made stand) and lets the monitor warm up again.
+Drift guard: flagged tensors never update the baseline, so if the honest traffic itself jumps (every optimizer step
+changes every replica's weights at once), every tensor would be flagged from then on and the whole honest population
+banned. Blame is therefore settled once per step (``end_step``): if the tensors flagged at one monitor during the step
+came from at least ``drift_senders`` distinct senders (set it to a majority of a stage's replicas: under the threat
+model attackers are a minority of every stage, so they alone cannot reach it), the monitor concludes that the honest
+distribution moved. It drops that step's strikes at that monitor and re-anchors its baseline on the least anomalous
+flagged tensor, keeping its fences. Otherwise every flag becomes a strike. Taint and replacement are immediate
+either way; only blame waits for the end of the step.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -45,8 +46,7 @@ class CheckResult:
     reason: str = ""
     scores: dict[str, float] = field(default_factory=dict)
     fences: dict[str, float] = field(default_factory=dict)
-    blamed: bool = False  # a strike was recorded against the sender
-    banned_now: bool = False  # that strike banned the sender
+    blamed: bool = False  # the sender is to get a strike when the step's blame is settled (``end_step``)
     seconds: float = 0.0  # CPU/GPU time the check took
 
 
@@ -57,7 +57,7 @@ class Validator:
         self.config = config
         self.monitors: dict[tuple[int, str], BoundaryMonitor] = {}
         self.ledger = ViolationLedger(config.ban_level, config.forgive_after)
-        self.recent: dict[tuple[int, str], deque[tuple[str, bool]]] = {}  # (sender, blamed) per monitor
+        self.pending: list[tuple[int, str, str, float, Observation]] = []  # (boundary, direction, sender, excess, obs)
         self.reanchors = 0
 
     def monitor(self, boundary: int, direction: str) -> BoundaryMonitor:
@@ -86,39 +86,40 @@ class Validator:
         start = time.perf_counter()
         mon = self.monitor(boundary, direction)
         obs: Observation = mon.observe(tensor, reference, detect=not warmup, learn=not tainted)
-        blamed = banned_now = False
+        blamed = False
         if not tainted and not warmup:
-            blamed = obs.flagged
-            banned_now = self.ledger.record(sender, blamed, step)
-            if obs.reason.startswith("distance:"):
-                self._drift_guard(mon, obs, sender)
+            if obs.flagged:
+                blamed = True
+                excess = max((obs.scores[m] / obs.fences[m] for m in obs.scores), default=float("inf"))
+                self.pending.append((boundary, direction, sender, excess, obs))
             else:
-                self._recent(mon).append((sender, False))
+                self.ledger.record(sender, False, step)
         out: torch.Tensor | None = tensor
         if obs.flagged:
             out = None if self.config.replacement == "drop" else mon.replacement(tensor, reference)
         elapsed = time.perf_counter() - start
-        return CheckResult(obs.flagged, out, obs.reason, obs.scores, obs.fences, blamed, banned_now, elapsed)
+        return CheckResult(obs.flagged, out, obs.reason, obs.scores, obs.fences, blamed, elapsed)
 
-    def _recent(self, mon: BoundaryMonitor) -> deque[tuple[str, bool]]:
-        key = (mon.boundary, mon.direction)
-        if key not in self.recent:
-            self.recent[key] = deque(maxlen=self.config.drift_run)
-        return self.recent[key]
-
-    def _drift_guard(self, mon: BoundaryMonitor, obs: Observation, sender: str) -> None:
-        recent = self._recent(mon)
-        recent.append((sender, True))
-        if len(recent) < recent.maxlen or not all(flag for _, flag in recent):
-            return
-        if len({s for s, _ in recent}) < self.config.drift_senders:
-            return
-        for s, _ in recent:
-            self.ledger.rescind(s)
-        recent.clear()
-        if obs.summary is not None:
-            mon.reanchor(obs.summary)
-        self.reanchors += 1
+    def end_step(self, step: int) -> list[str]:
+        """Settle the blame of the step's flags (see the drift guard above). Returns the workers banned now."""
+        by_monitor: dict[tuple[int, str], list[tuple[str, float, Observation]]] = {}
+        for boundary, direction, sender, excess, obs in self.pending:
+            by_monitor.setdefault((boundary, direction), []).append((sender, excess, obs))
+        self.pending = []
+        banned = []
+        for key, flags in by_monitor.items():
+            # hard failures (NaN, wrong shape) are never drift
+            senders = {sender for sender, _, obs in flags if obs.reason.startswith("distance:")}
+            if len(senders) >= self.config.drift_senders:
+                least = min((f for f in flags if f[2].summary is not None), key=lambda f: f[1], default=None)
+                if least is not None:
+                    self.monitors[key].reanchor(least[2].summary)
+                self.reanchors += 1
+                flags = [f for f in flags if not f[2].reason.startswith("distance:")]
+            for sender, _, _ in flags:
+                if self.ledger.record(sender, True, step):
+                    banned.append(sender)
+        return banned
 
     def state_dict(self) -> dict:
         return {

@@ -550,3 +550,13 @@ def publish_strike(dht: DHT, identity: Identity, record: StrikeRecord, expiratio
 def fetch_strikes(dht: DHT, run: str, peer: str) -> list[StrikeRecord]:
     entries = _fetch(dht, strikes_key(run, peer), StrikeRecord.from_tuple, lambda r: r.validator)
     return [r for _, r in entries if r.run_id == run and r.peer == peer]
+
+
+def publish_validator(dht: DHT, identity: Identity, announcement: ValidatorAnnouncement, expiration: float) -> bool:
+    key = validator_key(announcement.run_id, announcement.boundary)
+    return _publish(dht, identity, announcement.validator, key, b"", announcement, expiration)
+
+
+def fetch_validators(dht: DHT, run: str, boundary: int) -> list[ValidatorAnnouncement]:
+    entries = _fetch(dht, validator_key(run, boundary), ValidatorAnnouncement.from_tuple, lambda a: a.validator)
+    return [a for _, a in entries if a.run_id == run and a.boundary == boundary]

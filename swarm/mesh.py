@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -58,7 +58,7 @@ class MeshConfig:
     defense: bool = True
     microbatches: int = 8  # per step
     batch_size: int = 4  # sequences per micro-batch
-    lr: float = 3e-3
+    lr: float = 1e-3
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     eval_every: int = 25
@@ -165,7 +165,9 @@ class Mesh:
                 self.behaviours[w] = MaliciousBehaviour(
                     worker=index, attack=attack, directions=directions, onset=config.attack_onset, seed=config.seed
                 )
-        self.validator = Validator(config.sentinel) if config.defense else None
+        # drift needs a majority of a stage's replicas to agree (attackers are a minority of every stage)
+        sentinel = replace(config.sentinel, drift_senders=max(2, config.replicas // 2 + 1))
+        self.validator = Validator(sentinel) if config.defense else None
         self.route_rng = np.random.default_rng([config.seed, 11])
         self.events: list[Event] = []
         self.poisoned: set[int] = set()
@@ -223,8 +225,6 @@ class Mesh:
             self.tainted.add(mb)
             if res.blamed:
                 self.events.append(Event(step, sender, "flag", boundary, direction, res.reason))
-            if res.banned_now:
-                self.events.append(Event(step, sender, "ban", boundary, direction, res.reason))
         return res.tensor, res.tainted
 
     def _timed(self, fn: Callable[..., torch.Tensor | None], *args) -> torch.Tensor | None:
@@ -303,6 +303,9 @@ class Mesh:
             loss = self.microbatch(step, step * self.config.microbatches + i)
             if loss is not None:
                 losses.append(loss)
+        if self.validator is not None:
+            for worker in self.validator.end_step(step):
+                self.events.append(Event(step, worker, "ban", 0, "", "strikes"))
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
         self.optimizer.step()

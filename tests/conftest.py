@@ -20,3 +20,14 @@ def cleanup_children():
             child.kill()
         except psutil.NoSuchProcess:
             pass
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """One intra-op thread: CI has 2 cores, and oversubscribed torch threads make tiny models 10x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -1,0 +1,336 @@
+"""The trainer: holds the data, the embedding and the head, and routes each micro-batch through the swarm.
+
+The data path of one micro-batch mirrors ``swarm.mesh.Mesh.microbatch`` over the network:
+
+1. embed the tokens and sign an ACCEPT verdict for boundary 0 (the trainer vouches for its own embeddings);
+2. for each stage ``k``: pick a replica, ``forward(h, verdict)``, ask a validator of boundary ``k`` to check the
+   output against ``h``, and pass on what the validator returns (the output, or its replacement) with its verdict;
+3. the head computes the loss; its gradient is signed by the trainer at boundary ``S``, backward;
+4. in reverse, ``backward(h_k, verdict, g, grad_verdict)`` and a validator check at boundary ``k - 1`` of the
+   returned gradient against ``g``. A stage whose forward output was replaced is bypassed (the gradient passes
+   through unchanged, as in the mesh); the trainer re-signs that gradient for the boundary below, which the stage
+   servers accept from a trainer.
+
+Routing: among the ONLINE announcements of a stage, weighted by throughput, excluding peers that a quorum of
+validators has banned (``banned_peers`` over ``fetch_strikes``) and peers that failed during this micro-batch; the
+view is refreshed from the DHT every ``refresh_period`` seconds. Transport failures are retried on another replica,
+at most ``max_retries`` times per call; a bad request or a rejected input is never retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from hivemind import DHT
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+
+from swarm.data import BatchSampler, Corpus, load_corpus
+from swarm.dht_schema import banned_peers, fetch_stages, fetch_strikes, fetch_validators
+from swarm.identity import Identity
+from swarm.model import Embedding, Head
+from swarm.protocol import (
+    CheckReply,
+    RemoteFailure,
+    TensorSpec,
+    TransportError,
+    as_received,
+    call,
+    decode_reply_tensor,
+    encode_tensors,
+    pack_meta,
+    sign_check,
+    unpack_meta,
+    verdict_from_meta,
+)
+from swarm.records import (
+    Direction,
+    SignedVerdict,
+    StageAnnouncement,
+    StageState,
+    ValidatorAnnouncement,
+    Verdict,
+    sign_verdict,
+    tensor_digest,
+)
+from swarm.stage_server import StageServer, manifest_model_config, rpc_namespace
+from swarm.validator_service import ValidatorService
+
+logger = logging.getLogger(__name__)
+
+
+class NoRoute(TransportError):
+    """No reachable, non-banned replica (or validator) answered within the retry budget."""
+
+
+@dataclass
+class TrainerConfig:
+    seed: int = 0  # model init and data order
+    batch_size: int = 4
+    microbatches: int = 1  # per optimizer step
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    warmup: int = 0  # steps of honest warm-up announced to validators
+    compression: int = runtime_pb2.CompressionType.NONE
+    rpc_timeout: float = 30.0
+    max_retries: int = 2  # extra attempts on other replicas after a transport failure
+    refresh_period: float = 5.0  # seconds between DHT refreshes of the routing view
+    taint_scope: str = "tensor"  # as in MeshConfig: "microbatch" tells later validators the micro-batch is tainted
+
+
+def choose_replica(
+    announcements: Sequence[StageAnnouncement], banned: set[str], exclude: set[str], rng: np.random.Generator
+) -> StageAnnouncement | None:
+    """Throughput-weighted random choice among ONLINE, non-banned, non-excluded replicas.
+
+    If every ONLINE replica is banned, the bans are ignored (as in the mesh: routing through a banned replica, whose
+    output the validators still check, beats stopping training); excluded (failed) replicas are never chosen.
+    """
+    online = [a for a in announcements if a.state == StageState.ONLINE and a.peer not in exclude]
+    allowed = [a for a in online if a.peer not in banned] or online
+    if not allowed:
+        return None
+    weights = np.array([max(a.throughput, 1e-6) for a in allowed], dtype=np.float64)
+    return allowed[int(rng.choice(len(allowed), p=weights / weights.sum()))]
+
+
+@dataclass
+class TrainerMetrics:
+    microbatches: int = 0
+    tainted: int = 0
+    dropped: int = 0
+    retries: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, config: TrainerConfig, manifest, identity: Identity, corpus: Corpus | None = None):
+        if not manifest.is_trainer(identity.public_key):
+            raise ValueError("this identity is not an authorized trainer of the manifest")
+        self.config = config
+        self.manifest = manifest
+        self.identity = identity
+        self.run = manifest.run_id
+        self.n_stages = manifest.n_stages
+        self.model_config = manifest_model_config(manifest)
+        self.embedding = Embedding(self.model_config, seed=config.seed)
+        self.head = Head(self.model_config, seed=config.seed)
+        self.params = [*self.embedding.parameters(), *self.head.parameters()]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        corpus = corpus if corpus is not None else load_corpus()
+        self.sampler = BatchSampler(corpus.train, config.batch_size, self.model_config.seq_len, config.seed)
+        self.spec = TensorSpec(self.model_config.d_model, self.model_config.seq_len, max(64, config.batch_size))
+        self.rng = np.random.default_rng([config.seed, 11])
+        self.metrics = TrainerMetrics()
+        self.stages: dict[int, list[StageAnnouncement]] = {}
+        self.validators: dict[int, list[ValidatorAnnouncement]] = {}
+        self.banned: set[str] = set()
+        self._refreshed_at = -math.inf
+        self._dht: DHT | None = None
+        self._p2p: P2P | None = None
+
+    async def start(self, dht: DHT) -> None:
+        self._dht = dht
+        self._p2p = await dht.replicate_p2p()
+        await self.refresh()
+
+    async def shutdown(self) -> None:
+        self._p2p = None  # the DHT's shared replica (dht.replicate_p2p caches it): not ours to close
+
+    # ------------------------------------------------------------------------------------------------- routing
+    async def refresh(self) -> None:
+        """Re-read stage and validator announcements and the strike records of every announced stage peer."""
+        dht = self._dht
+
+        def read():
+            stages = {k: fetch_stages(dht, self.run, k - 1) for k in range(1, self.n_stages + 1)}
+            validators = {b: fetch_validators(dht, self.run, b) for b in range(self.n_stages + 1)}
+            peers = {a.peer for anns in stages.values() for a in anns}
+            strikes = [r for p in sorted(peers) for r in fetch_strikes(dht, self.run, p)]
+            return stages, validators, banned_peers(strikes, self.manifest)
+
+        self.stages, self.validators, self.banned = await asyncio.to_thread(read)
+        self._refreshed_at = time.monotonic()
+
+    async def _maybe_refresh(self) -> None:
+        if time.monotonic() - self._refreshed_at > self.config.refresh_period:
+            await self.refresh()
+
+    async def _with_retries(self, pick, attempt):
+        """``attempt(peer)`` on up to ``1 + max_retries`` distinct peers from ``pick(exclude)``; bounded."""
+        exclude: set[str] = set()
+        last: Exception | None = None
+        for i in range(1 + self.config.max_retries):
+            peer = pick(exclude)
+            if peer is None and i > 0:
+                await self.refresh()
+                peer = pick(exclude)
+            if peer is None:
+                break
+            try:
+                return peer, await attempt(peer)
+            except (TransportError, RemoteFailure) as e:
+                logger.warning(f"call to {peer[:12]}... failed ({type(e).__name__}: {e}); trying another peer")
+                self.metrics.retries += 1
+                exclude.add(peer)
+                last = e
+        raise NoRoute(f"no peer answered after {len(exclude)} failure(s): {last}")
+
+    def _pick_stage(self, k: int, exclude: set[str]) -> str | None:
+        chosen = choose_replica(self.stages.get(k, []), self.banned, exclude, self.rng)
+        return None if chosen is None else chosen.peer
+
+    def _pick_validator(self, boundary: int, exclude: set[str]) -> str | None:
+        candidates = [a for a in self.validators.get(boundary, []) if a.peer not in exclude]
+        if not candidates:
+            return None
+        weights = np.array([max(a.throughput, 1e-6) for a in candidates])
+        return candidates[int(self.rng.choice(len(candidates), p=weights / weights.sum()))].peer
+
+    # ------------------------------------------------------------------------------------------------- the RPCs
+    def _stub(self, cls, peer: str):
+        return cls.get_stub(self._p2p, PeerID.from_base58(peer), namespace=rpc_namespace(self.run))
+
+    async def _stage_call(self, peer: str, method: str, tensors: list[torch.Tensor], meta: dict) -> torch.Tensor:
+        request = runtime_pb2.ExpertRequest(
+            tensors=encode_tensors(tensors, self.config.compression), metadata=pack_meta(meta)
+        )
+        stub = self._stub(StageServer, peer)
+        response = await call(getattr(stub, method), request, self.config.rpc_timeout)
+        return decode_reply_tensor(response, self.spec)
+
+    async def _check(
+        self, peer: str, tensor: torch.Tensor, reference: torch.Tensor, *, step: int, mb: int, boundary: int,
+        direction: Direction, sender: str, tainted: bool,
+    ) -> CheckReply:  # fmt: skip
+        warmup = step < self.config.warmup
+        compression = self.config.compression
+        tensor, reference = as_received(tensor, compression), as_received(reference, compression)
+        fields = dict(run_id=self.run, step=step, microbatch=mb, boundary=boundary, direction=direction,
+                      sender=sender, tainted=tainted, warmup=warmup, digest=tensor_digest(tensor),
+                      reference_digest=tensor_digest(reference))  # fmt: skip
+        meta = {"run": self.run, "step": step, "mb": mb, "boundary": boundary, "direction": int(direction),
+                "sender": sender, "tainted": tainted, "warmup": warmup, "trainer": self.identity.public_key,
+                "signature": sign_check(self.identity, **fields)}  # fmt: skip
+        request = runtime_pb2.ExpertRequest(
+            tensors=encode_tensors([tensor, reference], self.config.compression), metadata=pack_meta(meta)
+        )
+        response = await call(self._stub(ValidatorService, peer).rpc_check, request, self.config.rpc_timeout)
+        reply = unpack_meta(response.metadata)
+        verdict = verdict_from_meta(reply, "verdict")
+        tainted_now = reply.get("tainted") is True
+        out = decode_reply_tensor(response, self.spec) if tainted_now and response.tensors else None
+        if not tainted_now:
+            out = tensor
+        expected = tensor_digest(out) if out is not None else None
+        if out is not None and (verdict is None or verdict.digest != expected or verdict.verdict != Verdict.ACCEPT):
+            raise TransportError("validator reply carries no matching ACCEPT verdict")
+        reason = reply.get("reason", "")
+        return CheckReply(tainted_now, out, verdict, verdict_from_meta(reply, "taint_verdict"),
+                          reason if isinstance(reason, str) else "")  # fmt: skip
+
+    def _trainer_verdict(self, tensor: torch.Tensor, *, step: int, mb: int, boundary: int, direction: Direction):
+        return sign_verdict(
+            self.identity, run_id=self.run, step=step, microbatch=mb, boundary=boundary, direction=direction,
+            verdict=Verdict.ACCEPT, digest=tensor_digest(tensor),
+        )  # fmt: skip
+
+    def _screen(self, tainted: bool) -> bool:
+        """What the mesh passes as ``tainted`` to the validator (see MeshConfig.taint_scope)."""
+        return tainted and self.config.taint_scope == "microbatch"
+
+    # ---------------------------------------------------------------------------------------- one micro-batch
+    async def microbatch(self, step: int, mb: int) -> float | None:
+        """Forward and backward of one micro-batch; gradients accumulate. Returns its loss (None if dropped)."""
+        await self._maybe_refresh()
+        x, y = self.sampler.sample()
+        self.metrics.microbatches += 1
+        emb_out = self.embedding(x)
+        h = as_received(emb_out, self.config.compression)
+        verdict: SignedVerdict = self._trainer_verdict(h, step=step, mb=mb, boundary=0, direction=Direction.FORWARD)
+        tainted = False
+        saved: list[tuple[torch.Tensor, SignedVerdict, str, bool]] = []  # (input, its verdict, peer, replaced)
+        for k in range(1, self.n_stages + 1):
+            inp, inp_verdict = h, verdict
+            meta = {"run": self.run, "step": step, "mb": mb, "verdict": inp_verdict.to_tuple()}
+            peer, out = await self._with_retries(
+                lambda ex, k=k: self._pick_stage(k, ex),
+                lambda p, inp=inp, meta=meta: self._stage_call(p, "rpc_forward", [inp], meta),
+            )
+            screen = self._screen(tainted)
+            _, reply = await self._with_retries(
+                lambda ex, k=k: self._pick_validator(k, ex),
+                lambda v, out=out, inp=inp, peer=peer, k=k, screen=screen: self._check(
+                    v, out, inp, step=step, mb=mb, boundary=k, direction=Direction.FORWARD, sender=peer,
+                    tainted=screen,
+                ),
+            )
+            if reply.tensor is None:  # drop mode: the micro-batch stops here
+                self.metrics.dropped += 1
+                return None
+            tainted = tainted or reply.tainted
+            saved.append((inp, inp_verdict, peer, reply.tainted))
+            h, verdict = reply.tensor, reply.verdict
+
+        h_head = h.clone().requires_grad_(True)
+        loss = self.head(h_head, y)
+        (loss / self.config.microbatches).backward()
+        g = as_received(h_head.grad, self.config.compression)
+        g_verdict = self._trainer_verdict(g, step=step, mb=mb, boundary=self.n_stages, direction=Direction.BACKWARD)
+        for k in range(self.n_stages, 0, -1):
+            inp, inp_verdict, peer, replaced = saved[k - 1]
+            if replaced:  # bypassed: the gradient passes straight through; the trainer vouches for it one boundary on
+                g_verdict = self._trainer_verdict(g, step=step, mb=mb, boundary=k - 1, direction=Direction.BACKWARD)
+                continue
+            meta = {"run": self.run, "step": step, "mb": mb, "verdict": inp_verdict.to_tuple(),
+                    "grad_verdict": g_verdict.to_tuple()}  # fmt: skip
+            first = [peer]
+
+            def pick(ex, k=k, first=first):
+                if first and first[0] not in ex:  # the replica that ran the forward first, then any other
+                    return first.pop()
+                return self._pick_stage(k, ex)
+
+            sender, grad_in = await self._with_retries(
+                pick, lambda p, inp=inp, g=g, meta=meta: self._stage_call(p, "rpc_backward", [inp, g], meta)
+            )
+            screen = self._screen(tainted)
+            _, reply = await self._with_retries(
+                lambda ex, k=k: self._pick_validator(k - 1, ex),
+                lambda v, grad_in=grad_in, g=g, sender=sender, k=k, screen=screen: self._check(
+                    v, grad_in, g, step=step, mb=mb, boundary=k - 1, direction=Direction.BACKWARD, sender=sender,
+                    tainted=screen,
+                ),
+            )
+            if reply.tensor is None:  # drop mode: upstream stages get nothing from this micro-batch
+                self.metrics.dropped += 1
+                return float(loss.detach())
+            tainted = tainted or reply.tainted
+            g, g_verdict = reply.tensor, reply.verdict
+        emb_out.backward(g)
+        if tainted:
+            self.metrics.tainted += 1
+        return float(loss.detach())
+
+    async def step(self, step: int) -> float:
+        """One optimizer step of the trainer's own parameters over ``microbatches`` micro-batches; mean loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = []
+        for i in range(self.config.microbatches):
+            loss = await self.microbatch(step, step * self.config.microbatches + i)
+            if loss is not None:
+                losses.append(loss)
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+        self.optimizer.step()
+        mean = float(np.mean(losses)) if losses else math.nan
+        self.metrics.losses.append(mean)
+        return mean

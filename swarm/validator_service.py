@@ -1,0 +1,314 @@
+"""The validator role over the network: ``rpc_check`` wraps ``sentinel.validator.Validator`` and signs verdicts.
+
+A check request comes from an authorized trainer (it signs the request, binding the ``warmup`` and ``tainted`` flags,
+which would otherwise let anyone obtain an ACCEPT without detection). The service runs ``Validator.check`` on the
+tensor against its reference (forward: the sending stage's input; backward: the gradient the sending stage received)
+and answers with
+
+* ``verdict``: a signed ACCEPT for exactly the tensor to pass on: the input itself, or its replacement;
+* ``taint_verdict``: when flagged, a signed TAINT for the tensor as received (evidence);
+* the replacement tensor when tainted (none in "drop" mode: then the micro-batch stops).
+
+On every taint it publishes a signed ``TaintNotice`` at once. Blame is settled per step (``Validator.end_step``, the
+drift guard): the service settles step ``s`` when the first check of a later step arrives, or on ``settle()`` /
+shutdown, and then publishes a signed ``StrikeRecord`` (``banned`` set once the ledger bans) for every sender that
+was flagged in ``s``. Publishing runs in the background so it never delays a check. The validator's
+state (baselines, ledger) is saved to ``state_path`` every ``save_every`` checks and on shutdown, and loaded on start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections import defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hivemind import DHT
+from hivemind.p2p import P2P, P2PContext, ServicerBase
+from hivemind.proto import runtime_pb2
+from hivemind.utils import get_dht_time
+
+from sentinel.config import SentinelConfig
+from sentinel.validator import CheckResult, Validator
+from swarm.dht_schema import publish_strike, publish_taint, publish_validator
+from swarm.identity import Identity
+from swarm.protocol import (
+    BadRequest,
+    ProtocolError,
+    TensorSpec,
+    Unauthorized,
+    as_received,
+    check_request_bytes,
+    decode_hidden,
+    encode_tensors,
+    error_response,
+    meta_bool,
+    meta_int,
+    meta_str,
+    pack_meta,
+    request_tensors,
+    unpack_meta,
+)
+from swarm.records import (
+    MAX_EVIDENCE,
+    MAX_REASON,
+    MAX_SCORES,
+    Direction,
+    Manifest,
+    StrikeRecord,
+    TaintNotice,
+    ValidatorAnnouncement,
+    Verdict,
+    sign_verdict,
+    tensor_digest,
+)
+from swarm.stage_server import manifest_model_config, rpc_namespace
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ValidatorServiceConfig:
+    boundaries: tuple[int, ...] | None = None  # None: every boundary 0..S
+    max_batch: int = 64
+    compression: int = runtime_pb2.CompressionType.NONE
+    announce_period: float = 10.0
+    taint_ttl: float = 600.0  # seconds a taint notice stays in the DHT
+    strike_ttl: float = 3600.0
+    state_path: str | None = None
+    save_every: int = 256  # checks between state saves (0: only on shutdown)
+    publish: bool = True
+
+
+class ValidatorService(ServicerBase):
+    def __init__(
+        self, config: ValidatorServiceConfig, manifest: Manifest, identity: Identity, sentinel: SentinelConfig
+    ):
+        if not manifest.is_validator(identity.public_key):
+            raise ValueError("this identity is not an authorized validator of the manifest")
+        self.config = config
+        self.manifest = manifest
+        self.identity = identity
+        self.validator = Validator(sentinel)
+        n = manifest.n_stages
+        self.boundaries = tuple(range(n + 1)) if config.boundaries is None else tuple(config.boundaries)
+        if not all(0 <= b <= n for b in self.boundaries):
+            raise ValueError(f"boundaries must be in 0..{n}")
+        cfg = manifest_model_config(manifest)
+        self.spec = TensorSpec(cfg.d_model, cfg.seq_len, config.max_batch)
+        self.n_checks = 0
+        self._step: int | None = None  # highest step seen; its blame is settled when a later step starts
+        self.n_tainted = 0
+        self.seconds = 0.0
+        self.evidence: dict[str, deque[bytes]] = defaultdict(lambda: deque(maxlen=MAX_EVIDENCE))
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="validator")  # the Validator is serial
+        # one publisher thread: records go out in the order they were made (a later strike must not be overtaken)
+        self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="validator-publish")
+        self._pending: set[asyncio.Future] = set()
+        self._dht: DHT | None = None
+        self._p2p: P2P | None = None
+        self._announcer: asyncio.Task | None = None
+        if config.state_path and Path(config.state_path).exists():
+            # our own file, written by save_state below: its pickled deques and floats need the full unpickler
+            self.validator.load_state_dict(torch.load(config.state_path, weights_only=False))
+
+    # ----------------------------------------------------------------------------------------------- lifecycle
+    @property
+    def peer_id(self) -> str:
+        if self._p2p is None:
+            raise RuntimeError("service not started")
+        return self._p2p.peer_id.to_base58()
+
+    async def start(self, dht: DHT) -> None:
+        self._dht = dht
+        self._p2p = await dht.replicate_p2p()
+        await self.add_p2p_handlers(self._p2p, namespace=rpc_namespace(self.manifest.run_id))
+        await self.announce()
+        self._announcer = asyncio.create_task(self._announce_loop())
+
+    async def shutdown(self) -> None:
+        if self._announcer is not None:
+            self._announcer.cancel()
+            self._announcer = None
+        await self.settle()
+        await self.flush()
+        if self._p2p is not None:
+            try:
+                await self.remove_p2p_handlers(self._p2p, namespace=rpc_namespace(self.manifest.run_id))
+            finally:
+                self._p2p = None  # the DHT's shared replica (dht.replicate_p2p caches it): not ours to close
+        self._executor.shutdown(wait=True)
+        self._publisher.shutdown(wait=True)
+        self.save_state()
+
+    async def flush(self) -> None:
+        """Wait for the DHT publications started so far."""
+        if self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
+
+    def save_state(self) -> None:
+        if not self.config.state_path:
+            return
+        path = Path(self.config.state_path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(self.validator.state_dict(), tmp)
+        tmp.replace(path)
+
+    @property
+    def throughput(self) -> float:
+        return self.n_checks / self.seconds if self.seconds > 0 else 1.0
+
+    async def announce(self) -> None:
+        if self._dht is None or not self.config.publish:
+            return
+        expiration = get_dht_time() + 2 * self.config.announce_period
+        for b in self.boundaries:
+            record = ValidatorAnnouncement(
+                self.manifest.run_id, b, self.peer_id, self.throughput, self.identity.public_key
+            )
+            await asyncio.to_thread(publish_validator, self._dht, self.identity, record, expiration)
+
+    async def _announce_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.announce_period)
+            try:
+                await self.announce()
+            except Exception as e:
+                logger.warning(f"validator: announce failed: {type(e).__name__}: {e}")
+
+    # ------------------------------------------------------------------------------------------------- handler
+    async def rpc_check(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        try:
+            return await self._check(request)
+        except ProtocolError as e:
+            logger.debug(f"validator: check rejected ({e.code}): {e}")
+            return error_response(e)
+        except Exception as e:
+            logger.exception("validator: check failed")
+            return error_response(e)
+
+    async def _check(self, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
+        meta = unpack_meta(request.metadata)
+        run, step, mb = meta_str(meta, "run", max_len=64), meta_int(meta, "step"), meta_int(meta, "mb")
+        if run != self.manifest.run_id:
+            raise BadRequest("check for another run")
+        n = self.manifest.n_stages
+        direction = Direction(meta_int(meta, "direction", hi=1))
+        lo, hi = (1, n) if direction == Direction.FORWARD else (0, n - 1)
+        boundary = meta_int(meta, "boundary", lo=lo, hi=hi)
+        if boundary not in self.boundaries:
+            raise BadRequest(f"this validator does not serve boundary {boundary}")
+        sender, tainted, warmup = meta_str(meta, "sender"), meta_bool(meta, "tainted"), meta_bool(meta, "warmup")
+        x_proto, ref_proto = request_tensors(request, 2)
+        x = decode_hidden(x_proto, self.spec, "tensor", require_finite=False)  # flagging NaN is our job
+        reference = decode_hidden(ref_proto, self.spec, "reference")
+        if reference.shape != x.shape:
+            raise BadRequest("reference must have the tensor's shape")
+        digest = tensor_digest(x)
+        trainer, signature = meta.get("trainer"), meta.get("signature")
+        signed = check_request_bytes(
+            run_id=run, step=step, microbatch=mb, boundary=boundary, direction=direction, sender=sender,
+            tainted=tainted, warmup=warmup, digest=digest, reference_digest=tensor_digest(reference),
+        )  # fmt: skip
+        if type(trainer) is not bytes or not self.manifest.is_trainer(trainer):
+            raise Unauthorized("check requests must come from an authorized trainer")
+        if type(signature) is not bytes or not Identity.verify(trainer, signed, signature):
+            raise Unauthorized("check request signature does not verify")
+
+        name = "forward" if direction == Direction.FORWARD else "backward"
+
+        def run_check() -> tuple[CheckResult, list[tuple[str, int, bool]], int | None]:
+            settled_step = self._step if self._step is not None and step > self._step else None
+            settled = self._settle_now(settled_step) if settled_step is not None else []
+            self._step = step if self._step is None else max(self._step, step)
+            result = self.validator.check(
+                x, boundary=boundary, direction=name, sender=sender, step=step, reference=reference,
+                tainted=tainted, warmup=warmup,
+            )  # fmt: skip
+            return result, settled, settled_step
+
+        res, settled, settled_step = await asyncio.get_running_loop().run_in_executor(self._executor, run_check)
+        if settled:
+            self._publish_strikes(settled, settled_step)
+        self.n_checks += 1
+        self.seconds += res.seconds
+
+        def verdict(kind: Verdict, tensor_digest_: bytes):
+            return sign_verdict(
+                self.identity, run_id=run, step=step, microbatch=mb, boundary=boundary, direction=direction,
+                verdict=kind, digest=tensor_digest_,
+            ).to_tuple()  # fmt: skip
+
+        reply: dict = {"tainted": res.tainted, "reason": res.reason[:MAX_REASON], "scores": _finite(res.scores)}
+        tensors: list[torch.Tensor] = []
+        if not res.tainted:
+            reply["verdict"] = verdict(Verdict.ACCEPT, digest)
+        else:
+            self.n_tainted += 1
+            reply["taint_verdict"] = verdict(Verdict.TAINT, digest)
+            if res.tensor is not None:
+                replacement = as_received(res.tensor, self.config.compression)
+                tensors.append(replacement)
+                reply["verdict"] = verdict(Verdict.ACCEPT, tensor_digest(replacement))
+            self._publish(res, run, step, mb, boundary, direction, sender, digest)
+        if self.config.save_every and self.n_checks % self.config.save_every == 0:
+            self.save_state()
+        return runtime_pb2.ExpertResponse(
+            tensors=encode_tensors(tensors, self.config.compression), metadata=pack_meta(reply)
+        )
+
+    # --------------------------------------------------------------------------------------------- publication
+    def _publish(
+        self, res: CheckResult, run: str, step: int, mb: int, boundary: int, direction: Direction, sender: str,
+        digest: bytes,
+    ) -> None:  # fmt: skip
+        if self._dht is None or not self.config.publish:
+            return
+        now = get_dht_time()
+        key = self.identity.public_key
+        notice = TaintNotice(run, step, mb, boundary, direction, sender, digest, _finite(res.scores),
+                             res.reason[:MAX_REASON], key)  # fmt: skip
+        self._spawn(publish_taint, self._dht, self.identity, notice, now + self.config.taint_ttl)
+        if res.blamed:
+            self.evidence[sender].append(digest)
+
+    def _settle_now(self, step: int) -> list[tuple[str, int, bool]]:
+        """Settle the blame of ``step`` (``Validator.end_step``); (sender, strikes, banned) of everyone it touched.
+        Runs on the validator's executor thread."""
+        senders = sorted({pending[2] for pending in self.validator.pending})
+        self.validator.end_step(step)
+        ledger = self.validator.ledger
+        return [(s, ledger.strikes(s), ledger.is_banned(s)) for s in senders]
+
+    async def settle(self) -> None:
+        """Settle the current step's blame now (normally done when a later step's first check arrives) and publish
+        the resulting strike records."""
+        if self._step is None:
+            return
+        step = self._step
+        settled = await asyncio.get_running_loop().run_in_executor(self._executor, self._settle_now, step)
+        self._publish_strikes(settled, step)
+
+    def _publish_strikes(self, settled: list[tuple[str, int, bool]], step: int) -> None:
+        if self._dht is None or not self.config.publish:
+            return
+        expiration = get_dht_time() + self.config.strike_ttl
+        for sender, count, banned in settled:
+            record = StrikeRecord(self.manifest.run_id, sender, count, banned, list(self.evidence[sender]), step,
+                                  self.identity.public_key)  # fmt: skip
+            self._spawn(publish_strike, self._dht, self.identity, record, expiration)
+
+    def _spawn(self, fn, *args) -> None:
+        task = asyncio.get_running_loop().run_in_executor(self._publisher, fn, *args)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+
+def _finite(scores: dict[str, float]) -> dict[str, float]:
+    """Scores that fit a TaintNotice: finite floats, at most MAX_SCORES of them."""
+    out = {str(k)[:64]: float(v) for k, v in scores.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    return dict(sorted(out.items())[:MAX_SCORES])

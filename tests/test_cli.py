@@ -1,0 +1,52 @@
+"""`sentinel-node simulate` end to end on a tiny mesh: JSON report with the issue's keys, a PNG, clear errors."""
+
+import json
+
+import pytest
+
+from node.cli import main
+
+KEYS = {
+    "precision", "recall", "f1", "malicious", "banned", "false_bans", "time_to_ban", "taint_precision",
+    "taint_recall", "val_loss", "val_loss_clean", "val_loss_undefended", "tokens_per_s", "validator_time_fraction",
+    "config",
+}
+
+
+def test_simulate_compare_writes_report_and_plot(tmp_path, capsys):
+    report, plot = tmp_path / "r.json", tmp_path / "p.png"
+    rc = main([
+        "simulate", "--preset", "tiny", "--stages", "2", "--replicas", "3", "--malicious-fraction", "0.17",
+        "--attack", "A1", "--steps", "14", "--warmup", "8", "--microbatches", "6", "--batch-size", "2",
+        "--compare", "--report", str(report), "--plot", str(plot), "--quiet", "--threads", "1",
+    ])
+    assert rc == 0
+    data = json.loads(report.read_text())
+    assert KEYS <= set(data)
+    assert data["banned"] == data["malicious"] and len(data["malicious"]) == 1
+    assert data["config"]["stages"] == 2 and data["config"]["sentinel"]["ban_level"] >= 1
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert '"f1"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["simulate", "--preset", "nope"],
+        ["simulate", "--attack", "no_such_attack", "--preset", "tiny", "--steps", "1"],
+        ["simulate", "--data", "/no/such/path", "--preset", "tiny", "--steps", "1"],
+    ],
+)
+def test_bad_input_gives_a_clear_error(argv, capsys):
+    with pytest.raises(SystemExit) if argv[2] == "nope" else _nullcontext():
+        rc = main(argv)
+        assert rc == 2
+        assert "error" in capsys.readouterr().err
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,87 @@
+"""The in-process mesh: every group-A attack is flagged and banned, honest runs ban nobody, NaN never spreads."""
+
+import math
+
+import pytest
+
+from sentinel.attacks import STRONGEST
+from swarm.data import load_corpus
+from swarm.mesh import Mesh, MeshConfig, MeshConfigError, choose_malicious
+
+GROUP_A = ["zeros", "constant", "random", "scaling", "random_sign", "bias", "noise", "delay", "nonfinite", "mixed"]
+REPORT_KEYS = {
+    "precision", "recall", "f1", "malicious", "banned", "false_bans", "time_to_ban", "taint_precision",
+    "taint_recall", "val_loss", "tokens_per_s", "validator_time_fraction", "config",
+}
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return load_corpus(max_bytes=2 * 2**20)
+
+
+def tiny(**kw) -> MeshConfig:
+    base = dict(preset="tiny", stages=2, replicas=3, malicious_fraction=1 / 6, steps=18, warmup=10,
+                microbatches=6, batch_size=2, eval_every=0, eval_batches=2, lr=1e-3)
+    base.update(kw)
+    return MeshConfig(**base)
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("attack", GROUP_A)
+def test_every_group_a_attack_is_flagged_and_banned(attack, direction, corpus):
+    result = Mesh(tiny(attack=attack, attack_direction=direction, seed=1), corpus).run()
+    rep = result.report
+    assert len(rep["malicious"]) == 1
+    assert rep["banned"] == rep["malicious"], rep["banned"]
+    assert rep["f1"] == 1.0
+    assert any(e.kind == "flag" and e.worker in rep["malicious"] for e in result.events)
+    assert math.isfinite(rep["val_loss"])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_honest_runs_ban_nobody(seed, corpus):
+    rep = Mesh(tiny(seed=seed, steps=24), corpus).run().report
+    assert rep["banned"] == []
+    assert rep["malicious"] == []
+    # a short tiny run is all fast early learning; the benchmark measures the honest taint rate on `small`
+    assert rep["tainted_microbatches"] <= 0.1 * rep["microbatches"]
+
+
+def test_nan_attack_never_makes_the_loss_non_finite(corpus):
+    cfg = tiny(attack="nonfinite", attack_direction="both", malicious_fraction=0.34, seed=2)
+    result = Mesh(cfg, corpus).run()
+    assert all(math.isfinite(x) for x in result.history["loss"])
+    assert math.isfinite(result.report["val_loss"])
+    undefended = Mesh(tiny(attack="nonfinite", attack_direction="both", malicious_fraction=0.34, seed=2,
+                           defense=False), corpus).run()
+    assert not math.isfinite(undefended.report["val_loss"])  # the attack is real: without SENTINEL it wins
+
+
+def test_report_keys_and_config(corpus):
+    rep = Mesh(tiny(attack="zeros", steps=12, warmup=8), corpus).run().report
+    assert REPORT_KEYS <= set(rep)
+    assert set(rep["time_to_ban"]) == {"median", "p95", "max", "never"}
+    assert rep["config"]["attack"] == "zeros" and rep["config"]["sentinel"]["beta_forward"] == 0.9
+    assert rep["tokens_per_s"] > 0 and 0 <= rep["validator_time_fraction"]
+
+
+def test_drop_mode_and_mesh_validation(corpus):
+    from sentinel.config import SentinelConfig
+
+    rep = Mesh(tiny(attack="scaling", sentinel=SentinelConfig(replacement="drop")), corpus).run().report
+    assert rep["banned"] == rep["malicious"]
+    with pytest.raises(MeshConfigError):
+        tiny(stages=0)
+    with pytest.raises(ValueError):
+        tiny(attack_direction="sideways")
+
+
+def test_choose_malicious_spreads_and_keeps_an_honest_replica():
+    chosen = choose_malicious(stages=8, replicas=4, fraction=0.375, seed=0)
+    assert len(chosen) == 12
+    per_stage = [sum(w.startswith(f"s{s}r") for w in chosen) for s in range(1, 9)]
+    assert sorted(per_stage) == [1] * 4 + [2] * 4
+    assert choose_malicious(8, 4, 0.375, 0) == chosen
+    assert all(n <= 1 for n in (sum(w.startswith(f"s{s}r") for w in choose_malicious(2, 2, 0.9, 0)) for s in (1, 2)))
+    assert STRONGEST["scaling"] == {"lam": -1}

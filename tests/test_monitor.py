@@ -1,0 +1,125 @@
+"""The monitor: warm-up, fences, flagged tensors never update the baseline, hard checks, replacement, state."""
+
+import pytest
+import torch
+
+from sentinel.config import ConfigError, SentinelConfig
+from sentinel.monitor import BoundaryMonitor, InvalidTensor, TukeyFence
+
+D = 16
+
+
+def stream(seed: int, n: int = 64):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        ref = torch.randn(4, 8, D, generator=g) + torch.linspace(-1, 1, D)
+        out = ref + 0.3 * torch.randn(4, 8, D, generator=g)
+        yield out, ref
+
+
+def warmed(config: SentinelConfig | None = None, direction: str = "forward") -> BoundaryMonitor:
+    mon = BoundaryMonitor(config or SentinelConfig(), direction, boundary=1)
+    for out, ref in stream(0, 40):
+        assert not mon.observe(out, ref, detect=False).flagged
+    return mon
+
+
+def test_tukey_fence_arithmetic():
+    f = TukeyFence(window=8, k=2.0, min_iqr_fraction=0.0)
+    assert f.fence() == float("inf")
+    for v in [1, 2, 3, 4, 5]:
+        f.add(v)
+    # numpy percentiles of 1..5: q1=2, q3=4 -> 4 + 2*2
+    assert f.fence() == pytest.approx(8.0)
+    g = TukeyFence(window=4, k=3.0, min_iqr_fraction=0.5)
+    for v in [2, 2, 2, 2, 2, 100]:  # window keeps the last 4 values
+        g.add(v)
+    assert len(g) == 4
+    h = TukeyFence(window=4, k=3.0, min_iqr_fraction=0.5, floor=10.0)
+    for v in [1, 1, 1, 1]:
+        h.add(v)
+    assert h.fence() == 10.0  # flat window: 1 + 3 * 0.5 = 2.5, raised to the floor
+
+
+def test_no_flags_during_warmup_or_before_min_window():
+    mon = BoundaryMonitor(SentinelConfig(min_window=16), "forward", 1)
+    for i, (out, ref) in enumerate(stream(0, 10)):
+        assert not mon.observe(torch.zeros_like(out) if i > 3 else out, ref).flagged
+    assert not mon.ready
+
+
+def test_honest_traffic_is_accepted_and_attacks_flagged():
+    mon = warmed()
+    honest_flags = sum(mon.observe(out, ref).flagged for out, ref in stream(1, 64))
+    assert honest_flags == 0
+    out, ref = next(stream(2, 1))
+    for attacked in (torch.zeros_like(out), -out, 3 * out, out + 3 * out.std(), torch.randn_like(out) * 10):
+        assert mon.observe(attacked, ref).flagged
+
+
+def test_flagged_tensors_never_update_the_baseline():
+    mon = warmed()
+    before = mon.baseline.clone()
+    n, windows = mon.n_accepted, {m: list(f.values) for m, f in mon.fences.items()}
+    out, ref = next(stream(3, 1))
+    obs = mon.observe(out * 10, ref)
+    assert obs.flagged
+    assert mon.n_accepted == n
+    assert torch.equal(mon.baseline.mean, before.mean) and torch.equal(mon.baseline.std, before.std)
+    assert {m: list(f.values) for m, f in mon.fences.items()} == windows
+
+
+def test_learn_false_screens_without_learning():
+    mon = warmed()
+    n = mon.n_accepted
+    out, ref = next(stream(4, 1))
+    assert not mon.observe(out, ref, learn=False).flagged
+    assert mon.n_accepted == n
+
+
+def test_non_finite_and_malformed_are_always_flagged():
+    mon = BoundaryMonitor(SentinelConfig(), "backward", 0)
+    out, ref = next(stream(0, 1))
+    bad = out.clone()
+    bad[0, 0, 0] = float("nan")
+    assert mon.observe(bad, ref, detect=False).reason == "non-finite"
+    bad[0, 0, 0] = float("inf")
+    assert mon.observe(bad, ref).reason == "non-finite"
+    assert mon.observe(out[:, :4], ref).reason == "shape"
+    with pytest.raises(InvalidTensor):
+        mon.observe(out.long(), ref)
+    assert mon.baseline is None  # nothing was learned from any of it
+
+
+def test_replacements_bypass_the_stage():
+    mon = warmed()
+    out, ref = next(stream(5, 1))
+    rep = mon.replacement(out, ref)
+    assert rep.shape == out.shape and torch.isfinite(rep).all()
+    # forward: the input plus the typical residual update (here ~0): close to the input, token by token
+    assert torch.allclose(rep, ref + mon.residual_mean, atol=1e-6)
+    back = warmed(direction="backward")
+    rep_b = back.replacement(out, ref)
+    assert torch.allclose(rep_b / ref, torch.full_like(ref, rep_b[0, 0, 0].item() / ref[0, 0, 0].item()), atol=1e-4)
+    assert back.replacement(out).shape == out.shape  # no reference: the EMA mean at every token
+
+
+def test_state_round_trip():
+    mon = warmed()
+    clone = BoundaryMonitor(SentinelConfig(), "forward", 1)
+    clone.load_state_dict(mon.state_dict())
+    for out, ref in stream(6, 5):
+        a, b = mon.observe(out, ref), clone.observe(out, ref)
+        assert a.flagged == b.flagged and a.scores == pytest.approx(b.scores)
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError):
+        SentinelConfig(beta_forward=1.0)
+    with pytest.raises(ConfigError):
+        SentinelConfig(metrics=("l2", "nope"))
+    with pytest.raises(ConfigError):
+        SentinelConfig(combine="vote")
+    with pytest.raises(ConfigError):
+        SentinelConfig.from_dict({"fence": 3})
+    assert SentinelConfig.from_dict(SentinelConfig().to_dict()) == SentinelConfig()

@@ -1,0 +1,90 @@
+"""Each distance's defining behaviour on synthetic tensors."""
+
+import math
+
+import pytest
+import torch
+
+from sentinel.stats import DISTANCES, distances, make_projections, summarize
+
+D = 32
+
+
+def _honest(seed: int, n: int = 512) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    means = torch.linspace(-2, 2, D)  # features with strong, sign-stable means
+    return means + torch.randn(n, D, generator=g)
+
+
+@pytest.fixture()
+def proj():
+    return make_projections(D, 8, seed=3)
+
+
+def test_identical_summaries_have_zero_distance(proj):
+    x = _honest(0)
+    s = summarize(x, proj, 16, reference=x * 0.9)
+    for name, value in distances(s, s, tuple(DISTANCES)).items():
+        assert value == pytest.approx(0.0, abs=1e-6), name
+
+
+def test_honest_resample_is_close_and_attacks_are_far(proj):
+    base = summarize(_honest(0), proj, 16)
+    other = summarize(_honest(1), proj, 16)
+    zeros = summarize(torch.zeros(512, D), proj, 16)
+    flipped = summarize(-_honest(1), proj, 16)
+    for name in ("l1", "l2", "wasserstein"):
+        honest = DISTANCES[name](other, base)
+        assert honest < 0.15, name
+        assert DISTANCES[name](zeros, base) > 5 * honest, name
+    assert DISTANCES["sign_flip"](other, base) == 0.0
+    assert DISTANCES["sign_flip"](flipped, base) > 0.9
+
+
+def test_l2_is_normalised_and_scale_free(proj):
+    x = _honest(0)
+    s1, b1 = summarize(x * 2, proj, 8), summarize(x, proj, 8)
+    s2, b2 = summarize(x * 200, proj, 8), summarize(x * 100, proj, 8)
+    assert DISTANCES["l2"](s1, b1) == pytest.approx(DISTANCES["l2"](s2, b2), rel=1e-4)
+    assert DISTANCES["l2"](s1, b1) == pytest.approx(1.0, rel=1e-4)  # ||2u - u|| / ||u||
+
+
+def test_sign_flip_ignores_noise_features(proj):
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(512, D, generator=g)  # zero-mean features: no feature is sign-stable
+    base = summarize(noise, proj, 8)
+    assert DISTANCES["sign_flip"](summarize(-noise, proj, 8), base) == 0.0
+
+
+def test_cosine_and_gain_need_a_reference(proj):
+    x = _honest(0)
+    ref = x + 0.1 * _honest(5)
+    base = summarize(x, proj, 8, reference=ref)
+    assert base.cosine is not None and base.cosine > 0.9
+    assert base.gain is not None
+    scaled = summarize(0.5 * x, proj, 8, reference=ref)
+    assert DISTANCES["gain"](scaled, base) == pytest.approx(math.log(2), rel=1e-3)
+    assert DISTANCES["cosine"](scaled, base) == pytest.approx(0.0, abs=1e-5)  # scaling keeps the direction
+    stale = summarize(_honest(9) - torch.linspace(-2, 2, D), proj, 8, reference=ref)  # unrelated tokens
+    assert DISTANCES["cosine"](stale, base) > 0.5
+    no_ref = summarize(x, proj, 8)
+    assert DISTANCES["cosine"](no_ref, base) == 0.0 and DISTANCES["gain"](no_ref, base) == 0.0
+
+
+def test_wasserstein_sees_variance_change_that_means_do_not(proj):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4096, D, generator=g)
+    base = summarize(x, proj, 16)
+    noisy = summarize(x + torch.randn(4096, D, generator=g), proj, 16)  # same means, variance doubled
+    resample = DISTANCES["wasserstein"](summarize(torch.randn(4096, D, generator=g), proj, 16), base)
+    assert DISTANCES["wasserstein"](noisy, base) > 4 * resample
+    assert DISTANCES["l2"](noisy, base) > 4 * DISTANCES["l2"](
+        summarize(torch.randn(4096, D, generator=g), proj, 16), base
+    )
+
+
+def test_projections_are_private_and_unit():
+    a, b = make_projections(D, 8, seed=1), make_projections(D, 8, seed=2)
+    assert torch.allclose(a.norm(dim=0), torch.ones(8))
+    assert not torch.allclose(a, b)
+    assert torch.equal(a, make_projections(D, 8, seed=1))

@@ -1,0 +1,190 @@
+"""Stage server, validator service and trainer over real hivemind P2P on 127.0.0.1 (forked, 2-4 peers, bounded)."""
+
+import asyncio
+import math
+
+import hivemind
+import numpy as np
+import pytest
+import torch
+from hivemind.p2p import PeerID
+from hivemind.proto import runtime_pb2
+
+from sentinel.attacks import MaliciousBehaviour, make_attack
+from sentinel.config import SentinelConfig
+from swarm.data import BatchSampler, Corpus
+from swarm.dht_schema import SentinelRecordValidator, banned_peers, fetch_strikes, fetch_taints, step_bucket
+from swarm.identity import Identity
+from swarm.model import build_pipeline
+from swarm.protocol import BadRequest, call, encode_tensors, pack_meta
+from swarm.records import Direction, ForgedVerdict, Manifest, MissingVerdict, Verdict, VerdictMismatch, sign_verdict
+from swarm.records import tensor_digest as digest
+from swarm.stage_server import StageServer, StageServerConfig, manifest_model_config, rpc_namespace
+from swarm.trainer import Trainer, TrainerConfig
+from swarm.validator_service import ValidatorService, ValidatorServiceConfig
+
+RUN = "net-test"
+AUTHORITY, VALIDATOR, TRAINER, OUTSIDER = (Identity.generate() for _ in range(4))
+STAGE_IDS = (Identity.generate(), Identity.generate())  # a stage's DHT signs its announcements with its identity
+MANIFEST = Manifest(
+    RUN, "tiny", 2, [(0, 2), (2, 4)], {}, [VALIDATOR.public_key], [TRAINER.public_key], 1, 1.0, AUTHORITY.public_key
+)
+CFG = manifest_model_config(MANIFEST)
+SEED = 3
+CORPUS = Corpus(np.random.default_rng(0).integers(0, 256, 20_000).astype(np.uint8), np.zeros(100, np.uint8), "t", 1, 1)
+
+
+def start_dht(identity, initial_peers=()):
+    return hivemind.DHT(
+        initial_peers=list(initial_peers), start=True, startup_timeout=30, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+        record_validators=[SentinelRecordValidator.from_manifest(MANIFEST, identity)],
+    )  # fmt: skip
+
+
+def forward_request(h, verdict, step=0, mb=0):
+    meta = {"run": RUN, "step": step, "mb": mb, "verdict": None if verdict is None else verdict.to_tuple()}
+    return runtime_pb2.ExpertRequest(tensors=encode_tensors([h]), metadata=pack_meta(meta))
+
+
+def trainer_verdict(signer, h, step=0, mb=0):
+    return sign_verdict(
+        signer, run_id=RUN, step=step, microbatch=mb, boundary=0, direction=Direction.FORWARD,
+        verdict=Verdict.ACCEPT, digest=digest(h),
+    )  # fmt: skip
+
+
+@pytest.mark.forked
+@pytest.mark.timeout(90)
+def test_stage_server_rejects_unvalidated_inputs_with_distinct_codes():
+    server_dht = client_dht = None
+    try:
+        server_dht = start_dht(STAGE_IDS[0])
+        client_dht = start_dht(TRAINER, server_dht.get_visible_maddrs())
+
+        async def main():
+            server = StageServer(StageServerConfig(stage=1, seed=SEED), MANIFEST, STAGE_IDS[0])
+            await server.start(server_dht)
+            try:
+                p2p = await client_dht.replicate_p2p()
+                stub = StageServer.get_stub(p2p, PeerID.from_base58(server.peer_id), namespace=rpc_namespace(RUN))
+                h = torch.randn(2, 8, CFG.d_model)
+                with pytest.raises(MissingVerdict):
+                    await call(stub.rpc_forward, forward_request(h, None), 10)
+                with pytest.raises(ForgedVerdict):  # well signed, but by a key the manifest does not authorize
+                    await call(stub.rpc_forward, forward_request(h, trainer_verdict(OUTSIDER, h)), 10)
+                with pytest.raises(VerdictMismatch):  # genuine verdict, for another tensor
+                    await call(stub.rpc_forward, forward_request(h, trainer_verdict(TRAINER, h + 1)), 10)
+                with pytest.raises(VerdictMismatch):  # genuine verdict, for another micro-batch
+                    await call(stub.rpc_forward, forward_request(h, trainer_verdict(TRAINER, h, mb=1)), 10)
+                bad = torch.randn(2, 8, CFG.d_model + 1)
+                with pytest.raises(BadRequest):
+                    await call(stub.rpc_forward, forward_request(bad, trainer_verdict(TRAINER, bad)), 10)
+                nan = h.clone()
+                nan[0, 0, 0] = math.nan
+                with pytest.raises(BadRequest):
+                    await call(stub.rpc_forward, forward_request(nan, trainer_verdict(TRAINER, nan)), 10)
+                reply = await call(stub.rpc_forward, forward_request(h, trainer_verdict(TRAINER, h)), 10)
+                out = hivemind.compression.deserialize_torch_tensor(reply.tensors[0])
+                with torch.no_grad():
+                    assert torch.equal(out, server.module(h))
+                assert server.rejected == {"missing_verdict": 1, "forged_verdict": 1, "verdict_mismatch": 2,
+                                           "bad_request": 2}  # fmt: skip
+            finally:
+                await server.shutdown()
+
+        asyncio.run(main())
+    finally:
+        for dht in (client_dht, server_dht):
+            if dht is not None:
+                dht.shutdown()
+
+
+async def _swarm(dhts, *, attack=None, sentinel=None, trainer_config=None):
+    """2 stages x 1 replica + 1 validator + trainer, each on its own DHT (dhts: stage1, stage2, validator, trainer)."""
+    stages = [
+        StageServer(StageServerConfig(stage=k, seed=SEED, accumulate=100), MANIFEST, STAGE_IDS[k - 1],
+                    attack=attack if k == 1 else None)
+        for k in (1, 2)
+    ]  # fmt: skip
+    validator = ValidatorService(ValidatorServiceConfig(), MANIFEST, VALIDATOR, sentinel or SentinelConfig())
+    trainer = Trainer(trainer_config or TrainerConfig(seed=SEED, batch_size=2), MANIFEST, TRAINER, CORPUS)
+    for service, dht in zip((*stages, validator), dhts):
+        await service.start(dht)
+    await trainer.start(dhts[3])
+    return stages, validator, trainer
+
+
+def _start_four():
+    first = start_dht(STAGE_IDS[0])
+    peers = first.get_visible_maddrs()
+    return [first, start_dht(STAGE_IDS[1], peers), start_dht(VALIDATOR, peers), start_dht(TRAINER, peers)]
+
+
+@pytest.mark.forked
+@pytest.mark.timeout(90)
+def test_end_to_end_microbatch_matches_local_model():
+    dhts = []
+    try:
+        dhts = _start_four()
+
+        async def main():
+            stages, validator, trainer = await _swarm(dhts)
+            try:
+                assert all(len(trainer.stages[k]) == 1 for k in (1, 2)) and len(trainer.validators[1]) == 1
+                loss = await trainer.microbatch(step=0, mb=0)
+                # the same seed, data and model, in one process
+                emb, local_stages, head = build_pipeline(CFG, 2, SEED)
+                x, y = BatchSampler(CORPUS.train, 2, CFG.seq_len, SEED).sample()
+                local_loss = head(local_stages[1](local_stages[0](emb(x))), y)
+                local_loss.backward()
+                assert loss == pytest.approx(float(local_loss), abs=1e-6)
+                torch.testing.assert_close(trainer.embedding.tok.weight.grad, emb.tok.weight.grad)
+                for server, local in zip(stages, local_stages):
+                    assert server.backward_calls == 1
+                    for p, q in zip(server.module.parameters(), local.parameters()):
+                        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+                assert trainer.metrics.tainted == 0 and validator.n_checks == 4 and validator.n_tainted == 0
+            finally:
+                for service in (*stages, validator):
+                    await service.shutdown()
+                await trainer.shutdown()
+
+        asyncio.run(main())
+    finally:
+        for dht in reversed(dhts):
+            dht.shutdown()
+
+
+@pytest.mark.forked
+@pytest.mark.timeout(90)
+def test_forward_attacker_is_tainted_replaced_struck_and_banned():
+    dhts = []
+    try:
+        dhts = _start_four()
+        attack = MaliciousBehaviour(worker=0, attack=make_attack("nonfinite"), directions="forward", onset=0, seed=0)
+
+        async def main():
+            stages, validator, trainer = await _swarm(dhts, attack=attack, sentinel=SentinelConfig(ban_level=2))
+            try:
+                losses = [await trainer.microbatch(step=s, mb=s) for s in (0, 1)]
+                assert all(math.isfinite(loss) for loss in losses)  # the replacement flowed on to stage 2 and head
+                assert trainer.metrics.tainted == 2 and validator.n_tainted == 2
+                assert stages[0].backward_calls == 0 and stages[1].backward_calls == 2  # stage 1 bypassed backward
+                await validator.settle()  # blame of the last step is settled when asked (or when a later step starts)
+                await validator.flush()
+                bad = stages[0].peer_id
+                notices = fetch_taints(dhts[3], RUN, step_bucket(0))
+                assert {(n.sender, n.boundary, n.direction) for n in notices} == {(bad, 1, Direction.FORWARD)}
+                strikes = fetch_strikes(dhts[3], RUN, bad)
+                assert banned_peers(strikes, MANIFEST) == {bad}, strikes
+                await trainer.refresh()
+                assert trainer.banned == {bad}
+            finally:
+                for service in (*stages, validator):
+                    await service.shutdown()
+                await trainer.shutdown()
+
+        asyncio.run(main())
+    finally:
+        for dht in reversed(dhts):
+            dht.shutdown()

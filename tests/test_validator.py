@@ -1,0 +1,95 @@
+"""The validator: blame goes to the sender, taint screens without blame, drift is not blamed, state survives."""
+
+import torch
+
+from sentinel.config import SentinelConfig
+from sentinel.validator import Validator, blamed_stage
+
+D = 16
+
+
+def pairs(seed: int, n: int):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        ref = torch.randn(2, 8, D, generator=g) + torch.linspace(-1, 1, D)
+        yield ref + 0.3 * torch.randn(2, 8, D, generator=g), ref
+
+
+def warmed(**kw) -> Validator:
+    v = Validator(SentinelConfig(**kw))
+    for i, (out, ref) in enumerate(pairs(0, 40)):
+        v.check(out, boundary=1, direction="forward", sender=f"w{i % 4}", step=0, reference=ref, warmup=True)
+    v.end_step(0)
+    return v
+
+
+def test_blame_goes_to_the_sender():
+    assert blamed_stage(3, "forward") == 3
+    assert blamed_stage(3, "backward") == 4
+
+
+def test_flags_strike_at_end_of_step_and_ban():
+    v = warmed(ban_level=2)
+    out, ref = next(pairs(1, 1))
+    for step in (1, 2):
+        res = v.check(out * 0, boundary=1, direction="forward", sender="bad", step=step, reference=ref)
+        assert res.tainted and res.blamed and res.tensor is not None
+        assert torch.isfinite(res.tensor).all() and not torch.equal(res.tensor, out * 0)
+        assert v.ledger.strikes("bad") == step - 1  # blame is settled at the end of the step
+        banned = v.end_step(step)
+    assert banned == ["bad"] and v.ledger.is_banned("bad")
+
+
+def test_tainted_microbatch_is_screened_not_blamed():
+    v = warmed()
+    out, ref = next(pairs(2, 1))
+    res = v.check(out * 0, boundary=1, direction="forward", sender="victim", step=1, reference=ref, tainted=True)
+    assert res.tainted and not res.blamed  # still replaced, nobody blamed
+    assert v.end_step(1) == [] and v.ledger.strikes("victim") == 0
+
+
+def test_warmup_never_blames_but_still_replaces_nan():
+    v = Validator(SentinelConfig())
+    out, ref = next(pairs(3, 1))
+    out[0, 0, 0] = float("nan")
+    res = v.check(out, boundary=2, direction="backward", sender="w", step=0, reference=ref, warmup=True)
+    assert res.tainted and res.reason == "non-finite" and not res.blamed
+    assert torch.isfinite(res.tensor).all()
+
+
+def test_drop_mode_returns_no_tensor():
+    v = warmed(replacement="drop")
+    out, ref = next(pairs(4, 1))
+    assert v.check(-out, boundary=1, direction="forward", sender="x", step=1, reference=ref).tensor is None
+
+
+def test_drift_of_a_majority_is_not_blamed():
+    v = warmed(drift_senders=3)
+    shifted = [(3 * out + 5, ref) for out, ref in pairs(5, 6)]  # everyone's traffic jumped at once
+    for i, (out, ref) in enumerate(shifted):
+        assert v.check(out, boundary=1, direction="forward", sender=f"w{i % 4}", step=1, reference=ref).tainted
+    assert v.end_step(1) == []
+    assert all(v.ledger.strikes(f"w{i}") == 0 for i in range(4))
+    assert v.reanchors == 1
+    # the baseline moved to the new regime: the same kind of traffic is accepted again
+    out, ref = next(pairs(6, 1))
+    assert not v.check(3 * out + 5, boundary=1, direction="forward", sender="w0", step=2, reference=ref).tainted
+
+
+def test_a_minority_attacker_is_not_mistaken_for_drift():
+    v = warmed(drift_senders=3)
+    for out, ref in pairs(7, 4):
+        v.check(out * 0, boundary=1, direction="forward", sender="a", step=1, reference=ref)
+        v.check(out * 0, boundary=1, direction="forward", sender="b", step=1, reference=ref)
+    v.end_step(1)
+    assert v.ledger.strikes("a") == 4 and v.ledger.strikes("b") == 4 and v.reanchors == 0
+
+
+def test_state_round_trip():
+    v = warmed()
+    w = Validator(SentinelConfig())
+    w.load_state_dict(v.state_dict())
+    out, ref = next(pairs(8, 1))
+    a = v.check(out, boundary=1, direction="forward", sender="w", step=1, reference=ref)
+    b = w.check(out, boundary=1, direction="forward", sender="w", step=1, reference=ref)
+    assert a.tainted == b.tainted and a.scores == b.scores
