@@ -40,7 +40,7 @@ class SentinelConfig:
     floor_gain: float = 0.05
     n_projections: int = 16  # sliced-Wasserstein random directions, private to each validator
     n_quantiles: int = 16  # quantile levels per projection
-    ban_level: int = 5  # strikes that ban a worker
+    ban_level: int = 3  # strikes that ban a worker
     forgive_after: int = 100  # consecutive clean checked tensors that wipe a worker's strikes
     drift_senders: int = 3  # flags from this many distinct senders at one monitor in one step mean drift (a
     # majority of a stage's replicas: attackers are a minority of every stage)

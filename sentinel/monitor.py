@@ -35,18 +35,26 @@ class TukeyFence:
         self.min_iqr_fraction = min_iqr_fraction
         self.floor = floor
         self._cached: float | None = None
+        self._stale = 0  # values added since the cached fence was computed
 
     def __len__(self) -> int:
         return len(self.values)
 
     def add(self, value: float) -> None:
         self.values.append(value)
-        self._cached = None
+        self._stale += 1
+        # quartiles of a window of up to 128 values barely move with one new value: recompute every few additions
+        # (always while the window is young), which takes the percentile computation off the hot path
+        if self._stale >= self.REFRESH or len(self.values) < self.values.maxlen:
+            self._cached = None
+
+    REFRESH = 8
 
     def fence(self) -> float:
         if not self.values:
             return math.inf
         if self._cached is None:
+            self._stale = 0
             q1, median, q3 = np.percentile(np.fromiter(self.values, dtype=np.float64), [25, 50, 75])
             iqr = max(q3 - q1, self.min_iqr_fraction * abs(median), 1e-9)
             self._cached = max(float(q3 + self.k * iqr), self.floor)

@@ -65,7 +65,7 @@ class MeshConfig:
     eval_batches: int = 8
     data: str | None = None  # None: the Python standard library's source text
     device: str = "auto"
-    taint_scope: str = "tensor"  # which later checks of a flagged micro-batch skip blame (see module docstring)
+    taint_scope: str = "microbatch"  # which later checks of a flagged micro-batch skip blame (see module docstring)
     sentinel: SentinelConfig = field(default_factory=SentinelConfig)
 
     def __post_init__(self) -> None:
