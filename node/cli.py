@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from node import bootstrap_cmd, demo, join, keygen, status
 from node import simulate as simulate_cmd
 
 log = logging.getLogger("sentinel")
@@ -20,6 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     simulate_cmd.add_parser(sub)
+    keygen.add_parser(sub)
+    bootstrap_cmd.add_parser(sub)
+    join.add_parser(sub)
+    status.add_parser(sub)
+    demo.add_parser(sub)
     return parser
 
 

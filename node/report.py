@@ -55,7 +55,9 @@ def plot_runs(path: str | os.PathLike, runs: dict[str, Any], workers: list[str],
         2, 1, figsize=(10, 9), gridspec_kw={"height_ratios": [1, max(1.0, len(workers) / 24)]}
     )
     colors = {"defended": "tab:blue", "clean": "tab:green", "undefended": "tab:red"}
-    for label, result in runs.items():
+    order = sorted(runs, key=lambda label: {"clean": 0, "undefended": 1}.get(label, 2))  # defended drawn on top
+    for label in order:
+        result = runs[label]
         h = result.history
         color = colors.get(label)
         ax_loss.plot(h["step"], _smooth(h["loss"]), label=f"{label} (train)", color=color, alpha=0.8)

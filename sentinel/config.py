@@ -42,8 +42,10 @@ class SentinelConfig:
     n_quantiles: int = 16  # quantile levels per projection
     ban_level: int = 3  # strikes that ban a worker
     forgive_after: int = 100  # consecutive clean checked tensors that wipe a worker's strikes
-    drift_senders: int = 3  # flags from this many distinct senders at one monitor in one step mean drift (a
-    # majority of a stage's replicas: attackers are a minority of every stage)
+    drift_senders: int = 3  # flags from this many distinct senders at one monitor within drift_steps steps mean
+    # honest drift (a majority of a stage's replicas: attackers are a minority of every stage)
+    drift_steps: int = 4
+    drift_max_excess: float = 3.0  # only flags with every distance below this multiple of its fence can be drift
     replacement: str = "baseline"  # tainted tensor: "baseline" replacement or "drop" the micro-batch
     seed: int = 0  # seeds the validator-private projections
 
@@ -67,8 +69,8 @@ class SentinelConfig:
             raise ConfigError("need n_projections >= 1 and n_quantiles >= 2")
         if self.ban_level < 1 or self.forgive_after < 1:
             raise ConfigError("need ban_level >= 1 and forgive_after >= 1")
-        if self.drift_senders < 2:
-            raise ConfigError("need drift_senders >= 2")
+        if self.drift_senders < 2 or self.drift_steps < 1 or self.drift_max_excess <= 1:
+            raise ConfigError("need drift_senders >= 2, drift_steps >= 1 and drift_max_excess > 1")
         if self.min_iqr_fraction < 0:
             raise ConfigError("min_iqr_fraction must be >= 0")
 

@@ -12,12 +12,16 @@ replaced tensor can look anomalous through no fault of its honest sender (the ca
 
 Drift guard: flagged tensors never update the baseline, so if the honest traffic itself jumps (every optimizer step
 changes every replica's weights at once), every tensor would be flagged from then on and the whole honest population
-banned. Blame is therefore settled once per step (``end_step``): if the tensors flagged at one monitor during the step
-came from at least ``drift_senders`` distinct senders (set it to a majority of a stage's replicas: under the threat
-model attackers are a minority of every stage, so they alone cannot reach it), the monitor concludes that the honest
-distribution moved. It drops that step's strikes at that monitor and re-anchors its baseline on the least anomalous
-flagged tensor, keeping its fences. Otherwise every flag becomes a strike. Taint and replacement are immediate
-either way; only blame waits for the end of the step.
+banned. Blame is therefore settled once per step (``end_step``): if the tensors flagged at one monitor during the last
+``drift_steps`` steps came from at least ``drift_senders`` distinct senders (set it to a majority of a stage's
+replicas: under the threat model attackers are a minority of every stage, so they alone cannot reach it), the monitor
+concludes that the honest distribution moved. It drops the current step's strikes at that monitor (earlier steps'
+strikes stand) and re-anchors its baseline on the least anomalous flagged tensor, keeping its fences. Only *mild*
+flags (every distance below ``drift_max_excess`` times its fence) count as drift: honest drift crosses a fence by a
+little, the group-A attacks by 5 to 200 times, and a re-anchor on an attacker's tensor would poison the baseline.
+Otherwise every flag becomes a strike. Taint and replacement are immediate either way; only blame waits for the end
+of the step. The window of several steps matters: a slow honest drift flags one or two replicas per step, never a
+majority in any single step, yet all of them within a few steps.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class Validator:
         self.ledger = ViolationLedger(config.ban_level, config.forgive_after)
         self.pending: list[tuple[int, str, str, float, Observation]] = []  # (boundary, direction, sender, excess, obs)
         self.reanchors = 0
+        self.recent_flags: dict[tuple[int, str], list[tuple[int, str]]] = {}  # monitor -> [(step, sender)]
 
     def monitor(self, boundary: int, direction: str) -> BoundaryMonitor:
         key = (boundary, direction)
@@ -108,14 +113,18 @@ class Validator:
         self.pending = []
         banned = []
         for key, flags in by_monitor.items():
-            # hard failures (NaN, wrong shape) are never drift
-            senders = {sender for sender, _, obs in flags if obs.reason.startswith("distance:")}
-            if len(senders) >= self.config.drift_senders:
-                least = min((f for f in flags if f[2].summary is not None), key=lambda f: f[1], default=None)
-                if least is not None:
+            # only mild distance flags can be drift: NaN, wrong shapes and gross outliers are never forgiven here
+            mild = [f for f in flags if f[2].reason.startswith("distance:") and f[1] < self.config.drift_max_excess]
+            recent = [(s, w) for s, w in self.recent_flags.get(key, []) if s > step - self.config.drift_steps]
+            recent += [(step, sender) for sender, _, _ in mild]
+            self.recent_flags[key] = recent
+            if mild and len({w for _, w in recent}) >= self.config.drift_senders:
+                least = min(mild, key=lambda f: f[1])
+                if least[2].summary is not None:
                     self.monitors[key].reanchor(least[2].summary)
                 self.reanchors += 1
-                flags = [f for f in flags if not f[2].reason.startswith("distance:")]
+                self.recent_flags[key] = []
+                flags = [f for f in flags if not any(f is m for m in mild)]
             for sender, _, _ in flags:
                 if self.ledger.record(sender, True, step):
                     banned.append(sender)

@@ -247,6 +247,24 @@ class Trainer:
         """What the mesh passes as ``tainted`` to the validator (see MeshConfig.taint_scope)."""
         return tainted and self.config.taint_scope == "microbatch"
 
+    async def _forward_hop(
+        self, k: int, inp: torch.Tensor, inp_verdict: SignedVerdict, *, step: int, mb: int, tainted: bool
+    ) -> tuple[str, CheckReply]:
+        """Stage ``k``'s forward of ``inp`` on some replica, then a validator's check of its output at boundary k."""
+        meta = {"run": self.run, "step": step, "mb": mb, "verdict": inp_verdict.to_tuple()}
+        peer, out = await self._with_retries(
+            lambda ex: self._pick_stage(k, ex),
+            lambda p: self._stage_call(p, "rpc_forward", [inp], meta),
+        )
+        screen = self._screen(tainted)
+        _, reply = await self._with_retries(
+            lambda ex: self._pick_validator(k, ex),
+            lambda v: self._check(
+                v, out, inp, step=step, mb=mb, boundary=k, direction=Direction.FORWARD, sender=peer, tainted=screen
+            ),
+        )
+        return peer, reply
+
     # ---------------------------------------------------------------------------------------- one micro-batch
     async def microbatch(self, step: int, mb: int) -> float | None:
         """Forward and backward of one micro-batch; gradients accumulate. Returns its loss (None if dropped)."""
@@ -260,19 +278,7 @@ class Trainer:
         saved: list[tuple[torch.Tensor, SignedVerdict, str, bool]] = []  # (input, its verdict, peer, replaced)
         for k in range(1, self.n_stages + 1):
             inp, inp_verdict = h, verdict
-            meta = {"run": self.run, "step": step, "mb": mb, "verdict": inp_verdict.to_tuple()}
-            peer, out = await self._with_retries(
-                lambda ex, k=k: self._pick_stage(k, ex),
-                lambda p, inp=inp, meta=meta: self._stage_call(p, "rpc_forward", [inp], meta),
-            )
-            screen = self._screen(tainted)
-            _, reply = await self._with_retries(
-                lambda ex, k=k: self._pick_validator(k, ex),
-                lambda v, out=out, inp=inp, peer=peer, k=k, screen=screen: self._check(
-                    v, out, inp, step=step, mb=mb, boundary=k, direction=Direction.FORWARD, sender=peer,
-                    tainted=screen,
-                ),
-            )
+            peer, reply = await self._forward_hop(k, inp, inp_verdict, step=step, mb=mb, tainted=tainted)
             if reply.tensor is None:  # drop mode: the micro-batch stops here
                 self.metrics.dropped += 1
                 return None
@@ -319,6 +325,27 @@ class Trainer:
         if tainted:
             self.metrics.tainted += 1
         return float(loss.detach())
+
+    async def evaluate(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], step: int) -> float:
+        """Mean loss of forward-only passes of ``batches`` through the swarm, validated like training traffic (no
+        backward, no update). ``step`` names the passes in verdicts: use a step after the last trained one."""
+        await self._maybe_refresh()
+        losses = []
+        for mb, (x, y) in enumerate(batches):
+            with torch.no_grad():
+                h = as_received(self.embedding(x), self.config.compression)
+            verdict = self._trainer_verdict(h, step=step, mb=mb, boundary=0, direction=Direction.FORWARD)
+            tainted = False
+            for k in range(1, self.n_stages + 1):
+                _, reply = await self._forward_hop(k, h, verdict, step=step, mb=mb, tainted=tainted)
+                if reply.tensor is None:  # drop mode
+                    break
+                tainted = tainted or reply.tainted
+                h, verdict = reply.tensor, reply.verdict
+            else:
+                with torch.no_grad():
+                    losses.append(float(self.head(h, y)))
+        return float(np.mean(losses)) if losses else math.nan
 
     async def step(self, step: int) -> float:
         """One optimizer step of the trainer's own parameters over ``microbatches`` micro-batches; mean loss."""

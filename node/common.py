@@ -1,0 +1,300 @@
+"""Shared pieces of the networked ``sentinel-node`` commands: the DHT, the manifest, signals, join commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from sentinel.config import SentinelConfig
+from swarm.identity import Identity
+from swarm.model import resolve_config, split_layers
+from swarm.records import Manifest, SignedManifest
+
+DEFAULT_PORT = 31337
+STARTUP_TIMEOUT = 30.0  # p2pd start (HIVEMIND.md D.1: the 15 s default is the most reported failure)
+ROLES = ("gpu-stage", "validator", "trainer")
+
+
+class CommandError(ValueError):
+    """A user-facing error: printed as ``sentinel-node CMD: error: ...`` with exit status 2."""
+
+
+# ------------------------------------------------------------------------------------------------- arguments
+def _read_at(text: str) -> str | dict:
+    """The content of ``@PATH``: parsed JSON if it is JSON (a bootstrap --ready-file), else the text."""
+    path = Path(text[1:]).expanduser()
+    try:
+        content = path.read_text()
+    except OSError as e:
+        raise CommandError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        return json.loads(content)
+    except json.JSONDecodeError:
+        return content
+
+
+def parse_key_hex(text: str) -> bytes:
+    """A 32-byte Ed25519 public key: 64 hex characters (what ``keygen`` prints), or ``@PATH`` of a ``.pub`` file that
+    ``keygen`` writes (or of a bootstrap --ready-file, for its authority key)."""
+    if text.startswith("@"):
+        content = _read_at(text)
+        text = str(content.get("authority", "")) if isinstance(content, dict) else content
+    try:
+        key = bytes.fromhex(text.strip())
+    except ValueError:
+        raise CommandError(f"not a hex public key: {text!r:.80}") from None
+    if len(key) != 32:
+        raise CommandError(f"a public key is 32 bytes (64 hex characters), got {len(key)} bytes: {text!r:.80}")
+    return key
+
+
+def expand_peers(items: Sequence[str]) -> list[str]:
+    """--initial-peers: multiaddrs, or ``@PATH`` of a bootstrap --ready-file (JSON) or a text file of multiaddrs."""
+    out: list[str] = []
+    for item in items:
+        if not item.startswith("@"):
+            out.append(item)
+            continue
+        content = _read_at(item)
+        found = content.get("maddrs", []) if isinstance(content, dict) else content.split()
+        if not found:
+            raise CommandError(f"no multiaddrs in {item[1:]}")
+        out.extend(str(m) for m in found)
+    return out
+
+
+def host_maddrs(args) -> list[str]:
+    """--host-maddrs, or /ip4/127.0.0.1/tcp/PORT (loopback: a public node must say where it listens)."""
+    return list(args.host_maddrs) if args.host_maddrs else [f"/ip4/127.0.0.1/tcp/{args.port}"]
+
+
+def add_network_args(p, *, port: int = 0) -> None:
+    g = p.add_argument_group("network")
+    g.add_argument("--host-maddrs", nargs="+", metavar="MADDR", default=None,
+                   help="multiaddrs to listen on, e.g. /ip4/0.0.0.0/tcp/31337 (default: /ip4/127.0.0.1/tcp/PORT)")
+    g.add_argument("--announce-maddrs", nargs="+", metavar="MADDR", default=None,
+                   help="public multiaddrs other peers should dial, e.g. /ip4/203.0.113.7/tcp/31337 (behind NAT or "
+                        "port forwarding)")  # fmt: skip
+    g.add_argument("--port", type=int, default=port, help="TCP port of the default host multiaddr (0: any free port)")
+    g.add_argument("--p2p-identity", metavar="PATH", default=None,
+                   help="libp2p identity file (RSA, created if missing): a stable peer id and multiaddr across "
+                        "restarts")  # fmt: skip
+    g.add_argument("--client-mode", action="store_true", help="serve no DHT requests (a node behind NAT)")
+    g.add_argument("--use-auto-relay", action="store_true", help="be reachable through relays (behind NAT)")
+
+
+def start_dht(args, initial_peers: Sequence[str] = (), record_validators: Sequence = ()):
+    """A hivemind DHT with the node's network settings; forked, so call it before any heavy torch work."""
+    import hivemind
+
+    kwargs = dict(
+        initial_peers=list(initial_peers), start=True, startup_timeout=STARTUP_TIMEOUT,
+        host_maddrs=host_maddrs(args), record_validators=list(record_validators),
+    )  # fmt: skip
+    if args.announce_maddrs:
+        kwargs["announce_maddrs"] = list(args.announce_maddrs)
+    if args.p2p_identity:
+        Path(args.p2p_identity).parent.mkdir(parents=True, exist_ok=True)
+        kwargs["identity_path"] = args.p2p_identity
+    if getattr(args, "client_mode", False):
+        kwargs["client_mode"] = True
+    if getattr(args, "use_auto_relay", False):
+        kwargs["use_auto_relay"] = True
+    try:
+        return hivemind.DHT(**kwargs)
+    except Exception as e:
+        raise CommandError(
+            f"could not start the DHT ({type(e).__name__}: {e}). Check --initial-peers (is the bootstrap peer up and "
+            f"reachable?), --host-maddrs (is the port free?) and that this machine's clock is within 3 s of the others"
+        ) from None
+
+
+def visible_maddrs(dht) -> list[str]:
+    return [str(m) for m in dht.get_visible_maddrs()]
+
+
+# ------------------------------------------------------------------------------------------------- manifest
+def sentinel_to_config(sentinel: SentinelConfig) -> dict:
+    """SentinelConfig as a manifest ``sentinel_config`` (flat float/int/str/bool; metrics comma-joined)."""
+    d = sentinel.to_dict()
+    d["metrics"] = ",".join(sentinel.metrics)
+    return d
+
+
+def sentinel_from_manifest(manifest: Manifest) -> SentinelConfig:
+    d = dict(manifest.sentinel_config)
+    if isinstance(d.get("metrics"), str):
+        d["metrics"] = tuple(m for m in d["metrics"].split(",") if m)
+    return SentinelConfig.from_dict(d)
+
+
+def parse_overrides(items: Sequence[str]) -> dict:
+    """``KEY=VALUE`` sentinel settings: ints, floats, booleans or strings, checked by SentinelConfig."""
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise CommandError(f"--sentinel takes KEY=VALUE, got {item!r}")
+        value = value.strip()
+        parsed: object = value
+        if value.lower() in ("true", "false"):
+            parsed = value.lower() == "true"
+        else:
+            for cast in (int, float):
+                try:
+                    parsed = cast(value)
+                    break
+                except ValueError:
+                    continue
+        out[key.strip()] = parsed
+    return out
+
+
+def build_manifest(
+    authority: Identity, *, run_id: str, preset: str, n_stages: int, validators: Sequence[bytes],
+    trainers: Sequence[bytes], ban_quorum: int, sentinel: SentinelConfig | None = None,
+    created_at: float | None = None,
+) -> SignedManifest:  # fmt: skip
+    """The signed manifest of a new swarm: the preset's blocks split evenly over the stages."""
+    if not validators or not trainers:
+        raise CommandError("a swarm needs at least one --validator-key and one --trainer-key")
+    if not 1 <= ban_quorum <= len(validators):
+        raise CommandError(f"--ban-quorum must be in 1..{len(validators)} (the number of validator keys)")
+    cfg = resolve_config(preset, n_stages)
+    manifest = Manifest(
+        run_id, preset, n_stages, split_layers(cfg.n_layers, n_stages),
+        sentinel_to_config(sentinel or SentinelConfig()),
+        list(validators), list(trainers), ban_quorum, time.time() if created_at is None else created_at,
+        authority.public_key,
+    )  # fmt: skip
+    return manifest.sign(authority)
+
+
+def wait_for_manifest(
+    dht, run_id: str, authority: bytes, *, timeout: float, digest: bytes | None = None, stop: StopFlag | None = None
+) -> Manifest:
+    """Poll the DHT for the run's manifest signed by ``authority`` (and matching ``digest``); bounded."""
+    from swarm.dht_schema import fetch_manifest
+
+    deadline = time.monotonic() + timeout
+    while True:
+        signed = fetch_manifest(dht, run_id, authority)
+        if signed is not None:
+            if digest is not None and signed.manifest.digest() != digest:
+                raise CommandError("the manifest in the DHT does not match --manifest-digest")
+            return signed.manifest
+        if stop is not None and stop.is_set():
+            raise CommandError("stopped while waiting for the manifest")
+        if time.monotonic() >= deadline:
+            raise CommandError(
+                f"no manifest for run {run_id!r} signed by authority {authority.hex()[:16]}... found in the DHT after "
+                f"{timeout:.0f} s: check --run-id, --authority and --initial-peers, and that the bootstrap peer with "
+                f"--new-swarm is running"
+            )
+        time.sleep(0.5)
+
+
+def join_commands(
+    manifest: Manifest, initial_peers: Sequence[str], *, identity_dir: str = "~/.sentinel",
+    program: str = "sentinel-node",
+) -> dict[str, list[str]]:  # fmt: skip
+    """The exact ``join`` command of each role (argv lists; pure function of the manifest and the addresses).
+
+    Keys: ``gpu-stage`` (stage 1; change --stage), ``validator`` and ``trainer`` (run with the identity whose public
+    key the manifest lists).
+    """
+    common = [
+        "--initial-peers", *initial_peers, "--run-id", manifest.run_id, "--authority", manifest.authority.hex(),
+        "--manifest-digest", manifest.digest().hex(),
+    ]  # fmt: skip
+    return {
+        "gpu-stage": [program, "join", "--role", "gpu-stage", *common, "--identity", f"{identity_dir}/stage.key",
+                      "--stage", "1"],
+        "validator": [program, "join", "--role", "validator", *common, "--identity",
+                      f"{identity_dir}/validator.key"],
+        "trainer": [program, "join", "--role", "trainer", *common, "--identity", f"{identity_dir}/trainer.key"],
+    }  # fmt: skip
+
+
+def format_command(argv: Sequence[str]) -> str:
+    return shlex.join(argv)
+
+
+# --------------------------------------------------------------------------------------------- lifecycle
+class StopFlag:
+    """Set by SIGINT/SIGTERM (installed in the main thread); ``wait`` sleeps until set or timeout."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signal: int | None = None
+
+    def install(self) -> StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+        return self
+
+    def _handler(self, signum, frame) -> None:
+        self.signal = signum
+        self.event.set()
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Sleep in short slices: a signal delivered to another thread (hivemind runs several) only runs its Python
+        handler when the main thread wakes up, so one long wait would sit on a SIGTERM for its whole timeout."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while not self.event.is_set():
+            left = 0.5 if end is None else min(0.5, end - time.monotonic())
+            if left <= 0:
+                break
+            self.event.wait(left)
+        return self.event.is_set()
+
+
+def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+def say(*parts, flush: bool = True) -> None:
+    """A progress line on stdout (the demo relays these)."""
+    print(*parts, flush=flush)
+
+
+def ensure_identity(path: str | os.PathLike, *, create: bool) -> Identity:
+    from swarm.identity import IdentityError, load_or_create
+
+    path = Path(path).expanduser()
+    if create:
+        return load_or_create(path)
+    if not path.exists():
+        raise CommandError(f"identity file {path} does not exist (create one with: sentinel-node keygen --out {path})")
+    try:
+        return Identity.load(path)
+    except IdentityError as e:
+        raise CommandError(str(e)) from None
+
+
+def replace_sentinel(sentinel: SentinelConfig, overrides: dict) -> SentinelConfig:
+    try:
+        return replace(sentinel, **overrides)
+    except TypeError as e:
+        raise CommandError(f"unknown --sentinel setting: {e}") from None
+
+
+def write_public_key(identity_path: str | os.PathLike, identity: Identity) -> Path:
+    """``IDENTITY.pub``: the public key hex next to an identity file (public; what --*-key @PATH reads)."""
+    pub = Path(f"{identity_path}.pub")
+    pub.write_text(identity.public_hex + "\n")
+    return pub

@@ -1,0 +1,374 @@
+"""``sentinel-node join --role gpu-stage|validator|trainer``: fetch and verify the manifest, then run the role.
+
+Each role is the existing class (``StageServer``, ``ValidatorService``, ``Trainer``) on this node's own DHT; progress
+lines go to stdout; SIGINT/SIGTERM stop the role cleanly (announce OFFLINE, settle and publish strikes, save state).
+``--stats PATH`` writes a JSON of the role's counters when it is up and again when it stops (scripts, the demo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+from node.common import (
+    CommandError,
+    StopFlag,
+    add_network_args,
+    ensure_identity,
+    expand_peers,
+    parse_key_hex,
+    say,
+    sentinel_from_manifest,
+    start_dht,
+    wait_for_manifest,
+    write_json_atomic,
+)
+
+log = logging.getLogger("sentinel.join")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "join",
+        help="join a swarm as a gpu-stage, validator or trainer",
+        description="Join a swarm: connect to --initial-peers, fetch the manifest of --run-id signed by --authority "
+        "from the DHT, verify it, and run the role until SIGINT/SIGTERM (the trainer: until --steps are done).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--role", required=True, choices=["gpu-stage", "validator", "trainer"])
+    p.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR",
+                   help="bootstrap multiaddrs (or @PATH of a bootstrap --ready-file)")
+    p.add_argument("--run-id", required=True)
+    p.add_argument("--authority", required=True, metavar="HEX",
+                   help="the swarm authority's public key (64 hex, or @PATH of a .pub file or a --ready-file)")
+    p.add_argument("--manifest-digest", metavar="HEX", default=None, help="also require this manifest digest")
+    p.add_argument("--identity", required=True, metavar="PATH",
+                   help="this node's Ed25519 identity (sentinel-node keygen); a gpu-stage creates it if missing")
+    p.add_argument("--manifest-timeout", type=float, default=60.0, help="seconds to wait for the manifest")
+    p.add_argument("--seed", type=int, default=0, help="model init seed (the same on every node of the run)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (gpu-stage)")
+    p.add_argument("--stats", metavar="PATH", default=None, help="write the role's counters (JSON) here")
+    p.add_argument("--progress-every", type=float, default=10.0, help="seconds between status lines (stage)")
+    add_network_args(p, port=0)
+    g = p.add_argument_group("gpu-stage")
+    g.add_argument("--stage", type=int, default=None, help="which stage to serve, 1..S")
+    g.add_argument("--checkpoint-dir", default=None, help="load/save this node's state here (every role)")
+    g.add_argument("--accumulate", type=int, default=8, help="backward calls per optimizer step")
+    g.add_argument("--attack", default=None, metavar="NAME",
+                   help="RED-TEAM OPTION FOR TESTING ONLY: corrupt what this stage sends with a group-A attack "
+                        "(A1..A10, a name such as zeros, or module:function). Never use it in a real swarm: the "
+                        "validators will (and should) ban this node.")  # fmt: skip
+    g.add_argument("--attack-params", default="", help="RED-TEAM: e.g. 'lam=0.5' (default: the strongest setting)")
+    g.add_argument("--attack-direction", default="forward", choices=["forward", "backward", "both"],
+                   help="RED-TEAM: which traffic to corrupt")  # fmt: skip
+    g.add_argument("--attack-onset", type=int, default=0, help="RED-TEAM: first attacked step")
+    g = p.add_argument_group("validator")
+    g.add_argument("--boundaries", default="all", help="boundaries to check: 'all' or e.g. '0,1,2'")
+    g = p.add_argument_group("trainer")
+    g.add_argument("--steps", type=int, default=100)
+    g.add_argument("--microbatches", type=int, default=4, help="micro-batches per step")
+    g.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
+    g.add_argument("--lr", type=float, default=3e-3)
+    g.add_argument("--warmup", type=int, default=5, help="honest warm-up steps announced to the validators")
+    g.add_argument("--data", default=None, help="text file or folder (default: the Python standard library)")
+    g.add_argument("--metrics", metavar="PATH", default=None, help="append one JSON line per step here")
+    g.add_argument("--eval-batches", type=int, default=4, help="validation batches at the end (0: none)")
+    g.add_argument("--min-replicas", type=int, default=1, help="wait until every stage has this many replicas")
+    g.add_argument("--swarm-timeout", type=float, default=120.0, help="seconds to wait for stages and validators")
+    g.add_argument("--taint-scope", default="microbatch", choices=["microbatch", "tensor"],
+                   help="later checks of a tainted micro-batch are screens only (microbatch, the paper's rule)")
+    p.set_defaults(func=run)
+
+
+def _check_args(args) -> None:
+    if args.role == "gpu-stage" and args.stage is None:
+        raise CommandError("--role gpu-stage needs --stage K (1..S)")
+    if args.role != "gpu-stage" and (args.stage is not None or args.attack):
+        raise CommandError("--stage and --attack are gpu-stage options")
+    if args.role == "trainer" and (args.steps < 1 or args.microbatches < 1 or args.batch_size < 1):
+        raise CommandError("--steps, --microbatches and --batch-size must be >= 1")
+    if args.attack:
+        from sentinel.attacks import make_attack, parse_params
+
+        make_attack(args.attack, parse_params(args.attack_params) or None)  # fail now, not after joining
+
+
+def run(args: argparse.Namespace) -> int:
+    from swarm.dht_schema import SentinelRecordValidator
+
+    _check_args(args)
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    authority = parse_key_hex(args.authority)
+    digest = None
+    if args.manifest_digest:
+        try:
+            digest = bytes.fromhex(args.manifest_digest)
+        except ValueError:
+            raise CommandError("--manifest-digest must be hex") from None
+    identity = ensure_identity(args.identity, create=args.role == "gpu-stage")
+    stop = StopFlag().install()
+    policy = SentinelRecordValidator.for_bootstrap(args.run_id, authority, identity)
+    dht = start_dht(args, expand_peers(args.initial_peers), [policy])
+    try:
+        manifest = wait_for_manifest(dht, args.run_id, authority, timeout=args.manifest_timeout, digest=digest,
+                                     stop=stop)
+        dht.add_validators([SentinelRecordValidator.from_manifest(manifest, identity)])
+        say(f"{args.role}: joined run {manifest.run_id!r} ({manifest.preset}, {manifest.n_stages} stages, "
+            f"{len(manifest.validators)} validators, ban quorum {manifest.ban_quorum}) as {identity.fingerprint}")
+        main = {"gpu-stage": _stage, "validator": _validator, "trainer": _trainer}[args.role]
+        return asyncio.run(main(args, dht, manifest, identity, stop))
+    finally:
+        dht.shutdown()
+
+
+def _state_path(args, name: str) -> Path | None:
+    if not args.checkpoint_dir:
+        return None
+    folder = Path(args.checkpoint_dir).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / name
+
+
+async def _sleep_until_stopped(stop: StopFlag, seconds: float) -> bool:
+    """Sleep up to ``seconds``; True if a stop signal arrived."""
+    end = time.monotonic() + seconds
+    while not stop.is_set() and time.monotonic() < end:
+        await asyncio.sleep(min(0.25, max(0.0, end - time.monotonic())))
+    return stop.is_set()
+
+
+# ------------------------------------------------------------------------------------------------------- stage
+async def _stage(args, dht, manifest, identity, stop: StopFlag) -> int:
+    from sentinel.attacks import MaliciousBehaviour, make_attack, parse_params
+    from swarm.stage_server import StageServer, StageServerConfig
+
+    if not 1 <= args.stage <= manifest.n_stages:
+        raise CommandError(f"--stage must be in 1..{manifest.n_stages} (the manifest's stages)")
+    attack = None
+    if args.attack:
+        params = parse_params(args.attack_params) or None
+        behaviour = make_attack(args.attack, params, seed=args.seed, worker=args.stage)
+        attack = MaliciousBehaviour(
+            worker=args.stage, attack=behaviour, directions=args.attack_direction, onset=args.attack_onset,
+            seed=args.seed,
+        )
+    config = StageServerConfig(stage=args.stage, seed=args.seed, accumulate=args.accumulate, device=args.device)
+    server = StageServer(config, manifest, identity, attack=attack)
+    ckpt = _state_path(args, f"stage{args.stage}-{identity.fingerprint}.pt")
+    if ckpt is not None and ckpt.exists():
+        server.load(ckpt)
+        say(f"stage {args.stage}: resumed from {ckpt} ({server.optimizer_steps} optimizer steps)")
+    await server.start(dht)
+    peer_id = server.peer_id
+
+    def stats() -> dict:
+        return {"role": "gpu-stage", "stage": args.stage, "peer_id": peer_id, "attack": args.attack,
+                "backward_calls": server.backward_calls, "optimizer_steps": server.optimizer_steps,
+                "rejected": dict(server.rejected), "fingerprint": identity.fingerprint}  # fmt: skip
+
+    red = f" RED-TEAM attack {args.attack} from step {args.attack_onset}" if attack else ""
+    say(f"stage {args.stage}: serving blocks {server.span[0]}..{server.span[1] - 1} as peer {server.peer_id}{red}")
+    if args.stats:
+        write_json_atomic(args.stats, stats())
+    try:
+        last = None
+        while not await _sleep_until_stopped(stop, args.progress_every):
+            now = (server.backward_calls, sum(server.rejected.values()))
+            if now != last:
+                say(f"stage {args.stage}: {server.backward_calls} backward, {server.optimizer_steps} optimizer "
+                    f"steps, rejected {dict(server.rejected) or 0}")  # fmt: skip
+                last = now
+            if ckpt is not None:
+                await asyncio.to_thread(server.save, ckpt)
+    finally:
+        say(f"stage {args.stage}: shutting down")
+        await server.shutdown()
+        if ckpt is not None:
+            server.save(ckpt)
+        if args.stats:
+            write_json_atomic(args.stats, stats())
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- validator
+def _boundaries(text: str, n_stages: int) -> tuple[int, ...] | None:
+    if text.strip().lower() == "all":
+        return None
+    try:
+        out = tuple(sorted({int(b) for b in text.split(",") if b.strip()}))
+    except ValueError:
+        raise CommandError(f"--boundaries takes 'all' or comma-separated integers, got {text!r}") from None
+    if not out or not all(0 <= b <= n_stages for b in out):
+        raise CommandError(f"--boundaries must be in 0..{n_stages}")
+    return out
+
+
+async def _validator(args, dht, manifest, identity, stop: StopFlag) -> int:
+    from swarm.validator_service import ValidatorService, ValidatorServiceConfig
+
+    state = _state_path(args, f"validator-{identity.fingerprint}.pt")
+    config = ValidatorServiceConfig(
+        boundaries=_boundaries(args.boundaries, manifest.n_stages), state_path=str(state) if state else None
+    )
+    service = ValidatorService(config, manifest, identity, sentinel_from_manifest(manifest))
+    await service.start(dht)
+    peer_id = service.peer_id
+    say(f"validator: checking boundaries {list(service.boundaries)} as peer {peer_id}")
+
+    def ledger_view() -> tuple[dict[str, int], dict[str, int]]:
+        ledger = service.validator.ledger
+        for _ in range(3):  # read while the check thread may write: retry on a concurrent resize
+            try:
+                workers = list(ledger.workers)
+                return {w: ledger.strikes(w) for w in workers}, dict(ledger.banned())
+            except RuntimeError:
+                continue
+        return {}, {}
+
+    def stats() -> dict:
+        strikes, banned = ledger_view()
+        return {"role": "validator", "peer_id": peer_id, "checks": service.n_checks,
+                "tainted": service.n_tainted, "strikes": strikes, "banned": banned}  # fmt: skip
+
+    if args.stats:
+        write_json_atomic(args.stats, stats())
+    tainted, strikes, banned = 0, {}, {}
+    try:
+        while not await _sleep_until_stopped(stop, 0.5):
+            if service.n_tainted > tainted:
+                say(f"validator: TAINT {service.n_tainted - tainted} tensor(s) flagged and replaced "
+                    f"({service.n_tainted} of {service.n_checks} checks so far)")  # fmt: skip
+                tainted = service.n_tainted
+            now_strikes, now_banned = ledger_view()
+            for peer, count in sorted(now_strikes.items()):
+                if count > strikes.get(peer, 0) and peer not in now_banned:
+                    say(f"validator: STRIKE {peer} now has {count} strike(s)")
+            for peer, step in sorted(now_banned.items()):
+                if peer not in banned:
+                    say(f"validator: BAN {peer} at step {step} (signed strike record published)")
+            strikes, banned = now_strikes, now_banned
+    finally:
+        say("validator: shutting down")
+        await service.shutdown()
+        if args.stats:
+            write_json_atomic(args.stats, stats())
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------- trainer
+async def _wait_for_swarm(trainer, manifest, min_replicas: int, timeout: float, stop: StopFlag) -> None:
+    from swarm.records import StageState
+
+    deadline = time.monotonic() + timeout
+    while True:
+        await trainer.refresh()
+        online = {k: sum(a.state == StageState.ONLINE for a in trainer.stages.get(k, []))
+                  for k in range(1, manifest.n_stages + 1)}  # fmt: skip
+        missing_stages = [k for k, n in online.items() if n < min_replicas]
+        missing_boundaries = [b for b in range(manifest.n_stages + 1) if not trainer.validators.get(b)]
+        if not missing_stages and not missing_boundaries:
+            say(f"trainer: swarm ready: replicas per stage {online}, validators on every boundary")
+            return
+        if stop.is_set():
+            raise CommandError("stopped while waiting for the swarm's stages and validators")
+        if time.monotonic() >= deadline:
+            raise CommandError(
+                f"swarm not ready after {timeout:.0f} s: stages with fewer than {min_replicas} online replica(s): "
+                f"{missing_stages}; boundaries without a validator: {missing_boundaries}"
+            )
+        await asyncio.sleep(1.0)
+
+
+async def _trainer(args, dht, manifest, identity, stop: StopFlag) -> int:
+    import numpy as np
+    import torch
+
+    from swarm.data import load_corpus, validation_batches
+    from swarm.trainer import Trainer, TrainerConfig
+
+    corpus = load_corpus(args.data)
+    config = TrainerConfig(
+        seed=args.seed, batch_size=args.batch_size, microbatches=args.microbatches, lr=args.lr, warmup=args.warmup,
+        taint_scope=args.taint_scope,
+    )  # fmt: skip
+    trainer = Trainer(config, manifest, identity, corpus)
+    start_step = 0
+    ckpt = _state_path(args, f"trainer-{identity.fingerprint}.pt")
+    if ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)  # our own file (sampler state holds numpy RNG state)
+        if state["run_id"] != manifest.run_id:
+            raise CommandError(f"{ckpt} is a checkpoint of another run")
+        trainer.embedding.load_state_dict(state["embedding"])
+        trainer.head.load_state_dict(state["head"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.sampler.load_state_dict(state["sampler"])
+        start_step = int(state["step"])
+        say(f"trainer: resumed from {ckpt} at step {start_step}")
+    await trainer.start(dht)
+    metrics = Path(args.metrics) if args.metrics else None
+    if metrics is not None:
+        metrics.parent.mkdir(parents=True, exist_ok=True)
+    step = start_step
+    wall = 0.0
+    summary: dict = {}
+    try:
+        await _wait_for_swarm(trainer, manifest, args.min_replicas, args.swarm_timeout, stop)
+        tokens_per_step = args.microbatches * args.batch_size * trainer.model_config.seq_len
+        while step < args.steps and not stop.is_set():
+            t0 = time.perf_counter()
+            loss = await trainer.step(step)
+            wall += time.perf_counter() - t0
+            await trainer.refresh()  # the ban view after this step's strikes
+            step += 1
+            done = step - start_step
+            record = {"step": step - 1, "loss": loss, "tainted": trainer.metrics.tainted,
+                      "microbatches": trainer.metrics.microbatches, "retries": trainer.metrics.retries,
+                      "banned": sorted(trainer.banned), "tokens_per_s": done * tokens_per_step / wall,
+                      "time": time.time()}  # fmt: skip
+            if metrics is not None:
+                with metrics.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            say(f"trainer: step {step}/{args.steps} loss {loss:.4f} tainted {trainer.metrics.tainted} banned "
+                f"{len(trainer.banned)} {[p[:12] + '...' for p in sorted(trainer.banned)]} "
+                f"{record['tokens_per_s']:.0f} tok/s")  # fmt: skip
+        val_loss = math.nan
+        if args.eval_batches > 0 and not stop.is_set():
+            batches = validation_batches(corpus.val, args.batch_size, trainer.model_config.seq_len, args.eval_batches)
+            val_loss = await trainer.evaluate(batches, step=step)
+            say(f"trainer: validation loss {val_loss:.4f} over {args.eval_batches} batch(es)")
+        await trainer.refresh()
+        losses = [x for x in trainer.metrics.losses if math.isfinite(x)]
+        summary = {
+            "role": "trainer", "steps": step, "val_loss": val_loss, "train_loss": losses[-1] if losses else math.nan,
+            "first_loss": losses[0] if losses else math.nan,
+            "tokens_per_s": (step - start_step) * tokens_per_step / wall if wall > 0 else 0.0,
+            "tainted_microbatches": trainer.metrics.tainted, "microbatches": trainer.metrics.microbatches,
+            "dropped": trainer.metrics.dropped, "retries": trainer.metrics.retries, "banned": sorted(trainer.banned),
+            "wall_s": wall, "stopped_early": step < args.steps,
+            "mean_loss_last": float(np.mean(losses[-3:])) if losses else math.nan,
+        }  # fmt: skip
+        if metrics is not None:
+            with metrics.open("a") as f:
+                f.write(json.dumps({"final": True, **summary}) + "\n")
+        say(f"trainer: done: {step} steps, val loss {val_loss:.4f}, banned {len(trainer.banned)}")
+    finally:
+        await trainer.shutdown()
+        if ckpt is not None:
+            state = {"run_id": manifest.run_id, "step": step, "embedding": trainer.embedding.state_dict(),
+                     "head": trainer.head.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+                     "sampler": trainer.sampler.state_dict()}  # fmt: skip
+            tmp = ckpt.with_name(f".{ckpt.name}.tmp")
+            torch.save(state, tmp)
+            tmp.replace(ckpt)
+        if args.stats:
+            write_json_atomic(args.stats, summary or {"role": "trainer", "steps": step, "stopped_early": True})
+    return 0

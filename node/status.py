@@ -1,0 +1,94 @@
+"""``sentinel-node status``: what the DHT says about a run (manifest, stages, validators, strikes, bans)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from node.common import add_network_args, expand_peers, parse_key_hex, start_dht, wait_for_manifest
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "status",
+        help="print what the DHT says about a run: manifest, stages, validators, strikes, bans",
+        description="Connect to the swarm (as a DHT client), verify the run's manifest and print its stage replicas "
+        "(state, throughput), validators, strike records and the peers banned by the manifest's quorum.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
+    p.add_argument("--run-id", required=True)
+    p.add_argument("--authority", required=True, metavar="HEX", help="the swarm authority's public key")
+    p.add_argument("--manifest-timeout", type=float, default=20.0)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    add_network_args(p, port=0)
+    p.set_defaults(func=run, client_mode=True)
+
+
+def collect(dht, manifest) -> dict:
+    """The run's state as plain data (pure reads of the DHT)."""
+    from swarm.dht_schema import banned_peers, fetch_stages, fetch_strikes, fetch_validators
+
+    run = manifest.run_id
+    stages = {k: fetch_stages(dht, run, k - 1) for k in range(1, manifest.n_stages + 1)}
+    validators = {b: fetch_validators(dht, run, b) for b in range(manifest.n_stages + 1)}
+    peers = sorted({a.peer for anns in stages.values() for a in anns})
+    strikes = [r for p in peers for r in fetch_strikes(dht, run, p)]
+    return {
+        "manifest": {
+            "run_id": run, "preset": manifest.preset, "n_stages": manifest.n_stages,
+            "layer_spans": [list(s) for s in manifest.layer_spans], "validators": len(manifest.validators),
+            "trainers": len(manifest.trainers), "ban_quorum": manifest.ban_quorum,
+            "authority": manifest.authority.hex(), "digest": manifest.digest().hex(),
+        },
+        "stages": {
+            k: [{"peer": a.peer, "state": a.state.name, "throughput": a.throughput, "span": list(a.span)}
+                for a in anns]
+            for k, anns in stages.items()
+        },
+        "validators": {b: [{"peer": a.peer, "throughput": a.throughput, "key": a.validator.hex()[:16]} for a in anns]
+                       for b, anns in validators.items()},
+        "strikes": [{"peer": r.peer, "validator": r.validator.hex()[:16], "count": r.count, "banned": r.banned,
+                     "step": r.step} for r in strikes],
+        "banned": sorted(banned_peers(strikes, manifest)),
+    }  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    from swarm.dht_schema import SentinelRecordValidator
+
+    authority = parse_key_hex(args.authority)
+    policy = SentinelRecordValidator.for_bootstrap(args.run_id, authority)
+    dht = start_dht(args, expand_peers(args.initial_peers), [policy])
+    try:
+        manifest = wait_for_manifest(dht, args.run_id, authority, timeout=args.manifest_timeout)
+        dht.add_validators([SentinelRecordValidator.from_manifest(manifest)])
+        state = collect(dht, manifest)
+    finally:
+        dht.shutdown()
+    print(json.dumps(state, indent=2, default=str) if args.json else format_status(state))
+    return 0
+
+
+def format_status(state: dict) -> str:
+    """The text view of ``collect``'s result."""
+    m = state["manifest"]
+    lines = [
+        f"run {m['run_id']}: preset {m['preset']}, {m['n_stages']} stages {m['layer_spans']}, {m['validators']} "
+        f"validator key(s), {m['trainers']} trainer key(s), ban quorum {m['ban_quorum']}",
+        f"  authority {m['authority']}",
+        f"  digest    {m['digest']}",
+    ]
+    for k, anns in state["stages"].items():
+        lines.append(f"stage {k}: {len(anns)} replica(s)")
+        for a in anns:
+            mark = "  BANNED" if a["peer"] in state["banned"] else ""
+            lines.append(f"  {a['peer']}  {a['state']:<8} {a['throughput']:8.2f} mb/s{mark}")
+    for b, anns in state["validators"].items():
+        lines.append(f"boundary {b}: validators {[a['peer'][:16] + '...' for a in anns] or 'NONE'}")
+    lines.append(f"strike records: {len(state['strikes'])}")
+    for r in state["strikes"]:
+        lines.append(f"  {r['peer']} by {r['validator']}: {r['count']} strike(s), banned={r['banned']}, "
+                     f"step {r['step']}")  # fmt: skip
+    lines.append(f"banned by quorum ({m['ban_quorum']}): {state['banned'] or 'none'}")
+    return "\n".join(lines)

@@ -1,0 +1,207 @@
+"""`sentinel-node keygen`, the manifest and join commands of `bootstrap --new-swarm`, and clear argument errors."""
+
+import os
+import stat
+
+import pytest
+
+from node.cli import main
+from node.common import (
+    CommandError,
+    build_manifest,
+    join_commands,
+    parse_key_hex,
+    parse_overrides,
+    sentinel_from_manifest,
+    sentinel_to_config,
+)
+from sentinel.config import SentinelConfig
+from swarm.identity import Identity, fingerprint
+from swarm.model import resolve_config
+
+AUTHORITY, VALIDATOR, TRAINER = (Identity.from_seed(bytes([i]) * 32) for i in (1, 2, 3))
+PEERS = ["/ip4/127.0.0.1/tcp/31337/p2p/QmBootstrap"]
+
+
+def test_keygen_writes_an_owner_only_identity_and_refuses_to_overwrite(tmp_path, capsys):
+    path = tmp_path / "keys" / "node.key"
+    assert main(["keygen", "--out", str(path)]) == 0
+    out = capsys.readouterr().out
+    identity = Identity.load(path)
+    assert identity.public_hex in out and identity.fingerprint in out
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    before = path.read_bytes()
+    assert main(["keygen", "--out", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--force" in err
+    assert path.read_bytes() == before  # untouched
+    assert main(["keygen", "--out", str(path), "--force"]) == 0
+    assert Identity.load(path) != identity
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_keygen_raw_format_and_directory_error(tmp_path, capsys):
+    path = tmp_path / "raw.key"
+    assert main(["keygen", "--out", str(path), "--format", "raw"]) == 0
+    assert len(path.read_bytes()) == 32
+    assert main(["keygen", "--out", str(tmp_path)]) == 2
+    assert "directory" in capsys.readouterr().err
+
+
+def _manifest(**kwargs):
+    defaults = dict(run_id="run-1", preset="tiny", n_stages=3, validators=[VALIDATOR.public_key],
+                    trainers=[TRAINER.public_key], ban_quorum=1, created_at=1000.0)  # fmt: skip
+    return build_manifest(AUTHORITY, **{**defaults, **kwargs})
+
+
+def test_bootstrap_manifest_is_signed_and_complete():
+    signed = _manifest(sentinel=SentinelConfig(ban_level=2, drift_senders=2))
+    m = signed.verify(authority=AUTHORITY.public_key)
+    assert signed.verify(fingerprint=fingerprint(AUTHORITY.public_key)) == m
+    assert m.run_id == "run-1" and m.n_stages == 3 and m.preset == "tiny"
+    n_layers = resolve_config("tiny", 3).n_layers
+    assert m.layer_spans[0][0] == 0 and m.layer_spans[-1][1] == n_layers
+    assert all(a[1] == b[0] for a, b in zip(m.layer_spans, m.layer_spans[1:]))
+    assert m.validators == (VALIDATOR.public_key,) and m.trainers == (TRAINER.public_key,) and m.ban_quorum == 1
+    sentinel = sentinel_from_manifest(m)
+    assert sentinel == SentinelConfig(ban_level=2, drift_senders=2)  # round trip, metrics included
+    assert sentinel_from_manifest(_manifest().manifest) == SentinelConfig()
+    assert isinstance(sentinel_to_config(SentinelConfig())["metrics"], str)
+
+
+def test_bootstrap_manifest_rejects_bad_settings():
+    with pytest.raises(CommandError, match="ban-quorum"):
+        _manifest(ban_quorum=2)
+    with pytest.raises(CommandError, match="validator-key"):
+        _manifest(validators=[])
+    with pytest.raises(ValueError, match="preset"):
+        _manifest(preset="nope")
+
+
+def test_join_commands_are_a_pure_function_of_the_manifest():
+    signed = _manifest()
+    m = signed.manifest
+    commands = join_commands(m, PEERS)
+    assert commands == join_commands(m, PEERS)  # deterministic
+    assert set(commands) == {"gpu-stage", "validator", "trainer"}
+    for role, argv in commands.items():
+        assert argv[:4] == ["sentinel-node", "join", "--role", role]
+        assert argv[argv.index("--initial-peers") + 1] == PEERS[0]
+        assert argv[argv.index("--run-id") + 1] == "run-1"
+        assert argv[argv.index("--authority") + 1] == AUTHORITY.public_hex
+        assert argv[argv.index("--manifest-digest") + 1] == m.digest().hex()
+        assert "--identity" in argv
+    assert commands["gpu-stage"][-2:] == ["--stage", "1"]
+    # the printed commands parse with the real CLI
+    from node.cli import build_parser
+
+    for argv in commands.values():
+        args = build_parser().parse_args(argv[1:])
+        assert args.run_id == "run-1" and args.initial_peers == PEERS
+    other = _manifest(run_id="run-2").manifest
+    assert join_commands(other, PEERS) != commands
+
+
+def test_key_and_override_parsing():
+    assert parse_key_hex(VALIDATOR.public_hex) == VALIDATOR.public_key
+    with pytest.raises(CommandError, match="64 hex"):
+        parse_key_hex("abcd")
+    with pytest.raises(CommandError, match="not a hex"):
+        parse_key_hex("zz" * 32)
+    assert parse_overrides(["ban_level=2", "fence_k=4.5", "replacement=drop", "x=true"]) == {
+        "ban_level": 2, "fence_k": 4.5, "replacement": "drop", "x": True,
+    }  # fmt: skip
+    with pytest.raises(CommandError, match="KEY=VALUE"):
+        parse_overrides(["ban_level"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bootstrap", "--new-swarm", "--authority-key", "/tmp/x.key"], "--run-id"),
+        (["bootstrap", "--new-swarm", "--run-id", "r"], "--authority-key"),
+        (["bootstrap", "--validator-key", "00" * 32], "need --new-swarm"),
+        (["bootstrap", "--new-swarm", "--run-id", "r", "--authority-key", "{tmp}/a.key", "--validator-key", "12"],
+         "64 hex"),
+        (["bootstrap", "--new-swarm", "--run-id", "r", "--authority-key", "{tmp}/a.key", "--validator-key", "00" * 32,
+          "--trainer-key", "11" * 32, "--sentinel", "no_such_setting=1"], "unknown --sentinel"),
+        (["join", "--role", "gpu-stage", "--initial-peers", "/ip4/127.0.0.1/tcp/1", "--run-id", "r", "--authority",
+          "00" * 32, "--identity", "{tmp}/s.key"], "--stage K"),
+        (["join", "--role", "validator", "--initial-peers", "/ip4/127.0.0.1/tcp/1", "--run-id", "r", "--authority",
+          "00" * 32, "--identity", "{tmp}/v.key", "--attack", "zeros"], "gpu-stage options"),
+        (["join", "--role", "gpu-stage", "--stage", "1", "--initial-peers", "/ip4/127.0.0.1/tcp/1", "--run-id", "r",
+          "--authority", "00" * 32, "--identity", "{tmp}/s.key", "--attack", "no_such_attack"], "unknown attack"),
+        (["join", "--role", "validator", "--initial-peers", "/ip4/127.0.0.1/tcp/1", "--run-id", "r", "--authority",
+          "beef", "--identity", "{tmp}/v.key"], "64 hex"),
+        (["join", "--role", "trainer", "--initial-peers", "/ip4/127.0.0.1/tcp/1", "--run-id", "r", "--authority",
+          "00" * 32, "--identity", "{tmp}/missing.key"], "keygen"),
+        (["demo", "--stages", "1", "--replicas", "1", "--attackers", "1"], "honest replica"),
+        (["demo", "--validators", "1", "--ban-quorum", "2"], "--ban-quorum"),
+        (["demo", "--attack", "no_such_attack"], "unknown attack"),
+        (["demo", "--steps", "3"], "warm-up"),
+    ],
+)  # fmt: skip
+def test_argument_errors_are_clear_and_start_nothing(argv, message, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"sentinel-node {argv[0]}: error:" in err and message in err, err
+    assert not list(tmp_path.glob("*.key")) or argv[0] == "join"  # no authority key created on an error
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["join", "--initial-peers", "x", "--run-id", "r", "--authority", "00", "--identity", "k"],  # no --role
+        ["join", "--role", "nope", "--initial-peers", "x", "--run-id", "r", "--authority", "00", "--identity", "k"],
+        ["keygen"],  # no --out
+        ["status", "--run-id", "r", "--authority", "00"],  # no --initial-peers
+    ],
+)
+def test_missing_or_invalid_arguments_exit_with_usage(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_stage_help_marks_attack_as_red_team(capsys):
+    with pytest.raises(SystemExit):
+        main(["join", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "RED-TEAM OPTION FOR TESTING ONLY" in out
+
+
+def test_status_text_view_marks_banned_replicas():
+    from node.status import format_status
+
+    state = {
+        "manifest": {"run_id": "r", "preset": "tiny", "n_stages": 1, "layer_spans": [[0, 4]], "validators": 1,
+                     "trainers": 1, "ban_quorum": 1, "authority": "aa" * 32, "digest": "bb" * 32},
+        "stages": {"1": [{"peer": "PeerGood", "state": "ONLINE", "throughput": 2.5, "span": [0, 4]},
+                         {"peer": "PeerBad", "state": "ONLINE", "throughput": 2.0, "span": [0, 4]}]},
+        "validators": {"0": [{"peer": "PeerValidator", "throughput": 9.0, "key": "cc" * 8}], "1": []},
+        "strikes": [{"peer": "PeerBad", "validator": "cc" * 8, "count": 3, "banned": True, "step": 7}],
+        "banned": ["PeerBad"],
+    }  # fmt: skip
+    text = format_status(state)
+    assert "PeerBad" in text and "BANNED" in text.split("PeerBad")[1].splitlines()[0]
+    assert "BANNED" not in text.split("PeerGood")[1].splitlines()[0]
+    assert "boundary 1: validators NONE" in text and "banned by quorum (1): ['PeerBad']" in text
+
+
+def test_at_path_arguments_read_pub_files_and_ready_files(tmp_path, capsys):
+    import json
+
+    from node.common import expand_peers
+
+    key = tmp_path / "v.key"
+    assert main(["keygen", "--out", str(key)]) == 0
+    capsys.readouterr()
+    assert parse_key_hex(f"@{key}.pub") == Identity.load(key).public_key
+    ready = tmp_path / "bootstrap.json"
+    ready.write_text(json.dumps({"maddrs": PEERS, "authority": AUTHORITY.public_hex}))
+    assert parse_key_hex(f"@{ready}") == AUTHORITY.public_key
+    assert expand_peers([f"@{ready}", "/ip4/1.2.3.4/tcp/1/p2p/QmX"]) == [*PEERS, "/ip4/1.2.3.4/tcp/1/p2p/QmX"]
+    with pytest.raises(CommandError, match="cannot read"):
+        expand_peers([f"@{tmp_path / 'missing.json'}"])

@@ -1,0 +1,76 @@
+"""`sentinel-node demo` end to end: a real multi-process swarm on 127.0.0.1 (bootstrap, validator, 2 stage servers of
+which one attacks, trainer); the attacker is banned, no honest peer is, and no process survives the demo."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+
+
+def _command() -> list[str]:
+    script = Path(sys.executable).parent / "sentinel-node"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("sentinel-node")
+    return [found] if found else [sys.executable, "-m", "node.cli"]
+
+
+@pytest.mark.forked
+@pytest.mark.timeout(240)
+def test_demo_bans_the_attacker_and_leaves_no_process_behind(tmp_path):
+    report = tmp_path / "report.json"
+    argv = [*_command(), "demo", "--stages", "1", "--replicas", "2", "--steps", "10", "--microbatches", "4",
+            "--report", str(report), "--workdir", str(tmp_path / "work"), "--timeout", "200"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen: dict[int, psutil.Process] = {}
+    done = threading.Event()
+
+    def watch():  # every process the demo starts (its children start their own sessions, p2pd included)
+        try:
+            root = psutil.Process(proc.pid)
+        except psutil.NoSuchProcess:
+            return
+        while not done.is_set():
+            try:
+                for child in root.children(recursive=True):
+                    seen.setdefault(child.pid, child)
+            except psutil.Error:
+                pass
+            done.wait(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        out, _ = proc.communicate(timeout=220)
+    finally:
+        done.set()
+        watcher.join(5)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    data = json.loads(report.read_text())
+    for key in ("malicious", "banned", "precision", "recall", "f1", "val_loss", "tokens_per_s", "steps",
+                "tainted_microbatches", "rejected_inputs"):  # fmt: skip
+        assert key in data, key
+    assert len(data["malicious"]) == 1 and len(data["honest"]) == 1
+    assert set(data["malicious"]) <= set(data["banned"]), out[-4000:]  # the attacker is banned
+    assert not set(data["honest"]) & set(data["banned"]) and data["false_bans"] == []
+    assert data["recall"] == 1.0 and data["precision"] == 1.0
+    assert math.isfinite(data["val_loss"]) and data["steps"] == 10 and data["tokens_per_s"] > 0
+    assert data["tainted_microbatches"] >= 1
+    assert "demo summary" in out and "BAN" in out
+    status = data["status"]  # `sentinel-node status --json`, run by the demo against the live swarm
+    assert status["banned"] == data["malicious"] and status["manifest"]["n_stages"] == 1
+    assert sorted(a["peer"] for a in status["stages"]["1"]) == sorted(data["malicious"] + data["honest"])
+    assert any(r["banned"] for r in status["strikes"]) and set(status["validators"]) == {"0", "1"}
+    assert len(seen) >= 5  # bootstrap, validator, 2 stage servers, trainer (and their DHT processes and p2pd)
+    alive = [p for p in seen.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    for p in alive:  # clean up before failing, so that no test leaves a process behind either
+        p.kill()
+    assert not alive, [(p.pid, p.name()) for p in alive]
