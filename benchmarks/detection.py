@@ -47,7 +47,7 @@ def main() -> None:
     p.add_argument("--preset", default="small")
     p.add_argument("--stages", type=int, default=8)
     p.add_argument("--replicas", type=int, default=4)
-    p.add_argument("--steps", type=int, default=70)
+    p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--honest-seeds", type=int, default=5)

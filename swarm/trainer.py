@@ -83,7 +83,7 @@ class TrainerConfig:
     rpc_timeout: float = 30.0
     max_retries: int = 2  # extra attempts on other replicas after a transport failure
     refresh_period: float = 5.0  # seconds between DHT refreshes of the routing view
-    taint_scope: str = "tensor"  # as in MeshConfig: "microbatch" tells later validators the micro-batch is tainted
+    taint_scope: str = "microbatch"  # as in MeshConfig: "microbatch" tells later validators the micro-batch is tainted
 
 
 def choose_replica(
