@@ -54,10 +54,14 @@ def main() -> None:
     p.add_argument("--attacks", default=",".join(GROUP_A))
     p.add_argument("--directions", default="forward,backward")
     p.add_argument("--weak", action="store_true", help="also the weak settings")
+    p.add_argument("--only-weak", action="store_true", help="only the weak settings (implies --weak)")
     p.add_argument("--no-undefended", action="store_true", help="skip the undefended runs (faster)")
     p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2)))
     p.add_argument("--sentinel", default="{}", help="JSON overrides of SentinelConfig")
     p.add_argument("--out", default="benchmarks/results/detection")
+    p.add_argument("--reuse-undefended", metavar="JSON",
+                   help="take the clean and undefended runs from an earlier result file of the same settings "
+                        "(they do not involve the validator, so a change to the method leaves them unchanged)")
     args = p.parse_args()
 
     base = MeshConfig(preset=args.preset, stages=args.stages, replicas=args.replicas, steps=args.steps,
@@ -76,7 +80,8 @@ def main() -> None:
         jobs.append(job(f"clean|{seed}", attack="none", defense=False, seed=seed))
         if seed < args.honest_seeds:
             jobs.append(job(f"honest|{seed}", attack="none", seed=seed))
-    settings = [("strong", STRONGEST)] + ([("weak", WEAKEST)] if args.weak else [])
+    settings = [] if args.only_weak else [("strong", STRONGEST)]
+    settings += [("weak", WEAKEST)] if args.weak or args.only_weak else []
     for attack in args.attacks.split(","):
         for strength, table in settings:
             if strength == "weak" and table.get(attack) == STRONGEST.get(attack):
@@ -90,9 +95,18 @@ def main() -> None:
                     if not args.no_undefended:
                         jobs.append(job("undef|" + key, attack=attack, attack_params=params,
                                         attack_direction=direction, seed=seed, defense=False))
+    results: dict[str, dict] = {}
+    if args.reuse_undefended:
+        earlier = json.loads(Path(args.reuse_undefended).read_text())
+        for key in ("preset", "stages", "replicas", "steps", "warmup"):
+            if earlier["args"][key] != getattr(args, key):
+                raise SystemExit(f"--reuse-undefended: {key} differs ({earlier['args'][key]} vs {getattr(args, key)})")
+        reused = {k: r for k, r in earlier["results"].items() if k.startswith(("clean|", "undef|"))}
+        jobs = [j for j in jobs if j[0] not in reused]
+        results.update(reused)
+        print(f"reusing {len(reused)} attack-free and undefended runs", file=sys.stderr)
     print(f"{len(jobs)} runs on {args.jobs} processes", file=sys.stderr)
     start = time.time()
-    results: dict[str, dict] = {}
     with mp.get_context("spawn").Pool(args.jobs) as pool:
         for i, (label, rep) in enumerate(pool.imap_unordered(run_job, jobs), 1):
             results[label] = rep

@@ -60,6 +60,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--stage", type=int, default=None, help="which stage to serve, 1..S")
     g.add_argument("--checkpoint-dir", default=None, help="load/save this node's state here (every role)")
     g.add_argument("--accumulate", type=int, default=8, help="backward calls per optimizer step")
+    g.add_argument("--average-every", type=int, default=4, metavar="N",
+                   help="average parameters with the stage's other replicas every N optimizer steps (hivemind "
+                        "DecentralizedAverager; skipped while the stage has no other replica; 0: never)")
+    g.add_argument("--average-timeout", type=float, default=30.0,
+                   help="seconds an averaging round may take before it is abandoned (training goes on)")
     g.add_argument("--attack", default=None, metavar="NAME",
                    help="RED-TEAM OPTION FOR TESTING ONLY: corrupt what this stage sends with a group-A attack "
                         "(A1..A10, a name such as zeros, or module:function). Never use it in a real swarm: the "
@@ -91,6 +96,8 @@ def _check_args(args) -> None:
         raise CommandError("--role gpu-stage needs --stage K (1..S)")
     if args.role != "gpu-stage" and (args.stage is not None or args.attack):
         raise CommandError("--stage and --attack are gpu-stage options")
+    if args.role == "gpu-stage" and (args.average_every < 0 or args.average_timeout <= 2.0):
+        raise CommandError("--average-every must be >= 0 and --average-timeout > 2 seconds")
     if args.role == "trainer" and (args.steps < 1 or args.microbatches < 1 or args.batch_size < 1):
         raise CommandError("--steps, --microbatches and --batch-size must be >= 1")
     if args.attack:
@@ -161,7 +168,10 @@ async def _stage(args, dht, manifest, identity, stop: StopFlag) -> int:
             worker=args.stage, attack=behaviour, directions=args.attack_direction, onset=args.attack_onset,
             seed=args.seed,
         )
-    config = StageServerConfig(stage=args.stage, seed=args.seed, accumulate=args.accumulate, device=args.device)
+    config = StageServerConfig(
+        stage=args.stage, seed=args.seed, accumulate=args.accumulate, device=args.device,
+        average_every=args.average_every, average_timeout=args.average_timeout,
+    )  # fmt: skip
     server = StageServer(config, manifest, identity, attack=attack)
     ckpt = _state_path(args, f"stage{args.stage}-{identity.fingerprint}.pt")
     if ckpt is not None and ckpt.exists():
@@ -173,7 +183,8 @@ async def _stage(args, dht, manifest, identity, stop: StopFlag) -> int:
     def stats() -> dict:
         return {"role": "gpu-stage", "stage": args.stage, "peer_id": peer_id, "attack": args.attack,
                 "backward_calls": server.backward_calls, "optimizer_steps": server.optimizer_steps,
-                "rejected": dict(server.rejected), "fingerprint": identity.fingerprint}  # fmt: skip
+                "rejected": dict(server.rejected), "averaging": dict(server.averaging),
+                "fingerprint": identity.fingerprint}  # fmt: skip
 
     red = f" RED-TEAM attack {args.attack} from step {args.attack_onset}" if attack else ""
     say(f"stage {args.stage}: serving blocks {server.span[0]}..{server.span[1] - 1} as peer {server.peer_id}{red}")
@@ -185,7 +196,7 @@ async def _stage(args, dht, manifest, identity, stop: StopFlag) -> int:
             now = (server.backward_calls, sum(server.rejected.values()))
             if now != last:
                 say(f"stage {args.stage}: {server.backward_calls} backward, {server.optimizer_steps} optimizer "
-                    f"steps, rejected {dict(server.rejected) or 0}")  # fmt: skip
+                    f"steps, {server.averaging['rounds']} averaging rounds, rejected {dict(server.rejected) or 0}")
                 last = now
             if ckpt is not None:
                 await asyncio.to_thread(server.save, ckpt)

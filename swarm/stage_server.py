@@ -10,8 +10,18 @@ its output boundary ``k`` (see ``sentinel.validator``). It computes only on inpu
   head's gradient itself and re-signs the gradient it routes around a bypassed stage (see ``swarm.trainer``).
 
 Backward is stateless: it recomputes the forward pass from ``h``, so it may go to any replica of the stage. Parameter
-gradients accumulate; AdamW steps every ``accumulate`` backward calls. Data-parallel averaging across the replicas of
-a stage is NOT implemented yet (each replica trains on what it is routed); see the report in the module's tests.
+gradients accumulate; AdamW steps every ``accumulate`` backward calls.
+
+Data-parallel averaging: every ``average_every`` optimizer steps (0: never) a replica runs, in the background, one
+round of hivemind's ``DecentralizedAverager`` (all-reduce, equal weights) with the other replicas of its stage, keyed
+by run and stage (group prefix ``{run}_stage{k}``: hivemind forbids dots in prefixes). A round is skipped when the
+DHT shows no other ONLINE, non-banned replica of the stage; it is bounded by ``average_timeout``; training goes on
+if it fails (logged). The replica snapshots its parameters (between computations), averages the snapshot, and adds
+``average - snapshot`` to its parameters, so updates made while the round ran are kept. The result is discarded when
+the group contained a peer that is not an announced ONLINE replica of the stage or that a quorum of validators has
+banned, or when it is not finite. Optimizer moments are
+not averaged. A replica that is not yet banned could still poison an average: the validators watch activations and
+gradients, not parameters (see the README).
 
 The announcement (``StageAnnouncement`` in the DHT, key ``stage.{k - 1}``: the DHT numbers stages from 0 like
 ``manifest.layer_spans``) is refreshed every ``announce_period`` seconds and set OFFLINE on shutdown.
@@ -20,6 +30,7 @@ The announcement (``StageAnnouncement`` in the DHT, key ``stage.{k - 1}``: the D
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from collections import OrderedDict
@@ -29,12 +40,13 @@ from pathlib import Path
 
 import torch
 from hivemind import DHT
+from hivemind.averaging import DecentralizedAverager
 from hivemind.p2p import P2P, P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
 
 from sentinel.attacks import MaliciousBehaviour
-from swarm.dht_schema import publish_stage
+from swarm.dht_schema import banned_peers, fetch_stages, fetch_strikes, publish_stage
 from swarm.identity import Identity
 from swarm.model import ModelConfig, Stage, resolve_config
 from swarm.protocol import (
@@ -85,10 +97,17 @@ class StageServerConfig:
     compression: int = runtime_pb2.CompressionType.NONE
     announce_period: float = 10.0  # seconds; the record expires after 2 periods
     replay_window: int = 4096  # (step, micro-batch) pairs remembered to refuse a replayed backward
+    trust_trainer: bool = False  # accept a trainer's verdict on a forward input at every boundary (only for
+    # benchmarks of a swarm without validators, TrainerConfig.validate=False; by default only stage 1 accepts it)
+    average_every: int = 4  # optimizer steps between parameter-averaging rounds with the other replicas (0: off)
+    average_timeout: float = 30.0  # seconds a round may take (matchmaking, then all-reduce)
+    average_matchmaking: float = 2.0  # seconds a group leader waits for the stage's other replicas to join
 
     def __post_init__(self) -> None:
         if self.stage < 1 or self.accumulate < 1 or self.max_batch < 1 or self.announce_period <= 0:
             raise ValueError("stage, accumulate and max_batch must be >= 1 and announce_period > 0")
+        if self.average_every < 0 or not 0 < self.average_matchmaking < self.average_timeout:
+            raise ValueError("average_every must be >= 0 and 0 < average_matchmaking < average_timeout")
 
 
 class StageServer(ServicerBase):
@@ -116,6 +135,7 @@ class StageServer(ServicerBase):
         self.module = Stage(self.model_config, start, end, seed=config.seed).to(self.device)
         self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.spec = TensorSpec(self.model_config.d_model, self.model_config.seq_len, config.max_batch)
+        self.forward_calls = 0
         self.backward_calls = 0
         self.optimizer_steps = 0
         self.rejected: dict[str, int] = {}
@@ -125,6 +145,13 @@ class StageServer(ServicerBase):
         self._dht: DHT | None = None
         self._p2p: P2P | None = None
         self._announcer: asyncio.Task | None = None
+        self._serving = False
+        self._averager: DecentralizedAverager | None = None
+        self._averaging: asyncio.Task | None = None
+        self._control = None  # the running averaging step (a hivemind StepControl)
+        self._average_lock = asyncio.Lock()
+        self._next_average = config.average_every
+        self.averaging = {"rounds": 0, "skipped": 0, "failed": 0, "rejected": 0}
 
     # ----------------------------------------------------------------------------------------------- lifecycle
     @property
@@ -136,18 +163,42 @@ class StageServer(ServicerBase):
     async def start(self, dht: DHT) -> None:
         self._dht = dht
         self._p2p = await dht.replicate_p2p()
+        if self.config.average_every > 0:  # blocks the loop until its process is up (hivemind sets a signal
+            self._averager = self._make_averager(dht)  # handler there, which only works in the main thread)
         await self.add_p2p_handlers(self._p2p, namespace=rpc_namespace(self.manifest.run_id))
+        self._serving = True
         await self.announce(StageState.ONLINE)
         self._announcer = asyncio.create_task(self._announce_loop())
+
+    def _make_averager(self, dht: DHT) -> DecentralizedAverager:
+        c = self.config
+        return DecentralizedAverager(
+            [p.detach().to("cpu", copy=True) for p in self.module.parameters()], dht, start=True,
+            prefix=f"{self.manifest.run_id}_stage{c.stage}", min_group_size=2,
+            min_matchmaking_time=c.average_matchmaking, request_timeout=min(3.0, c.average_matchmaking),
+            allreduce_timeout=c.average_timeout,
+        )  # fmt: skip
 
     async def shutdown(self) -> None:
         if self._announcer is not None:
             self._announcer.cancel()
             self._announcer = None
+        control = self._control
+        if control is not None:
+            control.cancel()  # unblocks the thread waiting for the round
+        if self._averaging is not None:
+            self._averaging.cancel()
+            await asyncio.gather(self._averaging, return_exceptions=True)
+            self._averaging = None
+        if self._averager is not None:
+            averager, self._averager = self._averager, None
+            await asyncio.to_thread(averager.shutdown)
         if self._p2p is not None:
             try:
-                await self.announce(StageState.OFFLINE)
-                await self.remove_p2p_handlers(self._p2p, namespace=rpc_namespace(self.manifest.run_id))
+                if self._serving:
+                    self._serving = False
+                    await self.announce(StageState.OFFLINE)
+                    await self.remove_p2p_handlers(self._p2p, namespace=rpc_namespace(self.manifest.run_id))
             finally:
                 self._p2p = None  # the DHT's shared replica (dht.replicate_p2p caches it): not ours to close
         self._executor.shutdown(wait=True)
@@ -207,7 +258,7 @@ class StageServer(ServicerBase):
         check_verdict(
             meta_verdict(meta, "verdict"), manifest=self.manifest, run_id=run, step=step, microbatch=mb,
             boundary=self.config.stage - 1, direction=Direction.FORWARD, digest=tensor_digest(h),
-            allow_trainer=self.config.stage == 1,
+            allow_trainer=self.config.stage == 1 or self.config.trust_trainer,
         )  # fmt: skip
         return run, step, mb, h
 
@@ -215,6 +266,7 @@ class StageServer(ServicerBase):
         meta = unpack_meta(request.metadata)
         (proto,) = request_tensors(request, 1)
         _, step, mb, h = self._checked_input(meta, proto)
+        self.forward_calls += 1
         out = await self._run(self._compute_forward, h)
         out = self._send(out, step, mb, "forward")
         return runtime_pb2.ExpertResponse(tensors=encode_tensors([out], self.config.compression))
@@ -236,6 +288,7 @@ class StageServer(ServicerBase):
         while len(self._seen_backward) > self.config.replay_window:
             self._seen_backward.popitem(last=False)
         grad_in = await self._run(self._compute_backward, h, g)
+        self._maybe_average()
         grad_in = self._send(grad_in, step, mb, "backward")
         return runtime_pb2.ExpertResponse(tensors=encode_tensors([grad_in], self.config.compression))
 
@@ -273,6 +326,95 @@ class StageServer(ServicerBase):
 
     def _timed(self, seconds: float) -> None:
         self.seconds_ema = seconds if self.seconds_ema is None else 0.9 * self.seconds_ema + 0.1 * seconds
+
+    # ----------------------------------------------------------------------------------------------- averaging
+    def _maybe_average(self) -> None:
+        if self._averager is None or self.optimizer_steps < self._next_average:
+            return
+        if self._averaging is not None and not self._averaging.done():
+            return  # the previous round is still running: this one is skipped
+        self._next_average = self.optimizer_steps + self.config.average_every
+        self._averaging = asyncio.create_task(self.average_now())
+
+    async def _stage_peers(self) -> set[str]:
+        """Other ONLINE replicas of this stage that no quorum of validators has banned (from the DHT)."""
+        dht, run, me = self._dht, self.manifest.run_id, self.peer_id
+
+        def read() -> set[str]:
+            peers = {a.peer for a in fetch_stages(dht, run, self.config.stage - 1)
+                     if a.state == StageState.ONLINE and a.peer != me}  # fmt: skip
+            return peers - self._banned(peers)
+
+        return await asyncio.to_thread(read)
+
+    def _banned(self, peers: set[str]) -> set[str]:
+        strikes = [r for p in sorted(peers) for r in fetch_strikes(self._dht, self.manifest.run_id, p)]
+        return banned_peers(strikes, self.manifest) & peers
+
+    async def average_now(self) -> bool:
+        """One averaging round with the stage's other replicas; True if the average was applied. Never raises
+        (except on cancellation): a failed round is logged and counted, and training goes on."""
+        if self._averager is None or self._p2p is None:
+            return False
+        async with self._average_lock:
+            try:
+                return await self._average_round()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self.averaging["failed"] += 1
+                logger.warning(f"stage {self.config.stage}: averaging failed: {type(e).__name__}: {e}")
+                return False
+
+    async def _average_round(self) -> bool:
+        stage = self.config.stage
+        if not await self._stage_peers():
+            self.averaging["skipped"] += 1
+            logger.debug(f"stage {stage}: no other replica to average with")
+            return False
+        snapshot = await self._run(self._snapshot)
+        averager = self._averager
+        with averager.get_tensors() as tensors:
+            for tensor, value in zip(tensors, snapshot):
+                tensor.copy_(value)
+        group = await asyncio.to_thread(self._averager_step, averager)
+        if not group:
+            self.averaging["failed"] += 1
+            logger.warning(f"stage {stage}: averaging round found no group within {self.config.average_timeout} s")
+            return False
+        members = {peer.to_base58() for peer in group} - {self.peer_id}
+        outsiders = members - await self._stage_peers()  # banned, or not an announced replica of this stage
+        with averager.get_tensors() as tensors:
+            averaged = [t.detach().clone() for t in tensors]
+        if outsiders or not all(bool(torch.isfinite(t).all()) for t in averaged):
+            self.averaging["rejected"] += 1
+            logger.warning(f"stage {stage}: averaging result rejected (group members that are banned or not ONLINE "
+                           f"replicas of this stage: {sorted(outsiders)}, or non-finite values)")  # fmt: skip
+            return False
+        await self._run(self._apply_average, snapshot, averaged)
+        self.averaging["rounds"] += 1
+        logger.info(f"stage {stage}: averaged parameters with {len(members)} other replica(s)")
+        return True
+
+    def _averager_step(self, averager: DecentralizedAverager):
+        """One averaging step, bounded even if the averager process hangs or dies; cancelled by ``shutdown``."""
+        timeout = self.config.average_timeout
+        self._control = control = averager.step(timeout=timeout, wait=False)
+        try:
+            return control.result(timeout=timeout + 5.0)
+        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+            control.cancel()
+            return None
+        finally:
+            self._control = None
+
+    def _snapshot(self) -> list[torch.Tensor]:
+        return [p.detach().to("cpu", copy=True) for p in self.module.parameters()]
+
+    def _apply_average(self, snapshot: list[torch.Tensor], averaged: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, before, after in zip(self.module.parameters(), snapshot, averaged):
+                p.add_((after - before).to(p.device, p.dtype))
 
     # ---------------------------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict:

@@ -14,7 +14,17 @@ The data path of one micro-batch mirrors ``swarm.mesh.Mesh.microbatch`` over the
 Routing: among the ONLINE announcements of a stage, weighted by throughput, excluding peers that a quorum of
 validators has banned (``banned_peers`` over ``fetch_strikes``) and peers that failed during this micro-batch; the
 view is refreshed from the DHT every ``refresh_period`` seconds. Transport failures are retried on another replica,
-at most ``max_retries`` times per call; a bad request or a rejected input is never retried.
+at most ``max_retries`` times per call; a bad request or a rejected input is never retried. A peer that failed a call
+is avoided for ``failure_ban`` seconds (doubling with each consecutive failure, up to ``failure_ban_max``; cleared by
+a success), like Petals' ``Blacklist``: a replica that died without announcing OFFLINE stays in the DHT until its
+record expires, and without this every micro-batch would pay one failed call for it. Avoided peers are still used
+when nothing else is left (they may be back).
+
+A replica that dies between the forward and the backward of a micro-batch loses nothing: backward is stateless (the
+server recomputes the forward from the stage input the trainer kept) and every replica of stage ``k`` serves the same
+layer span, so the backward goes to another replica of the same stage with the same input. No re-forward is needed
+(Petals re-forwards only because its servers' spans need not align). The gradient then comes from the survivor's
+parameters at that input; with data-parallel averaging the replicas stay close, so this is the usual small staleness.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -84,18 +95,30 @@ class TrainerConfig:
     max_retries: int = 2  # extra attempts on other replicas after a transport failure
     refresh_period: float = 5.0  # seconds between DHT refreshes of the routing view
     taint_scope: str = "microbatch"  # as in MeshConfig: "microbatch" tells later validators the micro-batch is tainted
+    validate: bool = True  # False: no validator checks, the trainer vouches for every tensor itself (benchmarks of
+    # the defence's cost only; stage servers accept that only with StageServerConfig.trust_trainer)
+    failure_ban: float = 15.0  # seconds a peer that failed a call is avoided (doubled per consecutive failure)
+    failure_ban_max: float = 300.0
 
 
 def choose_replica(
-    announcements: Sequence[StageAnnouncement], banned: set[str], exclude: set[str], rng: np.random.Generator
+    announcements: Sequence[StageAnnouncement], banned: set[str], exclude: set[str], rng: np.random.Generator,
+    avoid: set[str] | frozenset[str] = frozenset(),
 ) -> StageAnnouncement | None:
-    """Throughput-weighted random choice among ONLINE, non-banned, non-excluded replicas.
+    """Throughput-weighted random choice among ONLINE, non-banned, non-excluded, non-avoided replicas.
 
-    If every ONLINE replica is banned, the bans are ignored (as in the mesh: routing through a banned replica, whose
-    output the validators still check, beats stopping training); excluded (failed) replicas are never chosen.
+    Fallbacks, in order: a non-banned replica that is avoided (it failed recently, it may be back), then a banned one
+    (as in the mesh: routing through a banned replica, whose output the validators still check, beats stopping
+    training). Excluded replicas (failed during this call) are never chosen.
     """
     online = [a for a in announcements if a.state == StageState.ONLINE and a.peer not in exclude]
-    allowed = [a for a in online if a.peer not in banned] or online
+    tiers = (
+        [a for a in online if a.peer not in banned and a.peer not in avoid],
+        [a for a in online if a.peer not in banned],
+        [a for a in online if a.peer not in avoid],
+        online,
+    )
+    allowed = next((tier for tier in tiers if tier), None)
     if not allowed:
         return None
     weights = np.array([max(a.throughput, 1e-6) for a in allowed], dtype=np.float64)
@@ -104,11 +127,14 @@ def choose_replica(
 
 @dataclass
 class TrainerMetrics:
-    microbatches: int = 0
+    microbatches: int = 0  # started
+    completed: int = 0  # forward and backward done (a tainted micro-batch counts; a dropped one does not)
     tainted: int = 0
     dropped: int = 0
-    retries: int = 0
-    losses: list[float] = field(default_factory=list)
+    retries: int = 0  # calls that failed and were retried on another peer
+    losses: list[float] = field(default_factory=list)  # one per optimizer step
+    step_completed: list[int] = field(default_factory=list)  # completed micro-batches of each optimizer step
+    stage_calls: Counter = field(default_factory=Counter)  # peer -> successful forward/backward calls
 
 
 class Trainer:
@@ -134,6 +160,7 @@ class Trainer:
         self.validators: dict[int, list[ValidatorAnnouncement]] = {}
         self.banned: set[str] = set()
         self._refreshed_at = -math.inf
+        self._down: dict[str, tuple[float, int]] = {}  # peer -> (avoided until (monotonic), consecutive failures)
         self._dht: DHT | None = None
         self._p2p: P2P | None = None
 
@@ -176,20 +203,36 @@ class Trainer:
             if peer is None:
                 break
             try:
-                return peer, await attempt(peer)
+                result = await attempt(peer)
             except (TransportError, RemoteFailure) as e:
                 logger.warning(f"call to {peer[:12]}... failed ({type(e).__name__}: {e}); trying another peer")
                 self.metrics.retries += 1
+                self._mark_failed(peer)
                 exclude.add(peer)
                 last = e
+                continue
+            self._down.pop(peer, None)
+            return peer, result
         raise NoRoute(f"no peer answered after {len(exclude)} failure(s): {last}")
 
+    def _mark_failed(self, peer: str) -> None:
+        _, failures = self._down.get(peer, (0.0, 0))
+        ban = min(self.config.failure_ban * 2.0**failures, self.config.failure_ban_max)
+        self._down[peer] = (time.monotonic() + ban, failures + 1)
+
+    def avoided(self) -> set[str]:
+        """Peers avoided after recent failures (still used when nothing else is left)."""
+        now = time.monotonic()
+        return {peer for peer, (until, _) in self._down.items() if until > now}
+
     def _pick_stage(self, k: int, exclude: set[str]) -> str | None:
-        chosen = choose_replica(self.stages.get(k, []), self.banned, exclude, self.rng)
+        chosen = choose_replica(self.stages.get(k, []), self.banned, exclude, self.rng, self.avoided())
         return None if chosen is None else chosen.peer
 
     def _pick_validator(self, boundary: int, exclude: set[str]) -> str | None:
-        candidates = [a for a in self.validators.get(boundary, []) if a.peer not in exclude]
+        available = [a for a in self.validators.get(boundary, []) if a.peer not in exclude]
+        avoid = self.avoided()
+        candidates = [a for a in available if a.peer not in avoid] or available
         if not candidates:
             return None
         weights = np.array([max(a.throughput, 1e-6) for a in candidates])
@@ -205,7 +248,9 @@ class Trainer:
         )
         stub = self._stub(StageServer, peer)
         response = await call(getattr(stub, method), request, self.config.rpc_timeout)
-        return decode_reply_tensor(response, self.spec)
+        out = decode_reply_tensor(response, self.spec)
+        self.metrics.stage_calls[peer] += 1
+        return out
 
     async def _check(
         self, peer: str, tensor: torch.Tensor, reference: torch.Tensor, *, step: int, mb: int, boundary: int,
@@ -256,6 +301,10 @@ class Trainer:
             lambda ex: self._pick_stage(k, ex),
             lambda p: self._stage_call(p, "rpc_forward", [inp], meta),
         )
+        if not self.config.validate:
+            out = as_received(out, self.config.compression)
+            return peer, CheckReply(False, out, self._trainer_verdict(out, step=step, mb=mb, boundary=k,
+                                                                      direction=Direction.FORWARD))  # fmt: skip
         screen = self._screen(tainted)
         _, reply = await self._with_retries(
             lambda ex: self._pick_validator(k, ex),
@@ -308,6 +357,10 @@ class Trainer:
             sender, grad_in = await self._with_retries(
                 pick, lambda p, inp=inp, g=g, meta=meta: self._stage_call(p, "rpc_backward", [inp, g], meta)
             )
+            if not self.config.validate:
+                g = as_received(grad_in, self.config.compression)
+                g_verdict = self._trainer_verdict(g, step=step, mb=mb, boundary=k - 1, direction=Direction.BACKWARD)
+                continue
             screen = self._screen(tainted)
             _, reply = await self._with_retries(
                 lambda ex, k=k: self._pick_validator(k - 1, ex),
@@ -324,6 +377,7 @@ class Trainer:
         emb_out.backward(g)
         if tainted:
             self.metrics.tainted += 1
+        self.metrics.completed += 1
         return float(loss.detach())
 
     async def evaluate(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], step: int) -> float:
@@ -351,10 +405,12 @@ class Trainer:
         """One optimizer step of the trainer's own parameters over ``microbatches`` micro-batches; mean loss."""
         self.optimizer.zero_grad(set_to_none=True)
         losses = []
+        completed = self.metrics.completed
         for i in range(self.config.microbatches):
             loss = await self.microbatch(step, step * self.config.microbatches + i)
             if loss is not None:
                 losses.append(loss)
+        self.metrics.step_completed.append(self.metrics.completed - completed)
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
         self.optimizer.step()

@@ -1,0 +1,141 @@
+"""Throughput of the swarm with validators on and off, and of the in-process mesh on the same work.
+
+The swarm is ``swarm.local.LocalSwarm``: S stages x R stage servers, one validator and a trainer in this process, each
+on its own hivemind DHT and p2pd, talking real P2P over 127.0.0.1 (as in tests/test_swarm_network.py). "Validators
+off" is the same swarm with the trainer vouching for every tensor itself (``TrainerConfig.validate=False``; the stage
+servers run with ``trust_trainer=True`` to accept that). The two settings alternate in rounds of a few optimizer steps
+in one run (the order flips every round), so machine noise and the model's progress hit both alike. The mesh
+(``swarm.mesh.Mesh``: the same model, data and validator in one process, no network) runs the same number of steps of
+the same shape, defence on and off, alternating likewise. No attacker; parameter averaging off. Prints a markdown
+table of tokens/s (tokens = steps x micro-batches x batch size x sequence length).
+
+    python benchmarks/swarm_throughput.py                               # tiny, 2 stages x 1 replica
+    python benchmarks/swarm_throughput.py --preset small --stages 4 --replicas 2 --rounds 4 --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from sentinel.config import SentinelConfig  # noqa: E402
+from swarm.data import load_corpus  # noqa: E402
+from swarm.local import LocalSwarm  # noqa: E402
+from swarm.mesh import Mesh, MeshConfig  # noqa: E402
+from swarm.trainer import TrainerConfig  # noqa: E402
+
+
+def order(round_: int) -> tuple[bool, bool]:
+    return (True, False) if round_ % 2 == 0 else (False, True)
+
+
+def bench_swarm(args, corpus) -> tuple[dict[bool, list[float]], dict]:
+    trainer_config = TrainerConfig(seed=args.seed, batch_size=args.batch_size, microbatches=args.microbatches,
+                                   warmup=args.warmup)  # fmt: skip
+    stage_config = {"accumulate": args.microbatches, "average_every": 0, "trust_trainer": True}
+    drift = max(2, args.replicas // 2 + 1)  # as the mesh and the demo set it
+    swarm = LocalSwarm((args.replicas,) * args.stages, preset=args.preset, run_id="bench", seed=args.seed,
+                       corpus=corpus, sentinel=SentinelConfig(drift_senders=drift), trainer_config=trainer_config,
+                       stage_config=stage_config)  # fmt: skip
+    seconds: dict[bool, list[float]] = {True: [], False: []}
+    info: dict = {}
+
+    async def body(swarm: LocalSwarm):
+        trainer = swarm.trainer
+        step = 0
+        for _ in range(args.warmup):  # untimed: connections, first allocations, the monitors' honest warm-up
+            await trainer.step(step)
+            step += 1
+        for r in range(args.rounds):
+            for validate in order(r):
+                trainer.config.validate = validate
+                await trainer.refresh()  # outside the timed span (it refreshes every 5 s inside it too)
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    await trainer.step(step)
+                    step += 1
+                seconds[validate].append(time.perf_counter() - t0)
+        info.update(checks=swarm.validator.n_checks, check_s=swarm.validator.seconds, retries=trainer.metrics.retries,
+                    tainted=trainer.metrics.tainted, seq_len=trainer.model_config.seq_len)  # fmt: skip
+
+    swarm.run(body)
+    return seconds, info
+
+
+def bench_mesh(args, corpus) -> dict[bool, list[float]]:
+    meshes = {
+        defense: Mesh(MeshConfig(
+            preset=args.preset, stages=args.stages, replicas=args.replicas, attack="none", steps=1,
+            warmup=args.warmup, seed=args.seed, defense=defense, microbatches=args.microbatches,
+            batch_size=args.batch_size, eval_every=0, device="cpu",
+        ), corpus=corpus)
+        for defense in (True, False)
+    }  # fmt: skip
+    for mesh in meshes.values():
+        for step in range(args.warmup):
+            mesh.step(step)
+    seconds: dict[bool, list[float]] = {True: [], False: []}
+    step = args.warmup
+    for r in range(args.rounds):
+        for defense in order(r):
+            t0 = time.perf_counter()
+            for i in range(args.steps):
+                meshes[defense].step(step + i)
+            seconds[defense].append(time.perf_counter() - t0)
+        step += args.steps
+    return seconds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--microbatches", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3, help="rounds of (on, off) or (off, on)")
+    p.add_argument("--steps", type=int, default=2, help="optimizer steps per setting per round")
+    p.add_argument("--warmup", type=int, default=4, help="untimed honest warm-up steps (validators on)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads in this process")
+    p.add_argument("--data", default=None, help="text file or folder (default: the Python standard library)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    corpus = load_corpus(args.data)
+
+    swarm_s, info = bench_swarm(args, corpus)
+    mesh_s = bench_mesh(args, corpus)
+    steps = args.rounds * args.steps
+    tokens = steps * args.microbatches * args.batch_size * info["seq_len"]
+
+    def row(name: str, on: bool, secs: list[float]) -> str:
+        total = sum(secs)
+        per_round = ", ".join(f"{tokens / args.rounds / s:.0f}" for s in secs)
+        cells = [name, "on" if on else "off", steps, tokens, f"{total:.2f}", f"{tokens / total:.0f}", per_round]
+        return "| " + " | ".join(str(c) for c in cells) + " |"
+
+    print(f"\npreset {args.preset}, {args.stages} stages x {args.replicas} replicas, {args.microbatches} "
+          f"micro-batches x {args.batch_size} sequences x {info['seq_len']} tokens per step, {args.rounds} rounds x "
+          f"{args.steps} steps per setting, {torch.get_num_threads()} torch thread(s)\n")  # fmt: skip
+    print("| system | validators | steps | tokens | seconds | tokens/s | tokens/s per round |")
+    print("|---|---|---|---|---|---|---|")
+    print(row("swarm (loopback P2P, in-process)", True, swarm_s[True]))
+    print(row("swarm (loopback P2P, in-process)", False, swarm_s[False]))
+    print(row("mesh (in-process, no network)", True, mesh_s[True]))
+    print(row("mesh (in-process, no network)", False, mesh_s[False]))
+    on, off = sum(swarm_s[True]), sum(swarm_s[False])
+    print(f"\nswarm: validators cost {100 * (on - off) / off:+.0f}% wall time; {info['checks']} checks took "
+          f"{info['check_s']:.2f} s of validator compute; retries {info['retries']}, tainted {info['tainted']}")
+    m_on, m_off = sum(mesh_s[True]), sum(mesh_s[False])
+    print(f"mesh: validators cost {100 * (m_on - m_off) / m_off:+.0f}% wall time; swarm/mesh tokens/s with "
+          f"validators on: {m_on / on:.2f}, off: {m_off / off:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""A whole swarm in one process on 127.0.0.1, for tests and benchmarks: stage servers, one validator and a trainer,
+each on its own hivemind DHT (its own p2pd), wired over real P2P. Not a deployment tool: ``sentinel-node demo`` runs
+the same roles as separate processes with the real commands.
+
+    swarm = LocalSwarm((2, 2), preset="tiny")        # 2 stages x 2 replicas
+    swarm.start_dhts()                               # blocking: before the event loop
+    await swarm.start(); ...; await swarm.stop()     # inside it
+    swarm.close()                                    # after it
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import hivemind
+
+from sentinel.attacks import MaliciousBehaviour
+from sentinel.config import SentinelConfig
+from swarm.data import Corpus
+from swarm.dht_schema import SentinelRecordValidator
+from swarm.identity import Identity
+from swarm.model import resolve_config, split_layers
+from swarm.records import Manifest
+from swarm.stage_server import StageServer, StageServerConfig, rpc_namespace
+from swarm.trainer import Trainer, TrainerConfig
+from swarm.validator_service import ValidatorService, ValidatorServiceConfig
+
+Slot = tuple[int, int]  # (stage 1..S, replica)
+
+
+def local_manifest(run_id: str, preset: str, n_stages: int, validator: Identity, trainer: Identity,
+                   authority: Identity) -> Manifest:  # fmt: skip
+    spans = split_layers(resolve_config(preset, n_stages).n_layers, n_stages)
+    return Manifest(run_id, preset, n_stages, [tuple(s) for s in spans], {}, [validator.public_key],
+                    [trainer.public_key], 1, 1.0, authority.public_key)  # fmt: skip
+
+
+def start_local_dht(manifest: Manifest, identity: Identity, initial_peers=()) -> hivemind.DHT:
+    return hivemind.DHT(
+        initial_peers=list(initial_peers), start=True, startup_timeout=30, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+        record_validators=[SentinelRecordValidator.from_manifest(manifest, identity)],
+    )  # fmt: skip
+
+
+class LocalSwarm:
+    """``replicas[k - 1]`` stage servers for each stage k, one validator and a trainer. ``attackers`` maps a slot
+    (stage, replica) to a red-team MaliciousBehaviour; ``stage_config`` holds StageServerConfig overrides."""
+
+    def __init__(
+        self, replicas: tuple[int, ...], *, preset: str = "tiny", run_id: str = "local", seed: int = 0,
+        corpus: Corpus | None = None, attackers: dict[Slot, MaliciousBehaviour] | None = None,
+        sentinel: SentinelConfig | None = None, trainer_config: TrainerConfig | None = None,
+        stage_config: dict | None = None, validator_identity: Identity | None = None,
+        trainer_identity: Identity | None = None,
+    ):  # fmt: skip
+        self.run_id = run_id
+        self.seed = seed
+        self.corpus = corpus
+        self.validator_identity = validator_identity or Identity.generate()
+        self.trainer_identity = trainer_identity or Identity.generate()
+        self.manifest = local_manifest(run_id, preset, len(replicas), self.validator_identity, self.trainer_identity,
+                                       Identity.generate())  # fmt: skip
+        self.slots: list[Slot] = [(k, r) for k in range(1, len(replicas) + 1) for r in range(replicas[k - 1])]
+        self.ids = {slot: Identity.generate() for slot in self.slots}
+        self.attackers = attackers or {}
+        self.sentinel = sentinel or SentinelConfig()
+        self.trainer_config = trainer_config or TrainerConfig(seed=seed, batch_size=2, microbatches=4)
+        self.stage_config = {"accumulate": 4, **(stage_config or {})}
+        self.dhts: dict = {}
+        self.servers: dict[Slot, StageServer] = {}
+        self.validator: ValidatorService | None = None
+        self.trainer: Trainer | None = None
+
+    def start_dhts(self) -> None:
+        """Start every node's DHT (blocking; call it outside the event loop)."""
+        names = [*self.slots, "validator", "trainer"]
+        identities = [*(self.ids[s] for s in self.slots), self.validator_identity, self.trainer_identity]
+        first = start_local_dht(self.manifest, identities[0])
+        self.dhts[names[0]] = first
+        peers = first.get_visible_maddrs()
+        for name, identity in zip(names[1:], identities[1:]):
+            self.dhts[name] = start_local_dht(self.manifest, identity, peers)
+
+    async def start(self) -> None:
+        for slot in self.slots:
+            config = StageServerConfig(stage=slot[0], seed=self.seed, **self.stage_config)
+            self.servers[slot] = StageServer(config, self.manifest, self.ids[slot], attack=self.attackers.get(slot))
+        self.validator = ValidatorService(ValidatorServiceConfig(), self.manifest, self.validator_identity,
+                                          self.sentinel)  # fmt: skip
+        self.trainer = Trainer(self.trainer_config, self.manifest, self.trainer_identity, self.corpus)
+        for slot, server in self.servers.items():
+            await server.start(self.dhts[slot])
+        await self.validator.start(self.dhts["validator"])
+        await self.trainer.start(self.dhts["trainer"])
+
+    async def kill(self, slot: Slot) -> None:
+        """Abrupt death of a replica: no OFFLINE announcement (its ONLINE record stays in the DHT until it expires),
+        its handlers vanish and its DHT process (with its p2pd) goes down."""
+        server = self.servers[slot]
+        if server._announcer is not None:
+            server._announcer.cancel()
+            server._announcer = None
+        await server.remove_p2p_handlers(server._p2p, namespace=rpc_namespace(self.run_id))
+        server._serving, server._p2p = False, None
+        await asyncio.to_thread(self.dhts.pop(slot).shutdown)
+        await server.shutdown()  # now only stops its averager process and its compute thread
+
+    async def stop(self) -> None:
+        for server in self.servers.values():
+            await server.shutdown()
+        if self.validator is not None:
+            await self.validator.shutdown()
+        if self.trainer is not None:
+            await self.trainer.shutdown()
+
+    def close(self) -> None:
+        for dht in reversed(list(self.dhts.values())):
+            dht.shutdown()
+        self.dhts.clear()
+
+    def run(self, body: Callable[[LocalSwarm], Awaitable[None]]) -> None:
+        """Start everything, ``await body(self)``, and stop and close everything whatever happens."""
+        try:
+            self.start_dhts()
+
+            async def main():
+                try:
+                    await self.start()
+                    await body(self)
+                finally:
+                    await self.stop()
+
+            asyncio.run(main())
+        finally:
+            self.close()

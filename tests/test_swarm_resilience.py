@@ -1,0 +1,144 @@
+"""Resilience of the swarm over real hivemind P2P on 127.0.0.1 (in-process services, one DHT each; forked, bounded):
+a stage replica that dies mid-run costs no micro-batch, and an attacking replica is banned swarm-wide and routed
+around while training goes on."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+
+import numpy as np
+import pytest
+from swarm_helpers import RUN, SEED, LocalSwarm, run_swarm
+
+from sentinel.attacks import MaliciousBehaviour, make_attack
+from sentinel.config import SentinelConfig
+from swarm.dht_schema import banned_peers, fetch_strikes
+from swarm.records import StageAnnouncement, StageState
+from swarm.trainer import NoRoute, TrainerConfig, choose_replica
+
+
+def test_choose_replica_prefers_healthy_then_recently_failed_then_banned():
+    anns = [StageAnnouncement("r", 0, peer, StageState.ONLINE, (0, 1), 1.0, bytes(32)) for peer in "abc"]
+    rng = np.random.default_rng(0)
+    pick = lambda banned, exclude, avoid: {choose_replica(anns, banned, exclude, rng, avoid).peer for _ in range(50)}  # noqa: E731
+    assert pick(set(), set(), {"a"}) == {"b", "c"}  # a failed recently: avoided
+    assert pick({"c"}, set(), {"a"}) == {"b"}
+    assert pick({"c"}, {"b"}, {"a"}) == {"a"}  # a recently failed honest replica beats a banned one
+    assert pick({"b", "c"}, {"a"}, {"a"}) == {"b", "c"}  # only banned ones left: bans ignored, as in the mesh
+    assert choose_replica(anns, set(), {"a", "b", "c"}, rng, {"a"}) is None  # excluded (failed in this call): never
+
+
+@pytest.mark.forked
+@pytest.mark.timeout(120)
+def test_replica_killed_mid_microbatch_loses_no_step():
+    """2 stages x 2 replicas. At step 2 the stage-1 replica that just served a forward dies before that micro-batch's
+    backward: the backward goes to the other replica (stateless recompute from the kept input), later forwards that
+    still pick the dead replica (its ONLINE record outlives it) are retried there, and it is then avoided. When the
+    last replica of the stage dies too, the step fails fast (bounded retries)."""
+    steps, microbatches = 5, 4
+    config = TrainerConfig(seed=SEED, batch_size=2, microbatches=microbatches, warmup=100, rpc_timeout=10.0)
+    swarm = LocalSwarm((2, 2), trainer_config=config)
+
+    async def body(swarm: LocalSwarm):
+        trainer = swarm.trainer
+        assert all(len(trainer.stages[k]) == 2 for k in (1, 2))
+        stage1 = {swarm.servers[(1, r)].peer_id: (1, r) for r in range(2)}
+        killed: list = []
+        armed = [False]
+        original = trainer._stage_call
+
+        async def stage_call(peer, method, tensors, meta):
+            out = await original(peer, method, tensors, meta)
+            if armed[0] and not killed and method == "rpc_forward" and peer in stage1:
+                killed.append(peer)
+                await swarm.kill(stage1[peer])  # before this micro-batch's backward reaches it
+            return out
+
+        trainer._stage_call = stage_call
+        losses = []
+        for step in range(steps):
+            armed[0] = step >= 2
+            losses.append(await trainer.step(step))
+        assert len(killed) == 1
+        dead_peer = killed[0]
+        _, r = stage1[dead_peer]
+        dead, alive = swarm.servers[(1, r)], swarm.servers[(1, 1 - r)]
+
+        # every step ran all its micro-batches; nothing was dropped, tainted or lost
+        assert len(trainer.metrics.losses) == steps and all(math.isfinite(x) for x in losses)
+        assert trainer.metrics.step_completed == [microbatches] * steps
+        assert trainer.metrics.completed == trainer.metrics.microbatches == steps * microbatches
+        assert trainer.metrics.dropped == 0 and trainer.metrics.tainted == 0
+        # a reroute happened: at least the backward of the micro-batch the dead replica had forwarded
+        assert trainer.metrics.retries >= 1 and dead_peer in trainer.avoided()
+        # each stage did exactly one backward per micro-batch, over its replicas (the dead one's forward included)
+        for k in (1, 2):
+            assert sum(swarm.servers[(k, r)].backward_calls for r in range(2)) == steps * microbatches
+        # the dead replica served its last forward at step 2 and no backward for it; the survivor took the rest
+        assert dead.forward_calls >= 1 and dead.forward_calls + alive.forward_calls >= steps * microbatches
+        assert dead.backward_calls == dead.forward_calls - 1
+        assert trainer.metrics.stage_calls[dead_peer] == dead.forward_calls + dead.backward_calls
+        assert swarm.validator.n_checks == 4 * steps * microbatches  # 2 forward + 2 backward checks each
+
+        # retries are bounded: with every replica of stage 1 dead the step fails fast with NoRoute, it does not hang
+        await swarm.kill((1, 1 - r))
+        start = time.monotonic()
+        with pytest.raises(NoRoute):
+            await trainer.step(steps)
+        assert time.monotonic() - start < 30
+
+    run_swarm(swarm, body)
+
+
+@pytest.mark.forked
+@pytest.mark.timeout(120)
+def test_attacking_replica_is_banned_swarm_wide_and_routed_around():
+    """Stage 1 has an honest replica and an attacker (non-finite forward outputs from step 4, after
+    an honest warm-up long enough for every monitor to see 16 tensors). The validator taints,
+    strikes and bans it; the ban is visible from any peer's DHT; the trainer then sends it nothing while steps keep
+    completing."""
+    microbatches = 4
+    attack = MaliciousBehaviour(worker=0, attack=make_attack("nonfinite"), directions="forward", onset=4, seed=0)
+    # a small learning rate keeps honest traffic stationary: this test is about routing, not about drift (with one
+    # honest replica per stage the drift guard, which needs 2 replicas flagged together, cannot forgive drift)
+    config = TrainerConfig(seed=SEED, batch_size=2, microbatches=microbatches, warmup=4, lr=1e-4)
+    swarm = LocalSwarm((2, 1), attackers={(1, 0): attack}, sentinel=SentinelConfig(ban_level=2, drift_senders=2),
+                       trainer_config=config, stage_config={"lr": 1e-4})  # fmt: skip
+
+    async def body(swarm: LocalSwarm):
+        trainer = swarm.trainer
+        bad = swarm.servers[(1, 0)].peer_id
+        honest = swarm.servers[(1, 1)]
+        step = 0
+        while bad not in trainer.banned:  # strikes of step s are settled when step s + 1's first check arrives
+            assert step < 12, "the attacker was never banned"
+            await trainer.step(step)
+            await trainer.refresh()  # as `join --role trainer` does after every step
+            step += 1
+        ban_step = step
+        assert trainer.banned == {bad}
+        # swarm-wide: any peer reading the DHT (here the honest replica's own node) sees the quorum ban
+        strikes = await asyncio.to_thread(fetch_strikes, swarm.dhts[(1, 1)], RUN, bad)
+        assert banned_peers(strikes, swarm.manifest) == {bad}
+        calls_at_ban = (swarm.servers[(1, 0)].forward_calls, trainer.metrics.stage_calls[bad])
+        honest_before = honest.forward_calls
+        assert trainer.metrics.tainted >= 2  # its outputs were tainted and replaced before the ban
+
+        tainted = trainer.metrics.tainted
+        for step in range(ban_step, ban_step + 3):
+            loss = await trainer.step(step)
+            await trainer.refresh()
+            assert math.isfinite(loss)
+        # after the ban: nothing routed to the attacker, every micro-batch completed on the honest replica, clean
+        assert (swarm.servers[(1, 0)].forward_calls, trainer.metrics.stage_calls[bad]) == calls_at_ban
+        assert honest.forward_calls - honest_before == 3 * microbatches
+        assert trainer.metrics.step_completed[ban_step:] == [microbatches] * 3
+        assert trainer.metrics.tainted == tainted and trainer.metrics.dropped == 0
+        assert trainer.banned == {bad}  # and no honest peer
+        # stage 2 has one replica: its averaging rounds (every 4 optimizer steps by default) are skipped, not waited on
+        lone = swarm.servers[(2, 0)]
+        assert lone.averaging["skipped"] >= 1 and lone.averaging["rounds"] == lone.averaging["failed"] == 0
+
+    run_swarm(swarm, body)
