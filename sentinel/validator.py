@@ -12,15 +12,13 @@ replaced tensor can look anomalous through no fault of its honest sender (the ca
 
 Drift guard: flagged tensors never update the baseline, so if the honest traffic itself jumps (every optimizer step
 changes every replica's weights at once), every tensor would be flagged from then on and the whole honest population
-banned. Blame is therefore settled once per step (``end_step``): if, during the last ``drift_steps`` steps, *every*
-sender checked at one monitor was flagged there, and there were at least ``drift_senders`` of them (a majority of a
-stage's replicas: under the threat model attackers are a minority of every stage, so they alone cannot reach it),
-the monitor concludes that the honest distribution moved. It drops the current step's *mild* strikes at that monitor
-(every distance below ``drift_max_excess`` times its fence; earlier steps' strikes stand) and re-anchors its baseline
-on the least anomalous mild flagged tensor, keeping its fences. Honest drift crosses a fence by a little, the
-group-A attacks by 5 to 200 times: NaN, wrong shapes and gross outliers are never forgiven. Requiring *every* seen
-sender, not a majority, matters: with "a majority", two mild attackers of a four-replica stage plus one honest false
-flag would pass for drift, be forgiven, and re-anchor the baseline on their own traffic.
+banned. Blame is therefore settled once per step (``end_step``): if the tensors flagged at one monitor during the last
+``drift_steps`` steps came from at least ``drift_senders`` distinct senders (set it to a majority of a stage's
+replicas: under the threat model attackers are a minority of every stage, so they alone cannot reach it), the monitor
+concludes that the honest distribution moved. It drops the current step's strikes at that monitor (earlier steps'
+strikes stand) and re-anchors its baseline on the least anomalous flagged tensor, keeping its fences. Only *mild*
+flags (every distance below ``drift_max_excess`` times its fence) count as drift: honest drift crosses a fence by a
+little, the group-A attacks by 5 to 200 times, and a re-anchor on an attacker's tensor would poison the baseline.
 Otherwise every flag becomes a strike. Taint and replacement are immediate either way; only blame waits for the end
 of the step. The window of several steps matters: a slow honest drift flags one or two replicas per step, never a
 majority in any single step, yet all of them within a few steps.
@@ -66,7 +64,6 @@ class Validator:
         self.pending: list[tuple[int, str, str, float, Observation]] = []  # (boundary, direction, sender, excess, obs)
         self.reanchors = 0
         self.recent_flags: dict[tuple[int, str], list[tuple[int, str]]] = {}  # monitor -> [(step, sender)]
-        self.recent_seen: dict[tuple[int, str], list[tuple[int, str]]] = {}  # monitor -> [(step, sender)] checked
 
     def monitor(self, boundary: int, direction: str) -> BoundaryMonitor:
         key = (boundary, direction)
@@ -96,7 +93,6 @@ class Validator:
         obs: Observation = mon.observe(tensor, reference, detect=not warmup, learn=not tainted)
         blamed = False
         if not tainted and not warmup:
-            self.recent_seen.setdefault((boundary, direction), []).append((step, sender))
             if obs.flagged:
                 blamed = True
                 excess = max((obs.scores[m] / obs.fences[m] for m in obs.scores), default=float("inf"))
@@ -116,18 +112,13 @@ class Validator:
             by_monitor.setdefault((boundary, direction), []).append((sender, excess, obs))
         self.pending = []
         banned = []
-        horizon = step - self.config.drift_steps
-        for key in list(self.recent_seen):
-            self.recent_seen[key] = [(s, w) for s, w in self.recent_seen[key] if s > horizon]
         for key, flags in by_monitor.items():
             # only mild distance flags can be drift: NaN, wrong shapes and gross outliers are never forgiven here
             mild = [f for f in flags if f[2].reason.startswith("distance:") and f[1] < self.config.drift_max_excess]
-            recent = [(s, w) for s, w in self.recent_flags.get(key, []) if s > horizon]
-            recent += [(step, sender) for sender, _, _ in flags]
+            recent = [(s, w) for s, w in self.recent_flags.get(key, []) if s > step - self.config.drift_steps]
+            recent += [(step, sender) for sender, _, _ in mild]
             self.recent_flags[key] = recent
-            flagged = {w for _, w in recent}
-            seen = {w for _, w in self.recent_seen.get(key, [])}
-            if mild and len(seen) >= self.config.drift_senders and flagged >= seen:
+            if mild and len({w for _, w in recent}) >= self.config.drift_senders:
                 least = min(mild, key=lambda f: f[1])
                 if least[2].summary is not None:
                     self.monitors[key].reanchor(least[2].summary)
