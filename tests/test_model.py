@@ -24,15 +24,6 @@ from swarm.model import (
 TINY = PRESETS["tiny"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to oversubscription on shared CPUs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def run_pipeline(embedding, stages, head, tokens, targets=None):
     h = embedding(tokens)
     for stage in stages:
