@@ -17,6 +17,7 @@ hivemind hands to `sign_value` on the writer and to `validate` on every storing 
 
 from __future__ import annotations
 
+import concurrent.futures
 import re
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable
@@ -50,6 +51,7 @@ DEFAULT_BUCKET_SIZE = 16
 DHT_DOMAIN_TAG = b"sentinel-swarm/dht/v1"
 MAX_VALUE_BYTES = 64 * 1024  # one signed record; the largest (a manifest with 256+256 keys) is ~20 KiB
 MAX_DISCRIMINATOR = 64
+DHT_OP_TIMEOUT = 20.0  # seconds; a get/store on a DHT whose process died must not block its caller forever
 
 _MARKER_PREFIX = b"[ed25519:"
 _SUBKEY_RE = re.compile(rb"([0-9A-Za-z._:-]{0,%d})\[ed25519:([0-9a-f]{64})\]" % MAX_DISCRIMINATOR)
@@ -475,7 +477,24 @@ def _publish(
     if owner != identity.public_key:
         raise ValueError("a record can only be published by the identity it names as its writer")
     subkey = make_subkey(identity.public_key, discriminator)
-    return bool(dht.store(key, item.to_tuple(), expiration_time=expiration, subkey=subkey))
+    future = dht.store(key, item.to_tuple(), expiration_time=expiration, subkey=subkey, return_future=True)
+    return bool(_bounded(future, f"store under {key}", False))
+
+
+def _bounded(future: Any, what: str, default: Any) -> Any:
+    """The future's result, or `default` after DHT_OP_TIMEOUT seconds (the DHT process stopped or is overloaded).
+
+    Without the bound, a thread blocked on a dead DHT's future keeps the event loop's executor from shutting down.
+    """
+    try:
+        return future.result(timeout=DHT_OP_TIMEOUT)
+    except (TimeoutError, concurrent.futures.TimeoutError, concurrent.futures.CancelledError) as e:
+        try:
+            future.cancel()
+        except Exception:  # noqa: BLE001 - the DHT's pipe may be gone with its process
+            pass
+        logger.warning(f"DHT {what} gave no answer in {DHT_OP_TIMEOUT:.0f} s ({type(e).__name__}); treated as empty")
+        return default
 
 
 def _fetch(dht: DHT, key: str, parse: Callable[[Any], _T], owner_of: Callable[[_T], bytes]) -> list[tuple[bytes, _T]]:
@@ -484,7 +503,7 @@ def _fetch(dht: DHT, key: str, parse: Callable[[Any], _T], owner_of: Callable[[_
     Relies on the DHT running SentinelRecordValidator (signatures are checked there, then stripped); entries without
     an owner marker are foreign and skipped. Sorted by subkey, so the result does not depend on arrival order.
     """
-    found = dht.get(key, latest=True)
+    found = _bounded(dht.get(key, latest=True, return_future=True), f"get of {key}", None)
     if found is None or not isinstance(found.value, dict):
         return []
     out = []
