@@ -8,16 +8,28 @@ the baseline or the fences, so an attacker cannot drag the baseline towards its 
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
 from collections import deque
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from sentinel.config import SentinelConfig
-from sentinel.stats import Summary, distances, make_projections, summarize
+from sentinel.stats import Summary, all_finite, distances, make_projections, summarize
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    """The ``q`` quantile of sorted values, interpolated linearly exactly as ``numpy.percentile``'s default (the same
+    float arithmetic, so fences are bit-identical to numpy's) at a few microseconds instead of ~100."""
+    pos = q * (len(ordered) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    t = pos - lo
+    a, b = ordered[lo], ordered[hi]
+    diff = b - a
+    return b - diff * (1.0 - t) if t >= 0.5 else a + diff * t
 
 
 class TukeyFence:
@@ -31,6 +43,7 @@ class TukeyFence:
 
     def __init__(self, window: int, k: float, min_iqr_fraction: float, floor: float = 0.0):
         self.values: deque[float] = deque(maxlen=window)
+        self._sorted: list[float] = []  # the window's values in order, kept in step with `values`
         self.k = k
         self.min_iqr_fraction = min_iqr_fraction
         self.floor = floor
@@ -41,21 +54,34 @@ class TukeyFence:
         return len(self.values)
 
     def add(self, value: float) -> None:
+        value = float(value)
+        if not math.isfinite(value):  # would break the sorted mirror's order; never a useful honest sample
+            return
+        if len(self.values) == self.values.maxlen:
+            del self._sorted[bisect.bisect_left(self._sorted, self.values[0])]
         self.values.append(value)
+        bisect.insort(self._sorted, value)
         self._stale += 1
         # quartiles of a window of up to 128 values barely move with one new value: recompute every few additions
-        # (always while the window is young), which takes the percentile computation off the hot path
+        # (always while the window is young)
         if self._stale >= self.REFRESH or len(self.values) < self.values.maxlen:
             self._cached = None
 
     REFRESH = 8
+
+    def load(self, values) -> None:
+        """Replace the window (restoring a saved state)."""
+        self.values.clear()
+        self.values.extend(float(v) for v in values)
+        self._sorted = sorted(self.values)
+        self._cached = None
 
     def fence(self) -> float:
         if not self.values:
             return math.inf
         if self._cached is None:
             self._stale = 0
-            q1, median, q3 = np.percentile(np.fromiter(self.values, dtype=np.float64), [25, 50, 75])
+            q1, median, q3 = (_percentile(self._sorted, q) for q in (0.25, 0.5, 0.75))
             iqr = max(q3 - q1, self.min_iqr_fraction * abs(median), 1e-9)
             self._cached = max(float(q3 + self.k * iqr), self.floor)
         return self._cached
@@ -123,7 +149,7 @@ class BoundaryMonitor:
             raise InvalidTensor(f"expected a floating-point tensor, got {x.dtype}")
         if reference is not None and reference.shape != x.shape:
             return Observation(True, "shape")
-        if not bool(torch.isfinite(x).all()):
+        if not all_finite(x):
             return Observation(True, "non-finite")
         if x.numel() == 0 or x.dim() < 2:
             return Observation(True, "shape")
@@ -211,9 +237,7 @@ class BoundaryMonitor:
         self.residual_mean = None if d["residual_mean"] is None else d["residual_mean"].clone()
         for m, values in d["fences"].items():
             if m in self.fences:
-                self.fences[m].values.clear()
-                self.fences[m].values.extend(values)
-                self.fences[m]._cached = None
+                self.fences[m].load(values)
         self.n_accepted = int(d["n_accepted"])
 
     def __repr__(self) -> str:

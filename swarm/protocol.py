@@ -45,6 +45,7 @@ from hivemind.compression import deserialize_torch_tensor, serialize_torch_tenso
 from hivemind.p2p import P2PDaemonError, P2PHandlerError
 from hivemind.proto import runtime_pb2
 
+from sentinel.stats import all_finite
 from swarm.identity import Identity
 from swarm.records import (
     DOMAIN_TAG,
@@ -246,7 +247,7 @@ def decode_hidden(
         raise BadRequest(f"{name}: undecodable tensor") from None
     if tuple(tensor.shape) != shape or not tensor.is_floating_point():
         raise BadRequest(f"{name}: decoded tensor does not match its header")
-    if require_finite and not bool(torch.isfinite(tensor).all()):
+    if require_finite and not all_finite(tensor):
         raise BadRequest(f"{name}: non-finite values")
     return tensor
 

@@ -46,6 +46,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
 
 from sentinel.attacks import MaliciousBehaviour
+from sentinel.stats import all_finite
 from swarm.dht_schema import banned_peers, fetch_stages, fetch_strikes, publish_stage
 from swarm.identity import Identity
 from swarm.model import ModelConfig, Stage, resolve_config
@@ -386,7 +387,7 @@ class StageServer(ServicerBase):
         outsiders = members - await self._stage_peers()  # banned, or not an announced replica of this stage
         with averager.get_tensors() as tensors:
             averaged = [t.detach().clone() for t in tensors]
-        if outsiders or not all(bool(torch.isfinite(t).all()) for t in averaged):
+        if outsiders or not all(all_finite(t) for t in averaged):
             self.averaging["rejected"] += 1
             logger.warning(f"stage {stage}: averaging result rejected (group members that are banned or not ONLINE "
                            f"replicas of this stage: {sorted(outsiders)}, or non-finite values)")  # fmt: skip

@@ -99,6 +99,8 @@ class TrainerConfig:
     # the defence's cost only; stage servers accept that only with StageServerConfig.trust_trainer)
     failure_ban: float = 15.0  # seconds a peer that failed a call is avoided (doubled per consecutive failure)
     failure_ban_max: float = 300.0
+    max_inflight: int = 4  # micro-batches of one step driven through the swarm concurrently (pipelining: one
+    # micro-batch's validator check overlaps another's stage compute); 1 = strictly one after another
 
 
 def choose_replica(
@@ -163,6 +165,7 @@ class Trainer:
         self._down: dict[str, tuple[float, int]] = {}  # peer -> (avoided until (monotonic), consecutive failures)
         self._dht: DHT | None = None
         self._p2p: P2P | None = None
+        self._refreshing: asyncio.Future | None = None
 
     async def start(self, dht: DHT) -> None:
         self._dht = dht
@@ -174,7 +177,14 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------- routing
     async def refresh(self) -> None:
-        """Re-read stage and validator announcements and the strike records of every announced stage peer."""
+        """Re-read stage and validator announcements and the strike records of every announced stage peer.
+
+        Concurrent callers (micro-batches in flight) share one read."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self._read_routing())
+        await asyncio.shield(self._refreshing)
+
+    async def _read_routing(self) -> None:
         dht = self._dht
 
         def read():
@@ -315,10 +325,13 @@ class Trainer:
         return peer, reply
 
     # ---------------------------------------------------------------------------------------- one micro-batch
-    async def microbatch(self, step: int, mb: int) -> float | None:
-        """Forward and backward of one micro-batch; gradients accumulate. Returns its loss (None if dropped)."""
+    async def microbatch(
+        self, step: int, mb: int, batch: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> float | None:
+        """Forward and backward of one micro-batch (``batch``, or the sampler's next); gradients accumulate. Returns
+        its loss (None if dropped)."""
         await self._maybe_refresh()
-        x, y = self.sampler.sample()
+        x, y = self.sampler.sample() if batch is None else batch
         self.metrics.microbatches += 1
         emb_out = self.embedding(x)
         h = as_received(emb_out, self.config.compression)
@@ -404,12 +417,27 @@ class Trainer:
     async def step(self, step: int) -> float:
         """One optimizer step of the trainer's own parameters over ``microbatches`` micro-batches; mean loss."""
         self.optimizer.zero_grad(set_to_none=True)
-        losses = []
         completed = self.metrics.completed
-        for i in range(self.config.microbatches):
-            loss = await self.microbatch(step, step * self.config.microbatches + i)
-            if loss is not None:
-                losses.append(loss)
+        m = self.config.microbatches
+        batches = [self.sampler.sample() for _ in range(m)]  # drawn in order: the data does not depend on timing
+        if self.config.max_inflight <= 1:
+            results = [await self.microbatch(step, step * m + i, batches[i]) for i in range(m)]
+        else:
+            gate = asyncio.Semaphore(self.config.max_inflight)
+
+            async def one(i: int) -> float | None:
+                async with gate:
+                    return await self.microbatch(step, step * m + i, batches[i])
+
+            tasks = [asyncio.create_task(one(i)) for i in range(m)]
+            try:
+                results = await asyncio.gather(*tasks)
+            except BaseException:  # a failed micro-batch fails the step: stop the others before raising
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+        losses = [loss for loss in results if loss is not None]
         self.metrics.step_completed.append(self.metrics.completed - completed)
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)

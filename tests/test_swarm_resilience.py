@@ -38,7 +38,8 @@ def test_replica_killed_mid_microbatch_loses_no_step():
     still pick the dead replica (its ONLINE record outlives it) are retried there, and it is then avoided. When the
     last replica of the stage dies too, the step fails fast (bounded retries)."""
     steps, microbatches = 5, 4
-    config = TrainerConfig(seed=SEED, batch_size=2, microbatches=microbatches, warmup=100, rpc_timeout=10.0)
+    config = TrainerConfig(seed=SEED, batch_size=2, microbatches=microbatches, warmup=100, rpc_timeout=10.0,
+                           max_inflight=1)  # the kill is timed against one micro-batch at a time
     swarm = LocalSwarm((2, 2), trainer_config=config)
 
     async def body(swarm: LocalSwarm):

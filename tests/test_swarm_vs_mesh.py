@@ -75,8 +75,8 @@ def test_swarm_and_mesh_agree_on_bans_and_losses(grad_clip, rtol):
     assert expected["ban_steps"] == [WARMUP] and expected["tainted"] == expected["poisoned"] > 0
     assert expected["losses"][-1] < expected["losses"][0] - 1.0  # it does learn
 
-    trainer_config = TrainerConfig(seed=SEED, batch_size=BATCH, microbatches=MICROBATCHES, lr=LR, grad_clip=grad_clip,
-                                   warmup=WARMUP)  # fmt: skip
+    trainer_config = TrainerConfig(seed=SEED, batch_size=BATCH, microbatches=MICROBATCHES, max_inflight=1, lr=LR,
+                                   grad_clip=grad_clip, warmup=WARMUP)  # fmt: skip
     stage_config = {"lr": LR, "grad_clip": grad_clip, "accumulate": MICROBATCHES, "average_every": 0}
     swarm = LocalSwarm((1, 1), attackers={(1, 0): attacker()}, sentinel=sentinel(), trainer_config=trainer_config,
                        stage_config=stage_config)  # fmt: skip
@@ -126,8 +126,8 @@ def test_swarm_without_validators_matches_the_undefended_mesh():
                         defense=False, microbatches=MICROBATCHES, batch_size=BATCH, lr=LR, grad_clip=0.0,
                         eval_every=0, device="cpu")  # fmt: skip
     expected = Mesh(config, corpus=CORPUS).run().history["loss"]
-    trainer_config = TrainerConfig(seed=SEED, batch_size=BATCH, microbatches=MICROBATCHES, lr=LR, grad_clip=0.0,
-                                   validate=False)  # fmt: skip
+    trainer_config = TrainerConfig(seed=SEED, batch_size=BATCH, microbatches=MICROBATCHES, max_inflight=1, lr=LR,
+                                   grad_clip=0.0, validate=False)  # fmt: skip
     stage_config = {"lr": LR, "grad_clip": 0.0, "accumulate": MICROBATCHES, "average_every": 0, "trust_trainer": True}
     swarm = LocalSwarm((1, 1), trainer_config=trainer_config, stage_config=stage_config)
     got: dict = {}
