@@ -6,7 +6,9 @@ off" is the same swarm with the trainer vouching for every tensor itself (``Trai
 servers run with ``trust_trainer=True`` to accept that). The two settings alternate in rounds of a few optimizer steps
 in one run (the order flips every round), so machine noise and the model's progress hit both alike. The mesh
 (``swarm.mesh.Mesh``: the same model, data and validator in one process, no network) runs the same number of steps of
-the same shape, defence on and off, alternating likewise. No attacker; parameter averaging off. Prints a markdown
+the same shape, defence on and off, alternating likewise. No attacker; parameter averaging off. Unless ``--detect``
+is given the validators stay in warm-up mode throughout (every tensor is summarised, scored, learnt from and signed
+for, but nothing is flagged), so that the work being timed is the same in both settings. Prints a markdown
 table of tokens/s (tokens = steps x micro-batches x batch size x sequence length).
 
     python benchmarks/swarm_throughput.py                               # tiny, 2 stages x 1 replica
@@ -36,8 +38,9 @@ def order(round_: int) -> tuple[bool, bool]:
 
 
 def bench_swarm(args, corpus) -> tuple[dict[bool, list[float]], dict]:
+    warmup = args.warmup if args.detect else 10**9
     trainer_config = TrainerConfig(seed=args.seed, batch_size=args.batch_size, microbatches=args.microbatches,
-                                   warmup=args.warmup)  # fmt: skip
+                                   warmup=warmup, max_inflight=args.inflight)  # fmt: skip
     stage_config = {"accumulate": args.microbatches, "average_every": 0, "trust_trainer": True}
     drift = max(2, args.replicas // 2 + 1)  # as the mesh and the demo set it
     swarm = LocalSwarm((args.replicas,) * args.stages, preset=args.preset, run_id="bench", seed=args.seed,
@@ -72,7 +75,8 @@ def bench_mesh(args, corpus) -> dict[bool, list[float]]:
     meshes = {
         defense: Mesh(MeshConfig(
             preset=args.preset, stages=args.stages, replicas=args.replicas, attack="none", steps=1,
-            warmup=args.warmup, seed=args.seed, defense=defense, microbatches=args.microbatches,
+            warmup=args.warmup if args.detect else 10**9, seed=args.seed, defense=defense,
+            microbatches=args.microbatches,
             batch_size=args.batch_size, eval_every=0, device="cpu",
         ), corpus=corpus)
         for defense in (True, False)
@@ -103,6 +107,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2, help="optimizer steps per setting per round")
     p.add_argument("--warmup", type=int, default=4, help="untimed honest warm-up steps (validators on)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--inflight", type=int, default=TrainerConfig.max_inflight,
+                   help="micro-batches the swarm trainer keeps in flight (1: strictly sequential)")
+    p.add_argument("--detect", action="store_true",
+                   help="validators flag after --warmup steps (default: they check every tensor, learn and sign, but "
+                        "never flag, so that honest false taints, which skip a stage's backward, do not change the "
+                        "work being timed)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in this process")
     p.add_argument("--data", default=None, help="text file or folder (default: the Python standard library)")
     args = p.parse_args()
@@ -122,7 +132,9 @@ def main() -> None:
 
     print(f"\npreset {args.preset}, {args.stages} stages x {args.replicas} replicas, {args.microbatches} "
           f"micro-batches x {args.batch_size} sequences x {info['seq_len']} tokens per step, {args.rounds} rounds x "
-          f"{args.steps} steps per setting, {torch.get_num_threads()} torch thread(s)\n")  # fmt: skip
+          f"{args.steps} steps per setting, {torch.get_num_threads()} torch thread(s), {args.inflight} "
+          f"micro-batch(es) in flight, validators "
+          f"{'flag after the warm-up' if args.detect else 'in warm-up mode (never flag)'}\n")  # fmt: skip
     print("| system | validators | steps | tokens | seconds | tokens/s | tokens/s per round |")
     print("|---|---|---|---|---|---|---|")
     print(row("swarm (loopback P2P, in-process)", True, swarm_s[True]))

@@ -582,7 +582,7 @@ def tensor_digest(tensor: torch.Tensor) -> bytes:
     header = _canonical([b"sentinel-swarm/tensor/v1", str(flat.dtype), list(tensor.shape)])
     hasher = hashlib.sha256(header)
     if flat.numel():
-        hasher.update(flat.view(torch.uint8).numpy().tobytes())
+        hasher.update(flat.view(torch.uint8).numpy())  # the buffer itself: no copy
     return hasher.digest()
 
 

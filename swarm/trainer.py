@@ -269,8 +269,9 @@ class Trainer:
         warmup = step < self.config.warmup
         compression = self.config.compression
         tensor, reference = as_received(tensor, compression), as_received(reference, compression)
+        digest = tensor_digest(tensor)
         fields = dict(run_id=self.run, step=step, microbatch=mb, boundary=boundary, direction=direction,
-                      sender=sender, tainted=tainted, warmup=warmup, digest=tensor_digest(tensor),
+                      sender=sender, tainted=tainted, warmup=warmup, digest=digest,
                       reference_digest=tensor_digest(reference))  # fmt: skip
         meta = {"run": self.run, "step": step, "mb": mb, "boundary": boundary, "direction": int(direction),
                 "sender": sender, "tainted": tainted, "warmup": warmup, "trainer": self.identity.public_key,
@@ -285,7 +286,7 @@ class Trainer:
         out = decode_reply_tensor(response, self.spec) if tainted_now and response.tensors else None
         if not tainted_now:
             out = tensor
-        expected = tensor_digest(out) if out is not None else None
+        expected = None if out is None else digest if out is tensor else tensor_digest(out)
         if out is not None and (verdict is None or verdict.digest != expected or verdict.verdict != Verdict.ACCEPT):
             raise TransportError("validator reply carries no matching ACCEPT verdict")
         reason = reply.get("reason", "")
