@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from tqdm import tqdm
 
 from node.report import plot_runs, write_json
 from sentinel.attacks import parse_params
-from sentinel.config import ALL_METRICS, SentinelConfig
+from sentinel.config import ALL_METRICS, COMBINE_MODES, SentinelConfig
 from swarm.data import load_corpus
-from swarm.mesh import TAINT_SCOPES, Mesh, MeshConfig, MeshResult
+from swarm.mesh import TAINT_SCOPES, Mesh, MeshConfig, MeshInterrupted, MeshResult
 from swarm.model import PRESETS
 
 
@@ -51,12 +52,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--beta-forward", type=float, default=s.beta_forward)
     g.add_argument("--beta-backward", type=float, default=s.beta_backward)
     g.add_argument("--metrics", default=",".join(s.metrics), help=f"comma-separated subset of {ALL_METRICS}")
-    g.add_argument("--combine", default=s.combine, choices=["any", "mean"])
+    g.add_argument("--combine", default=s.combine, choices=list(COMBINE_MODES))
+    g.add_argument("--solo-excess-forward", type=float, default=s.solo_excess_forward,
+                   help="how far (x its fence) one distance alone must go to flag a forward tensor (1: plain OR)")
+    g.add_argument("--solo-excess-backward", type=float, default=s.solo_excess_backward,
+                   help="the same for gradients")
     g.add_argument("--fence-k", type=float, default=s.fence_k)
     g.add_argument("--window", type=int, default=s.window)
     g.add_argument("--ban-level", type=int, default=s.ban_level)
     g.add_argument("--forgive-after", type=int, default=s.forgive_after)
     g.add_argument("--replacement", default=s.replacement, choices=["baseline", "drop"])
+    c = p.add_argument_group("checkpoints (with --compare: of the main run only; the comparison runs start over)")
+    c.add_argument("--checkpoint", metavar="PATH",
+                   help="save the run's whole state here (atomically) every --checkpoint-every steps, at the end and "
+                        "on Ctrl-C; refuses to overwrite an existing one without --resume")
+    c.add_argument("--checkpoint-every", type=int, default=10, metavar="N", help="steps between checkpoints")
+    c.add_argument("--resume", action="store_true",
+                   help="continue from --checkpoint if it exists (same settings; --steps may be raised to extend "
+                        "the run); the result is the same as an uninterrupted run's")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -68,6 +81,8 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
         beta_backward=args.beta_backward,
         metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
         combine=args.combine,
+        solo_excess_forward=args.solo_excess_forward,
+        solo_excess_backward=args.solo_excess_backward,
         fence_k=args.fence_k,
         window=args.window,
         min_window=min(SentinelConfig.min_window, args.window),
@@ -100,16 +115,32 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
     )
 
 
-def run_one(config: MeshConfig, label: str, corpus, quiet: bool) -> MeshResult:
+def run_one(
+    config: MeshConfig,
+    label: str,
+    corpus,
+    quiet: bool,
+    checkpoint: str | None = None,
+    checkpoint_every: int = 10,
+    resume: bool = False,
+) -> MeshResult:
+    """One run with a progress bar; with ``checkpoint``, saved as it goes and, with ``resume``, continued from it."""
     mesh = Mesh(config, corpus)
-    bar = tqdm(total=config.steps, desc=f"{label:>10}", unit="step", disable=quiet, file=sys.stderr)
+    if checkpoint is not None and resume:
+        if os.path.exists(checkpoint):
+            start = mesh.load_checkpoint(checkpoint)
+            print(f"{label}: resumed from {checkpoint} at step {start} of {config.steps}", file=sys.stderr)
+        else:
+            print(f"{label}: no checkpoint at {checkpoint} yet: starting at step 0", file=sys.stderr)
+    bar = tqdm(total=config.steps, initial=mesh.completed_steps, desc=f"{label:>10}", unit="step", disable=quiet,
+               file=sys.stderr)
 
     def progress(step: int, info: dict) -> None:
         bar.update(1)
         bar.set_postfix(loss=f"{info['loss']:.3f}", banned=info["banned"])
 
     try:
-        return mesh.run(progress)
+        return mesh.run(progress, checkpoint=checkpoint, checkpoint_every=checkpoint_every)
     finally:
         bar.close()
 
@@ -120,9 +151,21 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
+    if args.resume and not args.checkpoint:
+        raise ValueError("--resume needs --checkpoint PATH")
+    if args.checkpoint_every < 1:
+        raise ValueError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+    if args.checkpoint and os.path.exists(args.checkpoint) and not args.resume:
+        raise ValueError(f"checkpoint {args.checkpoint} exists: pass --resume to continue it, or remove it")
     corpus = load_corpus(config.data)
     main_label = "defended" if config.defense else "undefended"
-    runs: dict[str, MeshResult] = {main_label: run_one(config, main_label, corpus, args.quiet)}
+    try:
+        main_run = run_one(config, main_label, corpus, args.quiet, args.checkpoint, args.checkpoint_every, args.resume)
+    except MeshInterrupted as e:
+        print(f"interrupted after step {e.step} of {config.steps}; checkpoint saved to {e.checkpoint}: rerun with "
+              "--resume to continue", file=sys.stderr)
+        return 128 + e.signum
+    runs: dict[str, MeshResult] = {main_label: main_run}
     if args.compare:
         from dataclasses import replace
 

@@ -117,6 +117,19 @@ class TensorHistory:
         for old in [s for s in self._tensors if s <= cutoff]:
             del self._tensors[old]
 
+    def state_dict(self) -> dict:
+        """The recorded tensors (CPU, in ``storage_dtype``; not copied) keyed by step, oldest first."""
+        return {"max_steps": self.max_steps, "tensors": {s: self._tensors[s] for s in self.steps}}
+
+    def load_state_dict(self, d: dict) -> None:
+        """Restore a ``state_dict`` of a history with the same ``max_steps`` (AttackError otherwise)."""
+        if int(d["max_steps"]) != self.max_steps:
+            raise AttackError(f"history state keeps {d['max_steps']} steps, this history keeps {self.max_steps}")
+        tensors = d["tensors"]
+        if not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise AttackError("history state holds something other than tensors")
+        self._tensors = {int(s): t.detach().to("cpu").clone() for s, t in sorted(tensors.items())}
+
     def stale(self, step: int, delta: int, like: torch.Tensor) -> torch.Tensor | None:
         """
         The tensor recorded at the latest step ``<= step - delta``; if none is that old, the OLDEST recorded one (a
@@ -759,18 +772,29 @@ class MaliciousBehaviour:
         self.last_tainted = bool(context.tainted)
         return out
 
-    def state_dict(self) -> dict:
-        """Sigma estimators and the generator state. The tensor histories are NOT saved (they can be large): after
-        load_state_dict() a delay attack replays from a history that refills from that point on."""
-        return {
+    def state_dict(self, with_history: bool = False) -> dict:
+        """Sigma estimators, the generator state and ``last_tainted``; the tensor histories only ``with_history``
+        (they can be large: up to ``history_steps`` tensors per direction). Without them, after load_state_dict() a
+        delay attack replays from a history that refills from that point on; with them a resumed run is exact."""
+        state = {
             "worker": self.worker,
             "generator": self.generator.get_state(),
             "sigma": {d: est.state_dict() for d, est in self.sigma_estimators.items()},
+            "last_tainted": self.last_tainted,
         }
+        if with_history:
+            state["histories"] = {d: hist.state_dict() for d, hist in self.histories.items()}
+        return state
 
     def load_state_dict(self, d: dict) -> None:
+        """Restore a ``state_dict``; histories are replaced only when the state holds them."""
         if int(d["worker"]) != self.worker:
             raise AttackError(f"state of worker {d['worker']} loaded into the behaviour of worker {self.worker}")
         self.generator.set_state(d["generator"])
         for direction, est_state in d["sigma"].items():
             self.sigma_estimators[direction].load_state_dict(est_state)
+        self.last_tainted = bool(d.get("last_tainted", False))
+        for direction, hist_state in d.get("histories", {}).items():
+            if direction not in self.histories:
+                raise AttackError(f"history state for unknown direction {direction!r}")
+            self.histories[direction].load_state_dict(hist_state)

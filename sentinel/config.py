@@ -25,7 +25,14 @@ class SentinelConfig:
     beta_forward: float = 0.9  # EMA decay of the activation baseline (paper: beta_h = 0.9)
     beta_backward: float = 0.8  # EMA decay of the gradient baseline (paper: beta_g = 0.8)
     metrics: tuple[str, ...] = ALL_METRICS  # which distances are computed and fenced
-    combine: str = "any"  # "any": flag if any distance crosses its fence; "mean": mean of distance/fence > 1
+    combine: str = "any"  # "any": flag if any distance crosses its fence (but see solo_excess_*); "mean": mean of
+    # distance/fence > 1
+    # with combine="any": a distance that crosses its fence ALONE flags only beyond solo_excess x its fence; two or
+    # more distances across their fences always flag. 1.0 = plain OR. Backward traffic (gradients) has heavy-tailed
+    # honest outliers on a single distance (measured: see README), forward traffic does not, and mild attacks such
+    # as noise on activations move a single distance by a little, hence different defaults
+    solo_excess_forward: float = 1.0
+    solo_excess_backward: float = 2.5
     fence_k: float = 6.0  # Tukey fence multiplier: Q3 + k * IQR
     window: int = 128  # accepted distances kept per (boundary, direction, metric) for the fence
     min_window: int = 16  # accepted observations needed before a monitor may flag (a late joiner warms itself)
@@ -61,6 +68,8 @@ class SentinelConfig:
             raise ConfigError(f"combine must be one of {COMBINE_MODES}, got {self.combine!r}")
         if self.replacement not in REPLACEMENT_MODES:
             raise ConfigError(f"replacement must be one of {REPLACEMENT_MODES}, got {self.replacement!r}")
+        if self.solo_excess_forward < 1 or self.solo_excess_backward < 1:
+            raise ConfigError("solo_excess_forward and solo_excess_backward must be >= 1")
         if self.fence_k <= 0:
             raise ConfigError(f"fence_k must be positive, got {self.fence_k}")
         if self.window < 4 or not 1 <= self.min_window <= self.window:
@@ -80,6 +89,11 @@ class SentinelConfig:
         if direction == "backward":
             return self.beta_backward
         raise ConfigError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+
+    def solo_excess(self, direction: str) -> float:
+        """How far (x its fence) one distance must go to flag on its own, for ``direction``."""
+        self.beta(direction)  # validates the direction
+        return self.solo_excess_forward if direction == "forward" else self.solo_excess_backward
 
     def fence_floor(self, metric: str) -> float:
         return float(getattr(self, f"floor_{metric}"))

@@ -76,6 +76,16 @@ class TukeyFence:
         self._sorted = sorted(self.values)
         self._cached = None
 
+    def state_dict(self) -> dict:
+        """The window and the cached fence with its staleness: after ``load_state_dict`` the fence is recomputed
+        exactly when it would have been without the round trip (``load`` alone recomputes it at once)."""
+        return {"values": list(self.values), "cached": self._cached, "stale": self._stale}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.load(d["values"])
+        self._cached = None if d["cached"] is None else float(d["cached"])
+        self._stale = int(d["stale"])
+
     def fence(self) -> float:
         if not self.values:
             return math.inf
@@ -172,7 +182,8 @@ class BoundaryMonitor:
     def _decide(self, scores: dict[str, float], fences: dict[str, float]) -> tuple[bool, str]:
         over = [m for m in scores if scores[m] > fences[m]]
         if self.config.combine == "any":
-            flagged = bool(over)
+            solo = self.config.solo_excess(self.direction)
+            flagged = len(over) >= 2 or any(scores[m] > solo * fences[m] for m in over)
         else:  # "mean": the average of each distance relative to its own fence
             ratio = sum(scores[m] / max(fences[m], 1e-12) for m in scores) / len(scores)
             flagged = ratio > 1.0
@@ -225,19 +236,33 @@ class BoundaryMonitor:
         return out.to(dtype).clone()
 
     def state_dict(self) -> dict:
+        """Baseline, residual mean, fence windows (``fences``) and their cached fences (``fence_cache``), on CPU.
+
+        CPU tensors are returned as they are, not copied: save (or deep-copy) the state before observing more."""
         return {
             "baseline": None if self.baseline is None else self.baseline.state_dict(),
             "residual_mean": None if self.residual_mean is None else self.residual_mean.cpu(),
             "fences": {m: list(f.values) for m, f in self.fences.items()},
+            "fence_cache": {m: {"cached": f._cached, "stale": f._stale} for m, f in self.fences.items()},
             "n_accepted": self.n_accepted,
         }
 
-    def load_state_dict(self, d: dict) -> None:
+    def load_state_dict(self, d: dict, device: torch.device | str | None = None) -> None:
+        """Restore a ``state_dict``; its tensors are moved to ``device`` when given (they are saved on CPU).
+
+        A state without ``fence_cache`` (an older format) is loaded too; its fences are then recomputed at once."""
         self.baseline = None if d["baseline"] is None else Summary.from_state_dict(d["baseline"])
         self.residual_mean = None if d["residual_mean"] is None else d["residual_mean"].clone()
+        if device is not None:
+            self.baseline = None if self.baseline is None else self.baseline.to(device)
+            self.residual_mean = None if self.residual_mean is None else self.residual_mean.to(device)
+        cache = d.get("fence_cache", {})
         for m, values in d["fences"].items():
             if m in self.fences:
-                self.fences[m].load(values)
+                if m in cache:
+                    self.fences[m].load_state_dict({"values": values, **cache[m]})
+                else:
+                    self.fences[m].load(values)
         self.n_accepted = int(d["n_accepted"])
 
     def __repr__(self) -> str:

@@ -54,6 +54,10 @@ class Summary:
     def clone(self) -> Summary:
         return Summary(self.mean.clone(), self.std.clone(), self.quantiles.clone(), self.cosine, self.gain)
 
+    def to(self, device: torch.device | str) -> Summary:
+        """The same summary with its tensors on ``device`` (tensors already there are shared, not copied)."""
+        return Summary(self.mean.to(device), self.std.to(device), self.quantiles.to(device), self.cosine, self.gain)
+
     def state_dict(self) -> dict:
         return {
             "mean": self.mean.cpu(),

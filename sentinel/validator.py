@@ -34,6 +34,7 @@ import torch
 from sentinel.config import SentinelConfig
 from sentinel.ledger import ViolationLedger
 from sentinel.monitor import BoundaryMonitor, Observation
+from sentinel.stats import Summary
 
 
 def blamed_stage(boundary: int, direction: str) -> int:
@@ -131,14 +132,52 @@ class Validator:
         return banned
 
     def state_dict(self) -> dict:
+        """Everything the validator learnt: monitors, ledger and the drift guard's state (``recent_flags``,
+        ``reanchors``, and the step's unsettled flags, ``pending``, empty between ``end_step`` and the next check).
+
+        Plain dicts, lists, numbers, strings and CPU tensors (loadable with ``torch.load(..., weights_only=True)``).
+        CPU tensors are not copied: save (or deep-copy) the state before checking more tensors."""
         return {
             "config": self.config.to_dict(),
             "monitors": {f"{b}/{d}": m.state_dict() for (b, d), m in self.monitors.items()},
             "ledger": self.ledger.state_dict(),
+            "reanchors": self.reanchors,
+            "recent_flags": {
+                f"{b}/{d}": [[step, sender] for step, sender in flags] for (b, d), flags in self.recent_flags.items()
+            },
+            "pending": [
+                {
+                    "boundary": boundary,
+                    "direction": direction,
+                    "sender": sender,
+                    "excess": excess,
+                    "flagged": obs.flagged,
+                    "reason": obs.reason,
+                    "scores": dict(obs.scores),
+                    "fences": dict(obs.fences),
+                    "summary": None if obs.summary is None else obs.summary.state_dict(),
+                }
+                for boundary, direction, sender, excess, obs in self.pending
+            ],
         }
 
-    def load_state_dict(self, d: dict) -> None:
+    def load_state_dict(self, d: dict, device: torch.device | str | None = None) -> None:
+        """Restore a ``state_dict``; tensors are moved to ``device`` when given (they are saved on CPU).
+
+        A state without the drift guard's keys (an older format) restores monitors and ledger only."""
         for key, state in d["monitors"].items():
             b, direction = key.split("/")
-            self.monitor(int(b), direction).load_state_dict(state)
+            self.monitor(int(b), direction).load_state_dict(state, device)
         self.ledger.load_state_dict(d["ledger"])
+        self.reanchors = int(d.get("reanchors", 0))
+        self.recent_flags = {}
+        for key, flags in d.get("recent_flags", {}).items():
+            b, direction = key.split("/")
+            self.recent_flags[(int(b), direction)] = [(int(step), str(sender)) for step, sender in flags]
+        self.pending = []
+        for p in d.get("pending", []):
+            summary = None if p["summary"] is None else Summary.from_state_dict(p["summary"])
+            if summary is not None and device is not None:
+                summary = summary.to(device)
+            obs = Observation(bool(p["flagged"]), str(p["reason"]), dict(p["scores"]), dict(p["fences"]), summary)
+            self.pending.append((int(p["boundary"]), str(p["direction"]), str(p["sender"]), float(p["excess"]), obs))

@@ -14,14 +14,26 @@ tainted. The trusted head computes the loss. Backward runs in reverse: the gradi
 is checked at backward boundary ``k - 1`` (reference: the gradient stage ``k`` received). A stage whose forward
 output was replaced is bypassed on the way back (the replacement is its input plus a constant, so the gradient
 passes through unchanged) and is neither run nor blamed.
+
+Checkpoints: ``Mesh.run(checkpoint=path)`` writes the whole state (parameters, optimizer, validator, attackers, every
+RNG, history, events) every few steps, at the end and on Ctrl-C; ``resume=True`` continues from it, and a resumed
+run ends exactly as an uninterrupted one (timings aside). A checkpoint may be resumed with more ``steps``, nothing
+else changed.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import math
+import os
+import pickle
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,10 +46,32 @@ from swarm.data import BatchSampler, Corpus, load_corpus, validation_batches
 from swarm.model import ModelConfig, build_pipeline, resolve_config
 
 TAINT_SCOPES = ("microbatch", "tensor")
+CHECKPOINT_FORMAT = "sentinel-mesh-checkpoint"
+CHECKPOINT_VERSION = 1
+CHECKPOINT_KEYS = frozenset({
+    "format", "version", "step", "config", "corpus", "embedding", "stages", "head", "optimizer", "sampler",
+    "route_rng", "torch_rng", "cuda_rng", "validator", "behaviours", "history", "events", "poisoned", "tainted",
+    "timing",
+})
 
 
 class MeshConfigError(ValueError):
     """An invalid mesh configuration."""
+
+
+class CheckpointError(ValueError):
+    """A mesh checkpoint that cannot be resumed: unreadable, malformed, or made by another configuration or corpus."""
+
+
+class MeshInterrupted(KeyboardInterrupt):
+    """Raised by ``Mesh.run`` for Ctrl-C (SIGINT) or SIGTERM during a checkpointed run, once the step in progress
+    finished and the checkpoint was written: ``step`` steps are done and saved in ``checkpoint``."""
+
+    def __init__(self, step: int, checkpoint: str, signum: int):
+        super().__init__(f"interrupted by signal {signum} after step {step}; checkpoint: {checkpoint}")
+        self.step = step
+        self.checkpoint = checkpoint
+        self.signum = signum
 
 
 @dataclass
@@ -176,6 +210,11 @@ class Mesh:
         self.validator_seconds = 0.0
         self.n_checks = 0
         self.n_stage_calls = 0
+        self.completed_steps = 0  # optimizer steps done; run() continues from here
+        self.wall_seconds = 0.0  # time spent in run()'s steps, over every session of a resumed run
+        # per-step series; the final evaluation is added to the result's copy only (a checkpoint never holds it)
+        self.history: dict[str, list] = {"step": [], "loss": [], "val": [], "banned": []}
+        self._corpus_digest: str | None = None
 
     @staticmethod
     def worker_ids(config: MeshConfig) -> list[str]:
@@ -311,23 +350,210 @@ class Mesh:
         self.optimizer.step()
         return float(np.mean(losses)) if losses else math.nan
 
-    def run(self, progress: Callable[[int, dict], None] | None = None) -> MeshResult:
+    def run(
+        self,
+        progress: Callable[[int, dict], None] | None = None,
+        *,
+        checkpoint: str | os.PathLike | None = None,
+        checkpoint_every: int = 10,
+        resume: bool = False,
+    ) -> MeshResult:
+        """Train from ``completed_steps`` (0 for a new mesh) to ``config.steps``, then evaluate and report.
+
+        ``progress(step, {"loss", "banned"})`` is called after every step. With ``checkpoint`` (a file path), the
+        state is written there atomically (``save_checkpoint``) every ``checkpoint_every`` steps and at the end, and
+        Ctrl-C (SIGINT) or SIGTERM is held until the step in progress ends: the checkpoint is then written and
+        :class:`MeshInterrupted` (a ``KeyboardInterrupt``) raised; a second signal interrupts at once, losing the
+        steps since the last checkpoint. (Signals are held only in the main thread and only while Python's default
+        handlers are installed.) With ``resume`` and an existing ``checkpoint`` file, it is loaded first
+        (``load_checkpoint``); a resumed run ends exactly as an uninterrupted one, except for timings.
+        """
         cfg = self.config
-        start = time.perf_counter()
-        history: dict[str, list] = {"step": [], "loss": [], "val": [], "banned": []}
-        for step in range(cfg.steps):
-            loss = self.step(step)
-            history["step"].append(step)
-            history["loss"].append(loss)
-            history["banned"].append(len(self.banned()))
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-                history["val"].append((step + 1, self.evaluate()))
-            if progress is not None:
-                progress(step, {"loss": loss, "banned": len(self.banned())})
-        wall = time.perf_counter() - start
-        val_loss = self.evaluate()
-        history["val"].append((cfg.steps, val_loss))
-        return MeshResult(self._report(val_loss, wall), history, self.events)
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        if resume and checkpoint is None:
+            raise ValueError("resume needs a checkpoint path")
+        if resume and checkpoint is not None and os.path.exists(checkpoint):
+            self.load_checkpoint(checkpoint)
+        with _HeldSignals(enabled=checkpoint is not None) as held:
+            while self.completed_steps < cfg.steps:
+                step = self.completed_steps
+                start = time.perf_counter()
+                loss = self.step(step)
+                self.history["step"].append(step)
+                self.history["loss"].append(loss)
+                self.history["banned"].append(len(self.banned()))
+                if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                    self.history["val"].append((step + 1, self.evaluate()))
+                self.completed_steps = step + 1
+                if progress is not None:
+                    progress(step, {"loss": loss, "banned": len(self.banned())})
+                self.wall_seconds += time.perf_counter() - start
+                if checkpoint is not None and held.signum is not None:
+                    self.save_checkpoint(checkpoint)
+                    raise MeshInterrupted(self.completed_steps, os.fspath(checkpoint), held.signum)
+                if checkpoint is not None and self.completed_steps % checkpoint_every == 0:
+                    self.save_checkpoint(checkpoint)
+            if checkpoint is not None and self.completed_steps % checkpoint_every != 0:
+                self.save_checkpoint(checkpoint)
+        history = {k: list(v) for k, v in self.history.items()}
+        if history["val"] and history["val"][-1][0] == cfg.steps:
+            val_loss = history["val"][-1][1]
+        else:
+            val_loss = self.evaluate()
+            history["val"].append((cfg.steps, val_loss))
+        return MeshResult(self._report(val_loss, self.wall_seconds), history, list(self.events))
+
+    # --- checkpoints ------------------------------------------------------------------------------------------
+
+    def corpus_digest(self) -> str:
+        """SHA-256 of the train and validation bytes: a checkpoint is resumed on the same corpus only."""
+        if self._corpus_digest is None:
+            h = hashlib.sha256()
+            for part in (self.corpus.train, self.corpus.val):
+                data = np.ascontiguousarray(part, dtype=np.uint8)
+                h.update(len(data).to_bytes(8, "little"))
+                h.update(memoryview(data))
+            self._corpus_digest = h.hexdigest()
+        return self._corpus_digest
+
+    def state_dict(self) -> dict:
+        """Everything an exact continuation needs, after ``completed_steps`` steps (call it between steps).
+
+        Plain dicts, lists, tuples, numbers, strings and CPU tensors: loadable with ``torch.load(...,
+        weights_only=True)``. Tensors already on CPU are not copied: save it before running more steps."""
+        cuda = self.device.type == "cuda"
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "step": self.completed_steps,
+            "config": self.config.to_dict(),
+            "corpus": {"source": self.corpus.source, "sha256": self.corpus_digest()},
+            "embedding": _cpu(self.embedding.state_dict()),
+            "stages": [_cpu(stage.state_dict()) for stage in self.stages],
+            "head": _cpu(self.head.state_dict()),
+            "optimizer": _cpu(self.optimizer.state_dict()),
+            "sampler": self.sampler.state_dict(),
+            "route_rng": copy.deepcopy(self.route_rng.bit_generator.state),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if cuda else None,
+            "validator": None if self.validator is None else self.validator.state_dict(),
+            "behaviours": {w: b.state_dict(with_history=True) for w, b in self.behaviours.items()},
+            "history": {k: list(v) for k, v in self.history.items()},
+            "events": [asdict(e) for e in self.events],
+            "poisoned": sorted(self.poisoned),
+            "tainted": sorted(self.tainted),
+            "timing": {
+                "stage_seconds": self.stage_seconds,
+                "validator_seconds": self.validator_seconds,
+                "n_checks": self.n_checks,
+                "n_stage_calls": self.n_stage_calls,
+                "wall_seconds": self.wall_seconds,
+            },
+        }
+
+    def check_state_dict(self, d: object) -> int:
+        """Validate a checkpoint against this mesh without changing anything; returns its step.
+
+        Raises :class:`CheckpointError` for a foreign or malformed file, another format version, a configuration
+        that differs in anything but ``steps``, another corpus, or a step beyond ``config.steps``."""
+        if not isinstance(d, dict) or d.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError("not a mesh checkpoint (no 'format': 'sentinel-mesh-checkpoint')")
+        if d.get("version") != CHECKPOINT_VERSION:
+            raise CheckpointError(f"checkpoint format version {d.get('version')!r}, expected {CHECKPOINT_VERSION}")
+        missing = sorted(CHECKPOINT_KEYS - set(d))
+        if missing:
+            raise CheckpointError(f"malformed checkpoint: missing {missing}")
+        if not isinstance(d["config"], dict):
+            raise CheckpointError("malformed checkpoint: 'config' is not a dict")
+        differences = _config_differences(d["config"], self.config.to_dict(), ignore=("steps",))
+        if differences:
+            raise CheckpointError(
+                "checkpoint was made with another configuration (only steps may change): " + "; ".join(differences)
+            )
+        corpus = d["corpus"]
+        if not isinstance(corpus, dict) or corpus.get("sha256") != self.corpus_digest():
+            source = corpus.get("source") if isinstance(corpus, dict) else None
+            raise CheckpointError(f"checkpoint was made on another corpus ({source}), not {self.corpus.source}")
+        step = d["step"]
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise CheckpointError(f"malformed checkpoint: step {step!r}")
+        if step > self.config.steps:
+            raise CheckpointError(f"checkpoint is at step {step}, past this run's {self.config.steps} steps")
+        if not isinstance(d["stages"], list) or len(d["stages"]) != len(self.stages):
+            raise CheckpointError(f"malformed checkpoint: expected {len(self.stages)} stage states")
+        if not isinstance(d["behaviours"], dict) or set(d["behaviours"]) != set(self.behaviours):
+            raise CheckpointError("malformed checkpoint: its attackers are not this mesh's")
+        if (d["validator"] is None) != (self.validator is None):
+            raise CheckpointError("malformed checkpoint: validator state does not match the defence setting")
+        return step
+
+    def load_state_dict(self, d: dict) -> None:
+        """Restore a ``state_dict`` (validated first by ``check_state_dict``; see there for the errors).
+
+        A checkpoint that passes validation but then fails to load (damaged inner state) raises CheckpointError
+        too; the mesh is then partly restored and must not be used."""
+        step = self.check_state_dict(d)
+        try:
+            self.embedding.load_state_dict(d["embedding"])
+            for stage, state in zip(self.stages, d["stages"]):
+                stage.load_state_dict(state)
+            self.head.load_state_dict(d["head"])
+            self.optimizer.load_state_dict(d["optimizer"])
+            self.sampler.load_state_dict(d["sampler"])
+            self.route_rng.bit_generator.state = copy.deepcopy(d["route_rng"])
+            torch.set_rng_state(d["torch_rng"])
+            if d["cuda_rng"] is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(d["cuda_rng"], self.device)
+            if self.validator is not None:
+                self.validator.load_state_dict(d["validator"], self.device)
+            for worker, behaviour in self.behaviours.items():
+                behaviour.load_state_dict(d["behaviours"][worker])
+            history = d["history"]
+            self.history = {k: list(history[k]) for k in ("step", "loss", "val", "banned")}
+            self.history["val"] = [(int(s), float(v)) for s, v in self.history["val"]]
+            self.events = [Event(**e) for e in d["events"]]
+            self.poisoned = {int(mb) for mb in d["poisoned"]}
+            self.tainted = {int(mb) for mb in d["tainted"]}
+            timing = d["timing"]
+            self.stage_seconds = float(timing["stage_seconds"])
+            self.validator_seconds = float(timing["validator_seconds"])
+            self.n_checks = int(timing["n_checks"])
+            self.n_stage_calls = int(timing["n_stage_calls"])
+            self.wall_seconds = float(timing["wall_seconds"])
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"malformed checkpoint: {type(e).__name__}: {e}") from e
+        if len(self.history["step"]) != step:
+            raise CheckpointError(f"malformed checkpoint: {len(self.history['step'])} steps of history, step {step}")
+        self.completed_steps = step
+
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        """Write ``state_dict()`` to ``path`` atomically: to ``path + ".tmp"``, synced to disk, then renamed over
+        ``path``, so that a crash at any moment leaves the previous checkpoint or the new one, never half of one."""
+        path = os.fspath(path)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as fh:
+            torch.save(self.state_dict(), fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> int:
+        """Load a checkpoint written by ``save_checkpoint`` (``torch.load(..., weights_only=True)``: no code runs).
+
+        Returns the step it continues from. FileNotFoundError if there is none; CheckpointError if it is unreadable,
+        malformed, or from another configuration (anything but ``steps``) or corpus."""
+        try:
+            state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+            raise CheckpointError(f"cannot read checkpoint {os.fspath(path)}: {e}") from e
+        self.load_state_dict(state)
+        return self.completed_steps
 
     def _report(self, val_loss: float, wall: float) -> dict:
         cfg = self.config
@@ -359,3 +585,70 @@ class Mesh:
             "model": self.model_config.to_dict(),
             "config": cfg.to_dict(),
         }
+
+
+def _cpu(state: object) -> object:
+    """``state`` with every tensor moved to CPU (CPU tensors are kept as they are), for a portable checkpoint."""
+    if isinstance(state, torch.Tensor):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {k: _cpu(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_cpu(v) for v in state]
+    return state
+
+
+def _config_differences(saved: dict, current: dict, ignore: tuple[str, ...] = (), prefix: str = "") -> list[str]:
+    """``"key: saved -> current"`` for every setting that differs (nested dicts compared key by key)."""
+    out = []
+    for key in sorted(set(saved) | set(current), key=str):
+        if key in ignore:
+            continue
+        a, b = saved.get(key, "<missing>"), current.get(key, "<missing>")
+        if isinstance(a, dict) and isinstance(b, dict) and key != "attack_params":
+            out += _config_differences(a, b, prefix=f"{prefix}{key}.")
+        elif _normalise(a) != _normalise(b):
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def _normalise(value: object) -> object:
+    """Tuples and lists compare equal (a checkpoint may hold either)."""
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _normalise(v) for k, v in value.items()}
+    return value
+
+
+class _HeldSignals:
+    """Holds SIGINT and SIGTERM (records the first in ``signum``) while enabled, in the main thread, where Python's
+    default handlers are installed; a second signal of the same kind acts at once (the default handler is back)."""
+
+    SIGNALS = (("SIGINT", signal.default_int_handler), ("SIGTERM", signal.SIG_DFL))
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> _HeldSignals:
+        if not self.enabled or threading.current_thread() is not threading.main_thread():
+            return self
+        for name, default in self.SIGNALS:
+            signum = getattr(signal, name, None)
+            if signum is not None and signal.getsignal(signum) is default:
+                self._previous[signum] = signal.signal(signum, self._hold)
+        return self
+
+    def _hold(self, signum: int, frame: object) -> None:
+        if self.signum is None:
+            self.signum = signum
+        previous = self._previous.pop(signum, None)
+        if previous is not None:
+            signal.signal(signum, previous)
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
