@@ -21,10 +21,27 @@ client raises the matching typed error, so a caller can tell apart
 * :class:`RemoteFailure` (``"internal"``): the server failed while handling a well-formed request;
 * :class:`TransportError`: nothing usable came back (dial failure, timeout, handler crash, garbage reply).
 
-Size limit (v1): hivemind's unary messages are capped at 4 MiB; a request whose tensors exceed
-:data:`MAX_UNARY_TENSOR_BYTES` (2 MiB, hivemind's own switch-to-streaming threshold) raises :class:`PayloadTooLarge`
-on the client before anything is sent, and a server refuses such requests with ``bad_request``. Streaming
-(``split_for_streaming``) is not implemented yet: use smaller micro-batches or FLOAT16 on the wire.
+Sizes: hivemind's unary messages are capped at 4 MiB, so a message whose tensors exceed
+:data:`MAX_UNARY_TENSOR_BYTES` (2 MiB, hivemind's own switch-to-streaming threshold) is streamed instead:
+``forward_stream``, ``backward_stream`` and ``check_stream`` carry the same request and reply as their unary twins,
+cut into parts (:func:`split_message`): the first part holds the metadata, and every tensor is split by hivemind's
+``split_for_streaming`` into chunks of :data:`STREAM_CHUNK_BYTES`, one chunk per part. :func:`call_auto` picks unary
+or stream per call: it streams when the request's tensors, or the largest reply the call can get (one tensor like the
+first request tensor, 4 bytes a value), exceed the unary threshold. A streamed reply comes back the same way. Both
+sides reassemble with :func:`gather_stream`, which checks every part against its bounds as it arrives (the tensor
+headers' compression, dtype and declared size, at most ``max_tensors`` tensors of at most ``max_tensor_bytes`` each
+(servers derive it from their :class:`TensorSpec`: ``max_batch * seq_len * d_model * 4``), at most
+:data:`MAX_STREAM_TENSOR_BYTES` in all, exact chunk framing, metadata on the first part only, a bounded part count)
+and raises :class:`BadRequest` before the rest of an oversized or inconsistent stream is read or allocated. The
+reassembled request then goes through exactly the same handler code, checks and typed errors as a unary one; an
+error is answered as a one-part stream holding the usual error metadata. A unary request over the threshold is
+refused (``bad_request``), and so is one whose reply could not fit a unary message (checked before computing).
+:class:`PayloadTooLarge` is left for tensors over :data:`MAX_STREAM_TENSOR_BYTES`, raised by the client before
+anything is sent. The thresholds are read at call time, so a test may lower them on both sides of a loopback swarm.
+A server gives a stream :data:`STREAM_RECEIVE_TIMEOUT` seconds to arrive whole; after refusing a stream early it
+reads and drops the rest for up to :data:`STREAM_DRAIN_TIMEOUT` seconds (see :func:`answer_stream`). Limit: hivemind
+reads each stream frame whole before a handler sees it (its stream framing has no size cap, unlike the 4 MiB of
+unary messages), so a part bigger than a chunk is refused only once it has been read.
 
 Wire compression: only ``NONE`` and ``FLOAT16``. A verdict is bound to the digest of the tensor *as the receiver
 decodes it*, so whoever signs a verdict first passes the tensor through :func:`as_received` (FLOAT16 rounding is
@@ -35,15 +52,17 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import msgpack
 import torch
+from google.protobuf.message import DecodeError
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.p2p import P2PDaemonError, P2PHandlerError
 from hivemind.proto import runtime_pb2
+from hivemind.utils.streaming import split_for_streaming
 
 from sentinel.stats import all_finite
 from swarm.identity import Identity
@@ -56,7 +75,11 @@ from swarm.records import (
     tensor_digest,
 )
 
-MAX_UNARY_TENSOR_BYTES = 2 * 2**20  # sum of serialized tensor buffers in one request
+MAX_UNARY_TENSOR_BYTES = 2 * 2**20  # sum of serialized tensor buffers in one unary message; above: streamed
+STREAM_CHUNK_BYTES = 2**20  # tensor bytes per streamed part
+MAX_STREAM_TENSOR_BYTES = 2**30  # sum of serialized tensor buffers in one streamed message (hard bound)
+STREAM_RECEIVE_TIMEOUT = 120.0  # seconds a server waits for a whole streamed request
+STREAM_DRAIN_TIMEOUT = 5.0  # seconds a server reads (and drops) the rest of a stream it refused early
 MAX_METADATA_BYTES = 16 * 2**10
 MAX_BATCH = 1024  # sequences per micro-batch
 MAX_SENDER = 128
@@ -79,7 +102,7 @@ class BadRequest(ProtocolError):
 
 
 class PayloadTooLarge(BadRequest):
-    """The tensors exceed the unary message budget (streaming is not implemented in v1)."""
+    """The tensors exceed :data:`MAX_STREAM_TENSOR_BYTES`, the hard bound of one (streamed) message."""
 
 
 class RemoteFailure(ProtocolError):
@@ -198,15 +221,26 @@ def encode_tensor(tensor: torch.Tensor, compression: int = runtime_pb2.Compressi
 def encode_tensors(
     tensors: Sequence[torch.Tensor], compression: int = runtime_pb2.CompressionType.NONE
 ) -> list[runtime_pb2.Tensor]:
-    """Serialize for one unary message; PayloadTooLarge if the buffers exceed MAX_UNARY_TENSOR_BYTES."""
+    """Serialize for one message (unary or streamed); PayloadTooLarge over MAX_STREAM_TENSOR_BYTES."""
     encoded = [encode_tensor(t, compression) for t in tensors]
-    total = sum(len(t.buffer) for t in encoded)
-    if total > MAX_UNARY_TENSOR_BYTES:
-        raise PayloadTooLarge(
-            f"{total} bytes of tensors exceed the {MAX_UNARY_TENSOR_BYTES}-byte unary limit; "
-            "streaming is not implemented: use smaller micro-batches or FLOAT16"
-        )
+    total = tensor_bytes(encoded)
+    if total > MAX_STREAM_TENSOR_BYTES:
+        raise PayloadTooLarge(f"{total} bytes of tensors exceed the {MAX_STREAM_TENSOR_BYTES}-byte limit of a message")
     return encoded
+
+
+def tensor_bytes(protos: Sequence[runtime_pb2.Tensor]) -> int:
+    """The serialized tensor buffers' total length: what the unary and stream limits count."""
+    return sum(len(t.buffer) for t in protos)
+
+
+def wire_nbytes(proto: runtime_pb2.Tensor, name: str) -> int:
+    """The buffer length a tensor header implies; BadRequest for a compression or dtype the protocol refuses."""
+    if proto.compression not in ALLOWED_COMPRESSION:
+        raise BadRequest(f"{name}: compression must be NONE or FLOAT16")
+    if proto.dtype not in FLOAT_DTYPES:
+        raise BadRequest(f"{name}: dtype must be one of {sorted(FLOAT_DTYPES)}")
+    return math.prod(proto.size) * (_WIRE_BYTES[proto.compression] or FLOAT_DTYPES[proto.dtype])
 
 
 @dataclass(frozen=True)
@@ -227,19 +261,14 @@ def decode_hidden(
     hostile header; then the decoded values for finiteness (unless ``require_finite=False``, for validators, whose
     job is to flag non-finite tensors).
     """
-    if proto.compression not in ALLOWED_COMPRESSION:
-        raise BadRequest(f"{name}: compression must be NONE or FLOAT16")
-    if proto.dtype not in FLOAT_DTYPES:
-        raise BadRequest(f"{name}: dtype must be one of {sorted(FLOAT_DTYPES)}")
+    nbytes = wire_nbytes(proto, name)
     shape = tuple(proto.size)
     if len(shape) != 3 or shape[2] != spec.d_model:
         raise BadRequest(f"{name}: shape must be [B, T, {spec.d_model}]")
     batch, length, _ = shape
     if not 1 <= batch <= spec.max_batch or not 1 <= length <= spec.seq_len:
         raise BadRequest(f"{name}: need 1 <= B <= {spec.max_batch} and 1 <= T <= {spec.seq_len}")
-    numel = math.prod(shape)
-    per_value = _WIRE_BYTES[proto.compression] or FLOAT_DTYPES[proto.dtype]
-    if len(proto.buffer) != numel * per_value:
+    if len(proto.buffer) != nbytes:
         raise BadRequest(f"{name}: buffer length does not match shape and dtype")
     try:
         tensor = deserialize_torch_tensor(proto)
@@ -252,12 +281,98 @@ def decode_hidden(
     return tensor
 
 
+def max_hidden_bytes(spec: TensorSpec) -> int:
+    """The largest serialized hidden-state tensor ``spec`` admits (``[max_batch, seq_len, d_model]``, 4 bytes a value):
+    the per-tensor bound of a streamed message."""
+    return spec.max_batch * spec.seq_len * spec.d_model * max(FLOAT_DTYPES.values())
+
+
 def request_tensors(request: runtime_pb2.ExpertRequest, count: int) -> Sequence[runtime_pb2.Tensor]:
     if len(request.tensors) != count:
         raise BadRequest(f"expected {count} tensor(s), got {len(request.tensors)}")
-    if sum(len(t.buffer) for t in request.tensors) > MAX_UNARY_TENSOR_BYTES:
-        raise BadRequest("tensors exceed the unary size limit")
     return request.tensors
+
+
+def check_unary_request(request: runtime_pb2.ExpertRequest) -> None:
+    """A unary request must fit the unary budget (a larger one belongs on the ``*_stream`` RPC)."""
+    if tensor_bytes(request.tensors) > MAX_UNARY_TENSOR_BYTES:
+        raise BadRequest("tensors exceed the unary size limit: use the stream RPC")
+
+
+def check_unary_reply(numel: int, compression: int) -> None:
+    """Before computing a unary request's reply (one tensor of ``numel`` values, sent with ``compression``): refuse
+    it if it could not travel as a unary message. :func:`call_auto` never sends such a request."""
+    if numel * (_WIRE_BYTES[compression] or 4) > MAX_UNARY_TENSOR_BYTES:
+        raise BadRequest("the reply would exceed the unary size limit: use the stream RPC")
+
+
+# ------------------------------------------------------------------------------------------------------ streaming
+def split_message(message: runtime_pb2.ExpertRequest | runtime_pb2.ExpertResponse) -> Iterator:
+    """The parts of a streamed message (parts have the message's type): the first carries the metadata, each part at
+    most one chunk of :data:`STREAM_CHUNK_BYTES` of one tensor; a message without tensors is one part."""
+    cls = type(message)
+    chunks = (chunk for t in message.tensors for chunk in split_for_streaming(t, STREAM_CHUNK_BYTES))
+    first = next(chunks, None)
+    yield cls(metadata=message.metadata, tensors=[] if first is None else [first])
+    for chunk in chunks:
+        yield cls(tensors=[chunk])
+
+
+async def gather_stream(parts: AsyncIterator, cls: type, *, max_tensors: int, max_tensor_bytes: int):
+    """Reassemble a message of type ``cls`` from the parts of :func:`split_message`, checking bounds as parts arrive.
+
+    BadRequest, raised before reading further parts, for: an empty stream; more than ``1 + max_tensors *
+    ceil(max_tensor_bytes / STREAM_CHUNK_BYTES)`` parts; metadata after the first part; a part with several chunks, or
+    a later part with none; more than ``max_tensors`` tensors; a tensor header with a refused compression or dtype, an
+    empty or over-``max_tensor_bytes`` size, a running total over :data:`MAX_STREAM_TENSOR_BYTES`, or a chunk count
+    that disagrees with its size; a continuation chunk carrying header fields; a chunk whose length is not
+    ``min(STREAM_CHUNK_BYTES, bytes left)``; a stream ending inside a tensor. Shapes, values and the tensor count a
+    request needs are checked afterwards by the same code as a unary request's.
+    """
+    chunk_bytes = STREAM_CHUNK_BYTES
+    max_parts = 1 + max_tensors * max(1, math.ceil(max_tensor_bytes / chunk_bytes))
+    metadata, done, n_parts, total = b"", [], 0, 0
+    header: runtime_pb2.Tensor | None = None
+    pieces: list[bytes] = []
+    expected = received = 0
+    async for part in parts:
+        n_parts += 1
+        if n_parts > max_parts:
+            raise BadRequest(f"stream has more than {max_parts} parts")
+        if n_parts == 1:
+            metadata = part.metadata
+        elif part.metadata:
+            raise BadRequest("only the first part of a stream may carry metadata")
+        if len(part.tensors) > 1 or (n_parts > 1 and not part.tensors):
+            raise BadRequest("a streamed part must carry one tensor chunk")
+        for chunk in part.tensors:
+            if header is None:  # a new tensor: its header is checked before any of its chunks are kept
+                if len(done) >= max_tensors:
+                    raise BadRequest(f"stream carries more than {max_tensors} tensor(s)")
+                expected = wire_nbytes(chunk, "streamed tensor")
+                if not 0 < expected <= max_tensor_bytes or total + expected > MAX_STREAM_TENSOR_BYTES:
+                    raise BadRequest(f"streamed tensor size {expected}: need 0 < size <= {max_tensor_bytes} bytes, "
+                                     f"at most {MAX_STREAM_TENSOR_BYTES} in all")  # fmt: skip
+                if chunk.chunks != math.ceil(expected / chunk_bytes):
+                    raise BadRequest("streamed tensor's chunk count disagrees with its size")
+                header, pieces, received, total = chunk, [], 0, total + expected
+            elif chunk.size or chunk.dtype or chunk.chunks or chunk.compression or chunk.requires_grad:
+                raise BadRequest("a continuation chunk carries tensor header fields")
+            if len(chunk.buffer) != min(chunk_bytes, expected - received):
+                raise BadRequest("streamed chunk length disagrees with its tensor's header")
+            pieces.append(chunk.buffer)
+            received += len(chunk.buffer)
+            if received == expected:
+                done.append(runtime_pb2.Tensor(
+                    compression=header.compression, size=header.size, dtype=header.dtype,
+                    requires_grad=header.requires_grad, buffer=b"".join(pieces),
+                ))  # fmt: skip
+                header, pieces = None, []
+    if n_parts == 0:
+        raise BadRequest("empty stream")
+    if header is not None:
+        raise BadRequest("stream ended inside a tensor")
+    return cls(metadata=metadata, tensors=done)
 
 
 # ------------------------------------------------------------------------------------------- check authorization
@@ -274,6 +389,45 @@ def check_request_bytes(
     )  # fmt: skip
 
 
+# -------------------------------------------------------------------------------------------------------- server
+async def receive_stream(
+    parts: AsyncIterator[runtime_pb2.ExpertRequest], *, max_tensors: int, spec: TensorSpec
+) -> runtime_pb2.ExpertRequest:
+    """A server's side of a streamed request: reassembled by :func:`gather_stream` with at most ``max_tensors``
+    hidden states within ``spec``, within STREAM_RECEIVE_TIMEOUT seconds (else BadRequest)."""
+    timeout = STREAM_RECEIVE_TIMEOUT
+    gathering = gather_stream(parts, runtime_pb2.ExpertRequest, max_tensors=max_tensors,
+                              max_tensor_bytes=max_hidden_bytes(spec))  # fmt: skip
+    try:
+        return await asyncio.wait_for(gathering, timeout)
+    except asyncio.TimeoutError:
+        raise BadRequest(f"streamed request did not arrive within {timeout} s") from None
+
+
+async def answer_stream(
+    requests: AsyncIterator[runtime_pb2.ExpertRequest],
+    handle: Callable[[AsyncIterator[runtime_pb2.ExpertRequest]], Awaitable[runtime_pb2.ExpertResponse]],
+) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+    """A server's streamed RPC: the parts of ``await handle(requests)`` (the reply, or the error reply).
+
+    A request refused before it was read whole (by :func:`gather_stream`'s bounds) is then read to its end and
+    dropped, for at most STREAM_DRAIN_TIMEOUT seconds (a caller that got the error reply hangs up at once): closing
+    a stream whose input is still arriving resets it, and the reset can discard the error reply before the caller
+    reads it (seen on loopback: ``ConnectionResetError`` instead of ``BadRequest``).
+    """
+    for part in split_message(await handle(requests)):
+        yield part
+
+    async def drain() -> None:
+        async for _ in requests:
+            pass
+
+    try:
+        await asyncio.wait_for(drain(), STREAM_DRAIN_TIMEOUT)
+    except asyncio.TimeoutError:
+        pass
+
+
 # -------------------------------------------------------------------------------------------------------- client
 @dataclass
 class CheckReply:
@@ -288,12 +442,12 @@ class CheckReply:
     scores: dict[str, float] = field(default_factory=dict)
 
 
-async def call(stub_method: Any, request: runtime_pb2.ExpertRequest, timeout: float) -> runtime_pb2.ExpertResponse:
-    """One unary RPC; raises the typed error a server answered, or TransportError if nothing usable came back."""
-    try:
-        response = await stub_method(request, timeout=timeout)
-    except (P2PDaemonError, P2PHandlerError, asyncio.TimeoutError, ConnectionError, OSError) as e:
-        raise TransportError(f"{type(e).__name__}: {str(e)[:200]}") from None
+_TRANSPORT_ERRORS = (P2PDaemonError, P2PHandlerError, asyncio.TimeoutError, asyncio.IncompleteReadError,
+                     ConnectionError, OSError)  # fmt: skip
+
+
+def _checked_reply(response: runtime_pb2.ExpertResponse) -> runtime_pb2.ExpertResponse:
+    """The reply itself, or the typed error it carries (TransportError if its metadata is unreadable)."""
     try:
         meta = unpack_meta(response.metadata)
     except BadRequest as e:
@@ -302,6 +456,66 @@ async def call(stub_method: Any, request: runtime_pb2.ExpertRequest, timeout: fl
         code, message = meta.get("error"), meta.get("message", "")
         raise error_from_code(code if isinstance(code, str) else "", message if isinstance(message, str) else "")
     return response
+
+
+async def call(stub_method: Any, request: runtime_pb2.ExpertRequest, timeout: float) -> runtime_pb2.ExpertResponse:
+    """One unary RPC; raises the typed error a server answered, or TransportError if nothing usable came back."""
+    try:
+        response = await stub_method(request, timeout=timeout)
+    except _TRANSPORT_ERRORS as e:
+        raise TransportError(f"{type(e).__name__}: {str(e)[:200]}") from None
+    return _checked_reply(response)
+
+
+async def call_stream(
+    stub_method: Any, request: runtime_pb2.ExpertRequest, timeout: float, spec: TensorSpec
+) -> runtime_pb2.ExpertResponse:
+    """One streamed RPC: ``request`` goes out in parts, the reply is reassembled (at most one tensor within
+    ``spec``); typed errors as :func:`call`. The whole exchange is bounded by ``timeout``."""
+
+    async def parts() -> AsyncIterator[runtime_pb2.ExpertRequest]:
+        for part in split_message(request):
+            yield part
+
+    async def exchange() -> runtime_pb2.ExpertResponse:
+        replies = await stub_method(parts())
+        try:
+            first = await anext(replies, None)
+            if first is None:
+                raise TransportError("empty reply stream")
+            _checked_reply(first)  # an error reply is one part: raise it without waiting for the stream to close
+
+            async def rest():
+                yield first
+                async for part in replies:
+                    yield part
+
+            try:
+                return await gather_stream(rest(), runtime_pb2.ExpertResponse, max_tensors=1,
+                                           max_tensor_bytes=max_hidden_bytes(spec))  # fmt: skip
+            except BadRequest as e:
+                raise TransportError(f"bad reply stream: {e}") from None
+        finally:
+            await replies.aclose()
+
+    try:
+        return await asyncio.wait_for(exchange(), timeout)
+    except (*_TRANSPORT_ERRORS, DecodeError, TypeError) as e:  # hivemind's stream reader on a garbage frame
+        raise TransportError(f"{type(e).__name__}: {str(e)[:200]}") from None
+
+
+async def call_auto(
+    stub: Any, unary_name: str, stream_name: str, tensors: Sequence[torch.Tensor], meta: dict[str, Any],
+    timeout: float, compression: int, spec: TensorSpec,
+) -> runtime_pb2.ExpertResponse:  # fmt: skip
+    """Call ``stub.<unary_name>`` when the tensors and the largest possible reply fit a unary message, else
+    ``stub.<stream_name>``. Every reply of this protocol carries at most one tensor no larger than the first request
+    tensor, so its bound is that tensor's size at 4 bytes a value. PayloadTooLarge over MAX_STREAM_TENSOR_BYTES."""
+    request = runtime_pb2.ExpertRequest(tensors=encode_tensors(tensors, compression), metadata=pack_meta(meta))
+    reply_bytes = tensors[0].numel() * 4 if tensors else 0
+    if max(tensor_bytes(request.tensors), reply_bytes) <= MAX_UNARY_TENSOR_BYTES:
+        return await call(getattr(stub, unary_name), request, timeout)
+    return await call_stream(getattr(stub, stream_name), request, timeout, spec)
 
 
 def decode_reply_tensor(response: runtime_pb2.ExpertResponse, spec: TensorSpec, *, index: int = 0) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""A stage server: one untrusted pipeline stage served over hivemind P2P (``rpc_forward`` / ``rpc_backward``).
+"""A stage server: one untrusted pipeline stage served over hivemind P2P (``rpc_forward`` / ``rpc_backward``, and
+``rpc_forward_stream`` / ``rpc_backward_stream`` for tensors over the unary limit: see ``swarm.protocol``).
 
 Pipeline stage ``k`` (1..S) holds blocks ``manifest.layer_spans[k - 1]``. Its input crosses boundary ``k - 1`` and
 its output boundary ``k`` (see ``sentinel.validator``). It computes only on inputs that come with a verdict:
@@ -33,10 +34,12 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import AsyncIterator  # noqa: UP035 (ServicerBase detects stream handlers by typing's AsyncIterator only)
 
 import torch
 from hivemind import DHT
@@ -53,12 +56,16 @@ from swarm.model import ModelConfig, Stage, resolve_config
 from swarm.protocol import (
     BadRequest,
     TensorSpec,
+    answer_stream,
+    check_unary_reply,
+    check_unary_request,
     decode_hidden,
     encode_tensors,
     error_response,
     meta_int,
     meta_str,
     meta_verdict,
+    receive_stream,
     request_tensors,
     unpack_meta,
 )
@@ -140,6 +147,7 @@ class StageServer(ServicerBase):
         self.backward_calls = 0
         self.optimizer_steps = 0
         self.rejected: dict[str, int] = {}
+        self.stream_calls: Counter[str] = Counter()  # "forward" / "backward" requests that came streamed
         self.seconds_ema: float | None = None  # seconds per forward+backward of one micro-batch
         self._seen_backward: OrderedDict[tuple[int, int], None] = OrderedDict()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{config.stage}")  # serial
@@ -240,11 +248,33 @@ class StageServer(ServicerBase):
     ) -> runtime_pb2.ExpertResponse:
         return await self._serve("backward", request)
 
-    async def _serve(self, kind: str, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
+    async def rpc_forward_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        async for part in answer_stream(requests, partial(self._serve, "forward")):
+            yield part
+
+    async def rpc_backward_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        async for part in answer_stream(requests, partial(self._serve, "backward")):
+            yield part
+
+    async def _serve(
+        self, kind: str, request: runtime_pb2.ExpertRequest | AsyncIterator[runtime_pb2.ExpertRequest]
+    ) -> runtime_pb2.ExpertResponse:
+        """Both paths: a unary request, or the parts of a streamed one (reassembled within the stage's bounds, then
+        handled by the same code). Every error becomes the typed error reply."""
+        unary = isinstance(request, runtime_pb2.ExpertRequest)
         try:
+            if unary:
+                check_unary_request(request)
+            else:
+                self.stream_calls[kind] += 1
+                request = await receive_stream(request, max_tensors=1 if kind == "forward" else 2, spec=self.spec)
             if kind == "forward":
-                return await self._forward(request)
-            return await self._backward(request)
+                return await self._forward(request, unary=unary)
+            return await self._backward(request, unary=unary)
         except (BadRequest, InputRejected) as e:
             self.rejected[e.code] = self.rejected.get(e.code, 0) + 1
             logger.debug(f"stage {self.config.stage}: {kind} rejected ({e.code}): {e}")
@@ -263,22 +293,26 @@ class StageServer(ServicerBase):
         )  # fmt: skip
         return run, step, mb, h
 
-    async def _forward(self, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
+    async def _forward(self, request: runtime_pb2.ExpertRequest, *, unary: bool) -> runtime_pb2.ExpertResponse:
         meta = unpack_meta(request.metadata)
         (proto,) = request_tensors(request, 1)
         _, step, mb, h = self._checked_input(meta, proto)
+        if unary:
+            check_unary_reply(h.numel(), self.config.compression)
         self.forward_calls += 1
         out = await self._run(self._compute_forward, h)
         out = self._send(out, step, mb, "forward")
         return runtime_pb2.ExpertResponse(tensors=encode_tensors([out], self.config.compression))
 
-    async def _backward(self, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
+    async def _backward(self, request: runtime_pb2.ExpertRequest, *, unary: bool) -> runtime_pb2.ExpertResponse:
         meta = unpack_meta(request.metadata)
         h_proto, g_proto = request_tensors(request, 2)
         run, step, mb, h = self._checked_input(meta, h_proto)
         g = decode_hidden(g_proto, self.spec, "grad_output")
         if g.shape != h.shape:
             raise BadRequest("grad_output must have the input's shape")
+        if unary:
+            check_unary_reply(h.numel(), self.config.compression)
         check_verdict(
             meta_verdict(meta, "grad_verdict"), manifest=self.manifest, run_id=run, step=step, microbatch=mb,
             boundary=self.config.stage, direction=Direction.BACKWARD, digest=tensor_digest(g), allow_trainer=True,

@@ -53,10 +53,8 @@ from swarm.protocol import (
     TensorSpec,
     TransportError,
     as_received,
-    call,
+    call_auto,
     decode_reply_tensor,
-    encode_tensors,
-    pack_meta,
     sign_check,
     unpack_meta,
     verdict_from_meta,
@@ -252,12 +250,14 @@ class Trainer:
     def _stub(self, cls, peer: str):
         return cls.get_stub(self._p2p, PeerID.from_base58(peer), namespace=rpc_namespace(self.run))
 
+    async def _call(self, cls, peer: str, method: str, tensors: list[torch.Tensor], meta: dict):
+        """``method`` on ``peer``: unary, or ``{method}_stream`` when the tensors exceed the unary limit."""
+        c = self.config
+        return await call_auto(self._stub(cls, peer), method, f"{method}_stream", tensors, meta, c.rpc_timeout,
+                               c.compression, self.spec)  # fmt: skip
+
     async def _stage_call(self, peer: str, method: str, tensors: list[torch.Tensor], meta: dict) -> torch.Tensor:
-        request = runtime_pb2.ExpertRequest(
-            tensors=encode_tensors(tensors, self.config.compression), metadata=pack_meta(meta)
-        )
-        stub = self._stub(StageServer, peer)
-        response = await call(getattr(stub, method), request, self.config.rpc_timeout)
+        response = await self._call(StageServer, peer, method, tensors, meta)
         out = decode_reply_tensor(response, self.spec)
         self.metrics.stage_calls[peer] += 1
         return out
@@ -276,10 +276,7 @@ class Trainer:
         meta = {"run": self.run, "step": step, "mb": mb, "boundary": boundary, "direction": int(direction),
                 "sender": sender, "tainted": tainted, "warmup": warmup, "trainer": self.identity.public_key,
                 "signature": sign_check(self.identity, **fields)}  # fmt: skip
-        request = runtime_pb2.ExpertRequest(
-            tensors=encode_tensors([tensor, reference], self.config.compression), metadata=pack_meta(meta)
-        )
-        response = await call(self._stub(ValidatorService, peer).rpc_check, request, self.config.rpc_timeout)
+        response = await self._call(ValidatorService, peer, "rpc_check", [tensor, reference], meta)
         reply = unpack_meta(response.metadata)
         verdict = verdict_from_meta(reply, "verdict")
         tainted_now = reply.get("tainted") is True

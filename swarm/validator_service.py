@@ -1,4 +1,5 @@
-"""The validator role over the network: ``rpc_check`` wraps ``sentinel.validator.Validator`` and signs verdicts.
+"""The validator role over the network: ``rpc_check`` wraps ``sentinel.validator.Validator`` and signs verdicts
+(``rpc_check_stream``: the same for tensors over the unary limit, see ``swarm.protocol``).
 
 A check request comes from an authorized trainer (it signs the request, binding the ``warmup`` and ``tainted`` flags,
 which would otherwise let anyone obtain an ACCEPT without detection). The service runs ``Validator.check`` on the
@@ -25,6 +26,7 @@ from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import AsyncIterator  # noqa: UP035 (ServicerBase detects stream handlers by typing's AsyncIterator only)
 
 import torch
 from hivemind import DHT
@@ -41,8 +43,11 @@ from swarm.protocol import (
     ProtocolError,
     TensorSpec,
     Unauthorized,
+    answer_stream,
     as_received,
     check_request_bytes,
+    check_unary_reply,
+    check_unary_request,
     decode_hidden,
     encode_tensors,
     error_response,
@@ -50,6 +55,7 @@ from swarm.protocol import (
     meta_int,
     meta_str,
     pack_meta,
+    receive_stream,
     request_tensors,
     unpack_meta,
 )
@@ -101,6 +107,7 @@ class ValidatorService(ServicerBase):
         cfg = manifest_model_config(manifest)
         self.spec = TensorSpec(cfg.d_model, cfg.seq_len, config.max_batch)
         self.n_checks = 0
+        self.stream_calls = 0  # check requests that came streamed
         self._step: int | None = None  # highest step seen; its blame is settled when a later step starts
         self.n_tainted = 0
         self.seconds = 0.0
@@ -182,8 +189,27 @@ class ValidatorService(ServicerBase):
 
     # ------------------------------------------------------------------------------------------------- handler
     async def rpc_check(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        return await self._serve(request)
+
+    async def rpc_check_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        async for part in answer_stream(requests, self._serve):
+            yield part
+
+    async def _serve(
+        self, request: runtime_pb2.ExpertRequest | AsyncIterator[runtime_pb2.ExpertRequest]
+    ) -> runtime_pb2.ExpertResponse:
+        """Both paths: a unary request, or the parts of a streamed one (reassembled within the service's bounds, then
+        checked by the same code). Every error becomes the typed error reply."""
+        unary = isinstance(request, runtime_pb2.ExpertRequest)
         try:
-            return await self._check(request)
+            if unary:
+                check_unary_request(request)
+            else:
+                self.stream_calls += 1
+                request = await receive_stream(request, max_tensors=2, spec=self.spec)
+            return await self._check(request, unary=unary)
         except ProtocolError as e:
             logger.debug(f"validator: check rejected ({e.code}): {e}")
             return error_response(e)
@@ -191,7 +217,7 @@ class ValidatorService(ServicerBase):
             logger.exception("validator: check failed")
             return error_response(e)
 
-    async def _check(self, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
+    async def _check(self, request: runtime_pb2.ExpertRequest, *, unary: bool) -> runtime_pb2.ExpertResponse:
         meta = unpack_meta(request.metadata)
         run, step, mb = meta_str(meta, "run", max_len=64), meta_int(meta, "step"), meta_int(meta, "mb")
         if run != self.manifest.run_id:
@@ -208,6 +234,8 @@ class ValidatorService(ServicerBase):
         reference = decode_hidden(ref_proto, self.spec, "reference")
         if reference.shape != x.shape:
             raise BadRequest("reference must have the tensor's shape")
+        if unary:  # the reply may carry a replacement of x's shape
+            check_unary_reply(x.numel(), self.config.compression)
         digest = tensor_digest(x)
         trainer, signature = meta.get("trainer"), meta.get("signature")
         signed = check_request_bytes(

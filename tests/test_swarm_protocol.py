@@ -7,6 +7,7 @@ import pytest
 import torch
 from hivemind.proto import runtime_pb2
 
+from swarm import protocol
 from swarm.protocol import (
     BadRequest,
     PayloadTooLarge,
@@ -44,8 +45,14 @@ def test_decode_hidden_checks_before_compute():
     proto.buffer = proto.buffer[:-4]  # header and buffer disagree
     with pytest.raises(BadRequest):
         decode_hidden(proto, SPEC, "x")
+    assert len(encode_tensors([torch.zeros(2**19 + 1)])) == 1  # over the unary limit: streamed, not refused
+
+
+def test_payload_too_large_only_over_the_stream_bound(monkeypatch):
+    monkeypatch.setattr(protocol, "MAX_STREAM_TENSOR_BYTES", 4096)
+    encode_tensors([torch.zeros(512), torch.zeros(512)])
     with pytest.raises(PayloadTooLarge):
-        encode_tensors([torch.zeros(2**19 + 1)])
+        encode_tensors([torch.zeros(512), torch.zeros(513)])
 
 
 def test_float16_round_trip_is_idempotent_so_verdict_digests_hold():
