@@ -79,6 +79,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--steps", type=int, default=100)
     g.add_argument("--microbatches", type=int, default=4, help="micro-batches per step")
     g.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
+    g.add_argument("--max-inflight", type=int, default=4,
+                   help="micro-batches of a step driven through the swarm at once (pipelining; 1: one at a time)")
     g.add_argument("--lr", type=float, default=3e-3)
     g.add_argument("--warmup", type=int, default=5, help="honest warm-up steps announced to the validators")
     g.add_argument("--data", default=None, help="text file or folder (default: the Python standard library)")
@@ -98,8 +100,8 @@ def _check_args(args) -> None:
         raise CommandError("--stage and --attack are gpu-stage options")
     if args.role == "gpu-stage" and (args.average_every < 0 or args.average_timeout <= 2.0):
         raise CommandError("--average-every must be >= 0 and --average-timeout > 2 seconds")
-    if args.role == "trainer" and (args.steps < 1 or args.microbatches < 1 or args.batch_size < 1):
-        raise CommandError("--steps, --microbatches and --batch-size must be >= 1")
+    if args.role == "trainer" and min(args.steps, args.microbatches, args.batch_size, args.max_inflight) < 1:
+        raise CommandError("--steps, --microbatches, --batch-size and --max-inflight must be >= 1")
     if args.attack:
         from sentinel.attacks import make_attack, parse_params
 
@@ -309,7 +311,7 @@ async def _trainer(args, dht, manifest, identity, stop: StopFlag) -> int:
     corpus = load_corpus(args.data)
     config = TrainerConfig(
         seed=args.seed, batch_size=args.batch_size, microbatches=args.microbatches, lr=args.lr, warmup=args.warmup,
-        taint_scope=args.taint_scope,
+        taint_scope=args.taint_scope, max_inflight=args.max_inflight,
     )  # fmt: skip
     trainer = Trainer(config, manifest, identity, corpus)
     start_step = 0

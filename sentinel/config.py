@@ -32,7 +32,7 @@ class SentinelConfig:
     # honest outliers on a single distance (measured: see README), forward traffic does not, and mild attacks such
     # as noise on activations move a single distance by a little, hence different defaults
     solo_excess_forward: float = 1.0
-    solo_excess_backward: float = 2.5
+    solo_excess_backward: float = 1.6
     fence_k: float = 6.0  # Tukey fence multiplier: Q3 + k * IQR
     window: int = 128  # accepted distances kept per (boundary, direction, metric) for the fence
     min_window: int = 16  # accepted observations needed before a monitor may flag (a late joiner warms itself)

@@ -5,11 +5,13 @@ around while training goes on."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import math
 import time
 
 import numpy as np
 import pytest
+import torch
 from swarm_helpers import RUN, SEED, LocalSwarm, run_swarm
 
 from sentinel.attacks import MaliciousBehaviour, make_attack
@@ -141,5 +143,70 @@ def test_attacking_replica_is_banned_swarm_wide_and_routed_around():
         # stage 2 has one replica: its averaging rounds (every 4 optimizer steps by default) are skipped, not waited on
         lone = swarm.servers[(2, 0)]
         assert lone.averaging["skipped"] >= 1 and lone.averaging["rounds"] == lone.averaging["failed"] == 0
+
+    run_swarm(swarm, body)
+
+
+@pytest.mark.forked
+@pytest.mark.timeout(120)
+def test_pipelined_microbatches_overlap_and_a_failed_one_cancels_the_step():
+    """With max_inflight=4 the micro-batches of a step really are in flight together (more than one stage or
+    validator call open at once), every one completes, and the data order is the sequential one. When one
+    micro-batch fails for good, the step raises that error and cancels the others (none is left running)."""
+    microbatches = 4
+    config = TrainerConfig(seed=SEED, batch_size=2, microbatches=microbatches, warmup=100, max_inflight=4)
+    swarm = LocalSwarm((1, 1), trainer_config=config)
+
+    async def body(swarm: LocalSwarm):
+        trainer = swarm.trainer
+        open_calls, peak = [0], [0]
+        original = trainer._stage_call
+
+        async def stage_call(peer, method, tensors, meta):
+            open_calls[0] += 1
+            peak[0] = max(peak[0], open_calls[0])
+            try:
+                return await original(peer, method, tensors, meta)
+            finally:
+                open_calls[0] -= 1
+
+        trainer._stage_call = stage_call
+        probe = copy.deepcopy(trainer.sampler)
+        expected = [probe.sample() for _ in range(2 * microbatches)]  # the order a sequential run draws
+        seen = []
+        microbatch = trainer.microbatch
+
+        async def recording(step, mb, batch=None):
+            seen.append((mb, batch[0].clone()))
+            return await microbatch(step, mb, batch)
+
+        trainer.microbatch = recording
+        for step in range(2):
+            assert math.isfinite(await trainer.step(step))
+        assert peak[0] > 1, "micro-batches never overlapped"
+        assert trainer.metrics.step_completed == [microbatches] * 2 and trainer.metrics.dropped == 0
+        for mb, x in seen:  # micro-batch i of step s got the (s * M + i)-th batch of the sequential order
+            assert torch.equal(x, expected[mb][0])
+
+        cancelled, running = [], set()
+
+        async def failing(step, mb, batch=None):
+            running.add(mb)
+            try:
+                if mb % microbatches == 1:
+                    await asyncio.sleep(0.05)
+                    raise NoRoute("test: no replica left")
+                await asyncio.sleep(1.0)  # still in flight when the other one fails
+                return await microbatch(step, mb, batch)
+            except asyncio.CancelledError:
+                cancelled.append(mb % microbatches)
+                raise
+            finally:
+                running.discard(mb)
+
+        trainer.microbatch = failing
+        with pytest.raises(NoRoute):
+            await trainer.step(2)
+        assert sorted(cancelled) == [0, 2, 3] and not running  # the others were cancelled and have finished
 
     run_swarm(swarm, body)
