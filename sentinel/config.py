@@ -49,6 +49,8 @@ class SentinelConfig:
     n_quantiles: int = 16  # quantile levels per projection
     ban_level: int = 3  # strikes that ban a worker
     forgive_after: int = 100  # consecutive clean checked tensors that wipe a worker's strikes
+    strikes_per_step: int = 1  # at most this many strikes per worker per step (0: one per flag). A drifting stage
+    # whose replica drew three of a step's micro-batches got three strikes, and a ban, in one step
     drift_senders: int = 3  # flags from this many distinct senders at one monitor within drift_steps steps mean
     # honest drift (a majority of a stage's replicas: attackers are a minority of every stage)
     drift_steps: int = 4
@@ -76,6 +78,8 @@ class SentinelConfig:
             raise ConfigError(f"need window >= 4 and 1 <= min_window <= window, got {self.window}, {self.min_window}")
         if self.n_projections < 1 or self.n_quantiles < 2:
             raise ConfigError("need n_projections >= 1 and n_quantiles >= 2")
+        if self.strikes_per_step < 0:
+            raise ConfigError("strikes_per_step must be >= 0 (0: no cap)")
         if self.ban_level < 1 or self.forgive_after < 1:
             raise ConfigError("need ban_level >= 1 and forgive_after >= 1")
         if self.drift_senders < 2 or self.drift_steps < 1 or self.drift_max_excess <= 1:

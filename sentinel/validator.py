@@ -113,6 +113,8 @@ class Validator:
             by_monitor.setdefault((boundary, direction), []).append((sender, excess, obs))
         self.pending = []
         banned = []
+        struck: dict[str, int] = {}  # strikes given to each sender in this step
+        cap = self.config.strikes_per_step
         for key, flags in by_monitor.items():
             # only mild distance flags can be drift: NaN, wrong shapes and gross outliers are never forgiven here
             mild = [f for f in flags if f[2].reason.startswith("distance:") and f[1] < self.config.drift_max_excess]
@@ -127,6 +129,9 @@ class Validator:
                 self.recent_flags[key] = []
                 flags = [f for f in flags if not any(f is m for m in mild)]
             for sender, _, _ in flags:
+                if cap and struck.get(sender, 0) >= cap:
+                    continue  # strikes count steps of misbehaviour, not micro-batches (see strikes_per_step)
+                struck[sender] = struck.get(sender, 0) + 1
                 if self.ledger.record(sender, True, step):
                     banned.append(sender)
         return banned

@@ -1,8 +1,9 @@
 """The validator: blame goes to the sender, taint screens without blame, drift is not blamed, state survives."""
 
+import pytest
 import torch
 
-from sentinel.config import SentinelConfig
+from sentinel.config import ConfigError, SentinelConfig
 from sentinel.validator import Validator, blamed_stage
 
 D = 16
@@ -93,12 +94,24 @@ def test_drift_over_several_steps_is_not_blamed_but_gross_flags_are():
 
 
 def test_a_minority_attacker_is_not_mistaken_for_drift():
-    v = warmed(drift_senders=3)
+    v = warmed(drift_senders=3, strikes_per_step=0)  # one strike per flag
     for out, ref in pairs(7, 4):
         v.check(out * 0, boundary=1, direction="forward", sender="a", step=1, reference=ref)
         v.check(out * 0, boundary=1, direction="forward", sender="b", step=1, reference=ref)
     v.end_step(1)
     assert v.ledger.strikes("a") == 4 and v.ledger.strikes("b") == 4 and v.reanchors == 0
+
+
+def test_strikes_per_step_caps_a_workers_strikes_in_one_step():
+    v = warmed(strikes_per_step=1, ban_level=3)
+    for step in (1, 2, 3):
+        for out, ref in pairs(7 + step, 3):  # three flagged tensors from "a" in each step
+            assert v.check(out * 0, boundary=1, direction="forward", sender="a", step=step, reference=ref).tainted
+        banned = v.end_step(step)
+        assert v.ledger.strikes("a") == step  # one strike per step, however many flags
+        assert banned == (["a"] if step == 3 else [])
+    with pytest.raises(ConfigError):
+        SentinelConfig(strikes_per_step=-1)
 
 
 def test_state_round_trip():
