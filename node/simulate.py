@@ -61,6 +61,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--window", type=int, default=s.window)
     g.add_argument("--ban-level", type=int, default=s.ban_level)
     g.add_argument("--forgive-after", type=int, default=s.forgive_after)
+    g.add_argument("--strikes-per-step", type=int, default=s.strikes_per_step,
+                   help="at most this many strikes per worker per step (0: one per flag)")
     g.add_argument("--replacement", default=s.replacement, choices=["baseline", "drop"])
     c = p.add_argument_group("checkpoints (with --compare: of the main run only; the comparison runs start over)")
     c.add_argument("--checkpoint", metavar="PATH",
@@ -88,6 +90,7 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
         min_window=min(SentinelConfig.min_window, args.window),
         ban_level=args.ban_level,
         forgive_after=args.forgive_after,
+        strikes_per_step=args.strikes_per_step,
         replacement=args.replacement,
         seed=args.seed,
     )

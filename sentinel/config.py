@@ -49,8 +49,8 @@ class SentinelConfig:
     n_quantiles: int = 16  # quantile levels per projection
     ban_level: int = 3  # strikes that ban a worker
     forgive_after: int = 100  # consecutive clean checked tensors that wipe a worker's strikes
-    strikes_per_step: int = 1  # at most this many strikes per worker per step (0: one per flag). A drifting stage
-    # whose replica drew three of a step's micro-batches got three strikes, and a ban, in one step
+    strikes_per_step: int = 0  # at most this many strikes per worker per step; 0: one per flag (the paper). 1 helps
+    # large meshes where a drifting stage's replica can draw several of a step's micro-batches (README, "Ledger")
     drift_senders: int = 3  # flags from this many distinct senders at one monitor within drift_steps steps mean
     # honest drift (a majority of a stage's replicas: attackers are a minority of every stage)
     drift_steps: int = 4
