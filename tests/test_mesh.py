@@ -42,9 +42,9 @@ def test_every_group_a_attack_is_flagged_and_banned(attack, direction, corpus):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_honest_runs_ban_nobody(seed):
     # exactly the benchmark's honest setting (small, 8 stages x 4 replicas, 30 warm-up steps of 60, the default
-    # corpus), where 5 of 5 seeds banned nobody. Known gaps, not hidden (README): on tiny 2 x 3 meshes with a 10-step
-    # warm-up an honest worker is banned in about 3 seeds of 8, and on a 2 MiB slice of the corpus 2 seeds of 3 of
-    # this very setting banned honest workers.
+    # corpus), where 5 of 5 seeds banned nobody and 0.79% of micro-batches were tainted. Known gaps, not hidden
+    # (README): tiny 2 x 3 meshes with small micro-batches ban honest workers in most seeds, and so does 16 x 11
+    # with 8 micro-batches a step.
     cfg = MeshConfig(preset="small", stages=8, replicas=4, steps=60, warmup=30, seed=seed, eval_every=0)
     rep = Mesh(cfg).run().report
     assert rep["banned"] == []
