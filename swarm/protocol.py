@@ -101,6 +101,12 @@ class BadRequest(ProtocolError):
     code = "bad_request"
 
 
+class ReferenceMissing(BadRequest):
+    """A check named its reference by digest, and the validator no longer holds that tensor: send it in full."""
+
+    code = "reference_missing"
+
+
 class PayloadTooLarge(BadRequest):
     """The tensors exceed :data:`MAX_STREAM_TENSOR_BYTES`, the hard bound of one (streamed) message."""
 
@@ -127,6 +133,8 @@ def error_from_code(code: str, message: str) -> Exception:
     """The typed exception for an error code received from a server."""
     if code == BadRequest.code:
         return BadRequest(message)
+    if code == ReferenceMissing.code:
+        return ReferenceMissing(message)
     if code == RemoteFailure.code:
         return RemoteFailure(message)
     if code == Unauthorized.code:

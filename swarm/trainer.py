@@ -33,7 +33,7 @@ import asyncio
 import logging
 import math
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -49,6 +49,7 @@ from swarm.identity import Identity
 from swarm.model import Embedding, Head
 from swarm.protocol import (
     CheckReply,
+    ReferenceMissing,
     RemoteFailure,
     TensorSpec,
     TransportError,
@@ -75,6 +76,9 @@ from swarm.validator_service import ValidatorService
 logger = logging.getLogger(__name__)
 
 
+MAX_HELD_DIGESTS = 1024  # per validator; a digest it has evicted costs one ReferenceMissing round trip
+
+
 class NoRoute(TransportError):
     """No reachable, non-banned replica (or validator) answered within the retry budget."""
 
@@ -97,6 +101,7 @@ class TrainerConfig:
     # the defence's cost only; stage servers accept that only with StageServerConfig.trust_trainer)
     failure_ban: float = 15.0  # seconds a peer that failed a call is avoided (doubled per consecutive failure)
     failure_ban_max: float = 300.0
+    reference_by_digest: bool = True  # name a check's reference by digest when that validator passed it on itself
     max_inflight: int = 4  # micro-batches of one step driven through the swarm concurrently (pipelining: one
     # micro-batch's validator check overlaps another's stage compute); 1 = strictly one after another
 
@@ -132,6 +137,7 @@ class TrainerMetrics:
     tainted: int = 0
     dropped: int = 0
     retries: int = 0  # calls that failed and were retried on another peer
+    references_by_digest: int = 0  # checks whose reference went by digest (the validator held it)
     losses: list[float] = field(default_factory=list)  # one per optimizer step
     step_completed: list[int] = field(default_factory=list)  # completed micro-batches of each optimizer step
     stage_calls: Counter = field(default_factory=Counter)  # peer -> successful forward/backward calls
@@ -160,6 +166,7 @@ class Trainer:
         self.validators: dict[int, list[ValidatorAnnouncement]] = {}
         self.banned: set[str] = set()
         self._refreshed_at = -math.inf
+        self._held: dict[str, OrderedDict[bytes, None]] = {}  # validator peer -> digests it passed on (recent)
         self._down: dict[str, tuple[float, int]] = {}  # peer -> (avoided until (monotonic), consecutive failures)
         self._dht: DHT | None = None
         self._p2p: P2P | None = None
@@ -276,7 +283,18 @@ class Trainer:
         meta = {"run": self.run, "step": step, "mb": mb, "boundary": boundary, "direction": int(direction),
                 "sender": sender, "tainted": tainted, "warmup": warmup, "trainer": self.identity.public_key,
                 "signature": sign_check(self.identity, **fields)}  # fmt: skip
-        response = await self._call(ValidatorService, peer, "rpc_check", [tensor, reference], meta)
+        reference_digest = fields["reference_digest"]
+        held = self._held.setdefault(peer, OrderedDict())
+        response = None
+        if self.config.reference_by_digest and reference_digest in held:  # this validator passed it on itself
+            try:
+                response = await self._call(ValidatorService, peer, "rpc_check", [tensor],
+                                            {**meta, "reference_digest": reference_digest})  # fmt: skip
+                self.metrics.references_by_digest += 1
+            except ReferenceMissing:  # evicted there: send it in full
+                held.pop(reference_digest, None)
+        if response is None:
+            response = await self._call(ValidatorService, peer, "rpc_check", [tensor, reference], meta)
         reply = unpack_meta(response.metadata)
         verdict = verdict_from_meta(reply, "verdict")
         tainted_now = reply.get("tainted") is True
@@ -286,6 +304,10 @@ class Trainer:
         expected = None if out is None else digest if out is tensor else tensor_digest(out)
         if out is not None and (verdict is None or verdict.digest != expected or verdict.verdict != Verdict.ACCEPT):
             raise TransportError("validator reply carries no matching ACCEPT verdict")
+        if out is not None and self.config.reference_by_digest:
+            held[expected] = None  # the validator keeps what it passes on: the next boundary can name it
+            while len(held) > MAX_HELD_DIGESTS:
+                held.popitem(last=False)
         reason = reply.get("reason", "")
         return CheckReply(tainted_now, out, verdict, verdict_from_meta(reply, "taint_verdict"),
                           reason if isinstance(reason, str) else "")  # fmt: skip

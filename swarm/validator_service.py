@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections import defaultdict, deque
+from collections import OrderedDict, defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +41,7 @@ from swarm.identity import Identity
 from swarm.protocol import (
     BadRequest,
     ProtocolError,
+    ReferenceMissing,
     TensorSpec,
     Unauthorized,
     answer_stream,
@@ -88,6 +89,8 @@ class ValidatorServiceConfig:
     state_path: str | None = None
     save_every: int = 256  # checks between state saves (0: only on shutdown)
     publish: bool = True
+    reference_cache_bytes: int = 64 * 2**20  # tensors this validator passed on (accepted or replaced), kept so that
+    # the next boundary's check can name its reference by digest instead of resending it (0: off)
 
 
 class ValidatorService(ServicerBase):
@@ -112,6 +115,9 @@ class ValidatorService(ServicerBase):
         self.n_tainted = 0
         self.seconds = 0.0
         self.evidence: dict[str, deque[bytes]] = defaultdict(lambda: deque(maxlen=MAX_EVIDENCE))
+        self._kept: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # digest -> tensor passed on (LRU)
+        self._kept_bytes = 0
+        self.reference_hits = 0  # checks whose reference came from _kept
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="validator")  # the Validator is serial
         # one publisher thread: records go out in the order they were made (a later strike must not be overtaken)
         self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="validator-publish")
@@ -229,9 +235,21 @@ class ValidatorService(ServicerBase):
         if boundary not in self.boundaries:
             raise BadRequest(f"this validator does not serve boundary {boundary}")
         sender, tainted, warmup = meta_str(meta, "sender"), meta_bool(meta, "tainted"), meta_bool(meta, "warmup")
-        x_proto, ref_proto = request_tensors(request, 2)
+        if len(request.tensors) == 1:  # the reference named by digest: one this validator passed on earlier
+            (x_proto,) = request.tensors
+            reference_digest = meta.get("reference_digest")
+            if type(reference_digest) is not bytes or len(reference_digest) != 32:
+                raise BadRequest("a check with one tensor needs a 32-byte reference_digest")
+            reference = self._kept.get(reference_digest)
+            if reference is None:
+                raise ReferenceMissing("reference not held here (evicted or never seen): send it in full")
+            self._kept.move_to_end(reference_digest)
+            self.reference_hits += 1
+        else:
+            x_proto, ref_proto = request_tensors(request, 2)
+            reference = decode_hidden(ref_proto, self.spec, "reference")
+            reference_digest = tensor_digest(reference)
         x = decode_hidden(x_proto, self.spec, "tensor", require_finite=False)  # flagging NaN is our job
-        reference = decode_hidden(ref_proto, self.spec, "reference")
         if reference.shape != x.shape:
             raise BadRequest("reference must have the tensor's shape")
         if unary:  # the reply may carry a replacement of x's shape
@@ -240,7 +258,7 @@ class ValidatorService(ServicerBase):
         trainer, signature = meta.get("trainer"), meta.get("signature")
         signed = check_request_bytes(
             run_id=run, step=step, microbatch=mb, boundary=boundary, direction=direction, sender=sender,
-            tainted=tainted, warmup=warmup, digest=digest, reference_digest=tensor_digest(reference),
+            tainted=tainted, warmup=warmup, digest=digest, reference_digest=reference_digest,
         )  # fmt: skip
         if type(trainer) is not bytes or not self.manifest.is_trainer(trainer):
             raise Unauthorized("check requests must come from an authorized trainer")
@@ -275,19 +293,33 @@ class ValidatorService(ServicerBase):
         tensors: list[torch.Tensor] = []
         if not res.tainted:
             reply["verdict"] = verdict(Verdict.ACCEPT, digest)
+            self._keep(digest, x)
         else:
             self.n_tainted += 1
             reply["taint_verdict"] = verdict(Verdict.TAINT, digest)
             if res.tensor is not None:
                 replacement = as_received(res.tensor, self.config.compression)
                 tensors.append(replacement)
-                reply["verdict"] = verdict(Verdict.ACCEPT, tensor_digest(replacement))
+                replacement_digest = tensor_digest(replacement)
+                reply["verdict"] = verdict(Verdict.ACCEPT, replacement_digest)
+                self._keep(replacement_digest, replacement)
             self._publish(res, run, step, mb, boundary, direction, sender, digest)
         if self.config.save_every and self.n_checks % self.config.save_every == 0:
             self.save_state()
         return runtime_pb2.ExpertResponse(
             tensors=encode_tensors(tensors, self.config.compression), metadata=pack_meta(reply)
         )
+
+    def _keep(self, digest: bytes, tensor: torch.Tensor) -> None:
+        """Remember a tensor passed on, under its digest, within ``reference_cache_bytes`` (least recent out)."""
+        size = tensor.numel() * tensor.element_size()
+        if size > self.config.reference_cache_bytes or digest in self._kept:
+            return
+        self._kept[digest] = tensor
+        self._kept_bytes += size
+        while self._kept_bytes > self.config.reference_cache_bytes:
+            _, old = self._kept.popitem(last=False)
+            self._kept_bytes -= old.numel() * old.element_size()
 
     # --------------------------------------------------------------------------------------------- publication
     def _publish(
