@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from swarm_helpers import SEED, LocalSwarm, run_swarm
 
-from swarm.protocol import ReferenceMissing
+from swarm.protocol import BadRequest, ReferenceMissing
 from swarm.trainer import TrainerConfig
+from swarm.validator_service import ValidatorService
 
 
 @pytest.mark.forked
@@ -47,5 +49,17 @@ def test_references_go_by_digest_and_a_miss_falls_back_to_the_full_tensor():
         assert trainer.metrics.step_completed == [microbatches] * 2 and trainer.metrics.dropped == 0
         assert misses == ["rpc_check"] * (2 * microbatches) and validator.reference_hits == hits
         assert validator.n_checks == 8 * microbatches
+
+        # one tensor and no (or a malformed) reference digest: a typed BadRequest, not a crash
+        x = torch.zeros(2, trainer.model_config.seq_len, trainer.model_config.d_model)
+        meta = {"run": trainer.run, "step": 9, "mb": 0, "boundary": 1, "direction": 0, "sender": "s", "tainted": False,
+                "warmup": True, "trainer": trainer.identity.public_key, "signature": b"x" * 64}  # fmt: skip
+        peer = swarm.validator.peer_id
+        for extra in ({}, {"reference_digest": b"short"}):
+            with pytest.raises(BadRequest) as info:
+                await original(ValidatorService, peer, "rpc_check", [x], {**meta, **extra})
+            assert type(info.value) is BadRequest
+        with pytest.raises(ReferenceMissing):
+            await original(ValidatorService, peer, "rpc_check", [x], {**meta, "reference_digest": bytes(32)})
 
     run_swarm(swarm, body)
