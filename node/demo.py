@@ -64,6 +64,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="honest warm-up steps before the attack (default: enough checks for every monitor to learn)")
     p.add_argument("--microbatches", type=int, default=4, help="micro-batches per step")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--ban-level", type=int, default=4, help="strikes that ban a peer (the method's default is 3)")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate of the trainer and the stages")
+    p.add_argument("--max-inflight", type=int, default=1,
+                   help="micro-batches the trainer keeps in flight (default 1: the demo is reproducible; more is "
+                        "faster, but then the order in which the validator learns depends on timing, and on this "
+                        "tiny 2 x 2 swarm one run of two with 4 in flight banned 2 honest peers)")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--data", default=None, help="text file or folder (default: the Python standard library)")
     p.add_argument("--report", metavar="PATH", default=None, help="write the JSON summary here")
@@ -308,11 +314,13 @@ def run(args: argparse.Namespace) -> int:
             "--validator-key", *[v.public_hex for v in validators], "--trainer-key", trainer.public_hex,
             "--ban-quorum", str(args.ban_quorum), "--authority-key", str(keys / "authority.key"),
             "--port", str(_free_port()), "--p2p-identity", str(keys / "bootstrap.p2p"),
-            "--sentinel", f"drift_senders={drift}", "--ready-file", str(ready_file),
+            "--sentinel", f"drift_senders={drift}", "drift_active_majority=true", f"ban_level={args.ban_level}",
+            "--ready-file", str(ready_file),
         ])  # fmt: skip
         ready = _wait_file(ready_file, boot, swarm, 90)
         common = ["--initial-peers", *ready["maddrs"], "--run-id", run_id, "--authority", ready["authority"],
-                  "--manifest-digest", ready["digest"], "--threads", str(args.threads)]  # fmt: skip
+                  "--manifest-digest", ready["digest"], "--threads", str(args.threads),
+                  "--lr", str(args.lr)]  # fmt: skip
         for i in range(args.validators):
             swarm.start(f"validator{i}", ["join", "--role", "validator", *common, "--identity",
                                           str(keys / f"validator{i}.key"), "--checkpoint-dir", str(workdir / "state"),
@@ -339,7 +347,7 @@ def run(args: argparse.Namespace) -> int:
         argv = ["join", "--role", "trainer", *common, "--identity", str(keys / "trainer.key"), "--steps",
                 str(args.steps), "--microbatches", str(args.microbatches), "--batch-size", str(args.batch_size),
                 "--warmup", str(warmup), "--metrics", str(metrics), "--stats", str(trainer_stats),
-                "--min-replicas", str(args.replicas)]  # fmt: skip
+                "--min-replicas", str(args.replicas), "--max-inflight", str(args.max_inflight)]  # fmt: skip
         if args.data:
             argv += ["--data", str(Path(args.data).resolve())]
         tr = swarm.start("trainer", argv)

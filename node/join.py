@@ -81,7 +81,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
     g.add_argument("--max-inflight", type=int, default=4,
                    help="micro-batches of a step driven through the swarm at once (pipelining; 1: one at a time)")
-    g.add_argument("--lr", type=float, default=3e-3)
+    g.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (trainer and gpu-stage)")
     g.add_argument("--warmup", type=int, default=5, help="honest warm-up steps announced to the validators")
     g.add_argument("--data", default=None, help="text file or folder (default: the Python standard library)")
     g.add_argument("--metrics", metavar="PATH", default=None, help="append one JSON line per step here")
@@ -172,7 +172,7 @@ async def _stage(args, dht, manifest, identity, stop: StopFlag) -> int:
         )
     config = StageServerConfig(
         stage=args.stage, seed=args.seed, accumulate=args.accumulate, device=args.device,
-        average_every=args.average_every, average_timeout=args.average_timeout,
+        average_every=args.average_every, average_timeout=args.average_timeout, lr=args.lr,
     )  # fmt: skip
     server = StageServer(config, manifest, identity, attack=attack)
     ckpt = _state_path(args, f"stage{args.stage}-{identity.fingerprint}.pt")

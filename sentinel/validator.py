@@ -65,6 +65,7 @@ class Validator:
         self.pending: list[tuple[int, str, str, float, Observation]] = []  # (boundary, direction, sender, excess, obs)
         self.reanchors = 0
         self.recent_flags: dict[tuple[int, str], list[tuple[int, str]]] = {}  # monitor -> [(step, sender)]
+        self.last_seen: dict[tuple[int, str], dict[str, int]] = {}  # monitor -> sender -> last step it was checked
 
     def monitor(self, boundary: int, direction: str) -> BoundaryMonitor:
         key = (boundary, direction)
@@ -91,6 +92,7 @@ class Validator:
         """
         start = time.perf_counter()
         mon = self.monitor(boundary, direction)
+        self.last_seen.setdefault((boundary, direction), {})[sender] = step
         obs: Observation = mon.observe(tensor, reference, detect=not warmup, learn=not tainted)
         blamed = False
         if not tainted and not warmup:
@@ -121,7 +123,7 @@ class Validator:
             recent = [(s, w) for s, w in self.recent_flags.get(key, []) if s > step - self.config.drift_steps]
             recent += [(step, sender) for sender, _, _ in mild]
             self.recent_flags[key] = recent
-            if mild and len({w for _, w in recent}) >= self.config.drift_senders:
+            if mild and len({w for _, w in recent}) >= self._drift_threshold(key, step):
                 least = min(mild, key=lambda f: f[1])
                 if least[2].summary is not None:
                     self.monitors[key].reanchor(least[2].summary)
@@ -135,6 +137,16 @@ class Validator:
                 if self.ledger.record(sender, True, step):
                     banned.append(sender)
         return banned
+
+    def _drift_threshold(self, key: tuple[int, str], step: int) -> int:
+        """Distinct flagged senders that make drift at monitor ``key`` (see ``drift_active_majority``)."""
+        threshold = self.config.drift_senders
+        if self.config.drift_active_majority:
+            horizon = step - 4 * self.config.drift_steps
+            active = [w for w, last in self.last_seen.get(key, {}).items()
+                      if last > horizon and not self.ledger.is_banned(w)]  # fmt: skip
+            threshold = min(threshold, len(active) // 2 + 1)
+        return threshold
 
     def state_dict(self) -> dict:
         """Everything the validator learnt: monitors, ledger and the drift guard's state (``recent_flags``,
@@ -150,6 +162,7 @@ class Validator:
             "recent_flags": {
                 f"{b}/{d}": [[step, sender] for step, sender in flags] for (b, d), flags in self.recent_flags.items()
             },
+            "last_seen": {f"{b}/{d}": dict(seen) for (b, d), seen in self.last_seen.items()},
             "pending": [
                 {
                     "boundary": boundary,
@@ -175,6 +188,10 @@ class Validator:
             self.monitor(int(b), direction).load_state_dict(state, device)
         self.ledger.load_state_dict(d["ledger"])
         self.reanchors = int(d.get("reanchors", 0))
+        self.last_seen = {}
+        for key, seen in d.get("last_seen", {}).items():
+            b, direction = key.split("/")
+            self.last_seen[(int(b), direction)] = {str(w): int(last) for w, last in seen.items()}
         self.recent_flags = {}
         for key, flags in d.get("recent_flags", {}).items():
             b, direction = key.split("/")
