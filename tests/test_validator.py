@@ -123,3 +123,21 @@ def test_state_round_trip():
     b = w.check(out, boundary=1, direction="forward", sender="w", step=1, reference=ref)
     assert a.tainted == b.tainted and a.scores == b.scores
 
+
+
+@pytest.mark.parametrize("active_majority", [False, True])
+def test_drift_active_majority_counts_only_senders_still_active(active_majority):
+    """Two senders at a monitor, drift needs 2. Once "bad" is banned, the lone honest sender's mild drift is drift
+    with drift_active_majority (a majority of the 1 active sender), and a strike without it. (The warm-up's senders,
+    last checked at step 0, are no longer active at step 50.)"""
+    v = warmed(drift_senders=2, ban_level=1, drift_active_majority=active_majority)
+    out, ref = next(pairs(9, 1))
+    v.check(out, boundary=1, direction="forward", sender="honest", step=50, reference=ref)
+    v.check(out * 0, boundary=1, direction="forward", sender="bad", step=50, reference=ref)  # gross: banned at once
+    assert v.end_step(50) == ["bad"]
+    shifted, ref = next(pairs(10, 1))
+    assert v.check(ref + 2.2 * (shifted - ref), boundary=1, direction="forward", sender="honest", step=51,
+                   reference=ref).tainted  # fmt: skip
+    v.end_step(51)
+    assert v.ledger.is_banned("honest") is not active_majority
+    assert v.reanchors == (1 if active_majority else 0)
