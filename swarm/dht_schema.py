@@ -436,6 +436,14 @@ class SentinelRecordValidator(RecordValidatorBase):
 
 
 # ------------------------------------------------------------------------------------------------------ ban quorum
+def fetch_banned(dht: DHT, manifest: Manifest, peers: Iterable[str]) -> set[str]:
+    """Which of ``peers`` a quorum of the manifest's validators bans now (``banned_peers`` over their strike records
+    in the DHT). Blocking: call it from a worker thread in async code."""
+    peers = set(peers)
+    strikes = [r for p in sorted(peers) for r in fetch_strikes(dht, manifest.run_id, p)]
+    return banned_peers(strikes, manifest) & peers
+
+
 def banned_peers(strike_records: Iterable[StrikeRecord], manifest: Manifest) -> set[str]:
     """Peers banned swarm-wide: at least `manifest.ban_quorum` DISTINCT authorized validators currently ban them.
 

@@ -50,7 +50,7 @@ from hivemind.utils import get_dht_time
 
 from sentinel.attacks import MaliciousBehaviour
 from sentinel.stats import all_finite
-from swarm.dht_schema import banned_peers, fetch_stages, fetch_strikes, publish_stage
+from swarm.dht_schema import fetch_banned, fetch_stages, publish_stage
 from swarm.identity import Identity
 from swarm.model import ModelConfig, Stage, resolve_config
 from swarm.protocol import (
@@ -378,13 +378,9 @@ class StageServer(ServicerBase):
         def read() -> set[str]:
             peers = {a.peer for a in fetch_stages(dht, run, self.config.stage - 1)
                      if a.state == StageState.ONLINE and a.peer != me}  # fmt: skip
-            return peers - self._banned(peers)
+            return peers - fetch_banned(dht, self.manifest, peers)
 
         return await asyncio.to_thread(read)
-
-    def _banned(self, peers: set[str]) -> set[str]:
-        strikes = [r for p in sorted(peers) for r in fetch_strikes(self._dht, self.manifest.run_id, p)]
-        return banned_peers(strikes, self.manifest) & peers
 
     async def average_now(self) -> bool:
         """One averaging round with the stage's other replicas; True if the average was applied. Never raises

@@ -12,7 +12,7 @@ The data path of one micro-batch mirrors ``swarm.mesh.Mesh.microbatch`` over the
    servers accept from a trainer.
 
 Routing: among the ONLINE announcements of a stage, weighted by throughput, excluding peers that a quorum of
-validators has banned (``banned_peers`` over ``fetch_strikes``) and peers that failed during this micro-batch; the
+validators has banned (``fetch_banned``) and peers that failed during this micro-batch; the
 view is refreshed from the DHT every ``refresh_period`` seconds. Transport failures are retried on another replica,
 at most ``max_retries`` times per call; a bad request or a rejected input is never retried. A peer that failed a call
 is avoided for ``failure_ban`` seconds (doubling with each consecutive failure, up to ``failure_ban_max``; cleared by
@@ -44,7 +44,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from swarm.data import BatchSampler, Corpus, load_corpus
-from swarm.dht_schema import banned_peers, fetch_stages, fetch_strikes, fetch_validators
+from swarm.dht_schema import fetch_banned, fetch_stages, fetch_validators
 from swarm.identity import Identity
 from swarm.model import Embedding, Head
 from swarm.protocol import (
@@ -196,8 +196,7 @@ class Trainer:
             stages = {k: fetch_stages(dht, self.run, k - 1) for k in range(1, self.n_stages + 1)}
             validators = {b: fetch_validators(dht, self.run, b) for b in range(self.n_stages + 1)}
             peers = {a.peer for anns in stages.values() for a in anns}
-            strikes = [r for p in sorted(peers) for r in fetch_strikes(dht, self.run, p)]
-            return stages, validators, banned_peers(strikes, self.manifest)
+            return stages, validators, fetch_banned(dht, self.manifest, peers)
 
         self.stages, self.validators, self.banned = await asyncio.to_thread(read)
         self._refreshed_at = time.monotonic()
