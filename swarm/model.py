@@ -67,6 +67,12 @@ class ModelConfig:
     seq_len: int = 64
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
+    # multiply the token embeddings by sqrt(d_model) (as Vaswani et al. and Gemma do). Not for training's sake: it
+    # puts the residual stream that enters the first untrusted stage at the scale of the blocks' updates, so that the
+    # validator's input-output coupling checks (cosine, gain) see stage 1 as they see every other stage. With the raw
+    # N(0, 0.02) embeddings the first stage's output is ~10x its input and its input gradient is dominated by the
+    # RMSNorm Jacobian (1/rms ~ 50): stage-1 noise, replay and sign attacks went unseen (README, "Stage 1")
+    scale_embedding: bool = True
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "seq_len"):
@@ -77,6 +83,8 @@ class ModelConfig:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.head_dim % 2 != 0:
             raise ValueError(f"head dimension d_model/n_heads = {self.head_dim} must be even for RoPE")
+        if not isinstance(self.scale_embedding, bool):
+            raise ValueError(f"ModelConfig.scale_embedding must be a bool, got {self.scale_embedding!r}")
         if not self.rope_base > 0 or not self.norm_eps > 0:
             raise ValueError("rope_base and norm_eps must be positive")
 
@@ -287,7 +295,7 @@ class Embedding(nn.Module):
     """First stage (trusted trainer): ``tokens LongTensor[B, T] -> FloatTensor[B, T, D]``, ``T <= seq_len``.
 
     Built deterministically from ``seed`` (weights N(0, 0.02)); the global RNG is untouched. Inputs are moved to
-    the module's device.
+    the module's device. The output is scaled by ``sqrt(d_model)`` when ``cfg.scale_embedding`` (the default).
     """
 
     def __init__(self, cfg: ModelConfig, *, seed: int = 0) -> None:
@@ -305,7 +313,8 @@ class Embedding(nn.Module):
         if tokens.dim() != 2:
             raise ValueError(f"tokens must have shape [B, T], got {tuple(tokens.shape)}")
         _check_seq_len(tokens.shape[1], self.cfg.seq_len)
-        return self.tok(tokens.to(self.tok.weight.device, torch.long))
+        h = self.tok(tokens.to(self.tok.weight.device, torch.long))
+        return h * math.sqrt(self.cfg.d_model) if self.cfg.scale_embedding else h
 
 
 class Stage(nn.Module):
