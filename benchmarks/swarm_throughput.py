@@ -11,13 +11,22 @@ is given the validators stay in warm-up mode throughout (every tensor is summari
 for, but nothing is flagged), so that the work being timed is the same in both settings. Prints a markdown
 table of tokens/s (tokens = steps x micro-batches x batch size x sequence length).
 
+With ``--validator-process`` the validator runs in a process of its own, pinned to its own CPU core, and everything
+else (trainer, stage servers, their p2pd daemons) is pinned to the remaining cores, validators on or off: the shape
+of a deployment, where validators are volunteers' CPUs and not the stages' own. The default (everything in one process
+on every core) charges the validator's compute to the stages' CPU in full.
+
     python benchmarks/swarm_throughput.py                               # tiny, 2 stages x 1 replica
+    python benchmarks/swarm_throughput.py --preset small --microbatches 8 --validator-process
     python benchmarks/swarm_throughput.py --preset small --stages 4 --replicas 2 --rounds 4 --steps 3
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import multiprocessing as mp
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,9 +37,45 @@ import torch  # noqa: E402
 
 from sentinel.config import SentinelConfig  # noqa: E402
 from swarm.data import load_corpus  # noqa: E402
-from swarm.local import LocalSwarm  # noqa: E402
+from swarm.identity import Identity  # noqa: E402
+from swarm.local import LocalSwarm, start_local_dht  # noqa: E402
 from swarm.mesh import Mesh, MeshConfig  # noqa: E402
 from swarm.trainer import TrainerConfig  # noqa: E402
+from swarm.validator_service import ValidatorService, ValidatorServiceConfig  # noqa: E402
+
+
+def validator_process(conn, manifest, identity_seed: bytes, peers: list, sentinel: SentinelConfig, cpus: set,
+                      threads: int) -> None:  # fmt: skip
+    """The validator of ``--validator-process``: joins the swarm's DHT, serves until told to stop over ``conn``,
+    then sends its counters back."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)  # before its p2pd starts, which inherits it
+    torch.set_num_threads(threads)
+    identity = Identity.from_seed(identity_seed)
+    dht = start_local_dht(manifest, identity, peers)
+
+    async def serve() -> None:
+        service = ValidatorService(ValidatorServiceConfig(), manifest, identity, sentinel)
+        await service.start(dht)
+        conn.send("ready")
+        while not await asyncio.to_thread(conn.poll, 0.5):
+            pass
+        conn.recv()
+        conn.send({"checks": service.n_checks, "check_s": service.seconds, "cpu_s": time.process_time()})
+        await service.shutdown()
+
+    try:
+        asyncio.run(serve())
+    finally:
+        dht.shutdown()
+
+
+def split_cpus() -> tuple[set, set]:
+    """(the validator's core, everyone else's cores), or two empty sets where pinning is not possible."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cpus) < 2:
+        return set(), set()
+    return {cpus[-1]}, set(cpus[:-1])
 
 
 def order(round_: int) -> tuple[bool, bool]:
@@ -43,14 +88,31 @@ def bench_swarm(args, corpus) -> tuple[dict[bool, list[float]], dict]:
                                    warmup=warmup, max_inflight=args.inflight)  # fmt: skip
     stage_config = {"accumulate": args.microbatches, "average_every": 0, "trust_trainer": True}
     drift = max(2, args.replicas // 2 + 1)  # as the mesh and the demo set it
+    sentinel = SentinelConfig(drift_senders=drift)
     swarm = LocalSwarm((args.replicas,) * args.stages, preset=args.preset, run_id="bench", seed=args.seed,
-                       corpus=corpus, sentinel=SentinelConfig(drift_senders=drift), trainer_config=trainer_config,
-                       stage_config=stage_config)  # fmt: skip
+                       corpus=corpus, sentinel=sentinel, trainer_config=trainer_config,
+                       stage_config=stage_config, validator=not args.validator_process)  # fmt: skip
     seconds: dict[bool, list[float]] = {True: [], False: []}
     info: dict = {}
+    child = conn = None
+    if args.validator_process:
+        validator_cpus, other_cpus = split_cpus()
+        if other_cpus:
+            os.sched_setaffinity(0, other_cpus)  # this process and every p2pd it starts from now on
+        info["cpus"] = (sorted(validator_cpus), sorted(other_cpus))
+
+    async def wait_for_validator(trainer) -> None:
+        deadline = time.monotonic() + 60
+        while not all(trainer.validators.get(b) for b in range(args.stages + 1)):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the validator process did not show up in the DHT within 60 s")
+            await asyncio.sleep(0.5)
+            await trainer.refresh()
 
     async def body(swarm: LocalSwarm):
         trainer = swarm.trainer
+        if child is not None:
+            await wait_for_validator(trainer)
         step = 0
         for _ in range(args.warmup):  # untimed: connections, first allocations, the monitors' honest warm-up
             await trainer.step(step)
@@ -64,10 +126,41 @@ def bench_swarm(args, corpus) -> tuple[dict[bool, list[float]], dict]:
                     await trainer.step(step)
                     step += 1
                 seconds[validate].append(time.perf_counter() - t0)
-        info.update(checks=swarm.validator.n_checks, check_s=swarm.validator.seconds, retries=trainer.metrics.retries,
-                    tainted=trainer.metrics.tainted, seq_len=trainer.model_config.seq_len)  # fmt: skip
+        info.update(retries=trainer.metrics.retries, tainted=trainer.metrics.tainted,
+                    seq_len=trainer.model_config.seq_len)  # fmt: skip
+        if child is None:
+            info.update(checks=swarm.validator.n_checks, check_s=swarm.validator.seconds)
+        else:
+            conn.send("stop")
+            info.update(await asyncio.to_thread(conn.recv))
 
-    swarm.run(body)
+    if not args.validator_process:
+        swarm.run(body)
+        return seconds, info
+    swarm.start_dhts()
+    try:
+        ctx = mp.get_context("spawn")
+        conn, theirs = ctx.Pipe()
+        child = ctx.Process(target=validator_process, args=(theirs, swarm.manifest, swarm.validator_identity.seed(),
+                            swarm.initial_peers(), sentinel, validator_cpus, args.threads))  # fmt: skip
+        child.start()
+        if not conn.poll(90) or conn.recv() != "ready":
+            raise RuntimeError("the validator process did not start within 90 s")
+
+        async def main():
+            try:
+                await swarm.start()
+                await body(swarm)
+            finally:
+                await swarm.stop()
+
+        asyncio.run(main())
+    finally:
+        swarm.close()
+        if child is not None and child.pid is not None:
+            child.join(30)
+            if child.is_alive():
+                child.kill()
     return seconds, info
 
 
@@ -114,6 +207,8 @@ def main() -> None:
                         "never flag, so that honest false taints, which skip a stage's backward, do not change the "
                         "work being timed)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in this process")
+    p.add_argument("--validator-process", action="store_true",
+                   help="run the validator in its own process on its own CPU core, everything else on the others")
     p.add_argument("--data", default=None, help="text file or folder (default: the Python standard library)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -134,16 +229,21 @@ def main() -> None:
           f"micro-batches x {args.batch_size} sequences x {info['seq_len']} tokens per step, {args.rounds} rounds x "
           f"{args.steps} steps per setting, {torch.get_num_threads()} torch thread(s), {args.inflight} "
           f"micro-batch(es) in flight, validators "
-          f"{'flag after the warm-up' if args.detect else 'in warm-up mode (never flag)'}\n")  # fmt: skip
+          f"{'flag after the warm-up' if args.detect else 'in warm-up mode (never flag)'}"
+          + (f", validator in its own process on CPU(s) {info['cpus'][0]}, the rest on {info['cpus'][1]}"
+             if args.validator_process else "") + "\n")  # fmt: skip
     print("| system | validators | steps | tokens | seconds | tokens/s | tokens/s per round |")
     print("|---|---|---|---|---|---|---|")
-    print(row("swarm (loopback P2P, in-process)", True, swarm_s[True]))
-    print(row("swarm (loopback P2P, in-process)", False, swarm_s[False]))
+    name = ("swarm (loopback P2P, validator in its own process)" if args.validator_process
+            else "swarm (loopback P2P, in-process)")  # fmt: skip
+    print(row(name, True, swarm_s[True]))
+    print(row(name, False, swarm_s[False]))
     print(row("mesh (in-process, no network)", True, mesh_s[True]))
     print(row("mesh (in-process, no network)", False, mesh_s[False]))
     on, off = sum(swarm_s[True]), sum(swarm_s[False])
     print(f"\nswarm: validators cost {100 * (on - off) / off:+.0f}% wall time; {info['checks']} checks took "
-          f"{info['check_s']:.2f} s of validator compute; retries {info['retries']}, tainted {info['tainted']}")
+          f"{info['check_s']:.2f} s of validator compute; retries {info['retries']}, tainted {info['tainted']}"
+          + (f"; the validator process used {info['cpu_s']:.2f} s of CPU in all" if "cpu_s" in info else ""))
     m_on, m_off = sum(mesh_s[True]), sum(mesh_s[False])
     print(f"mesh: validators cost {100 * (m_on - m_off) / m_off:+.0f}% wall time; swarm/mesh tokens/s with "
           f"validators on: {m_on / on:.2f}, off: {m_off / off:.2f}")

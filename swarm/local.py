@@ -45,14 +45,16 @@ def start_local_dht(manifest: Manifest, identity: Identity, initial_peers=()) ->
 
 class LocalSwarm:
     """``replicas[k - 1]`` stage servers for each stage k, one validator and a trainer. ``attackers`` maps a slot
-    (stage, replica) to a red-team MaliciousBehaviour; ``stage_config`` holds StageServerConfig overrides."""
+    (stage, replica) to a red-team MaliciousBehaviour; ``stage_config`` holds StageServerConfig overrides.
+    ``validator=False`` leaves the validator out of this process: one started elsewhere with ``validator_identity``
+    (and ``initial_peers()``) serves the swarm instead."""
 
     def __init__(
         self, replicas: tuple[int, ...], *, preset: str = "tiny", run_id: str = "local", seed: int = 0,
         corpus: Corpus | None = None, attackers: dict[Slot, MaliciousBehaviour] | None = None,
         sentinel: SentinelConfig | None = None, trainer_config: TrainerConfig | None = None,
         stage_config: dict | None = None, validator_identity: Identity | None = None,
-        trainer_identity: Identity | None = None,
+        trainer_identity: Identity | None = None, validator: bool = True,
     ):  # fmt: skip
         self.run_id = run_id
         self.seed = seed
@@ -67,6 +69,7 @@ class LocalSwarm:
         self.sentinel = sentinel or SentinelConfig()
         self.trainer_config = trainer_config or TrainerConfig(seed=seed, batch_size=2, microbatches=4)
         self.stage_config = {"accumulate": 4, **(stage_config or {})}
+        self.with_validator = validator
         self.dhts: dict = {}
         self.servers: dict[Slot, StageServer] = {}
         self.validator: ValidatorService | None = None
@@ -74,8 +77,10 @@ class LocalSwarm:
 
     def start_dhts(self) -> None:
         """Start every node's DHT (blocking; call it outside the event loop)."""
-        names = [*self.slots, "validator", "trainer"]
-        identities = [*(self.ids[s] for s in self.slots), self.validator_identity, self.trainer_identity]
+        names = [*self.slots, *(["validator"] if self.with_validator else []), "trainer"]
+        identities = [*(self.ids[s] for s in self.slots), self.trainer_identity]
+        if self.with_validator:
+            identities.insert(len(self.slots), self.validator_identity)
         first = start_local_dht(self.manifest, identities[0])
         self.dhts[names[0]] = first
         peers = first.get_visible_maddrs()
@@ -86,13 +91,19 @@ class LocalSwarm:
         for slot in self.slots:
             config = StageServerConfig(stage=slot[0], seed=self.seed, **self.stage_config)
             self.servers[slot] = StageServer(config, self.manifest, self.ids[slot], attack=self.attackers.get(slot))
-        self.validator = ValidatorService(ValidatorServiceConfig(), self.manifest, self.validator_identity,
-                                          self.sentinel)  # fmt: skip
+        if self.with_validator:
+            self.validator = ValidatorService(ValidatorServiceConfig(), self.manifest, self.validator_identity,
+                                              self.sentinel)  # fmt: skip
         self.trainer = Trainer(self.trainer_config, self.manifest, self.trainer_identity, self.corpus)
         for slot, server in self.servers.items():
             await server.start(self.dhts[slot])
-        await self.validator.start(self.dhts["validator"])
+        if self.validator is not None:
+            await self.validator.start(self.dhts["validator"])
         await self.trainer.start(self.dhts["trainer"])
+
+    def initial_peers(self) -> list:
+        """Addresses through which a node started elsewhere joins this swarm's DHT (after ``start_dhts``)."""
+        return [str(m) for m in next(iter(self.dhts.values())).get_visible_maddrs()]
 
     async def kill(self, slot: Slot) -> None:
         """Abrupt death of a replica: no OFFLINE announcement (its ONLINE record stays in the DHT until it expires),
