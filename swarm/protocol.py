@@ -51,6 +51,7 @@ idempotent, so the same bits arrive however often the tensor is re-sent).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -117,6 +118,12 @@ class RemoteFailure(ProtocolError):
     code = "internal"
 
 
+class Busy(ProtocolError):
+    """The server is already reassembling as many streamed requests as it admits at once: try another peer."""
+
+    code = "busy"
+
+
 class Unauthorized(ProtocolError):
     """The caller may not make this request (e.g. a check request not signed by an authorized trainer)."""
 
@@ -137,6 +144,8 @@ def error_from_code(code: str, message: str) -> Exception:
         return ReferenceMissing(message)
     if code == RemoteFailure.code:
         return RemoteFailure(message)
+    if code == Busy.code:
+        return Busy(message)
     if code == Unauthorized.code:
         return Unauthorized(message)
     rejected = InputRejected.from_code(code, message)
@@ -398,6 +407,32 @@ def check_request_bytes(
 
 
 # -------------------------------------------------------------------------------------------------------- server
+class StreamSlots:
+    """At most ``limit`` streamed requests in hand at once on one server, from their first part to their reply.
+
+    Each may hold up to its ``max_tensors`` x the TensorSpec's bound in memory while it arrives, so without a limit a
+    peer opening many streams at once could exhaust the server's memory. One over the limit is refused at once with
+    :class:`Busy` (the caller retries elsewhere) rather than queued. For one event loop (no locking)."""
+
+    def __init__(self, limit: int):
+        if limit < 1:
+            raise ValueError(f"the stream limit must be >= 1, got {limit}")
+        self.limit = limit
+        self.active = 0
+        self.refused = 0
+
+    @contextlib.contextmanager
+    def take(self) -> Iterator[None]:
+        if self.active >= self.limit:
+            self.refused += 1
+            raise Busy(f"already handling {self.active} streamed request(s), the most this server admits")
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
+
 async def receive_stream(
     parts: AsyncIterator[runtime_pb2.ExpertRequest], *, max_tensors: int, spec: TensorSpec
 ) -> runtime_pb2.ExpertRequest:

@@ -55,6 +55,8 @@ from swarm.identity import Identity
 from swarm.model import ModelConfig, Stage, resolve_config
 from swarm.protocol import (
     BadRequest,
+    Busy,
+    StreamSlots,
     TensorSpec,
     answer_stream,
     check_unary_reply,
@@ -110,12 +112,15 @@ class StageServerConfig:
     average_every: int = 4  # optimizer steps between parameter-averaging rounds with the other replicas (0: off)
     average_timeout: float = 30.0  # seconds a round may take (matchmaking, then all-reduce)
     average_matchmaking: float = 2.0  # seconds a group leader waits for the stage's other replicas to join
+    max_streams: int = 8  # streamed requests in hand at once; one more is refused with Busy (memory bound)
 
     def __post_init__(self) -> None:
         if self.stage < 1 or self.accumulate < 1 or self.max_batch < 1 or self.announce_period <= 0:
             raise ValueError("stage, accumulate and max_batch must be >= 1 and announce_period > 0")
         if self.average_every < 0 or not 0 < self.average_matchmaking < self.average_timeout:
             raise ValueError("average_every must be >= 0 and 0 < average_matchmaking < average_timeout")
+        if self.max_streams < 1:
+            raise ValueError("max_streams must be >= 1")
 
 
 class StageServer(ServicerBase):
@@ -148,6 +153,7 @@ class StageServer(ServicerBase):
         self.optimizer_steps = 0
         self.rejected: dict[str, int] = {}
         self.stream_calls: Counter[str] = Counter()  # "forward" / "backward" requests that came streamed
+        self.streams = StreamSlots(config.max_streams)
         self.seconds_ema: float | None = None  # seconds per forward+backward of one micro-batch
         self._seen_backward: OrderedDict[tuple[int, int], None] = OrderedDict()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{config.stage}")  # serial
@@ -269,12 +275,14 @@ class StageServer(ServicerBase):
         try:
             if unary:
                 check_unary_request(request)
-            else:
-                self.stream_calls[kind] += 1
+                return await self._handle(kind, request, unary=True)
+            self.stream_calls[kind] += 1
+            with self.streams.take():
                 request = await receive_stream(request, max_tensors=1 if kind == "forward" else 2, spec=self.spec)
-            if kind == "forward":
-                return await self._forward(request, unary=unary)
-            return await self._backward(request, unary=unary)
+                return await self._handle(kind, request, unary=False)
+        except Busy as e:
+            logger.debug(f"stage {self.config.stage}: {kind} refused: {e}")
+            return error_response(e)
         except (BadRequest, InputRejected) as e:
             self.rejected[e.code] = self.rejected.get(e.code, 0) + 1
             logger.debug(f"stage {self.config.stage}: {kind} rejected ({e.code}): {e}")
@@ -282,6 +290,11 @@ class StageServer(ServicerBase):
         except Exception as e:
             logger.exception(f"stage {self.config.stage}: {kind} failed")
             return error_response(e)
+
+    async def _handle(self, kind: str, request: runtime_pb2.ExpertRequest, *, unary: bool):
+        if kind == "forward":
+            return await self._forward(request, unary=unary)
+        return await self._backward(request, unary=unary)
 
     def _checked_input(self, meta: dict, proto: runtime_pb2.Tensor) -> tuple[str, int, int, torch.Tensor]:
         run, step, mb = meta_str(meta, "run", max_len=64), meta_int(meta, "step"), meta_int(meta, "mb")

@@ -48,6 +48,7 @@ from swarm.dht_schema import fetch_banned, fetch_stages, fetch_validators
 from swarm.identity import Identity
 from swarm.model import Embedding, Head
 from swarm.protocol import (
+    Busy,
     CheckReply,
     ReferenceMissing,
     RemoteFailure,
@@ -218,7 +219,7 @@ class Trainer:
                 break
             try:
                 result = await attempt(peer)
-            except (TransportError, RemoteFailure) as e:
+            except (TransportError, RemoteFailure, Busy) as e:
                 logger.warning(f"call to {peer[:12]}... failed ({type(e).__name__}: {e}); trying another peer")
                 self.metrics.retries += 1
                 self._mark_failed(peer)

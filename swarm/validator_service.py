@@ -42,6 +42,7 @@ from swarm.protocol import (
     BadRequest,
     ProtocolError,
     ReferenceMissing,
+    StreamSlots,
     TensorSpec,
     Unauthorized,
     answer_stream,
@@ -89,6 +90,7 @@ class ValidatorServiceConfig:
     state_path: str | None = None
     save_every: int = 256  # checks between state saves (0: only on shutdown)
     publish: bool = True
+    max_streams: int = 8  # streamed check requests in hand at once; one more is refused with Busy (memory bound)
     reference_cache_bytes: int = 64 * 2**20  # tensors this validator passed on (accepted or replaced), kept so that
     # the next boundary's check can name its reference by digest instead of resending it (0: off)
 
@@ -111,6 +113,7 @@ class ValidatorService(ServicerBase):
         self.spec = TensorSpec(cfg.d_model, cfg.seq_len, config.max_batch)
         self.n_checks = 0
         self.stream_calls = 0  # check requests that came streamed
+        self.streams = StreamSlots(config.max_streams)
         self._step: int | None = None  # highest step seen; its blame is settled when a later step starts
         self.n_tainted = 0
         self.seconds = 0.0
@@ -212,10 +215,11 @@ class ValidatorService(ServicerBase):
         try:
             if unary:
                 check_unary_request(request)
-            else:
-                self.stream_calls += 1
+                return await self._check(request, unary=True)
+            self.stream_calls += 1
+            with self.streams.take():
                 request = await receive_stream(request, max_tensors=2, spec=self.spec)
-            return await self._check(request, unary=unary)
+                return await self._check(request, unary=False)
         except ProtocolError as e:
             logger.debug(f"validator: check rejected ({e.code}): {e}")
             return error_response(e)

@@ -290,3 +290,55 @@ def test_streamed_requests_get_the_same_typed_errors(monkeypatch):
         assert server.rejected == {"forged_verdict": 2, "bad_request": 4}
 
     swarm.run(body)
+
+
+@pytest.mark.forked
+@pytest.mark.timeout(120)
+def test_a_server_refuses_streams_over_its_limit_with_busy(monkeypatch):
+    """With ``max_streams=1``, a second streamed request while one is still arriving is refused at once with the
+    typed Busy error (which the trainer retries elsewhere); the first is then served, and the slot comes back."""
+    monkeypatch.setattr(protocol, "STREAM_CHUNK_BYTES", 4096)
+    monkeypatch.setattr(protocol, "MAX_UNARY_TENSOR_BYTES", 4096)  # the tiny preset's hidden states go streamed
+    swarm = LocalSwarm((1,), stage_config={"average_every": 0, "max_streams": 1})
+
+    async def body(swarm):
+        server, run, trainer = swarm.servers[(1, 0)], swarm.run_id, swarm.trainer
+        p2p = await swarm.dhts["trainer"].replicate_p2p()
+        stage = StageServer.get_stub(p2p, PeerID.from_base58(server.peer_id), namespace=rpc_namespace(run))
+        spec = trainer.spec
+        h = torch.randn(2, 32, spec.d_model)
+
+        def meta(mb):
+            verdict = trainer._trainer_verdict(h, step=0, mb=mb, boundary=0, direction=Direction.FORWARD)
+            return {"run": run, "step": 0, "mb": mb, "verdict": verdict.to_tuple()}
+
+        parts = list(split_message(Req(tensors=[encode_tensor(h)], metadata=pack_meta(meta(0)))))
+        assert len(parts) > 2
+        release = asyncio.Event()
+
+        async def stalled():  # the first part, then nothing until released
+            yield parts[0]
+            await release.wait()
+            for part in parts[1:]:
+                yield part
+
+        first = asyncio.create_task(_collect(await stage.rpc_forward_stream(stalled())))
+        deadline = time.monotonic() + 10
+        while server.streams.active < 1:
+            assert time.monotonic() < deadline, "the first stream never reached the server"
+            await asyncio.sleep(0.02)
+        start = time.monotonic()
+        with pytest.raises(protocol.Busy):
+            await call_auto(stage, "rpc_forward", "rpc_forward_stream", [h], meta(1), 10, NONE, spec)
+        assert time.monotonic() - start < 5 and server.streams.refused == 1 and server.forward_calls == 0
+
+        release.set()
+        replies = await asyncio.wait_for(first, 10)
+        reply = await gather_stream(_aiter(replies), runtime_pb2.ExpertResponse, max_tensors=1,
+                                    max_tensor_bytes=2**20)  # fmt: skip
+        assert "error" not in unpack_meta(reply.metadata) and len(reply.tensors) == 1
+        assert server.streams.active == 0 and server.forward_calls == 1
+        again = await call_auto(stage, "rpc_forward", "rpc_forward_stream", [h], meta(2), 10, NONE, spec)
+        assert len(again.tensors) >= 1 and server.forward_calls == 2 and server.streams.refused == 1
+
+    swarm.run(body)
