@@ -25,7 +25,7 @@ def test_simulate_compare_writes_report_and_plot(tmp_path, capsys):
     assert KEYS <= set(data)
     assert len(data["malicious"]) == 1 and set(data["malicious"]) <= set(data["banned"])
     # a 2x3 tiny mesh with 64-token micro-batches 8 steps into training drifts fast enough to ban an honest replica
-    # at times (README, "Honest false bans are not solved"); what the CLI must get right is that the report says so consistently
+    # at times (README, "Honest false bans are not solved"); the CLI must report it consistently
     assert data["false_bans"] == sorted(set(data["banned"]) - set(data["malicious"]))
     assert data["config"]["stages"] == 2 and data["config"]["sentinel"]["ban_level"] >= 1
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

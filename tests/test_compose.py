@@ -1,0 +1,118 @@
+"""`bootstrap/docker-compose.yml` without a Docker engine: every service's command, as the file spells it, run as a
+process on 127.0.0.1 in the file's dependency order, with the volumes mapped to temporary folders and each node's
+`0.0.0.0:31337` to a free loopback port (containers have an address each; processes on one host do not). The trainer
+runs 3 steps instead of 200. What this cannot check is the image itself (no Docker engine on these machines)."""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+COMPOSE = Path(__file__).resolve().parents[1] / "bootstrap" / "docker-compose.yml"
+CONTAINER_LISTEN = "/ip4/0.0.0.0/tcp/31337"
+
+
+def _command() -> list[str]:
+    script = Path(sys.executable).parent / "sentinel-node"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("sentinel-node")
+    return [found] if found else [sys.executable, "-m", "node.cli"]
+
+
+def _localise(arg: str, keys: Path, data: Path) -> str:
+    arg = arg.replace(CONTAINER_LISTEN, "/ip4/127.0.0.1/tcp/0")
+    return re.sub(r"(?<![\w.])/(keys|data)(?=/|$)", lambda m: str(keys if m.group(1) == "keys" else data), arg)
+
+
+def test_compose_file_services_and_order():
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    assert set(services) == {"keys", "bootstrap", "validator", "stage1", "stage2", "trainer", "status"}
+    for name in ("validator", "stage1", "stage2", "trainer", "status"):
+        command = services[name]["command"]
+        assert command[0] in ("join", "status") and "@/keys/bootstrap.json" in command, name
+    assert services["bootstrap"]["depends_on"]["keys"]["condition"] == "service_completed_successfully"
+    assert set(services["trainer"]["depends_on"]) == {"validator", "stage1", "stage2"}
+
+
+@pytest.mark.forked
+@pytest.mark.timeout(300)
+def test_compose_commands_run_a_swarm_on_loopback(tmp_path):
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    keys, data = tmp_path / "keys", tmp_path / "data"
+    keys.mkdir()
+    data.mkdir()
+    path = f"{Path(_command()[0]).parent}{os.pathsep}{os.environ['PATH']}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": path}
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    def argv(name: str) -> list[str]:
+        command = [_localise(str(a), keys, data) for a in services[name]["command"]]
+        if name == "trainer":
+            command[command.index("--steps") + 1] = "3"
+        return [*_command(), *command]
+
+    # `keys`: the entrypoint is `sh -c` and the script escapes `$` as `$$` for compose
+    script = _localise(services["keys"]["command"][0].replace("$$", "$"), keys, data)
+    assert services["keys"]["entrypoint"] == ["sh", "-c"]
+    subprocess.run(["sh", "-c", script], check=True, env=env, timeout=120, capture_output=True)
+    for name in ("validator", "trainer", "stage1", "stage2"):
+        assert (keys / f"{name}.key").exists() and (keys / f"{name}.key.pub").exists()
+    subprocess.run(["sh", "-c", script], check=True, env=env, timeout=120, capture_output=True)  # idempotent
+
+    procs: dict[str, subprocess.Popen] = {}
+
+    def start(name: str) -> None:
+        out = open(logs / f"{name}.log", "w")
+        procs[name] = subprocess.Popen(argv(name), stdout=out, stderr=subprocess.STDOUT, env=env,
+                                       stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+
+    def log(name: str) -> str:
+        return (logs / f"{name}.log").read_text()[-3000:]
+
+    try:
+        start("bootstrap")
+        deadline = time.monotonic() + 90
+        while not (keys / "bootstrap.json").exists():
+            assert procs["bootstrap"].poll() is None, log("bootstrap")
+            assert time.monotonic() < deadline, log("bootstrap")
+            time.sleep(0.2)
+        for name in ("validator", "stage1", "stage2"):
+            start(name)
+        trainer = subprocess.run(argv("trainer"), env=env, timeout=240, capture_output=True, text=True)
+        assert trainer.returncode == 0, trainer.stdout[-3000:] + trainer.stderr[-3000:]
+        metrics = (data / "trainer-metrics.jsonl").read_text().splitlines()
+        assert len(metrics) >= 3, metrics
+        for name in ("validator", "stage1", "stage2"):
+            assert procs[name].poll() is None, log(name)
+        status = subprocess.run(argv("status"), env=env, timeout=120, capture_output=True, text=True)
+        assert status.returncode == 0, status.stdout[-3000:] + status.stderr[-3000:]
+        assert "stage" in status.stdout.lower()
+        for proc in procs.values():  # `docker stop`: SIGTERM to the entrypoint only, SIGKILL after the grace period
+            proc.send_signal(signal.SIGTERM)
+        grace = services["validator"]["stop_grace_period"]
+        assert grace == "30s"
+        for name, proc in procs.items():
+            assert proc.wait(30) == 0, log(name)  # a clean exit within the grace period (state saved)
+    finally:  # whatever failed: nothing is left behind
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # its DHT process and p2pd too, if still there
+            except ProcessLookupError:
+                pass
+            proc.wait(10)
