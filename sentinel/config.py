@@ -56,8 +56,8 @@ class SentinelConfig:
     drift_steps: int = 4
     drift_active_majority: bool = False  # lower drift_senders to a majority of the senders still active at a monitor
     # (checked within the last 4 x drift_steps steps and not banned): once a stage's attackers are banned, its honest
-    # remainder can still be recognised as drifting. Off by default (not yet measured in the benchmark); the demo's
-    # 2-replica stages need it
+    # remainder can still be recognised as drifting. Off by default (measured worse on small 8x4: README, "Drift
+    # guard"); the demo's 2-replica stages need it
     drift_max_excess: float = 3.0  # only flags with every distance below this multiple of its fence can be drift
     replacement: str = "baseline"  # tainted tensor: "baseline" replacement or "drop" the micro-batch
     seed: int = 0  # seeds the validator-private projections
