@@ -63,6 +63,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--forgive-after", type=int, default=s.forgive_after)
     g.add_argument("--strikes-per-step", type=int, default=s.strikes_per_step,
                    help="at most this many strikes per worker per step (0: one per flag)")
+    g.add_argument("--drift-agreement", action="store_true",
+                   help="also call it drift when a majority of a stage's flagged tensors agree with one another, "
+                        "however far from a stale baseline (README, \"Drift guard\")")
     g.add_argument("--replacement", default=s.replacement, choices=["baseline", "drop"])
     c = p.add_argument_group("checkpoints (with --compare: of the main run only; the comparison runs start over)")
     c.add_argument("--checkpoint", metavar="PATH",
@@ -92,6 +95,7 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
         forgive_after=args.forgive_after,
         strikes_per_step=args.strikes_per_step,
         replacement=args.replacement,
+        drift_agreement=args.drift_agreement,
         seed=args.seed,
     )
     return MeshConfig(

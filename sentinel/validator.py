@@ -34,7 +34,7 @@ import torch
 from sentinel.config import SentinelConfig
 from sentinel.ledger import ViolationLedger
 from sentinel.monitor import BoundaryMonitor, Observation
-from sentinel.stats import Summary
+from sentinel.stats import Summary, distances
 
 
 def blamed_stage(boundary: int, direction: str) -> int:
@@ -66,6 +66,8 @@ class Validator:
         self.reanchors = 0
         self.recent_flags: dict[tuple[int, str], list[tuple[int, str]]] = {}  # monitor -> [(step, sender)]
         self.last_seen: dict[tuple[int, str], dict[str, int]] = {}  # monitor -> sender -> last step it was checked
+        # drift_agreement: monitor -> [(step, sender, summary)] of distance flags within the drift window
+        self.recent_summaries: dict[tuple[int, str], list[tuple[int, str, Summary]]] = {}
 
     def monitor(self, boundary: int, direction: str) -> BoundaryMonitor:
         key = (boundary, direction)
@@ -123,13 +125,17 @@ class Validator:
             recent = [(s, w) for s, w in self.recent_flags.get(key, []) if s > step - self.config.drift_steps]
             recent += [(step, sender) for sender, _, _ in mild]
             self.recent_flags[key] = recent
-            if mild and len({w for _, w in recent}) >= self._drift_threshold(key, step):
+            threshold = self._drift_threshold(key, step)
+            if mild and len({w for _, w in recent}) >= threshold:
                 least = min(mild, key=lambda f: f[1])
                 if least[2].summary is not None:
                     self.monitors[key].reanchor(least[2].summary)
                 self.reanchors += 1
                 self.recent_flags[key] = []
+                self.recent_summaries.pop(key, None)
                 flags = [f for f in flags if not any(f is m for m in mild)]
+            elif self.config.drift_agreement:
+                flags = self._agreed_drift(key, step, flags, threshold)
             for sender, _, _ in flags:
                 if cap and struck.get(sender, 0) >= cap:
                     continue  # strikes count steps of misbehaviour, not micro-batches (see strikes_per_step)
@@ -137,6 +143,45 @@ class Validator:
                 if self.ledger.record(sender, True, step):
                     banned.append(sender)
         return banned
+
+    def _agreed_drift(self, key: tuple[int, str], step: int, flags: list, threshold: int) -> list:
+        """``drift_agreement``: the flags of this step that remain to be struck at monitor ``key``.
+
+        The distance flags of the last ``drift_steps`` steps (this one included) are drift if those of ``threshold``
+        distinct senders agree with one of them, the *anchor*: taken as the baseline, it puts each of their tensors
+        within ``drift_max_excess`` x the monitor's fences on every distance. Attackers are a minority of a stage, so
+        such a majority holds honest senders, and a flagged tensor far from theirs (an attack) stays outside it. The
+        baseline re-anchors on the anchor that gathers the most senders (then the smallest total excess); this
+        step's flags of tensors within it are forgiven, the others struck."""
+        window = [e for e in self.recent_summaries.get(key, []) if e[0] > step - self.config.drift_steps]
+        window += [(step, sender, obs.summary) for sender, _, obs in flags
+                   if obs.reason.startswith("distance:") and obs.summary is not None]  # fmt: skip
+        self.recent_summaries[key] = window
+        if len({sender for _, sender, _ in window}) < threshold:
+            return flags
+        monitor = self.monitors[key]
+        fences = {m: max(monitor.fences[m].fence(), 1e-12) for m in self.config.metrics}
+
+        def excess(s: Summary, anchor: Summary) -> float:
+            scores = distances(s, anchor, self.config.metrics)
+            return max(scores[m] / fences[m] for m in scores)
+
+        best: tuple[int, float, Summary] | None = None
+        for _, _, anchor in window:
+            within = [(w, e) for _, w, s in window if (e := excess(s, anchor)) <= self.config.drift_max_excess]
+            senders = len({w for w, _ in within})
+            total = sum(e for _, e in within)
+            if best is None or (senders, -total) > (best[0], -best[1]):
+                best = (senders, total, anchor)
+        if best is None or best[0] < threshold:
+            return flags
+        anchor = best[2]
+        monitor.reanchor(anchor)
+        self.reanchors += 1
+        self.recent_flags[key] = []
+        self.recent_summaries[key] = []
+        return [f for f in flags if f[2].summary is None or not f[2].reason.startswith("distance:")
+                or excess(f[2].summary, anchor) > self.config.drift_max_excess]  # fmt: skip
 
     def _drift_threshold(self, key: tuple[int, str], step: int) -> int:
         """Distinct flagged senders that make drift at monitor ``key`` (see ``drift_active_majority``)."""
@@ -163,6 +208,10 @@ class Validator:
                 f"{b}/{d}": [[step, sender] for step, sender in flags] for (b, d), flags in self.recent_flags.items()
             },
             "last_seen": {f"{b}/{d}": dict(seen) for (b, d), seen in self.last_seen.items()},
+            "recent_summaries": {
+                f"{b}/{d}": [[step, sender, summary.state_dict()] for step, sender, summary in entries]
+                for (b, d), entries in self.recent_summaries.items()
+            },
             "pending": [
                 {
                     "boundary": boundary,
@@ -192,6 +241,14 @@ class Validator:
         for key, seen in d.get("last_seen", {}).items():
             b, direction = key.split("/")
             self.last_seen[(int(b), direction)] = {str(w): int(last) for w, last in seen.items()}
+        self.recent_summaries = {}
+        for key, entries in d.get("recent_summaries", {}).items():
+            b, direction = key.split("/")
+            restored = []
+            for step, sender, summary in entries:
+                summary = Summary.from_state_dict(summary)
+                restored.append((int(step), str(sender), summary if device is None else summary.to(device)))
+            self.recent_summaries[(int(b), direction)] = restored
         self.recent_flags = {}
         for key, flags in d.get("recent_flags", {}).items():
             b, direction = key.split("/")

@@ -141,3 +141,67 @@ def test_drift_active_majority_counts_only_senders_still_active(active_majority)
     v.end_step(51)
     assert v.ledger.is_banned("honest") is not active_majority
     assert v.reanchors == (1 if active_majority else 0)
+
+
+def _gross_drift(v: Validator, seed: int, n: int, factor: float = 6.0):
+    """Everyone's residual update grown ``factor`` times: past drift_max_excess from the old baseline, but the
+    tensors agree with one another."""
+    return [(ref + factor * (out - ref), ref) for out, ref in pairs(seed, n)]
+
+
+@pytest.mark.parametrize("agreement", [False, True])
+def test_drift_agreement_forgives_a_majority_past_a_stale_baseline(agreement):
+    v = warmed(drift_senders=3, drift_agreement=agreement, ban_level=10)
+    excesses = []
+    for step, chunk in ((1, range(0, 2)), (2, range(2, 4))):
+        for i in chunk:
+            out, ref = _gross_drift(v, 20, 4)[i]
+            res = v.check(out, boundary=1, direction="forward", sender=f"w{i}", step=step, reference=ref)
+            assert res.tainted
+            excesses.append(max(res.scores[m] / res.fences[m] for m in res.scores))
+        v.end_step(step)
+    assert min(excesses) > v.config.drift_max_excess  # every flag is gross: the plain guard never calls it drift
+    strikes = [v.ledger.strikes(f"w{i}") for i in range(4)]
+    if agreement:  # step 2 completes 3+ agreeing senders: re-anchored, that step's flags forgiven
+        assert v.reanchors == 1 and strikes == [1, 1, 0, 0]
+        out, ref = _gross_drift(v, 21, 1)[0]  # the new normal is accepted now
+        assert not v.check(out, boundary=1, direction="forward", sender="w0", step=3, reference=ref).tainted
+    else:
+        assert v.reanchors == 0 and strikes == [1, 1, 1, 1]
+
+
+def test_drift_agreement_strikes_what_disagrees_and_needs_a_majority():
+    v = warmed(drift_senders=3, drift_agreement=True, ban_level=10)
+    # two attackers sending the same gross tensor agree with each other, but they are only two senders
+    for step in (1, 2):
+        for out, ref in pairs(30 + step, 2):
+            v.check(out * 0, boundary=1, direction="forward", sender="a", step=step, reference=ref)
+            v.check(out * 0, boundary=1, direction="forward", sender="b", step=step, reference=ref)
+        v.end_step(step)
+    assert v.reanchors == 0 and v.ledger.strikes("a") == 4 and v.ledger.strikes("b") == 4
+    # three honest senders drifting together, an attacker among them: the drift is forgiven, the attack is not
+    for i, (out, ref) in enumerate(_gross_drift(v, 40, 3)):
+        v.check(out, boundary=1, direction="forward", sender=f"w{i}", step=3, reference=ref)
+        v.check(ref * 0 + 5.0, boundary=1, direction="forward", sender="a", step=3, reference=ref)
+    v.end_step(3)
+    assert v.reanchors == 1 and all(v.ledger.strikes(f"w{i}") == 0 for i in range(3))
+    assert v.ledger.strikes("a") == 7
+
+
+def test_drift_agreement_window_survives_a_state_round_trip():
+    def run(round_trip: bool) -> tuple[int, list[int]]:
+        v = warmed(drift_senders=3, drift_agreement=True, ban_level=10)
+        drift = _gross_drift(v, 50, 4)
+        for i in (0, 1):
+            v.check(drift[i][0], boundary=1, direction="forward", sender=f"w{i}", step=1, reference=drift[i][1])
+        v.end_step(1)
+        if round_trip:
+            w = Validator(v.config)
+            w.load_state_dict(v.state_dict())
+            v = w
+        for i in (2, 3):
+            v.check(drift[i][0], boundary=1, direction="forward", sender=f"w{i}", step=2, reference=drift[i][1])
+        v.end_step(2)
+        return v.reanchors, [v.ledger.strikes(f"w{i}") for i in range(4)]
+
+    assert run(True) == run(False) == (1, [1, 1, 0, 0])
