@@ -11,7 +11,9 @@ its output boundary ``k`` (see ``sentinel.validator``). It computes only on inpu
   head's gradient itself and re-signs the gradient it routes around a bypassed stage (see ``swarm.trainer``).
 
 Backward is stateless: it recomputes the forward pass from ``h``, so it may go to any replica of the stage. Parameter
-gradients accumulate; AdamW steps every ``accumulate`` backward calls.
+gradients accumulate; AdamW steps after ``accumulate`` backward calls, or as soon as a request of a later trainer step
+arrives (a replica bypassed in some of a step's micro-batches gets fewer calls: counting alone would misalign every
+later step), and on ``finish_step`` / shutdown.
 
 Data-parallel averaging: every ``average_every`` optimizer steps (0: never) a replica runs, in the background, one
 round of hivemind's ``DecentralizedAverager`` (all-reduce, equal weights) with the other replicas of its stage, keyed
@@ -151,6 +153,9 @@ class StageServer(ServicerBase):
         self.forward_calls = 0
         self.backward_calls = 0
         self.optimizer_steps = 0
+        self._pending_step: int | None = None  # trainer step of the gradients accumulated and not yet applied
+        self._pending_calls = 0
+        self._stopped = False
         self.rejected: dict[str, int] = {}
         self.stream_calls: Counter[str] = Counter()  # "forward" / "backward" requests that came streamed
         self.streams = StreamSlots(config.max_streams)
@@ -216,7 +221,10 @@ class StageServer(ServicerBase):
                     await self.remove_p2p_handlers(self._p2p, namespace=rpc_namespace(self.manifest.run_id))
             finally:
                 self._p2p = None  # the DHT's shared replica (dht.replicate_p2p caches it): not ours to close
-        self._executor.shutdown(wait=True)
+        if not self._stopped:  # shutdown may be called twice (a test's kill, then the swarm's stop)
+            self._stopped = True
+            await self.finish_step()  # the last step's gradients go into the weights (and the state saved after)
+            self._executor.shutdown(wait=True)
 
     @property
     def throughput(self) -> float:
@@ -313,7 +321,7 @@ class StageServer(ServicerBase):
         if unary:
             check_unary_reply(h.numel(), self.config.compression)
         self.forward_calls += 1
-        out = await self._run(self._compute_forward, h)
+        out = await self._run(self._compute_forward, h, step)
         out = self._send(out, step, mb, "forward")
         return runtime_pb2.ExpertResponse(tensors=encode_tensors([out], self.config.compression))
 
@@ -335,7 +343,7 @@ class StageServer(ServicerBase):
         self._seen_backward[(step, mb)] = None
         while len(self._seen_backward) > self.config.replay_window:
             self._seen_backward.popitem(last=False)
-        grad_in = await self._run(self._compute_backward, h, g)
+        grad_in = await self._run(self._compute_backward, h, g, step)
         self._maybe_average()
         grad_in = self._send(grad_in, step, mb, "backward")
         return runtime_pb2.ExpertResponse(tensors=encode_tensors([grad_in], self.config.compression))
@@ -350,27 +358,47 @@ class StageServer(ServicerBase):
     async def _run(self, fn, *args) -> torch.Tensor:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def _compute_forward(self, h: torch.Tensor) -> torch.Tensor:
+    def _compute_forward(self, h: torch.Tensor, step: int) -> torch.Tensor:
         start = time.perf_counter()
+        if self._pending_step is not None and step > self._pending_step:
+            self._apply_pending()  # the trainer moved on: the last step's gradients are all in
         with torch.no_grad():
             out = self.module(h.to(self.device, torch.float32))
         self._timed(time.perf_counter() - start)
         return out.to("cpu")
 
-    def _compute_backward(self, h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    def _compute_backward(self, h: torch.Tensor, g: torch.Tensor, step: int) -> torch.Tensor:
         start = time.perf_counter()
+        if self._pending_step is not None and step != self._pending_step:
+            self._apply_pending()  # gradients of an earlier trainer step, fewer than `accumulate` (some bypassed)
         x = h.to(self.device, torch.float32).requires_grad_(True)
         out = self.module(x)
         torch.autograd.backward(out, g.to(self.device, out.dtype))
         self.backward_calls += 1
-        if self.backward_calls % self.config.accumulate == 0:
+        self._pending_step = step
+        self._pending_calls += 1
+        if self._pending_calls >= self.config.accumulate:
+            self._apply_pending()
+        self._timed(time.perf_counter() - start)
+        return x.grad.to("cpu")
+
+    async def finish_step(self) -> None:
+        """Apply the gradients accumulated so far now (normally done when the trainer's next step arrives)."""
+        await self._run(self._apply_pending)
+
+    def _apply_pending(self) -> None:
+        """One optimizer step on the gradients accumulated so far (none: nothing to do).
+
+        Steps follow the trainer's: after ``accumulate`` backward calls, or as soon as a request of a later trainer
+        step arrives. Counting calls alone, a replica bypassed in some micro-batches of a step (its output replaced
+        by a validator) would from then on split every later step's micro-batches across two updates."""
+        if self._pending_calls:
             if self.config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.config.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.optimizer_steps += 1
-        self._timed(time.perf_counter() - start)
-        return x.grad.to("cpu")
+        self._pending_step, self._pending_calls = None, 0
 
     def _timed(self, seconds: float) -> None:
         self.seconds_ema = seconds if self.seconds_ema is None else 0.9 * self.seconds_ema + 0.1 * seconds
