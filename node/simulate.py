@@ -63,7 +63,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--forgive-after", type=int, default=s.forgive_after)
     g.add_argument("--strikes-per-step", type=int, default=s.strikes_per_step,
                    help="at most this many strikes per worker per step (0: one per flag)")
-    g.add_argument("--drift-agreement", action="store_true",
+    g.add_argument("--drift-agreement", action=argparse.BooleanOptionalAction, default=s.drift_agreement,
                    help="also call it drift when a majority of a stage's flagged tensors agree with one another, "
                         "however far from a stale baseline (README, \"Drift guard\")")
     g.add_argument("--replacement", default=s.replacement, choices=["baseline", "drop"])

@@ -59,7 +59,7 @@ class SentinelConfig:
     # remainder can still be recognised as drifting. Off by default (measured worse on small 8x4: README, "Drift
     # guard"); the demo's 2-replica stages need it
     drift_max_excess: float = 3.0  # only flags with every distance below this multiple of its fence can be drift
-    drift_agreement: bool = False  # also call it drift when the flagged tensors of drift_senders distinct senders
+    drift_agreement: bool = True  # also call it drift when the flagged tensors of drift_senders distinct senders
     # (within drift_steps steps, however far from the baseline) agree with ONE of them: each within drift_max_excess x
     # the fences when that one is taken as the baseline. Re-anchors on it. For a baseline gone stale, whose honest
     # traffic has moved past drift_max_excess (README, "Drift guard")
