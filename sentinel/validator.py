@@ -127,12 +127,7 @@ class Validator:
             self.recent_flags[key] = recent
             threshold = self._drift_threshold(key, step)
             if mild and len({w for _, w in recent}) >= threshold:
-                least = min(mild, key=lambda f: f[1])
-                if least[2].summary is not None:
-                    self.monitors[key].reanchor(least[2].summary)
-                self.reanchors += 1
-                self.recent_flags[key] = []
-                self.recent_summaries.pop(key, None)
+                self._reanchor(key, min(mild, key=lambda f: f[1])[2].summary)
                 flags = [f for f in flags if not any(f is m for m in mild)]
             elif self.config.drift_agreement:
                 flags = self._agreed_drift(key, step, flags, threshold)
@@ -166,22 +161,25 @@ class Validator:
             scores = distances(s, anchor, self.config.metrics)
             return max(scores[m] / fences[m] for m in scores)
 
-        best: tuple[int, float, Summary] | None = None
+        best: tuple[int, float, Summary, set[int]] | None = None  # (senders, total excess, anchor, ids within)
         for _, _, anchor in window:
-            within = [(w, e) for _, w, s in window if (e := excess(s, anchor)) <= self.config.drift_max_excess]
-            senders = len({w for w, _ in within})
-            total = sum(e for _, e in within)
+            within = [(w, e, id(s)) for _, w, s in window if (e := excess(s, anchor)) <= self.config.drift_max_excess]
+            senders = len({w for w, _, _ in within})
+            total = sum(e for _, e, _ in within)
             if best is None or (senders, -total) > (best[0], -best[1]):
-                best = (senders, total, anchor)
+                best = (senders, total, anchor, {i for _, _, i in within})
         if best is None or best[0] < threshold:
             return flags
-        anchor = best[2]
-        monitor.reanchor(anchor)
+        self._reanchor(key, best[2])
+        return [f for f in flags if id(f[2].summary) not in best[3]]
+
+    def _reanchor(self, key: tuple[int, str], summary: Summary | None) -> None:
+        """Drift recognised at monitor ``key``: the baseline moves to ``summary``, the drift windows start over."""
+        if summary is not None:
+            self.monitors[key].reanchor(summary)
         self.reanchors += 1
         self.recent_flags[key] = []
-        self.recent_summaries[key] = []
-        return [f for f in flags if f[2].summary is None or not f[2].reason.startswith("distance:")
-                or excess(f[2].summary, anchor) > self.config.drift_max_excess]  # fmt: skip
+        self.recent_summaries.pop(key, None)
 
     def _drift_threshold(self, key: tuple[int, str], step: int) -> int:
         """Distinct flagged senders that make drift at monitor ``key`` (see ``drift_active_majority``)."""
@@ -233,30 +231,34 @@ class Validator:
 
         A state without the drift guard's keys (an older format) restores monitors and ledger only."""
         for key, state in d["monitors"].items():
-            b, direction = key.split("/")
-            self.monitor(int(b), direction).load_state_dict(state, device)
+            self.monitor(*_monitor_key(key)).load_state_dict(state, device)
         self.ledger.load_state_dict(d["ledger"])
         self.reanchors = int(d.get("reanchors", 0))
-        self.last_seen = {}
-        for key, seen in d.get("last_seen", {}).items():
-            b, direction = key.split("/")
-            self.last_seen[(int(b), direction)] = {str(w): int(last) for w, last in seen.items()}
-        self.recent_summaries = {}
-        for key, entries in d.get("recent_summaries", {}).items():
-            b, direction = key.split("/")
-            restored = []
-            for step, sender, summary in entries:
-                summary = Summary.from_state_dict(summary)
-                restored.append((int(step), str(sender), summary if device is None else summary.to(device)))
-            self.recent_summaries[(int(b), direction)] = restored
-        self.recent_flags = {}
-        for key, flags in d.get("recent_flags", {}).items():
-            b, direction = key.split("/")
-            self.recent_flags[(int(b), direction)] = [(int(step), str(sender)) for step, sender in flags]
+        self.last_seen = {
+            _monitor_key(key): {str(w): int(last) for w, last in seen.items()}
+            for key, seen in d.get("last_seen", {}).items()
+        }
+        self.recent_summaries = {
+            _monitor_key(key): [(int(step), str(sender), _summary(summ, device)) for step, sender, summ in entries]
+            for key, entries in d.get("recent_summaries", {}).items()
+        }
+        self.recent_flags = {
+            _monitor_key(key): [(int(step), str(sender)) for step, sender in flags]
+            for key, flags in d.get("recent_flags", {}).items()
+        }
         self.pending = []
         for p in d.get("pending", []):
-            summary = None if p["summary"] is None else Summary.from_state_dict(p["summary"])
-            if summary is not None and device is not None:
-                summary = summary.to(device)
+            summary = None if p["summary"] is None else _summary(p["summary"], device)
             obs = Observation(bool(p["flagged"]), str(p["reason"]), dict(p["scores"]), dict(p["fences"]), summary)
             self.pending.append((int(p["boundary"]), str(p["direction"]), str(p["sender"]), float(p["excess"]), obs))
+
+
+def _monitor_key(key: str) -> tuple[int, str]:
+    """A monitor's (boundary, direction) from its ``"<boundary>/<direction>"`` key in a state dict."""
+    b, direction = key.split("/")
+    return int(b), direction
+
+
+def _summary(d: dict, device: torch.device | str | None) -> Summary:
+    summary = Summary.from_state_dict(d)
+    return summary if device is None else summary.to(device)
