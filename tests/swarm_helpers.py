@@ -3,6 +3,10 @@ corpus)."""
 
 from __future__ import annotations
 
+import shutil
+import sys
+from pathlib import Path
+
 import numpy as np
 
 from swarm.data import Corpus
@@ -27,3 +31,12 @@ class LocalSwarm(_LocalSwarm):
 
 def run_swarm(swarm: LocalSwarm, body) -> None:
     swarm.run(body)
+
+
+def sentinel_node_command() -> list[str]:
+    """How to run ``sentinel-node`` as a subprocess: this venv's script, else the one on PATH, else the module."""
+    script = Path(sys.executable).parent / "sentinel-node"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("sentinel-node")
+    return [found] if found else [sys.executable, "-m", "node.cli"]

@@ -5,26 +5,17 @@ runs 3 steps instead of 200. What this cannot check is the image itself (no Dock
 
 import os
 import re
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from swarm_helpers import sentinel_node_command
 
 COMPOSE = Path(__file__).resolve().parents[1] / "bootstrap" / "docker-compose.yml"
 CONTAINER_LISTEN = "/ip4/0.0.0.0/tcp/31337"
-
-
-def _command() -> list[str]:
-    script = Path(sys.executable).parent / "sentinel-node"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("sentinel-node")
-    return [found] if found else [sys.executable, "-m", "node.cli"]
 
 
 def _localise(arg: str, keys: Path, data: Path) -> str:
@@ -49,7 +40,7 @@ def test_compose_commands_run_a_swarm_on_loopback(tmp_path):
     keys, data = tmp_path / "keys", tmp_path / "data"
     keys.mkdir()
     data.mkdir()
-    path = f"{Path(_command()[0]).parent}{os.pathsep}{os.environ['PATH']}"
+    path = f"{Path(sentinel_node_command()[0]).parent}{os.pathsep}{os.environ['PATH']}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": path}
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -58,7 +49,7 @@ def test_compose_commands_run_a_swarm_on_loopback(tmp_path):
         command = [_localise(str(a), keys, data) for a in services[name]["command"]]
         if name == "trainer":
             command[command.index("--steps") + 1] = "3"
-        return [*_command(), *command]
+        return [*sentinel_node_command(), *command]
 
     # `keys`: the entrypoint is `sh -c` and the script escapes `$` as `$$` for compose
     script = _localise(services["keys"]["command"][0].replace("$$", "$"), keys, data)

@@ -3,30 +3,21 @@ which one attacks, trainer); the attacker is banned, no honest peer is, and no p
 
 import json
 import math
-import shutil
 import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import psutil
 import pytest
-
-
-def _command() -> list[str]:
-    script = Path(sys.executable).parent / "sentinel-node"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("sentinel-node")
-    return [found] if found else [sys.executable, "-m", "node.cli"]
+from swarm_helpers import sentinel_node_command
 
 
 @pytest.mark.forked
 @pytest.mark.timeout(240)
 def test_demo_bans_the_attacker_and_leaves_no_process_behind(tmp_path):
     report = tmp_path / "report.json"
-    argv = [*_command(), "demo", "--stages", "1", "--replicas", "2", "--steps", "10", "--microbatches", "4",
-            "--report", str(report), "--workdir", str(tmp_path / "work"), "--timeout", "200"]  # fmt: skip
+    argv = [*sentinel_node_command(), "demo", "--stages", "1", "--replicas", "2", "--steps", "10",
+            "--microbatches", "4", "--report", str(report), "--workdir", str(tmp_path / "work"),
+            "--timeout", "200"]  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen: dict[int, psutil.Process] = {}
     done = threading.Event()
