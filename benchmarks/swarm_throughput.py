@@ -94,7 +94,7 @@ def bench_swarm(args, corpus) -> tuple[dict[bool, list[float]], dict]:
                        stage_config=stage_config, validator=not args.validator_process)  # fmt: skip
     seconds: dict[bool, list[float]] = {True: [], False: []}
     info: dict = {}
-    child = conn = None
+    child = None
     if args.validator_process:
         validator_cpus, other_cpus = split_cpus()
         if other_cpus:
@@ -137,27 +137,21 @@ def bench_swarm(args, corpus) -> tuple[dict[bool, list[float]], dict]:
     if not args.validator_process:
         swarm.run(body)
         return seconds, info
-    swarm.start_dhts()
-    try:
-        ctx = mp.get_context("spawn")
-        conn, theirs = ctx.Pipe()
+    ctx = mp.get_context("spawn")
+    conn, theirs = ctx.Pipe()
+
+    def start_validator() -> None:  # once the swarm's DHTs are up: the validator joins through them
+        nonlocal child
         child = ctx.Process(target=validator_process, args=(theirs, swarm.manifest, swarm.validator_identity.seed(),
                             swarm.initial_peers(), sentinel, validator_cpus, args.threads))  # fmt: skip
         child.start()
         if not conn.poll(90) or conn.recv() != "ready":
             raise RuntimeError("the validator process did not start within 90 s")
 
-        async def main():
-            try:
-                await swarm.start()
-                await body(swarm)
-            finally:
-                await swarm.stop()
-
-        asyncio.run(main())
+    try:
+        swarm.run(body, after_dhts=start_validator)
     finally:
-        swarm.close()
-        if child is not None and child.pid is not None:
+        if child is not None and child.pid is not None:  # started (start() may have failed)
             child.join(30)
             if child.is_alive():
                 child.kill()

@@ -77,10 +77,10 @@ class LocalSwarm:
 
     def start_dhts(self) -> None:
         """Start every node's DHT (blocking; call it outside the event loop)."""
-        names = [*self.slots, *(["validator"] if self.with_validator else []), "trainer"]
-        identities = [*(self.ids[s] for s in self.slots), self.trainer_identity]
-        if self.with_validator:
-            identities.insert(len(self.slots), self.validator_identity)
+        nodes = [*((slot, self.ids[slot]) for slot in self.slots),
+                 *([("validator", self.validator_identity)] if self.with_validator else []),
+                 ("trainer", self.trainer_identity)]  # fmt: skip
+        names, identities = zip(*nodes)
         first = start_local_dht(self.manifest, identities[0])
         self.dhts[names[0]] = first
         peers = first.get_visible_maddrs()
@@ -130,10 +130,15 @@ class LocalSwarm:
             dht.shutdown()
         self.dhts.clear()
 
-    def run(self, body: Callable[[LocalSwarm], Awaitable[None]]) -> None:
-        """Start everything, ``await body(self)``, and stop and close everything whatever happens."""
+    def run(
+        self, body: Callable[[LocalSwarm], Awaitable[None]], *, after_dhts: Callable[[], None] | None = None
+    ) -> None:
+        """Start everything, ``await body(self)``, and stop and close everything whatever happens. ``after_dhts`` is
+        called (blocking) once the DHTs are up and before the nodes start: e.g. to start a node elsewhere."""
         try:
             self.start_dhts()
+            if after_dhts is not None:
+                after_dhts()
 
             async def main():
                 try:
