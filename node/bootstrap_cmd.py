@@ -14,6 +14,7 @@ from node.common import (
     StopFlag,
     add_network_args,
     build_manifest,
+    check_dht,
     expand_peers,
     format_command,
     join_commands,
@@ -136,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
         if args.ready_file:
             write_json_atomic(args.ready_file, ready)
         republish = max(5.0, args.manifest_ttl / 3) if signed is not None else None
-        while not stop.wait(republish if republish else 3600):
+        while not stop.wait(min(republish, 5.0) if republish else 5.0):
+            check_dht(dht)
             if signed is not None and time.monotonic() - published_at >= republish * 0.99:
                 try:
                     publish_manifest(dht, authority, signed, get_dht_time() + args.manifest_ttl)

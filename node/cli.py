@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from node import bootstrap_cmd, demo, join, keygen, status
 from node import simulate as simulate_cmd
+from node.common import DHTDied
 
 log = logging.getLogger("sentinel")
 
@@ -48,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"sentinel-node {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except DHTDied as e:
+        print(f"sentinel-node {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -26,6 +26,18 @@ class CommandError(ValueError):
     """A user-facing error: printed as ``sentinel-node CMD: error: ...`` with exit status 2."""
 
 
+class DHTDied(RuntimeError):
+    """The node's DHT process (with its p2pd) stopped under it: the node can no longer reach the swarm. The role
+    shuts down (saving its state) and ``sentinel-node`` exits with status 1, for a supervisor to restart it."""
+
+
+def check_dht(dht) -> None:
+    """Raise ``DHTDied`` when ``dht``'s process is no longer running."""
+    if not dht.is_alive():
+        raise DHTDied(f"the DHT process died (exit code {dht.exitcode}); this node stopped (its state is saved) "
+                      "and can be restarted with the same command")  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------- arguments
 def _read_at(text: str) -> str | dict:
     """The content of ``@PATH``: parsed JSON if it is JSON (a bootstrap --ready-file), else the text."""
@@ -92,7 +104,7 @@ def add_network_args(p, *, port: int = 0) -> None:
 
 def start_dht(args, initial_peers: Sequence[str] = (), record_validators: Sequence = ()):
     """A hivemind DHT with the node's network settings; forked, so call it before any heavy torch work."""
-    import hivemind
+    from swarm.dht_schema import SentinelDHT
 
     kwargs = dict(
         initial_peers=list(initial_peers), start=True, startup_timeout=STARTUP_TIMEOUT,
@@ -108,7 +120,7 @@ def start_dht(args, initial_peers: Sequence[str] = (), record_validators: Sequen
     if getattr(args, "use_auto_relay", False):
         kwargs["use_auto_relay"] = True
     try:
-        return hivemind.DHT(**kwargs)
+        return SentinelDHT(**kwargs)
     except Exception as e:
         raise CommandError(
             f"could not start the DHT ({type(e).__name__}: {e}). Check --initial-peers (is the bootstrap peer up and "

@@ -19,6 +19,7 @@ from node.common import (
     CommandError,
     StopFlag,
     add_network_args,
+    check_dht,
     ensure_identity,
     expand_peers,
     parse_key_hex,
@@ -147,10 +148,11 @@ def _state_path(args, name: str) -> Path | None:
     return folder / name
 
 
-async def _sleep_until_stopped(stop: StopFlag, seconds: float) -> bool:
-    """Sleep up to ``seconds``; True if a stop signal arrived."""
+async def _sleep_until_stopped(stop: StopFlag, seconds: float, dht) -> bool:
+    """Sleep up to ``seconds``; True if a stop signal arrived. Raises ``DHTDied`` if the node's DHT process stops."""
     end = time.monotonic() + seconds
     while not stop.is_set() and time.monotonic() < end:
+        check_dht(dht)
         await asyncio.sleep(min(0.25, max(0.0, end - time.monotonic())))
     return stop.is_set()
 
@@ -194,7 +196,7 @@ async def _stage(args, dht, manifest, identity, stop: StopFlag) -> int:
         write_json_atomic(args.stats, stats())
     try:
         last = None
-        while not await _sleep_until_stopped(stop, args.progress_every):
+        while not await _sleep_until_stopped(stop, args.progress_every, dht):
             now = (server.backward_calls, sum(server.rejected.values()))
             if now != last:
                 say(f"stage {args.stage}: {server.backward_calls} backward, {server.optimizer_steps} optimizer "
@@ -256,7 +258,7 @@ async def _validator(args, dht, manifest, identity, stop: StopFlag) -> int:
         write_json_atomic(args.stats, stats())
     tainted, strikes, banned = 0, {}, {}
     try:
-        while not await _sleep_until_stopped(stop, 0.5):
+        while not await _sleep_until_stopped(stop, 0.5, dht):
             if service.n_tainted > tainted:
                 say(f"validator: TAINT {service.n_tainted - tainted} tensor(s) flagged and replaced "
                     f"({service.n_tainted} of {service.n_checks} checks so far)")  # fmt: skip
@@ -337,6 +339,7 @@ async def _trainer(args, dht, manifest, identity, stop: StopFlag) -> int:
         await _wait_for_swarm(trainer, manifest, args.min_replicas, args.swarm_timeout, stop)
         tokens_per_step = args.microbatches * args.batch_size * trainer.model_config.seq_len
         while step < args.steps and not stop.is_set():
+            check_dht(dht)
             t0 = time.perf_counter()
             loss = await trainer.step(step)
             wall += time.perf_counter() - t0

@@ -13,12 +13,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-import hivemind
-
 from sentinel.attacks import MaliciousBehaviour
 from sentinel.config import SentinelConfig
 from swarm.data import Corpus
-from swarm.dht_schema import SentinelRecordValidator
+from swarm.dht_schema import SentinelDHT, SentinelRecordValidator
 from swarm.identity import Identity
 from swarm.model import resolve_config, split_layers
 from swarm.records import Manifest
@@ -36,8 +34,8 @@ def local_manifest(run_id: str, preset: str, n_stages: int, validator: Identity,
                     [trainer.public_key], 1, 1.0, authority.public_key)  # fmt: skip
 
 
-def start_local_dht(manifest: Manifest, identity: Identity, initial_peers=()) -> hivemind.DHT:
-    return hivemind.DHT(
+def start_local_dht(manifest: Manifest, identity: Identity, initial_peers=()) -> SentinelDHT:
+    return SentinelDHT(
         initial_peers=list(initial_peers), start=True, startup_timeout=30, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
         record_validators=[SentinelRecordValidator.from_manifest(manifest, identity)],
     )  # fmt: skip
@@ -118,12 +116,17 @@ class LocalSwarm:
         await server.shutdown()  # now only stops its averager process and its compute thread
 
     async def stop(self) -> None:
-        for server in self.servers.values():
-            await server.shutdown()
-        if self.validator is not None:
-            await self.validator.shutdown()
-        if self.trainer is not None:
-            await self.trainer.shutdown()
+        """Shut every node down; one node's failure does not leave the others running (the first error is raised
+        once all have been tried)."""
+        nodes = [*self.servers.values(), *(n for n in (self.validator, self.trainer) if n is not None)]
+        errors = []
+        for node in nodes:
+            try:
+                await node.shutdown()
+            except Exception as e:  # noqa: BLE001 - re-raised below, after the other nodes
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
     def close(self) -> None:
         for dht in reversed(list(self.dhts.values())):

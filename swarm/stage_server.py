@@ -96,6 +96,19 @@ def rpc_namespace(run_id: str) -> str:
     return f"sentinel.{run_id}"
 
 
+async def remove_rpc_handlers(servicer: ServicerBase, p2p: P2P, run_id: str) -> bool:
+    """Unregister ``servicer``'s handlers of the run from ``p2p``. False (and a warning) when the p2p daemon is
+    already gone, e.g. its DHT process died: there is nothing left to unregister, and the caller's shutdown must go on
+    (save its state, stop its threads) rather than fail."""
+    try:
+        await servicer.remove_p2p_handlers(p2p, namespace=rpc_namespace(run_id))
+        return True
+    except (OSError, ConnectionError) as e:  # ConnectionRefusedError / FileNotFoundError on the daemon's socket
+        logger.warning("p2p daemon unreachable while removing %s's handlers (%s); continuing the shutdown",
+                       type(servicer).__name__, e)  # fmt: skip
+        return False
+
+
 @dataclass
 class StageServerConfig:
     stage: int  # 1..S
@@ -218,7 +231,7 @@ class StageServer(ServicerBase):
                 if self._serving:
                     self._serving = False
                     await self.announce(StageState.OFFLINE)
-                    await self.remove_p2p_handlers(self._p2p, namespace=rpc_namespace(self.manifest.run_id))
+                    await remove_rpc_handlers(self, self._p2p, self.manifest.run_id)
             finally:
                 self._p2p = None  # the DHT's shared replica (dht.replicate_p2p caches it): not ours to close
         if not self._stopped:  # shutdown may be called twice (a test's kill, then the swarm's stop)

@@ -74,7 +74,7 @@ from swarm.records import (
     sign_verdict,
     tensor_digest,
 )
-from swarm.stage_server import manifest_model_config, rpc_namespace
+from swarm.stage_server import manifest_model_config, remove_rpc_handlers, rpc_namespace
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ class ValidatorService(ServicerBase):
         self._kept: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # digest -> tensor passed on (LRU)
         self._kept_bytes = 0
         self.reference_hits = 0  # checks whose reference came from _kept
+        self._stopped = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="validator")  # the Validator is serial
         # one publisher thread: records go out in the order they were made (a later strike must not be overtaken)
         self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="validator-publish")
@@ -147,6 +148,10 @@ class ValidatorService(ServicerBase):
         self._announcer = asyncio.create_task(self._announce_loop())
 
     async def shutdown(self) -> None:
+        """Stop serving, settle and publish the last step's strikes, save the state. A second call does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
         if self._announcer is not None:
             self._announcer.cancel()
             self._announcer = None
@@ -154,7 +159,7 @@ class ValidatorService(ServicerBase):
         await self.flush()
         if self._p2p is not None:
             try:
-                await self.remove_p2p_handlers(self._p2p, namespace=rpc_namespace(self.manifest.run_id))
+                await remove_rpc_handlers(self, self._p2p, self.manifest.run_id)
             finally:
                 self._p2p = None  # the DHT's shared replica (dht.replicate_p2p caches it): not ours to close
         self._executor.shutdown(wait=True)

@@ -10,7 +10,9 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
+import torch
 import yaml
 from swarm_helpers import sentinel_node_command
 
@@ -87,11 +89,24 @@ def test_compose_commands_run_a_swarm_on_loopback(tmp_path):
         status = subprocess.run(argv("status"), env=env, timeout=120, capture_output=True, text=True)
         assert status.returncode == 0, status.stdout[-3000:] + status.stderr[-3000:]
         assert "stage" in status.stdout.lower()
-        for proc in procs.values():  # `docker stop`: SIGTERM to the entrypoint only, SIGKILL after the grace period
+        # a node whose DHT process dies (here stage 2's, killed) notices, saves its state and exits with status 1,
+        # so that a supervisor (compose's restart policy) brings it back
+        stage2 = procs["stage2"]
+        children = psutil.Process(stage2.pid).children()
+        dht_process = [c for c in children if any("p2pd" in g.name() for g in c.children())]  # (not the averager)
+        assert len(dht_process) == 1, [(c.name(), [g.name() for g in c.children()]) for c in children]
+        for proc in [*dht_process[0].children(recursive=True), *dht_process]:  # its p2pd, then the DHT process
+            proc.kill()
+        assert stage2.wait(30) == 1, log("stage2")
+        assert "DHT process died" in log("stage2"), log("stage2")
+        (checkpoint,) = (data / "stage2").glob("stage2-*.pt")
+        assert torch.load(checkpoint, weights_only=True)["optimizer_steps"] >= 1
+        others = {name: proc for name, proc in procs.items() if name != "stage2"}
+        for proc in others.values():  # `docker stop`: SIGTERM to the entrypoint only, SIGKILL after the grace period
             proc.send_signal(signal.SIGTERM)
         grace = services["validator"]["stop_grace_period"]
         assert grace == "30s"
-        for name, proc in procs.items():
+        for name, proc in others.items():
             assert proc.wait(30) == 0, log(name)  # a clean exit within the grace period (state saved)
     finally:  # whatever failed: nothing is left behind
         for proc in procs.values():

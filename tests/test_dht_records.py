@@ -9,6 +9,7 @@ from hivemind.dht.validation import DHTRecord
 from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from swarm.dht_schema import (
+    SentinelDHT,
     SentinelRecordValidator,
     banned_peers,
     dht_key_id,
@@ -171,8 +172,8 @@ def test_validator_replay_guard_and_pickling():
 
 
 # ----------------------------------------------------------------------------------------------- real DHTs
-def start_dht(validators, initial_peers=(), **kwargs):
-    return hivemind.DHT(
+def start_dht(validators, initial_peers=(), cls=SentinelDHT, **kwargs):
+    return cls(
         initial_peers=list(initial_peers),
         start=True,
         startup_timeout=30,
@@ -305,3 +306,35 @@ def test_older_strike_record_does_not_replace_newer():
         assert fetch_strikes(honest, RUN, "QmBad") == [newer]
     finally:
         shutdown(attacker, reader_dht, honest)
+
+
+def _raise_eof():
+    raise EOFError("the sharer closed the connection")  # what a failed fd hand-over raises while unpickling
+
+
+class _UnreceivableRequest:
+    """A request whose unpickling in the DHT process fails as a failed resource-sharer hand-over does."""
+
+    def __reduce__(self):
+        return _raise_eof, ()
+
+
+@pytest.mark.forked
+@pytest.mark.timeout(60)
+def test_a_request_the_dht_process_cannot_receive_does_not_kill_it():
+    """hivemind's own DHT process dies of it (and its p2pd with it); SentinelDHT drops that request and serves on."""
+    plain = ours = None
+    try:
+        plain = start_dht([], cls=hivemind.DHT)
+        plain._outer_pipe.send(_UnreceivableRequest())
+        plain.join(10)
+        assert not plain.is_alive()  # the upstream behaviour this class exists for
+
+        ours = start_dht([SentinelRecordValidator.from_manifest(MANIFEST, V0)])
+        ours._outer_pipe.send(_UnreceivableRequest())
+        assert ours.store("k", 1, get_dht_time() + 60)  # later requests are served (after the loop's back-off)
+        assert ours.get("k", latest=True).value == 1 and ours.is_alive()
+    finally:
+        shutdown(ours)
+        if plain is not None and plain.is_alive():
+            plain.shutdown()

@@ -10,13 +10,14 @@ import math
 import time
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from swarm_helpers import RUN, SEED, LocalSwarm, run_swarm
 
 from sentinel.attacks import MaliciousBehaviour, make_attack
 from sentinel.config import SentinelConfig
-from swarm.dht_schema import banned_peers, fetch_strikes
+from swarm.dht_schema import DHT_OP_TIMEOUT, banned_peers, fetch_strikes
 from swarm.records import StageAnnouncement, StageState
 from swarm.trainer import NoRoute, TrainerConfig, choose_replica
 
@@ -208,5 +209,38 @@ def test_pipelined_microbatches_overlap_and_a_failed_one_cancels_the_step():
         with pytest.raises(NoRoute):
             await trainer.step(2)
         assert sorted(cancelled) == [0, 2, 3] and not running  # the others were cancelled and have finished
+
+    run_swarm(swarm, body)
+
+
+@pytest.mark.forked
+@pytest.mark.timeout(120)
+def test_nodes_whose_dht_died_still_shut_down_and_save_their_state(tmp_path):
+    """A DHT process (and its p2pd) can die under a running node. The node's shutdown then neither waits out the DHT
+    timeout on each record it publishes nor fails on handlers it cannot unregister: it finishes, and the validator
+    still saves its state (strikes and baselines are not lost)."""
+    swarm = LocalSwarm((1, 1), trainer_config=TrainerConfig(seed=SEED, batch_size=2, microbatches=2, warmup=100))
+
+    async def body(swarm: LocalSwarm):
+        trainer = swarm.trainer
+        for step in range(2):
+            assert math.isfinite(await trainer.step(step))
+        state = tmp_path / "validator.pt"
+        swarm.validator.config.state_path = str(state)
+        for name in ((1, 0), "validator"):
+            dht = swarm.dhts[name]
+            daemons = psutil.Process(dht.pid).children(recursive=True)  # its p2pd
+            for proc in daemons:
+                proc.kill()
+            psutil.wait_procs(daemons, timeout=10)
+            dht.kill()  # SIGKILL; left to multiprocessing to reap, as a process that died on its own would be
+            dht.join(10)
+        server = swarm.servers[(1, 0)]
+        start = time.monotonic()
+        await server.shutdown()  # announces OFFLINE (to a dead DHT), then unregisters its handlers (dead daemon)
+        await swarm.validator.shutdown()  # settles and publishes its strikes, unregisters, saves its state
+        assert time.monotonic() - start < DHT_OP_TIMEOUT  # a dead DHT is noticed, not waited on
+        saved = torch.load(state, weights_only=True)
+        assert sum(m["n_accepted"] for m in saved["monitors"].values()) == swarm.validator.n_checks == 2 * 2 * 4
 
     run_swarm(swarm, body)
