@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sentinel.config import SentinelConfig
-from sentinel.stats import Summary, all_finite, distances, make_projections, summarize
+from sentinel.stats import Summary, distances, host_array, make_projections, summarize
 
 
 def _percentile(ordered: list[float], q: float) -> float:
@@ -123,8 +123,7 @@ class BoundaryMonitor:
         self.direction = direction
         self.boundary = boundary
         self.beta = config.beta(direction)
-        self.baseline: Summary | None = None
-        self.residual_mean: torch.Tensor | None = None  # EMA of per-feature mean(x - reference), for replacement
+        self.baseline: Summary | None = None  # its ``residual`` (EMA of mean(x - reference)) shapes replacements
         self.fences = {
             m: TukeyFence(config.window, config.fence_k, config.min_iqr_fraction, config.fence_floor(m))
             for m in config.metrics
@@ -159,14 +158,14 @@ class BoundaryMonitor:
             raise InvalidTensor(f"expected a floating-point tensor, got {x.dtype}")
         if reference is not None and reference.shape != x.shape:
             return Observation(True, "shape")
-        if not all_finite(x):
-            return Observation(True, "non-finite")
         if x.numel() == 0 or x.dim() < 2:
             return Observation(True, "shape")
         summary = summarize(x, self.projections(x.shape[-1], x.device), self.config.n_quantiles, reference)
+        if not summary.finite():  # a NaN or an infinity anywhere in x makes its per-feature means non-finite
+            return Observation(True, "non-finite")
         if self.baseline is None:
             if learn:
-                self._accept(x, reference, summary, scores=None)
+                self._accept(summary, scores=None)
             return Observation(False, "", summary=summary)
         if self.baseline.mean.shape != summary.mean.shape:
             return Observation(True, "shape")
@@ -176,7 +175,7 @@ class BoundaryMonitor:
         if detect and self.ready:
             flagged, reason = self._decide(scores, fences)
         if not flagged and learn:
-            self._accept(x, reference, summary, scores)
+            self._accept(summary, scores)
         return Observation(flagged, reason, scores, fences, summary)
 
     def _decide(self, scores: dict[str, float], fences: dict[str, float]) -> tuple[bool, str]:
@@ -189,23 +188,14 @@ class BoundaryMonitor:
             flagged = ratio > 1.0
         return flagged, ("distance:" + ",".join(over) if flagged else "")
 
-    def _accept(
-        self, x: torch.Tensor, reference: torch.Tensor | None, summary: Summary, scores: dict[str, float] | None
-    ) -> None:
-        weight = 1.0 - self.beta
+    def _accept(self, summary: Summary, scores: dict[str, float] | None) -> None:
         if scores is not None:
             for m, value in scores.items():
                 self.fences[m].add(value)
         if self.baseline is None:
             self.baseline = summary.clone()
         else:
-            self.baseline.lerp_(summary, weight)
-        if reference is not None:
-            delta = (x.detach().float() - reference.detach().float()).reshape(-1, x.shape[-1]).mean(dim=0)
-            if self.residual_mean is None:
-                self.residual_mean = delta
-            else:
-                self.residual_mean.lerp_(delta, weight)
+            self.baseline.lerp_(summary, 1.0 - self.beta)
         self.n_accepted += 1
 
     def reanchor(self, summary: Summary) -> None:
@@ -227,35 +217,30 @@ class BoundaryMonitor:
         dtype, device = like.dtype, like.device
         if self.baseline is None:
             return torch.zeros_like(like) if reference is None else reference.detach().clone()
-        if reference is not None and self.direction == "forward" and self.residual_mean is not None:
-            out = reference.detach().float() + self.residual_mean.to(device)
+        if reference is not None and self.direction == "forward" and self.baseline.residual is not None:
+            out = reference.detach().float() + torch.from_numpy(self.baseline.residual).to(device)
         elif reference is not None and self.direction == "backward" and self.baseline.gain is not None:
             out = reference.detach().float() * math.exp(self.baseline.gain)
         else:
-            out = self.baseline.mean.to(device).expand(like.shape)
+            out = torch.from_numpy(self.baseline.mean).to(device).expand(like.shape)
         return out.to(dtype).clone()
 
     def state_dict(self) -> dict:
-        """Baseline, residual mean, fence windows (``fences``) and their cached fences (``fence_cache``), on CPU.
-
-        CPU tensors are returned as they are, not copied: save (or deep-copy) the state before observing more."""
+        """Baseline (with its residual mean), fence windows (``fences``) and their cached fences (``fence_cache``),
+        as CPU tensors and plain values."""
         return {
             "baseline": None if self.baseline is None else self.baseline.state_dict(),
-            "residual_mean": None if self.residual_mean is None else self.residual_mean.cpu(),
             "fences": {m: list(f.values) for m, f in self.fences.items()},
             "fence_cache": {m: {"cached": f._cached, "stale": f._stale} for m, f in self.fences.items()},
             "n_accepted": self.n_accepted,
         }
 
-    def load_state_dict(self, d: dict, device: torch.device | str | None = None) -> None:
-        """Restore a ``state_dict``; its tensors are moved to ``device`` when given (they are saved on CPU).
-
-        A state without ``fence_cache`` (an older format) is loaded too; its fences are then recomputed at once."""
+    def load_state_dict(self, d: dict) -> None:
+        """Restore a ``state_dict``. Older formats load too: a state without ``fence_cache`` (its fences are then
+        recomputed at once), and one that kept the residual mean beside the baseline (``residual_mean``)."""
         self.baseline = None if d["baseline"] is None else Summary.from_state_dict(d["baseline"])
-        self.residual_mean = None if d["residual_mean"] is None else d["residual_mean"].clone()
-        if device is not None:
-            self.baseline = None if self.baseline is None else self.baseline.to(device)
-            self.residual_mean = None if self.residual_mean is None else self.residual_mean.to(device)
+        if self.baseline is not None and d.get("residual_mean") is not None:
+            self.baseline.residual = host_array(d["residual_mean"])
         cache = d.get("fence_cache", {})
         for m, values in d["fences"].items():
             if m in self.fences:

@@ -226,12 +226,12 @@ class Validator:
             ],
         }
 
-    def load_state_dict(self, d: dict, device: torch.device | str | None = None) -> None:
-        """Restore a ``state_dict``; tensors are moved to ``device`` when given (they are saved on CPU).
+    def load_state_dict(self, d: dict) -> None:
+        """Restore a ``state_dict`` (summaries live on the host, whatever device the checked tensors use).
 
         A state without the drift guard's keys (an older format) restores monitors and ledger only."""
         for key, state in d["monitors"].items():
-            self.monitor(*_monitor_key(key)).load_state_dict(state, device)
+            self.monitor(*_monitor_key(key)).load_state_dict(state)
         self.ledger.load_state_dict(d["ledger"])
         self.reanchors = int(d.get("reanchors", 0))
         self.last_seen = {
@@ -239,7 +239,9 @@ class Validator:
             for key, seen in d.get("last_seen", {}).items()
         }
         self.recent_summaries = {
-            _monitor_key(key): [(int(step), str(sender), _summary(summ, device)) for step, sender, summ in entries]
+            _monitor_key(key): [
+                (int(step), str(sender), Summary.from_state_dict(summary)) for step, sender, summary in entries
+            ]
             for key, entries in d.get("recent_summaries", {}).items()
         }
         self.recent_flags = {
@@ -248,7 +250,7 @@ class Validator:
         }
         self.pending = []
         for p in d.get("pending", []):
-            summary = None if p["summary"] is None else _summary(p["summary"], device)
+            summary = None if p["summary"] is None else Summary.from_state_dict(p["summary"])
             obs = Observation(bool(p["flagged"]), str(p["reason"]), dict(p["scores"]), dict(p["fences"]), summary)
             self.pending.append((int(p["boundary"]), str(p["direction"]), str(p["sender"]), float(p["excess"]), obs))
 
@@ -258,7 +260,3 @@ def _monitor_key(key: str) -> tuple[int, str]:
     b, direction = key.split("/")
     return int(b), direction
 
-
-def _summary(d: dict, device: torch.device | str | None) -> Summary:
-    summary = Summary.from_state_dict(d)
-    return summary if device is None else summary.to(device)

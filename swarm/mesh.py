@@ -506,7 +506,7 @@ class Mesh:
             if d["cuda_rng"] is not None and self.device.type == "cuda":
                 torch.cuda.set_rng_state(d["cuda_rng"], self.device)
             if self.validator is not None:
-                self.validator.load_state_dict(d["validator"], self.device)
+                self.validator.load_state_dict(d["validator"])
             for worker, behaviour in self.behaviours.items():
                 behaviour.load_state_dict(d["behaviours"][worker])
             history = d["history"]
