@@ -86,6 +86,7 @@ def test_non_finite_and_malformed_are_always_flagged():
     assert mon.observe(bad, ref, detect=False).reason == "non-finite"
     bad[0, 0, 0] = float("inf")
     assert mon.observe(bad, ref).reason == "non-finite"
+    assert torch.isfinite(out * 1e30).all() and mon.observe(out * 1e30, ref, detect=False).reason == "non-finite"
     assert mon.observe(out[:, :4], ref).reason == "shape"
     with pytest.raises(InvalidTensor):
         mon.observe(out.long(), ref)
@@ -137,3 +138,16 @@ def test_a_lone_distance_flags_only_beyond_solo_excess():
     assert forward._decide({"l1": 0.5, "l2": 1.01, "gain": 0.1}, fences) == (True, "distance:l2")  # plain OR
     with pytest.raises(ConfigError):
         SentinelConfig(solo_excess_backward=0.5)
+
+
+def test_a_state_of_the_older_format_loads():
+    """Before the residual mean moved into the baseline, states kept it beside it (``residual_mean``)."""
+    mon = warmed()
+    state = mon.state_dict()
+    old = {**state, "baseline": {k: v for k, v in state["baseline"].items() if k != "residual"},
+           "residual_mean": torch.from_numpy(mon.baseline.residual.copy())}  # fmt: skip
+    loaded = BoundaryMonitor(SentinelConfig(), "forward", 1)
+    loaded.load_state_dict(old)
+    assert np.array_equal(loaded.baseline.residual, mon.baseline.residual)
+    out, ref = next(stream(5, 1))
+    assert torch.equal(loaded.replacement(out, ref), mon.replacement(out, ref))
