@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 DIRECTIONS = ("forward", "backward")
-ALL_METRICS = ("l1", "l2", "sign_flip", "wasserstein", "cosine", "gain")
+ALL_METRICS = ("l1", "l2", "sign_flip", "wasserstein", "cosine", "gain", "fit")
 COMBINE_MODES = ("any", "mean")
 REPLACEMENT_MODES = ("baseline", "drop")
 
@@ -45,6 +45,14 @@ class SentinelConfig:
     floor_wasserstein: float = 0.0
     floor_cosine: float = 0.1
     floor_gain: float = 0.05
+    floor_fit: float = 0.1
+    # the "fit" distance's linear predictor (sentinel.stats.LinearPredictor): every fit_every-th accepted tensor
+    # (fit_tokens of its tokens) updates its sums, decayed by fit_decay per update; re-solved every fit_refit updates
+    fit_every: int = 4
+    fit_tokens: int = 64
+    fit_decay: float = 0.9
+    fit_refit: int = 4
+    fit_ridge: float = 1e-3  # x the mean diagonal of the Gram matrix
     n_projections: int = 16  # sliced-Wasserstein random directions, private to each validator
     n_quantiles: int = 16  # quantile levels per projection
     ban_level: int = 3  # strikes that ban a worker
@@ -92,6 +100,10 @@ class SentinelConfig:
             raise ConfigError("need ban_level >= 1 and forgive_after >= 1")
         if self.drift_senders < 2 or self.drift_steps < 1 or self.drift_max_excess <= 1:
             raise ConfigError("need drift_senders >= 2, drift_steps >= 1 and drift_max_excess > 1")
+        if self.fit_every < 1 or self.fit_tokens < 1 or self.fit_refit < 1 or not 0.0 <= self.fit_decay < 1.0:
+            raise ConfigError("need fit_every, fit_tokens, fit_refit >= 1 and fit_decay in [0, 1)")
+        if self.fit_ridge <= 0:
+            raise ConfigError("fit_ridge must be positive")
         if self.min_iqr_fraction < 0:
             raise ConfigError("min_iqr_fraction must be >= 0")
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sentinel.config import SentinelConfig
-from sentinel.stats import Summary, distances, host_array, make_projections, summarize
+from sentinel.stats import LinearPredictor, Summary, distances, host_array, make_projections, summarize
 
 
 def _percentile(ordered: list[float], q: float) -> float:
@@ -130,6 +130,9 @@ class BoundaryMonitor:
         }
         self.n_accepted = 0
         self._projections: torch.Tensor | None = None
+        c = config
+        self.predictor = (LinearPredictor(c.fit_every, c.fit_refit, c.fit_decay, c.fit_tokens, c.fit_ridge)
+                          if "fit" in c.metrics else None)  # fmt: skip
 
     @property
     def ready(self) -> bool:
@@ -160,22 +163,26 @@ class BoundaryMonitor:
             return Observation(True, "shape")
         if x.numel() == 0 or x.dim() < 2:
             return Observation(True, "shape")
-        summary = summarize(x, self.projections(x.shape[-1], x.device), self.config.n_quantiles, reference)
+        projections = self.projections(x.shape[-1], x.device)
+        predictor = None if self.predictor is None or reference is None else self.predictor.matrix(x.device)
+        if predictor is not None and predictor.shape[0] != x.shape[-1] + 1:
+            predictor = None  # learnt on another width: the baseline's shape check below decides
+        summary = summarize(x, projections, self.config.n_quantiles, reference, predictor)
         if not summary.finite():  # a NaN or an infinity anywhere in x makes its per-feature means non-finite
             return Observation(True, "non-finite")
         if self.baseline is None:
             if learn:
-                self._accept(summary, scores=None)
+                self._accept(summary, None, x, reference)
             return Observation(False, "", summary=summary)
         if self.baseline.mean.shape != summary.mean.shape:
             return Observation(True, "shape")
         scores = distances(summary, self.baseline, self.config.metrics)
-        fences = {m: self.fences[m].fence() for m in self.config.metrics}
+        fences = {m: self.fence(m) for m in scores}
         flagged, reason = False, ""
         if detect and self.ready:
             flagged, reason = self._decide(scores, fences)
         if not flagged and learn:
-            self._accept(summary, scores)
+            self._accept(summary, scores, x, reference)
         return Observation(flagged, reason, scores, fences, summary)
 
     def _decide(self, scores: dict[str, float], fences: dict[str, float]) -> tuple[bool, str]:
@@ -188,7 +195,17 @@ class BoundaryMonitor:
             flagged = ratio > 1.0
         return flagged, ("distance:" + ",".join(over) if flagged else "")
 
-    def _accept(self, summary: Summary, scores: dict[str, float] | None) -> None:
+    def fence(self, metric: str) -> float:
+        """``metric``'s fence; infinite until its window holds ``min_window - 1`` distances (every distance has as
+        many once the monitor is ``ready``, except ``fit``, which starts with the predictor)."""
+        fence = self.fences[metric]
+        return fence.fence() if len(fence) >= self.config.min_window - 1 else math.inf
+
+    def _accept(
+        self, summary: Summary, scores: dict[str, float] | None, x: torch.Tensor, reference: torch.Tensor | None
+    ) -> None:
+        if self.predictor is not None and reference is not None:
+            self.predictor.update(x, reference, self.projections(x.shape[-1], x.device))
         if scores is not None:
             for m, value in scores.items():
                 self.fences[m].add(value)
@@ -233,6 +250,7 @@ class BoundaryMonitor:
             "fences": {m: list(f.values) for m, f in self.fences.items()},
             "fence_cache": {m: {"cached": f._cached, "stale": f._stale} for m, f in self.fences.items()},
             "n_accepted": self.n_accepted,
+            "predictor": None if self.predictor is None else self.predictor.state_dict(),
         }
 
     def load_state_dict(self, d: dict) -> None:
@@ -249,6 +267,8 @@ class BoundaryMonitor:
                 else:
                     self.fences[m].load(values)
         self.n_accepted = int(d["n_accepted"])
+        if self.predictor is not None and d.get("predictor") is not None:
+            self.predictor.load_state_dict(d["predictor"])
 
     def __repr__(self) -> str:
         return (

@@ -46,6 +46,8 @@ class Summary:
     cosine: float | None = None
     gain: float | None = None
     residual: np.ndarray | None = None  # [D] per-feature mean of (x - reference), when a reference was given
+    fit: float | None = None  # unexplained fraction of x's projected variance under the monitor's linear predictor
+    # from the reference (when it has one): see ``summarize``
 
     def lerp_(self, other: Summary, weight: float) -> None:
         """EMA update in place: ``self = (1 - weight) * self + weight * other``."""
@@ -61,17 +63,19 @@ class Summary:
             self.cosine = other.cosine if self.cosine is None else self.cosine + weight * (other.cosine - self.cosine)
         if other.gain is not None:
             self.gain = other.gain if self.gain is None else self.gain + weight * (other.gain - self.gain)
+        if other.fit is not None:
+            self.fit = other.fit if self.fit is None else self.fit + weight * (other.fit - self.fit)
 
     def finite(self) -> bool:
         """Whether every statistic is finite: false for any tensor holding a NaN or an infinity, and for a finite
         one whose statistics overflow float32 (values beyond ~1e19), which no honest stage sends either."""
         arrays = (self.mean, self.std, self.quantiles) + (() if self.residual is None else (self.residual,))
-        scalars = tuple(v for v in (self.cosine, self.gain) if v is not None)
+        scalars = tuple(v for v in (self.cosine, self.gain, self.fit) if v is not None)
         return all(np.isfinite(a).all() for a in arrays) and all(math.isfinite(v) for v in scalars)
 
     def clone(self) -> Summary:
         return Summary(self.mean.copy(), self.std.copy(), self.quantiles.copy(), self.cosine, self.gain,
-                       None if self.residual is None else self.residual.copy())  # fmt: skip
+                       None if self.residual is None else self.residual.copy(), self.fit)  # fmt: skip
 
     def state_dict(self) -> dict:
         """CPU tensors (loadable with ``torch.load(..., weights_only=True)``)."""
@@ -82,6 +86,7 @@ class Summary:
             "cosine": self.cosine,
             "gain": self.gain,
             "residual": None if self.residual is None else torch.from_numpy(self.residual.copy()),
+            "fit": self.fit,
         }
 
     @classmethod
@@ -89,7 +94,7 @@ class Summary:
         """Tensors (on any device) or arrays; a state saved before ``residual`` existed loads with none."""
         residual = d.get("residual")
         return cls(host_array(d["mean"]), host_array(d["std"]), host_array(d["quantiles"]), d["cosine"], d["gain"],
-                   None if residual is None else host_array(residual))  # fmt: skip
+                   None if residual is None else host_array(residual), d.get("fit"))  # fmt: skip
 
 
 def host_array(x) -> np.ndarray:
@@ -152,7 +157,11 @@ def column_quantiles(proj: torch.Tensor, n_quantiles: int) -> np.ndarray:
 
 
 def summarize(
-    x: torch.Tensor, projections: torch.Tensor, n_quantiles: int, reference: torch.Tensor | None = None
+    x: torch.Tensor,
+    projections: torch.Tensor,
+    n_quantiles: int,
+    reference: torch.Tensor | None = None,
+    predictor: torch.Tensor | None = None,
 ) -> Summary:
     """Summarise ``x`` (shape ``[..., D]``); ``reference`` must have the same shape when given.
 
@@ -160,15 +169,25 @@ def summarize(
     per-call cost dominates at a few hundred tokens); their ``[D]`` and ``[N]`` results come to the host in one copy,
     where numpy finishes the arithmetic. The std is one-pass (``E[x^2] - E[x]^2``, in float64 on the host): exact
     enough unless a feature's mean exceeds its std ~1000-fold, far from what a residual stream or its gradient shows.
-    A non-finite ``x`` gives a non-finite summary (see ``Summary.finite``)."""
+    A non-finite ``x`` gives a non-finite summary (see ``Summary.finite``).
+
+    ``predictor`` (``[D + 1, K]``, with a reference) maps each reference token (and a constant 1) to the projections
+    of its ``x`` token (``LinearPredictor``); ``fit`` is then the fraction of the projections' variance it leaves
+    unexplained."""
     flat = x.detach().reshape(-1, x.shape[-1]).float()
     n_tokens, dim = flat.shape
     squares = flat * flat
     parts = [flat.mean(dim=0), squares.mean(dim=0)]
+    proj = flat @ projections.to(flat.device)
     if reference is not None:
         ref = reference.detach().reshape(-1, dim).float()
         parts += [ref.mean(dim=0), squares.sum(dim=1), torch.linalg.vecdot(ref, ref), torch.linalg.vecdot(flat, ref)]
-    quantiles = column_quantiles(flat @ projections.to(flat.device), n_quantiles)
+        if predictor is not None:
+            miss = proj - torch.addmm(predictor[-1], ref, predictor[:-1])
+            centred = proj - proj.mean(dim=0)
+            parts.append(torch.stack([torch.linalg.vecdot(miss.reshape(-1), miss.reshape(-1)),
+                                      torch.linalg.vecdot(centred.reshape(-1), centred.reshape(-1))]))  # fmt: skip
+    quantiles = column_quantiles(proj, n_quantiles)
     host = torch.cat(parts).cpu().numpy()
     with np.errstate(all="ignore"):  # a non-finite or overflowing x gives inf/nan here: Summary.finite() says so
         mean = host[:dim]
@@ -180,7 +199,115 @@ def summarize(
         sq_x, sq_r, dots = (host[3 * dim + i * n_tokens : 3 * dim + (i + 1) * n_tokens] for i in range(3))
         cosine = float((dots / np.sqrt(np.maximum(sq_x * sq_r, _EPS * _EPS))).sum()) / n_tokens
         gain = math.log((float(sq_x.sum()) + _EPS) / (float(sq_r.sum()) + _EPS)) / 2
-        return Summary(mean=mean, std=std, quantiles=quantiles, cosine=cosine, gain=gain, residual=mean - ref_mean)
+        fit = None
+        if predictor is not None:
+            missed, total = host[-2:].tolist()
+            fit = missed / max(total, _EPS)
+        return Summary(mean=mean, std=std, quantiles=quantiles, cosine=cosine, gain=gain, residual=mean - ref_mean,
+                       fit=fit)  # fmt: skip
+
+
+class LinearPredictor:
+    """A ridge regression, learnt from accepted traffic, of a monitor's checked tensor (its K private projections)
+    from its reference, token by token: ``x @ P ~ [reference, 1] @ M``.
+
+    Why: statistics of ``x`` alone, and its cosine with the reference, miss attacks that leave both in range, and the
+    first stage is where they miss most (its output is least like its input). A linear map explains most of what an
+    honest stage does to the residual stream (measured on ``small`` after 30 steps: 93% of the first stage's projected
+    output variance, 99% deeper), while flipping the signs of a random 10% of the output raises the unexplained part
+    from ~0.07 to ~0.38 at the first stage (~0.01 to ~0.45 deeper); added noise of 0.1 std moves it by 0.01.
+
+    Every ``every``-th accepted tensor adds ``X^T X`` and ``X^T (x P)`` over a strided subsample of ``tokens`` of its
+    tokens (``X = [reference, 1]``) to sums kept on the tensors' device; every ``refit`` such updates the sums are
+    folded into exponentially decayed means (``decay`` per fold, host float64) and ``(G + ridge * mean(diag G) * I)
+    M = C`` is solved again. Amortised, a check pays a fraction of one small matrix product for it."""
+
+    def __init__(self, every: int, refit: int, decay: float, tokens: int, ridge: float):
+        self.every, self.refit, self.decay, self.tokens, self.ridge = every, refit, decay, tokens, ridge
+        self.gram: np.ndarray | None = None  # [D + 1, D + 1], decayed mean of X^T X / rows
+        self.cross: np.ndarray | None = None  # [D + 1, K]
+        self.offered = 0  # accepted tensors offered to ``update``
+        self.weights: np.ndarray | None = None  # [D + 1, K], the solved M
+        self._device_weights: torch.Tensor | None = None
+        self._sums: tuple[torch.Tensor, torch.Tensor] | None = None  # X^T X and X^T (x P) since the last fold
+        self._rows = 0
+        self._pending = 0  # updates in ``_sums``
+
+    def matrix(self, device: torch.device) -> torch.Tensor | None:
+        """``M`` on ``device`` (None until the first solve)."""
+        if self.weights is None:
+            return None
+        if self._device_weights is None or self._device_weights.device != device:
+            self._device_weights = torch.from_numpy(self.weights.astype(np.float32)).to(device)
+        return self._device_weights
+
+    def update(self, x: torch.Tensor, reference: torch.Tensor, projections: torch.Tensor) -> None:
+        """Fold an accepted tensor in (every ``every``-th one; a strided subsample of ``tokens`` of its tokens)."""
+        self.offered += 1
+        if (self.offered - 1) % self.every:
+            return
+        dim = x.shape[-1]
+        flat = x.detach().reshape(-1, dim)
+        stride = max(1, flat.shape[0] // self.tokens)
+        rows_x = flat[::stride].float()
+        rows_r = reference.detach().reshape(-1, dim)[::stride].float()
+        design = torch.cat([rows_r, torch.ones(rows_r.shape[0], 1, device=rows_r.device)], dim=1)
+        target = rows_x @ projections.to(rows_x.device)
+        if self._sums is not None and self._sums[0].device != design.device:
+            self._sums = (self._sums[0].to(design.device), self._sums[1].to(design.device))
+        if self._sums is None or self._sums[0].shape[0] != dim + 1 or self._sums[1].shape[1] != target.shape[1]:
+            self._sums, self._rows, self._pending = (design.T @ design, design.T @ target), 0, 0
+        else:
+            self._sums[0].addmm_(design.T, design)
+            self._sums[1].addmm_(design.T, target)
+        self._rows += design.shape[0]
+        self._pending += 1
+        if self.weights is None or self._pending >= self.refit:
+            self._fold()
+
+    def _fold(self) -> None:
+        gram, cross = (t.double().cpu().numpy() / self._rows for t in self._sums)
+        if self.gram is None or self.gram.shape != gram.shape or self.cross.shape != cross.shape:
+            self.gram, self.cross = gram, cross
+        else:
+            keep = self.decay**self._pending
+            self.gram = keep * self.gram + (1.0 - keep) * gram
+            self.cross = keep * self.cross + (1.0 - keep) * cross
+        self._sums, self._rows, self._pending = None, 0, 0
+        self.solve()
+
+    def solve(self) -> None:
+        if self.gram is None:
+            return
+        ridge = self.ridge * max(float(np.trace(self.gram)) / self.gram.shape[0], _EPS)
+        try:
+            self.weights = np.linalg.solve(self.gram + ridge * np.eye(self.gram.shape[0]), self.cross)
+        except np.linalg.LinAlgError:
+            return  # keep the previous solution
+        self._device_weights = None
+
+    def state_dict(self) -> dict:
+        """The decayed means, the solution and the sums since the last fold (CPU tensors)."""
+        return {
+            "gram": None if self.gram is None else torch.from_numpy(self.gram.copy()),
+            "cross": None if self.cross is None else torch.from_numpy(self.cross.copy()),
+            "weights": None if self.weights is None else torch.from_numpy(self.weights.copy()),
+            "offered": self.offered,
+            "sums": None if self._sums is None else [t.detach().cpu().clone() for t in self._sums],
+            "rows": self._rows,
+            "pending": self._pending,
+        }
+
+    def load_state_dict(self, d: dict) -> None:
+        self.gram = None if d["gram"] is None else d["gram"].double().numpy().copy()
+        self.cross = None if d["cross"] is None else d["cross"].double().numpy().copy()
+        self.offered = int(d["offered"])
+        sums = d.get("sums")
+        self._sums = None if sums is None else (sums[0].clone(), sums[1].clone())  # moved to the data's device on use
+        self._rows, self._pending, self._device_weights = int(d.get("rows", 0)), int(d.get("pending", 0)), None
+        self.weights = None if d.get("weights") is None else d["weights"].double().numpy().copy()
+        if self.weights is None:
+            self.solve()
 
 
 # --- distances: each takes (summary, baseline) and returns a non-negative float; larger = more anomalous ---------
@@ -191,7 +318,7 @@ def l1_distance(s: Summary, b: Summary) -> float:
 
     Sees shifts of location: zeros, constants, biases, replays of another distribution.
     """
-    return float(np.abs(s.mean - b.mean).mean() / max(float(b.std.mean()), _EPS))
+    return float(np.abs(s.mean - b.mean).sum()) / max(float(b.std.sum()), _EPS)  # the 1/D of both means cancels
 
 
 def l2_distance(s: Summary, b: Summary) -> float:
@@ -222,8 +349,8 @@ def sign_flip_ratio(s: Summary, b: Summary) -> float:
 
 def sliced_wasserstein(s: Summary, b: Summary) -> float:
     """Mean 1-D Wasserstein-1 distance between projected token distributions, over the baseline's spread."""
-    w1 = float(np.abs(s.quantiles - b.quantiles).mean())
-    spread = float(np.abs(b.quantiles[:, -1] - b.quantiles[:, 0]).mean())
+    w1 = float(np.abs(s.quantiles - b.quantiles).sum()) / b.quantiles.size  # (ndarray.mean costs 4x a sum here)
+    spread = float(np.abs(b.quantiles[:, -1] - b.quantiles[:, 0]).sum()) / b.quantiles.shape[0]
     return w1 / max(spread, _EPS)
 
 
@@ -232,6 +359,14 @@ def cosine_shift(s: Summary, b: Summary) -> float:
     if s.cosine is None or b.cosine is None:
         return 0.0
     return abs(s.cosine - b.cosine)
+
+
+def fit_shift(s: Summary, b: Summary) -> float:
+    """How far the part of x's projected variance that the linear predictor misses moved from its baseline (a
+    fraction: 0 = fully explained). Only measured once the monitor has a predictor (see ``applicable``)."""
+    if s.fit is None or b.fit is None:
+        return 0.0
+    return abs(s.fit - b.fit)
 
 
 def gain_shift(s: Summary, b: Summary) -> float:
@@ -248,9 +383,16 @@ DISTANCES = {
     "wasserstein": sliced_wasserstein,
     "cosine": cosine_shift,
     "gain": gain_shift,
+    "fit": fit_shift,
 }
 
 
+def applicable(name: str, s: Summary, b: Summary) -> bool:
+    """Whether distance ``name`` is measured between ``s`` and ``b``: ``fit`` only once both carry one (a monitor's
+    first tensors come before its predictor); every other distance always (0 where it has nothing to compare)."""
+    return name != "fit" or (s.fit is not None and b.fit is not None)
+
+
 def distances(s: Summary, b: Summary, metrics: tuple[str, ...]) -> dict[str, float]:
-    """The selected distances of ``s`` from the baseline ``b``."""
-    return {name: DISTANCES[name](s, b) for name in metrics}
+    """The selected distances of ``s`` from the baseline ``b`` that apply (see ``applicable``)."""
+    return {name: DISTANCES[name](s, b) for name in metrics if applicable(name, s, b)}

@@ -155,7 +155,7 @@ class Validator:
         if len({sender for _, sender, _ in window}) < threshold:
             return flags
         monitor = self.monitors[key]
-        fences = {m: max(monitor.fences[m].fence(), 1e-12) for m in self.config.metrics}
+        fences = {m: max(monitor.fence(m), 1e-12) for m in self.config.metrics}
 
         def excess(s: Summary, anchor: Summary) -> float:
             scores = distances(s, anchor, self.config.metrics)
