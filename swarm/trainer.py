@@ -102,6 +102,7 @@ class TrainerConfig:
     # the defence's cost only; stage servers accept that only with StageServerConfig.trust_trainer)
     failure_ban: float = 15.0  # seconds a peer that failed a call is avoided (doubled per consecutive failure)
     failure_ban_max: float = 300.0
+    busy_backoff: float = 1.0  # seconds a peer that answered Busy (at its stream limit: healthy, just full) is avoided
     reference_by_digest: bool = True  # name a check's reference by digest when that validator passed it on itself
     max_inflight: int = 4  # micro-batches of one step driven through the swarm concurrently (pipelining: one
     # micro-batch's validator check overlaps another's stage compute); 1 = strictly one after another
@@ -138,6 +139,7 @@ class TrainerMetrics:
     tainted: int = 0
     dropped: int = 0
     retries: int = 0  # calls that failed and were retried on another peer
+    busy: int = 0  # of those, refused with Busy
     references_by_digest: int = 0  # checks whose reference went by digest (the validator held it)
     losses: list[float] = field(default_factory=list)  # one per optimizer step
     step_completed: list[int] = field(default_factory=list)  # completed micro-batches of each optimizer step
@@ -219,7 +221,16 @@ class Trainer:
                 break
             try:
                 result = await attempt(peer)
-            except (TransportError, RemoteFailure, Busy) as e:
+            except Busy as e:  # healthy but full: sidestep it briefly, without counting a failure
+                logger.info(f"{peer[:12]}... is busy ({e}); trying another peer")
+                self.metrics.retries += 1
+                self.metrics.busy += 1
+                _, failures = self._down.get(peer, (0.0, 0))
+                self._down[peer] = (time.monotonic() + self.config.busy_backoff, failures)
+                exclude.add(peer)
+                last = e
+                continue
+            except (TransportError, RemoteFailure) as e:
                 logger.warning(f"call to {peer[:12]}... failed ({type(e).__name__}: {e}); trying another peer")
                 self.metrics.retries += 1
                 self._mark_failed(peer)

@@ -124,6 +124,9 @@ def test_config_validation():
         SentinelConfig(combine="vote")
     with pytest.raises(ConfigError):
         SentinelConfig.from_dict({"fence": 3})
+    for bad in ({"fit_every": 0}, {"fit_decay": 1.0}, {"fit_ridge": 0.0}, {"fit_tokens": 0}, {"fit_refit": 0}):
+        with pytest.raises(ConfigError):
+            SentinelConfig(**bad)
     assert SentinelConfig.from_dict(SentinelConfig().to_dict()) == SentinelConfig()
 
 
@@ -151,3 +154,20 @@ def test_a_state_of_the_older_format_loads():
     assert np.array_equal(loaded.baseline.residual, mon.baseline.residual)
     out, ref = next(stream(5, 1))
     assert torch.equal(loaded.replacement(out, ref), mon.replacement(out, ref))
+
+
+def test_fit_joins_once_there_is_a_predictor_and_flags_only_after_a_window():
+    """The first accepted tensor trains the predictor, the second gives the baseline a fit; from the third on the
+    distance is measured, and its fence stays infinite until its window holds min_window - 1 distances."""
+    config = SentinelConfig()
+    mon = BoundaryMonitor(config, "forward", 1)
+    seen = []
+    for out, ref in stream(7, 24):
+        obs = mon.observe(out, ref)
+        seen.append(("fit" in obs.scores, obs.fences.get("fit")))
+    assert [present for present, _ in seen[:3]] == [False, False, True] and all(p for p, _ in seen[2:])
+    windows = [i - 2 for i in range(2, 24)]  # distances in the fit window when tensor i is checked
+    fences = [fence for _, fence in seen[2:]]
+    assert all((fence == float("inf")) == (n < config.min_window - 1) for n, fence in zip(windows, fences))
+    no_fit = BoundaryMonitor(SentinelConfig(metrics=("l1", "cosine")), "forward", 1)
+    assert no_fit.predictor is None and "fit" not in no_fit.state_dict()["fences"]

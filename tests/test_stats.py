@@ -1,11 +1,13 @@
 """Each distance's defining behaviour on synthetic tensors."""
 
 import math
+import pickle
 
+import numpy as np
 import pytest
 import torch
 
-from sentinel.stats import DISTANCES, distances, make_projections, summarize
+from sentinel.stats import DISTANCES, LinearPredictor, distances, make_projections, summarize
 
 D = 32
 
@@ -88,3 +90,43 @@ def test_projections_are_private_and_unit():
     assert torch.allclose(a.norm(dim=0), torch.ones(8))
     assert not torch.allclose(a, b)
     assert torch.equal(a, make_projections(D, 8, seed=1))
+
+
+def test_linear_predictor_learns_a_stage_and_sees_what_breaks_it(proj):
+    """The predictor learns x = f(reference) when f is close to linear: the unexplained fraction is then small, and
+    random sign flips of 10% of x's elements (a change the cosine hardly sees) make it large."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.eye(D) + 0.3 * torch.randn(D, D, generator=g) / math.sqrt(D)  # residual path + a linear update
+    predictor = LinearPredictor(every=1, refit=2, decay=0.9, tokens=64, ridge=1e-3)
+
+    def stage(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ref = _honest(int(torch.randint(0, 10**6, (1,), generator=g)), n)
+        return torch.tanh(ref @ w / 2) * 2 + 0.05 * torch.randn(n, D, generator=g), ref  # mildly non-linear
+
+    assert predictor.matrix(torch.device("cpu")) is None
+    for _ in range(12):
+        predictor.update(*stage(256), proj)
+    m = predictor.matrix(torch.device("cpu"))
+    assert m.shape == (D + 1, proj.shape[1])
+    x, ref = stage(256)
+    honest = summarize(x, proj, 8, reference=ref, predictor=m)
+    flips = torch.where(torch.rand(x.shape, generator=g) < 0.1, -1.0, 1.0)
+    attacked = summarize(x * flips, proj, 8, reference=ref, predictor=m)
+    assert honest.fit < 0.1 and attacked.fit > honest.fit + 0.2
+    assert DISTANCES["fit"](attacked, honest) == pytest.approx(attacked.fit - honest.fit)
+    assert summarize(x, proj, 8, reference=ref).fit is None  # no predictor, no fit
+    assert "fit" not in distances(summarize(x, proj, 8, reference=ref), honest, ("l1", "fit"))  # not applicable
+
+
+def test_linear_predictor_state_round_trip(proj):
+    g = torch.Generator().manual_seed(5)
+    a = LinearPredictor(every=2, refit=3, decay=0.8, tokens=32, ridge=1e-3)
+    b = LinearPredictor(every=2, refit=3, decay=0.8, tokens=32, ridge=1e-3)
+    batches = [(_honest(i, 128) * 0.5 + 0.1 * torch.randn(128, D, generator=g), _honest(i, 128)) for i in range(20)]
+    for x, ref in batches[:9]:  # mid-way through a fold: the pending sums must survive too
+        a.update(x, ref, proj)
+    b.load_state_dict(pickle.loads(pickle.dumps(a.state_dict())))
+    for x, ref in batches[9:]:
+        a.update(x, ref, proj)
+        b.update(x, ref, proj)
+    assert np.array_equal(a.weights, b.weights) and a.offered == b.offered == 20

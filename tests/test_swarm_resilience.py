@@ -13,13 +13,16 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from swarm_helpers import RUN, SEED, LocalSwarm, run_swarm
+from swarm_helpers import CORPUS, RUN, SEED, LocalSwarm, run_swarm
 
 from sentinel.attacks import MaliciousBehaviour, make_attack
 from sentinel.config import SentinelConfig
 from swarm.dht_schema import DHT_OP_TIMEOUT, banned_peers, fetch_strikes
+from swarm.identity import Identity
+from swarm.local import local_manifest
+from swarm.protocol import Busy, TransportError
 from swarm.records import StageAnnouncement, StageState
-from swarm.trainer import NoRoute, TrainerConfig, choose_replica
+from swarm.trainer import NoRoute, Trainer, TrainerConfig, choose_replica
 
 
 def test_choose_replica_prefers_healthy_then_recently_failed_then_banned():
@@ -244,3 +247,26 @@ def test_nodes_whose_dht_died_still_shut_down_and_save_their_state(tmp_path):
         assert sum(m["n_accepted"] for m in saved["monitors"].values()) == swarm.validator.n_checks == 2 * 2 * 4
 
     run_swarm(swarm, body)
+
+
+def test_busy_peer_is_sidestepped_briefly_and_a_failed_one_for_longer():
+    """A Busy answer (a healthy peer at its stream limit) costs that peer ``busy_backoff`` seconds of avoidance and
+    no failure count; a transport failure costs ``failure_ban`` seconds, doubling."""
+    trainer_id = Identity.generate()
+    manifest = local_manifest(RUN, "tiny", 1, Identity.generate(), trainer_id, Identity.generate())
+    trainer = Trainer(TrainerConfig(seed=SEED, busy_backoff=1.0, failure_ban=15.0), manifest, trainer_id, CORPUS)
+    order = iter(["full", "dead", "good"])
+    answers = {"full": Busy("2 streams in hand"), "dead": TransportError("connection refused")}
+
+    async def attempt(peer):
+        if peer in answers:
+            raise answers[peer]
+        return "ok"
+
+    start = time.monotonic()
+    peer, result = asyncio.run(trainer._with_retries(lambda exclude: next(order), attempt))
+    assert (peer, result) == ("good", "ok") and trainer.metrics.retries == 2 and trainer.metrics.busy == 1
+    (busy_until, busy_failures), (dead_until, dead_failures) = trainer._down["full"], trainer._down["dead"]
+    assert busy_failures == 0 and busy_until - start <= 1.0 + (time.monotonic() - start)
+    assert dead_failures == 1 and dead_until - start >= 15.0 - 1e-6
+    assert trainer.avoided() == {"full", "dead"}
