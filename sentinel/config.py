@@ -53,6 +53,8 @@ class SentinelConfig:
     fit_decay: float = 0.9
     fit_refit: int = 4
     fit_ridge: float = 1e-3  # x the mean diagonal of the Gram matrix
+    fit_fence_scale: float = 1.5  # fit's Tukey fence is widened by this factor: on honest drift fit rose with l2 by
+    # 1.0-1.4x its plain fence and, as the second distance over, tainted honest micro-batches (README, "fit")
     n_projections: int = 16  # sliced-Wasserstein random directions, private to each validator
     n_quantiles: int = 16  # quantile levels per projection
     ban_level: int = 3  # strikes that ban a worker
@@ -102,8 +104,8 @@ class SentinelConfig:
             raise ConfigError("need drift_senders >= 2, drift_steps >= 1 and drift_max_excess > 1")
         if self.fit_every < 1 or self.fit_tokens < 1 or self.fit_refit < 1 or not 0.0 <= self.fit_decay < 1.0:
             raise ConfigError("need fit_every, fit_tokens, fit_refit >= 1 and fit_decay in [0, 1)")
-        if self.fit_ridge <= 0:
-            raise ConfigError("fit_ridge must be positive")
+        if self.fit_ridge <= 0 or self.fit_fence_scale < 1:
+            raise ConfigError("fit_ridge must be positive and fit_fence_scale >= 1")
         if self.min_iqr_fraction < 0:
             raise ConfigError("min_iqr_fraction must be >= 0")
 

@@ -196,10 +196,13 @@ class BoundaryMonitor:
         return flagged, ("distance:" + ",".join(over) if flagged else "")
 
     def fence(self, metric: str) -> float:
-        """``metric``'s fence; infinite until its window holds ``min_window - 1`` distances (every distance has as
-        many once the monitor is ``ready``, except ``fit``, which starts with the predictor)."""
+        """``metric``'s fence (``fit``'s widened by ``fit_fence_scale``); infinite until its window holds
+        ``min_window - 1`` distances (every distance has as many once the monitor is ``ready``, except ``fit``, which
+        starts with the predictor)."""
         fence = self.fences[metric]
-        return fence.fence() if len(fence) >= self.config.min_window - 1 else math.inf
+        if len(fence) < self.config.min_window - 1:
+            return math.inf
+        return fence.fence() * self.config.fit_fence_scale if metric == "fit" else fence.fence()
 
     def _accept(
         self, summary: Summary, scores: dict[str, float] | None, x: torch.Tensor, reference: torch.Tensor | None

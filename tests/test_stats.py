@@ -3,7 +3,6 @@
 import math
 import pickle
 
-import numpy as np
 import pytest
 import torch
 
@@ -129,4 +128,4 @@ def test_linear_predictor_state_round_trip(proj):
     for x, ref in batches[9:]:
         a.update(x, ref, proj)
         b.update(x, ref, proj)
-    assert np.array_equal(a.weights, b.weights) and a.offered == b.offered == 20
+    assert torch.equal(a.weights, b.weights) and a.offered == b.offered == 20
