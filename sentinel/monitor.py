@@ -208,7 +208,13 @@ class BoundaryMonitor:
         self, summary: Summary, scores: dict[str, float] | None, x: torch.Tensor, reference: torch.Tensor | None
     ) -> None:
         if self.predictor is not None and reference is not None:
+            solves = self.predictor.solves
             self.predictor.update(x, reference, self.projections(x.shape[-1], x.device))
+            if self.predictor.solves != solves and self.baseline is not None and self.predictor.expected is not None:
+                # a new M changes what every later tensor's fit measures: the baseline restarts from what the new
+                # M leaves of the traffic it was fitted on (an EMA of fits under older Ms would flag the change)
+                self.baseline.fit = self.predictor.expected
+                summary.fit = None  # measured under the old M: not folded in below
         if scores is not None:
             for m, value in scores.items():
                 self.fences[m].add(value)

@@ -230,6 +230,9 @@ class LinearPredictor:
         self.cross: torch.Tensor | None = None  # [D + 1, K]
         self.offered = 0  # accepted tensors offered to ``update``
         self.weights: torch.Tensor | None = None  # [D + 1, K] float64 CPU, the solved M
+        self.second: torch.Tensor | None = None  # [K, K], decayed mean of (x P)^T (x P) / rows
+        self.expected: float | None = None  # the unexplained fraction M leaves of the traffic it was fitted on
+        self.solves = 0
         self._device_weights: torch.Tensor | None = None
         self._sums: tuple[torch.Tensor, torch.Tensor] | None = None  # X^T X and X^T (x P) since the last fold
         self._rows = 0
@@ -256,25 +259,27 @@ class LinearPredictor:
         design = torch.cat([rows_r, torch.ones(rows_r.shape[0], 1, device=rows_r.device)], dim=1)
         target = rows_x @ projections.to(rows_x.device)
         if self._sums is not None and self._sums[0].device != design.device:
-            self._sums = (self._sums[0].to(design.device), self._sums[1].to(design.device))
+            self._sums = tuple(t.to(design.device) for t in self._sums)
         if self._sums is None or self._sums[0].shape[0] != dim + 1 or self._sums[1].shape[1] != target.shape[1]:
-            self._sums, self._rows, self._pending = (design.T @ design, design.T @ target), 0, 0
+            self._sums, self._rows, self._pending = (design.T @ design, design.T @ target, target.T @ target), 0, 0
         else:
             self._sums[0].addmm_(design.T, design)
             self._sums[1].addmm_(design.T, target)
+            self._sums[2].addmm_(target.T, target)
         self._rows += design.shape[0]
         self._pending += 1
         if self.weights is None or self._pending >= self.refit:
             self._fold()
 
     def _fold(self) -> None:
-        gram, cross = (t.double().cpu() / self._rows for t in self._sums)
+        gram, cross, second = (t.double().cpu() / self._rows for t in self._sums)
         if self.gram is None or self.gram.shape != gram.shape or self.cross.shape != cross.shape:
-            self.gram, self.cross = gram, cross
+            self.gram, self.cross, self.second = gram, cross, second
         else:
             keep = self.decay**self._pending
             self.gram = keep * self.gram + (1.0 - keep) * gram
             self.cross = keep * self.cross + (1.0 - keep) * cross
+            self.second = keep * self.second + (1.0 - keep) * second
         self._sums, self._rows, self._pending = None, 0, 0
         self.solve()
 
@@ -287,6 +292,13 @@ class LinearPredictor:
         if int(info) != 0 or not bool(torch.isfinite(weights).all()):
             return  # keep the previous solution
         self.weights = weights
+        # what this M leaves unexplained of the traffic it was fitted on: E|y - X M|^2 / E|y - mean y|^2, from the
+        # sums (X's last column is 1, so the last row of C is the mean of y)
+        explained = 2 * torch.sum(weights * self.cross) - torch.sum(weights * (self.gram @ weights))
+        missed = torch.trace(self.second) - explained
+        total = torch.trace(self.second) - torch.sum(self.cross[-1] ** 2)
+        self.expected = float(missed / total.clamp_min(_EPS)) if float(total) > 0 else None
+        self.solves += 1
         self._device_weights = None
 
     def state_dict(self) -> dict:
@@ -295,6 +307,9 @@ class LinearPredictor:
             "gram": None if self.gram is None else self.gram.clone(),
             "cross": None if self.cross is None else self.cross.clone(),
             "weights": None if self.weights is None else self.weights.clone(),
+            "second": None if self.second is None else self.second.clone(),
+            "expected": self.expected,
+            "solves": self.solves,
             "offered": self.offered,
             "sums": None if self._sums is None else [t.detach().cpu().clone() for t in self._sums],
             "rows": self._rows,
@@ -304,9 +319,11 @@ class LinearPredictor:
     def load_state_dict(self, d: dict) -> None:
         self.gram = None if d["gram"] is None else d["gram"].double().cpu().clone()
         self.cross = None if d["cross"] is None else d["cross"].double().cpu().clone()
+        self.second = None if d.get("second") is None else d["second"].double().cpu().clone()
+        self.expected, self.solves = d.get("expected"), int(d.get("solves", 0))
         self.offered = int(d["offered"])
         sums = d.get("sums")
-        self._sums = None if sums is None else (sums[0].clone(), sums[1].clone())  # moved to the data's device on use
+        self._sums = None if sums is None else tuple(t.clone() for t in sums)  # moved to the data's device on use
         self._rows, self._pending, self._device_weights = int(d.get("rows", 0)), int(d.get("pending", 0)), None
         self.weights = None if d.get("weights") is None else d["weights"].double().cpu().clone()
         if self.weights is None:

@@ -112,6 +112,7 @@ def test_linear_predictor_learns_a_stage_and_sees_what_breaks_it(proj):
     flips = torch.where(torch.rand(x.shape, generator=g) < 0.1, -1.0, 1.0)
     attacked = summarize(x * flips, proj, 8, reference=ref, predictor=m)
     assert honest.fit < 0.1 and attacked.fit > honest.fit + 0.2
+    assert predictor.expected == pytest.approx(honest.fit, abs=0.03)  # in-sample: where the baseline restarts
     assert DISTANCES["fit"](attacked, honest) == pytest.approx(attacked.fit - honest.fit)
     assert summarize(x, proj, 8, reference=ref).fit is None  # no predictor, no fit
     assert "fit" not in distances(summarize(x, proj, 8, reference=ref), honest, ("l1", "fit"))  # not applicable
