@@ -53,7 +53,7 @@ class SentinelConfig:
     fit_decay: float = 0.9
     fit_refit: int = 4
     fit_ridge: float = 1e-3  # x the mean diagonal of the Gram matrix
-    fit_fence_scale: float = 2.0  # fit's Tukey fence is widened by this factor: on honest drift fit rose with l2 by
+    fit_fence_scale: float = 1.5  # fit's Tukey fence is widened by this factor: on honest drift fit rose with l2 by
     # 1.0-1.4x its plain fence and, as the second distance over, tainted honest micro-batches (README, "fit")
     n_projections: int = 16  # sliced-Wasserstein random directions, private to each validator
     n_quantiles: int = 16  # quantile levels per projection
