@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         if args.ready_file:
             write_json_atomic(args.ready_file, ready)
         republish = max(5.0, args.manifest_ttl / 3) if signed is not None else None
-        while not stop.wait(min(republish, 5.0) if republish else 5.0):
+        while not stop.wait(5.0):  # (republish is at least 5 s)
             check_dht(dht)
             if signed is not None and time.monotonic() - published_at >= republish * 0.99:
                 try:

@@ -33,7 +33,9 @@ class DHTDied(RuntimeError):
 
 def check_dht(dht) -> None:
     """Raise ``DHTDied`` when ``dht``'s process is no longer running."""
-    if not dht.is_alive():
+    from swarm.dht_schema import dht_alive
+
+    if not dht_alive(dht):
         raise DHTDied(f"the DHT process died (exit code {dht.exitcode}); this node stopped (its state is saved) "
                       "and can be restarted with the same command")  # fmt: skip
 

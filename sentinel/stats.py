@@ -116,13 +116,9 @@ def make_projections(dim: int, n_projections: int, seed: int, device: torch.devi
     return p.to(device)
 
 
+@functools.lru_cache(maxsize=64)
 def quantile_positions(n_tokens: int, n_quantiles: int) -> np.ndarray:
     """Indices into a sorted column of ``n_tokens`` values at the mid-points of ``n_quantiles`` equal bins."""
-    return _quantile_positions(n_tokens, n_quantiles)
-
-
-@functools.lru_cache(maxsize=64)
-def _quantile_positions(n_tokens: int, n_quantiles: int) -> np.ndarray:
     levels = (np.arange(n_quantiles, dtype=np.float64) + 0.5) / n_quantiles
     positions = np.round(levels * (n_tokens - 1)).astype(np.int64)
     positions.flags.writeable = False  # cached and shared
@@ -234,7 +230,7 @@ class LinearPredictor:
         self.expected: float | None = None  # the unexplained fraction M leaves of the traffic it was fitted on
         self.solves = 0
         self._device_weights: torch.Tensor | None = None
-        self._sums: tuple[torch.Tensor, torch.Tensor] | None = None  # X^T X and X^T (x P) since the last fold
+        self._sums: tuple[torch.Tensor, ...] | None = None  # X^T X, X^T (x P), (x P)^T (x P) since the last fold
         self._rows = 0
         self._pending = 0  # updates in ``_sums``
 

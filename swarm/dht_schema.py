@@ -535,7 +535,7 @@ def _bounded(dht: DHT, future: Any, what: str, default: Any) -> Any:
         try:
             return future.result(timeout=max(0.0, min(DHT_POLL, deadline - time.monotonic())))
         except (TimeoutError, concurrent.futures.TimeoutError, concurrent.futures.CancelledError) as e:
-            dead = not _dht_alive(dht)
+            dead = not dht_alive(dht)
             if not dead and time.monotonic() < deadline and not isinstance(e, concurrent.futures.CancelledError):
                 continue
             try:
@@ -547,7 +547,7 @@ def _bounded(dht: DHT, future: Any, what: str, default: Any) -> Any:
             return default
 
 
-def _dht_alive(dht: DHT) -> bool:
+def dht_alive(dht: DHT) -> bool:
     """Whether the DHT's process runs; True when that cannot be told here (only its parent process can ask)."""
     try:
         return dht.is_alive()
