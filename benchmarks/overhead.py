@@ -1,8 +1,17 @@
 """Validator cost: check time per tensor against the stage's forward+backward time for the same micro-batch.
 
-For each preset, one stage of an 8-stage split runs forward and backward on one micro-batch, and a warmed-up validator
-checks its output (forward check, with the stage input as reference) and its input gradient (backward check). Both
-are timed in the same process, alternating, so machine noise hits both alike. Prints a markdown table.
+For each preset, one stage of an 8-stage split runs forward and backward, and a warmed-up validator checks its output
+(forward check, with the stage input as reference) and its input gradient (backward check). Two timings of the
+check, both in the same process as the stage, alternating with it so that machine noise hits both alike:
+
+* **stream** (the ratio column): the stage runs ``--stream`` different micro-batches, then the validator checks their
+  ``2 * stream`` tensors back to back, as a validator process does with the traffic of the boundaries it serves;
+* **interleaved**: one stage step, then its two checks, on the same core. The stage's ~5 ms of torch code evicts the
+  validator's code and data from the CPU caches, and the first check after it pays ~140 us more on ``small`` (the
+  same ~25 numpy operations on other data run at half the cost right after). A validator that shares a core with a
+  stage pays this; one on its own CPU, as the architecture has it, does not.
+
+Prints a markdown table.
 
     python benchmarks/overhead.py                  # tiny, small, base (base takes a minute on 2 CPU cores)
     python benchmarks/overhead.py --presets small --batch-size 8
@@ -25,48 +34,63 @@ from sentinel.validator import Validator  # noqa: E402
 from swarm.model import build_pipeline, resolve_config  # noqa: E402
 
 
-def measure(preset: str, stages: int, batch_size: int, repeats: int, device: torch.device) -> dict:
+def measure(preset: str, stages: int, batch_size: int, repeats: int, stream: int, device: torch.device) -> dict:
     cfg = resolve_config(preset, stages)
     emb, stage_list, _ = build_pipeline(cfg, stages, seed=0)
     emb, stage = emb.to(device), stage_list[stages // 2].to(device)
-    tokens = torch.randint(0, cfg.vocab_size, (batch_size, cfg.seq_len), device=device)
-    with torch.no_grad():
-        h_in = emb(tokens)
-    grad_out = torch.randn_like(h_in) * 1e-3
+    gen = torch.Generator().manual_seed(0)
+    inputs = []
+    for _ in range(stream):
+        tokens = torch.randint(0, cfg.vocab_size, (batch_size, cfg.seq_len), generator=gen).to(device)
+        with torch.no_grad():
+            inputs.append(emb(tokens))
+    grad_outs = [torch.randn(h.shape, generator=gen).to(device) * 1e-3 for h in inputs]
     validator = Validator(SentinelConfig())
 
-    def stage_step():
-        inp = h_in.detach().requires_grad_(True)
+    def stage_step(i: int):
+        inp = inputs[i].detach().requires_grad_(True)
         out = stage(inp)
-        torch.autograd.backward(out, grad_out)
+        torch.autograd.backward(out, grad_outs[i])
         return inp.detach(), out.detach(), inp.grad
+
+    def check(i: int, inp, out, g_in, step: int, warmup: bool = False):
+        validator.check(out, boundary=1, direction="forward", sender="w", step=step, reference=inp, warmup=warmup)
+        validator.check(g_in, boundary=0, direction="backward", sender="w", step=step, reference=grad_outs[i],
+                        warmup=warmup)  # fmt: skip
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    inp, out, g_in = stage_step()
-    for _ in range(40):  # warm the monitors up
-        validator.check(out, boundary=1, direction="forward", sender="w", step=0, reference=inp, warmup=True)
-        validator.check(g_in, boundary=0, direction="backward", sender="w", step=0, reference=grad_out, warmup=True)
-    stage_t, check_t = [], []
-    for _ in range(repeats):
+    for w in range(40):  # warm the monitors up
+        check(w % stream, *stage_step(w % stream), step=0, warmup=True)
+    stage_t, stream_t, cold_t = [], [], []
+    for r in range(repeats):
         sync()
         t0 = time.perf_counter()
-        inp, out, g_in = stage_step()
+        results = [stage_step(i) for i in range(stream)]
         sync()
         t1 = time.perf_counter()
-        validator.check(out, boundary=1, direction="forward", sender="w", step=1, reference=inp)
-        validator.check(g_in, boundary=0, direction="backward", sender="w", step=1, reference=grad_out)
+        for i, res in enumerate(results):
+            check(i, *res, step=1 + r)
         sync()
         t2 = time.perf_counter()
-        stage_t.append(t1 - t0)
-        check_t.append((t2 - t1) / 2)
-    s, c = statistics.median(stage_t), statistics.median(check_t)
+        i = r % stream
+        res = stage_step(i)
+        sync()
+        t3 = time.perf_counter()
+        check(i, *res, step=1 + r)
+        sync()
+        t4 = time.perf_counter()
+        stage_t.append((t1 - t0) / stream)
+        stream_t.append((t2 - t1) / (2 * stream))
+        cold_t.append((t4 - t3) / 2)
+    s, c, cold = statistics.median(stage_t), statistics.median(stream_t), statistics.median(cold_t)
+    out = results[0][1]
     mib = out.numel() * out.element_size() / 2**20
     return {"preset": preset, "blocks": stage.end - stage.start, "tokens": batch_size * cfg.seq_len,
             "d_model": cfg.d_model, "stage_ms": 1e3 * s, "check_ms": 1e3 * c, "ratio": c / s,
-            "check_cpu_s_per_mib": c / mib}
+            "cold_ms": 1e3 * cold, "cold_ratio": cold / s, "check_cpu_s_per_mib": c / mib}
 
 
 def main() -> None:
@@ -75,18 +99,22 @@ def main() -> None:
     p.add_argument("--stages", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--stream", type=int, default=8, help="micro-batches per block of back-to-back checks")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    rows = [measure(pr, args.stages, args.batch_size, args.repeats, device) for pr in args.presets.split(",")]
+    presets = args.presets.split(",")
+    rows = [measure(pr, args.stages, args.batch_size, args.repeats, args.stream, device) for pr in presets]
     print(f"device={device} threads={args.threads} stages={args.stages} batch={args.batch_size}\n")
-    print("| preset | d_model | blocks/stage | tokens | stage fwd+bwd ms | check ms per tensor | ratio | s per MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| preset | d_model | blocks/stage | tokens | stage fwd+bwd ms | check ms per tensor (stream) | ratio "
+          "| check ms interleaved | ratio interleaved | s per MiB (stream) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['preset']} | {r['d_model']} | {r['blocks']} | {r['tokens']} | {r['stage_ms']:.2f} "
-              f"| {r['check_ms']:.3f} | {100 * r['ratio']:.1f}% | {r['check_cpu_s_per_mib']:.4f} |")
+              f"| {r['check_ms']:.3f} | {100 * r['ratio']:.1f}% | {r['cold_ms']:.3f} | {100 * r['cold_ratio']:.1f}% "
+              f"| {r['check_cpu_s_per_mib']:.4f} |")
 
 
 if __name__ == "__main__":

@@ -130,3 +130,59 @@ def test_linear_predictor_state_round_trip(proj):
         a.update(x, ref, proj)
         b.update(x, ref, proj)
     assert torch.equal(a.weights, b.weights) and a.offered == b.offered == 20
+
+
+def test_host_and_device_summaries_agree(proj):
+    """``summarize`` runs in numpy on CPU and in torch on a GPU: both implementations (run here on CPU) give the
+    same statistics, and both make a non-finite tensor's summary non-finite."""
+    from sentinel.stats import _summarize_device, _summarize_host
+
+    g = torch.Generator().manual_seed(6)
+    ref = _honest(7, 300).reshape(3, 100, D)
+    x = ref + 0.3 * torch.randn(ref.shape, generator=g)
+    m = 0.1 * torch.randn(D + 1, proj.shape[1], generator=g)
+    for args in ((None, None), (ref, None), (ref, m)):
+        host, device = _summarize_host(x, proj, 16, *args), _summarize_device(x, proj, 16, *args)
+        for name in ("mean", "std", "quantiles", "residual"):
+            a, b = getattr(host, name), getattr(device, name)
+            assert (a is None) == (b is None), name
+            if a is not None:
+                assert a.dtype == b.dtype and a.shape == b.shape and torch.allclose(
+                    torch.from_numpy(a), torch.from_numpy(b), rtol=1e-4, atol=1e-5
+                ), name
+        for name in ("cosine", "gain", "fit"):
+            a, b = getattr(host, name), getattr(device, name)
+            assert a == (None if b is None else pytest.approx(b, rel=1e-4, abs=1e-6)), name
+    poisoned = x.clone()
+    poisoned[1, 5, 3] = float("nan")
+    for impl in (_summarize_host, _summarize_device):
+        assert not impl(poisoned, proj, 16, ref, m).finite()
+        assert impl(x, proj, 16, ref, m).finite()
+    half = x.half()  # a half-precision tensor is summarised in float32
+    assert summarize(half, proj, 16).mean.dtype == summarize(x, proj, 16).mean.dtype
+
+
+def test_linear_predictor_loads_the_older_state_format(proj):
+    """A state saved when the predictor kept ``gram``, ``cross`` and ``second`` (and its pending sums as a tuple)
+    apart loads into the one moment matrix and goes on exactly as the state it was made from."""
+    g = torch.Generator().manual_seed(8)
+    a = LinearPredictor(every=1, refit=3, decay=0.8, tokens=32, ridge=1e-3)
+    batches = [(_honest(i, 128) * 0.5 + 0.1 * torch.randn(128, D, generator=g), _honest(i, 128)) for i in range(10)]
+    for x, ref in batches[:5]:
+        a.update(x, ref, proj)
+    state = a.state_dict()
+    split = state["split"]
+
+    def blocks(t):
+        return t[:split, :split], t[:split, split:], t[split:, split:]
+
+    gram, cross, second = blocks(state["moments"])
+    old = {"gram": gram, "cross": cross, "second": second, "weights": state["weights"], "expected": state["expected"],
+           "solves": state["solves"], "offered": state["offered"], "sums": blocks(state["sums"]),
+           "rows": state["rows"], "pending": state["pending"]}  # fmt: skip
+    b = LinearPredictor(every=1, refit=3, decay=0.8, tokens=32, ridge=1e-3)
+    b.load_state_dict(old)
+    for x, ref in batches[5:]:
+        a.update(x, ref, proj)
+        b.update(x, ref, proj)
+    assert torch.allclose(a.weights, b.weights, rtol=1e-9, atol=1e-12) and a.expected == pytest.approx(b.expected)
