@@ -66,6 +66,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "DecentralizedAverager; skipped while the stage has no other replica; 0: never)")
     g.add_argument("--average-timeout", type=float, default=30.0,
                    help="seconds an averaging round may take before it is abandoned (training goes on)")
+    g.add_argument("--average-clip", type=float, default=3.0, metavar="X",
+                   help="clip a round's change to each parameter tensor to X times what the optimizer steps since "
+                        "this replica's previous round could move it by (X * lr * sqrt(size) * steps): bounds what a "
+                        "poisoned contribution does per round (0: no clipping)")  # fmt: skip
     g.add_argument("--attack", default=None, metavar="NAME",
                    help="RED-TEAM OPTION FOR TESTING ONLY: corrupt what this stage sends with a group-A attack "
                         "(A1..A10, a name such as zeros, or module:function). Never use it in a real swarm: the "
@@ -99,8 +103,8 @@ def _check_args(args) -> None:
         raise CommandError("--role gpu-stage needs --stage K (1..S)")
     if args.role != "gpu-stage" and (args.stage is not None or args.attack):
         raise CommandError("--stage and --attack are gpu-stage options")
-    if args.role == "gpu-stage" and (args.average_every < 0 or args.average_timeout <= 2.0):
-        raise CommandError("--average-every must be >= 0 and --average-timeout > 2 seconds")
+    if args.role == "gpu-stage" and (args.average_every < 0 or args.average_timeout <= 2.0 or args.average_clip < 0):
+        raise CommandError("--average-every and --average-clip must be >= 0 and --average-timeout > 2 seconds")
     if args.role == "trainer" and min(args.steps, args.microbatches, args.batch_size, args.max_inflight) < 1:
         raise CommandError("--steps, --microbatches, --batch-size and --max-inflight must be >= 1")
     if args.attack:
@@ -174,7 +178,8 @@ async def _stage(args, dht, manifest, identity, stop: StopFlag) -> int:
         )
     config = StageServerConfig(
         stage=args.stage, seed=args.seed, accumulate=args.accumulate, device=args.device,
-        average_every=args.average_every, average_timeout=args.average_timeout, lr=args.lr,
+        average_every=args.average_every, average_timeout=args.average_timeout, average_clip=args.average_clip,
+        lr=args.lr,
     )  # fmt: skip
     server = StageServer(config, manifest, identity, attack=attack)
     ckpt = _state_path(args, f"stage{args.stage}-{identity.fingerprint}.pt")

@@ -22,9 +22,13 @@ DHT shows no other ONLINE, non-banned replica of the stage; it is bounded by ``a
 if it fails (logged). The replica snapshots its parameters (between computations), averages the snapshot, and adds
 ``average - snapshot`` to its parameters, so updates made while the round ran are kept. The result is discarded when
 the group contained a peer that is not an announced ONLINE replica of the stage or that a quorum of validators has
-banned, or when it is not finite. Optimizer moments are
-not averaged. A replica that is not yet banned could still poison an average: the validators watch activations and
-gradients, not parameters (see the README).
+banned, or when it is not finite. Optimizer moments are not averaged.
+
+A replica that is not yet banned could still poison an average (the validators watch activations and gradients, not
+parameters, and all-reduce shows each member only the group's sum): each round's change to a parameter tensor is
+therefore clipped to ``average_clip`` (3) times what the optimizer steps since the replica's previous round could
+move it by (``_clip_average``). That bounds what a poisoner gains per round; it does not make the average robust (a
+median would need every member's parameters, not their sum).
 
 The announcement (``StageAnnouncement`` in the DHT, key ``stage.{k - 1}``: the DHT numbers stages from 0 like
 ``manifest.layer_spans``) is refreshed every ``announce_period`` seconds and set OFFLINE on shutdown.
@@ -35,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import time
 from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -128,6 +133,10 @@ class StageServerConfig:
     average_timeout: float = 30.0  # seconds a round may take (matchmaking, then all-reduce)
     average_matchmaking: float = 2.0  # seconds a group leader waits for the stage's other replicas to join
     max_streams: int = 8  # streamed requests in hand at once; one more is refused with Busy (memory bound)
+    # a round's change to each parameter tensor is clipped in norm to average_clip x lr x sqrt(its size) x the
+    # optimizer steps since this replica's previous round (at least average_every): what that many AdamW steps, which
+    # move an element by about lr each, can move it by, average_clip times over (0: no clipping)
+    average_clip: float = 3.0
 
     def __post_init__(self) -> None:
         if self.stage < 1 or self.accumulate < 1 or self.max_batch < 1 or self.announce_period <= 0:
@@ -136,6 +145,8 @@ class StageServerConfig:
             raise ValueError("average_every must be >= 0 and 0 < average_matchmaking < average_timeout")
         if self.max_streams < 1:
             raise ValueError("max_streams must be >= 1")
+        if self.average_clip < 0:
+            raise ValueError("average_clip must be >= 0")
 
 
 class StageServer(ServicerBase):
@@ -184,7 +195,8 @@ class StageServer(ServicerBase):
         self._control = None  # the running averaging step (a hivemind StepControl)
         self._average_lock = asyncio.Lock()
         self._next_average = config.average_every
-        self.averaging = {"rounds": 0, "skipped": 0, "failed": 0, "rejected": 0}
+        self.averaging = {"rounds": 0, "skipped": 0, "failed": 0, "rejected": 0, "clipped": 0}
+        self._steps_at_round = 0  # optimizer steps when the last round was applied (or the state loaded)
 
     # ----------------------------------------------------------------------------------------------- lifecycle
     @property
@@ -476,10 +488,42 @@ class StageServer(ServicerBase):
             logger.warning(f"stage {stage}: averaging result rejected (group members that are banned or not ONLINE "
                            f"replicas of this stage: {sorted(outsiders)}, or non-finite values)")  # fmt: skip
             return False
+        clipped = self._clip_average(snapshot, averaged)
+        if clipped:
+            self.averaging["clipped"] += 1
+            logger.warning(f"stage {stage}: averaging would have moved {clipped} parameter tensor(s) further than "
+                           f"{self.config.average_clip}x what this replica's optimizer steps since its last round "
+                           "could: clipped (a member far from the others, or a poisoned contribution)")  # fmt: skip
         await self._run(self._apply_average, snapshot, averaged)
         self.averaging["rounds"] += 1
         logger.info(f"stage {stage}: averaged parameters with {len(members)} other replica(s)")
         return True
+
+    def _clip_average(self, snapshot: list[torch.Tensor], averaged: list[torch.Tensor]) -> int:
+        """Clip, in place, each tensor's change ``averaged - snapshot`` to ``average_clip * lr * sqrt(numel) *
+        steps``, ``steps`` being the optimizer steps since this replica's previous round (at least
+        ``average_every``). Returns how many tensors were clipped.
+
+        Why: all-reduce gives each replica only the sum of the group's parameters, so one member that sends
+        arbitrary values (a poisoner not yet banned: the validators watch activations and gradients, not
+        parameters) moves everyone's parameters by ``1/group`` of its choice. An AdamW step moves each element by
+        about ``lr`` (exactly ``lr`` on the first step, and its normalised update rarely exceeds it), so replicas
+        that started a round interval from the same average differ by at most ``steps * lr`` per element and an
+        honest round stays well inside the bound; a poisoned one moves a tensor by at most what ``average_clip``
+        times that many honest steps could."""
+        if not self.config.average_clip:
+            return 0
+        steps = max(self.optimizer_steps - self._steps_at_round, self.config.average_every, 1)
+        radius = self.config.average_clip * self.config.lr * steps
+        clipped = 0
+        for before, after in zip(snapshot, averaged):
+            change = after - before
+            bound = radius * math.sqrt(change.numel())
+            norm = float(torch.linalg.vector_norm(change))
+            if norm > bound:
+                after.copy_(before + change * (bound / norm))
+                clipped += 1
+        return clipped
 
     def _averager_step(self, averager: DecentralizedAverager):
         """One averaging step, bounded even if the averager process hangs or dies; cancelled by ``shutdown``."""
@@ -500,6 +544,7 @@ class StageServer(ServicerBase):
         with torch.no_grad():
             for p, before, after in zip(self.module.parameters(), snapshot, averaged):
                 p.add_((after - before).to(p.device, p.dtype))
+        self._steps_at_round = self.optimizer_steps
 
     # ---------------------------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict:
@@ -519,6 +564,7 @@ class StageServer(ServicerBase):
         self.optimizer.load_state_dict(state["optimizer"])
         self.backward_calls = int(state["backward_calls"])
         self.optimizer_steps = int(state["optimizer_steps"])
+        self._steps_at_round = self.optimizer_steps
 
     def save(self, path: str | Path) -> None:
         """Write the stage's state atomically (a crash never leaves half a checkpoint)."""

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 import torch
@@ -24,7 +25,8 @@ def test_two_replicas_with_different_parameters_end_up_equal():
         dhts.append(start_dht(manifest, ids[1], dhts[0].get_visible_maddrs()))
 
         async def main():
-            config = dict(stage=1, seed=SEED, average_every=1, average_matchmaking=1.0, average_timeout=20.0)
+            config = dict(stage=1, seed=SEED, average_every=1, average_matchmaking=1.0, average_timeout=20.0,
+                          average_clip=0.0)  # exact averages first; the clip is tested last  # fmt: skip
             servers = [StageServer(StageServerConfig(**config), manifest, identity) for identity in ids]
             try:
                 for server, dht in zip(servers, dhts):
@@ -59,6 +61,20 @@ def test_two_replicas_with_different_parameters_end_up_equal():
                     assert torch.equal(a, pa)  # untouched
                 for b, pa, pb in zip(servers[1].module.parameters(), *before):
                     torch.testing.assert_close(b, (pa + pb) / 2, rtol=0, atol=1e-6)
+
+                # a poisoned contribution: replica 1 sends parameters 100x too large. Replica 0, with the clip on,
+                # moves each tensor by at most 3 x lr x sqrt(size) (3x what one AdamW step could), towards the group
+                del servers[0]._stage_peers  # back to the DHT's view
+                servers[0].config.average_clip = 3.0
+                with torch.no_grad():
+                    for p in servers[1].module.parameters():
+                        p.mul_(100.0)
+                before = [p.detach().clone() for p in servers[0].module.parameters()]
+                applied = await asyncio.gather(*(s.average_now() for s in servers))
+                assert applied == [True, True] and servers[0].averaging["clipped"] == 1
+                for a, pa in zip(servers[0].module.parameters(), before):
+                    moved = float((a - pa).norm())
+                    assert 0 < moved <= 3 * servers[0].config.lr * math.sqrt(pa.numel()) * (1 + 1e-4)
             finally:
                 for server in servers:
                     await server.shutdown()
@@ -85,6 +101,7 @@ def test_replicas_average_in_the_background_while_training():
         pending = [s._averaging for s in servers if s._averaging is not None]
         await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 30)
         assert all(s.averaging["rounds"] >= 1 for s in servers), [s.averaging for s in servers]
+        assert all(s.averaging["clipped"] == 0 for s in servers), [s.averaging for s in servers]  # honest rounds
         assert swarm.trainer.metrics.step_completed == [4] * 4
 
     run_swarm(swarm, body)
@@ -96,7 +113,9 @@ def test_join_gpu_stage_has_an_average_every_option(tmp_path, capsys):
     base = ["join", "--role", "gpu-stage", "--stage", "1", "--initial-peers", "/ip4/127.0.0.1/tcp/1", "--run-id", "r",
             "--authority", "00" * 32, "--identity", str(tmp_path / "s.key")]  # fmt: skip
     assert main([*base, "--average-every", "-1"]) == 2  # refused before anything starts
-    assert "--average-every must be >= 0" in capsys.readouterr().err
+    assert "--average-every and --average-clip must be >= 0" in capsys.readouterr().err
+    assert main([*base, "--average-clip", "-1"]) == 2
+    assert "--average-clip must be >= 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["join", "--help"])
     out = " ".join(capsys.readouterr().out.split())
