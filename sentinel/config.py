@@ -73,6 +73,10 @@ class SentinelConfig:
     # (within drift_steps steps, however far from the baseline) agree with ONE of them: each within drift_max_excess x
     # the fences when that one is taken as the baseline. Re-anchors on it. For a baseline gone stale, whose honest
     # traffic has moved past drift_max_excess (README, "Drift guard")
+    drift_defer: bool = False  # a mild flag (one drift could explain) becomes a strike only once drift_steps steps
+    # have passed without drift being recognised at its monitor; drift recognised there in time forgives it. Gross
+    # flags strike at once. For large meshes, where a replica can collect a ban's worth of strikes early in a drift,
+    # before a majority of its stage has been seen (README, "Drift guard")
     replacement: str = "baseline"  # tainted tensor: "baseline" replacement or "drop" the micro-batch
     seed: int = 0  # seeds the validator-private projections
 

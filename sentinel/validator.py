@@ -68,6 +68,9 @@ class Validator:
         self.last_seen: dict[tuple[int, str], dict[str, int]] = {}  # monitor -> sender -> last step it was checked
         # drift_agreement: monitor -> [(step, sender, summary)] of distance flags within the drift window
         self.recent_summaries: dict[tuple[int, str], list[tuple[int, str, Summary]]] = {}
+        # drift_defer: mild flags not yet struck, (step, boundary, direction, sender)
+        self.deferred: list[tuple[int, int, str, str]] = []
+        self.touched: set[str] = set()  # senders whose ledger the last end_step changed or may have changed
 
     def monitor(self, boundary: int, direction: str) -> BoundaryMonitor:
         key = (boundary, direction)
@@ -111,17 +114,31 @@ class Validator:
         return CheckResult(obs.flagged, out, obs.reason, obs.scores, obs.fences, blamed, elapsed)
 
     def end_step(self, step: int) -> list[str]:
-        """Settle the blame of the step's flags (see the drift guard above). Returns the workers banned now."""
+        """Settle the blame of the step's flags (see the drift guard above). Returns the workers banned now.
+
+        With ``drift_defer``, a mild flag is held (``deferred``) and struck only at the end of step
+        ``its step + drift_steps - 1`` if drift was not recognised at its monitor by then; drift recognised there
+        in time forgives it (all mild flags of the window with a plain majority; those within the agreeing group with
+        ``drift_agreement``). ``touched`` names the senders whose strikes this call may have changed."""
         by_monitor: dict[tuple[int, str], list[tuple[str, float, Observation]]] = {}
         for boundary, direction, sender, excess, obs in self.pending:
             by_monitor.setdefault((boundary, direction), []).append((sender, excess, obs))
+        self.touched = {sender for _, _, sender, _, _ in self.pending}
         self.pending = []
         banned = []
         struck: dict[str, int] = {}  # strikes given to each sender in this step
         cap = self.config.strikes_per_step
+
+        def strike(sender: str) -> None:
+            if cap and struck.get(sender, 0) >= cap:
+                return  # strikes count steps of misbehaviour, not micro-batches (see strikes_per_step)
+            struck[sender] = struck.get(sender, 0) + 1
+            if self.ledger.record(sender, True, step):
+                banned.append(sender)
+
         for key, flags in by_monitor.items():
             # only mild distance flags can be drift: NaN, wrong shapes and gross outliers are never forgiven here
-            mild = [f for f in flags if f[2].reason.startswith("distance:") and f[1] < self.config.drift_max_excess]
+            mild = [f for f in flags if self._mild(f[2], f[1])]
             recent = [(s, w) for s, w in self.recent_flags.get(key, []) if s > step - self.config.drift_steps]
             recent += [(step, sender) for sender, _, _ in mild]
             self.recent_flags[key] = recent
@@ -129,15 +146,36 @@ class Validator:
             if mild and len({w for _, w in recent}) >= threshold:
                 self._reanchor(key, min(mild, key=lambda f: f[1])[2].summary)
                 flags = [f for f in flags if not any(f is m for m in mild)]
+                self._forgive_deferred(key, None)
             elif self.config.drift_agreement:
                 flags = self._agreed_drift(key, step, flags, threshold)
-            for sender, _, _ in flags:
-                if cap and struck.get(sender, 0) >= cap:
-                    continue  # strikes count steps of misbehaviour, not micro-batches (see strikes_per_step)
-                struck[sender] = struck.get(sender, 0) + 1
-                if self.ledger.record(sender, True, step):
-                    banned.append(sender)
+            for sender, excess, obs in flags:
+                if self.config.drift_defer and self._mild(obs, excess):
+                    self.deferred.append((step, key[0], key[1], sender))
+                else:
+                    strike(sender)
+        if self.deferred:  # mild flags whose window passed without drift at their monitor
+            due = step - self.config.drift_steps + 1
+            for _, _, _, sender in (d for d in self.deferred if d[0] <= due):
+                self.touched.add(sender)
+                strike(sender)
+            self.deferred = [d for d in self.deferred if d[0] > due]
         return banned
+
+    def _mild(self, obs: Observation, excess: float) -> bool:
+        """A distance flag that honest drift could explain: every distance under ``drift_max_excess`` x its fence."""
+        return obs.reason.startswith("distance:") and excess < self.config.drift_max_excess
+
+    def _forgive_deferred(self, key: tuple[int, str], within: set[tuple[int, str]] | None) -> None:
+        """Drift recognised at monitor ``key``: drop its deferred flags (only those whose (step, sender) is in
+        ``within``, when given)."""
+        keep = []
+        for entry in self.deferred:
+            if (entry[1], entry[2]) == key and (within is None or (entry[0], entry[3]) in within):
+                self.touched.add(entry[3])
+                continue
+            keep.append(entry)
+        self.deferred = keep
 
     def _agreed_drift(self, key: tuple[int, str], step: int, flags: list, threshold: int) -> list:
         """``drift_agreement``: the flags of this step that remain to be struck at monitor ``key``.
@@ -171,6 +209,7 @@ class Validator:
         if best is None or best[0] < threshold:
             return flags
         self._reanchor(key, best[2])
+        self._forgive_deferred(key, {(st, w) for st, w, s in window if id(s) in best[3]})
         return [f for f in flags if id(f[2].summary) not in best[3]]
 
     def _reanchor(self, key: tuple[int, str], summary: Summary | None) -> None:
@@ -206,6 +245,7 @@ class Validator:
                 f"{b}/{d}": [[step, sender] for step, sender in flags] for (b, d), flags in self.recent_flags.items()
             },
             "last_seen": {f"{b}/{d}": dict(seen) for (b, d), seen in self.last_seen.items()},
+            "deferred": [list(entry) for entry in self.deferred],
             "recent_summaries": {
                 f"{b}/{d}": [[step, sender, summary.state_dict()] for step, sender, summary in entries]
                 for (b, d), entries in self.recent_summaries.items()
@@ -248,6 +288,7 @@ class Validator:
             _monitor_key(key): [(int(step), str(sender)) for step, sender in flags]
             for key, flags in d.get("recent_flags", {}).items()
         }
+        self.deferred = [(int(st), int(b), str(di), str(w)) for st, b, di, w in d.get("deferred", [])]
         self.pending = []
         for p in d.get("pending", []):
             summary = None if p["summary"] is None else Summary.from_state_dict(p["summary"])

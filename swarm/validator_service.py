@@ -348,10 +348,9 @@ class ValidatorService(ServicerBase):
     def _settle_now(self, step: int) -> list[tuple[str, int, bool]]:
         """Settle the blame of ``step`` (``Validator.end_step``); (sender, strikes, banned) of everyone it touched.
         Runs on the validator's executor thread."""
-        senders = sorted({pending[2] for pending in self.validator.pending})
         self.validator.end_step(step)
         ledger = self.validator.ledger
-        return [(s, ledger.strikes(s), ledger.is_banned(s)) for s in senders]
+        return [(s, ledger.strikes(s), ledger.is_banned(s)) for s in sorted(self.validator.touched)]
 
     async def settle(self) -> None:
         """Settle the current step's blame now (normally done when a later step's first check arrives) and publish

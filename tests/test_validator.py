@@ -205,3 +205,37 @@ def test_drift_agreement_window_survives_a_state_round_trip():
         return v.reanchors, [v.ledger.strikes(f"w{i}") for i in range(4)]
 
     assert run(True) == run(False) == (1, [1, 1, 0, 0])
+
+
+def test_drift_defer_holds_mild_flags_until_the_drift_window_has_passed():
+    """With ``drift_defer``, a mild flag strikes only ``drift_steps`` steps later, unless drift is recognised at its
+    monitor in the meantime (then it is forgiven); a gross flag strikes at once. The held flags survive a restart."""
+    v = warmed(drift_senders=3, drift_steps=3, drift_defer=True)
+    shifted = [(ref + 2.2 * (out - ref), ref) for out, ref in pairs(6, 12)]
+    out, ref = shifted[0]
+    assert v.check(out, boundary=1, direction="forward", sender="w1", step=1, reference=ref).tainted
+    v.check(out * 0, boundary=1, direction="forward", sender="bad", step=1, reference=ref)  # gross
+    v.end_step(1)
+    assert v.ledger.strikes("bad") == 1 and v.ledger.strikes("w1") == 0  # w1's mild flag is held
+    assert v.touched == {"w1", "bad"} and len(v.deferred) == 1
+    w = Validator(v.config)  # a restart in between loses nothing
+    w.load_state_dict(v.state_dict())
+    assert w.deferred == v.deferred
+    for step in (2, 3):  # one more mild flag from w2, then none: not a majority within the window
+        if step == 2:
+            out, ref = shifted[1]
+            assert w.check(out, boundary=1, direction="forward", sender="w2", step=2, reference=ref).tainted
+        w.end_step(step)
+    assert w.ledger.strikes("w1") == 1 and w.ledger.strikes("w2") == 0  # w1's window (steps 1-3) has passed
+    w.end_step(4)
+    assert w.ledger.strikes("w2") == 1 and not w.deferred
+
+    # drift recognised in time forgives what was held: w1, w2, w3 flagged mildly in consecutive steps
+    v = warmed(drift_senders=3, drift_steps=3, drift_defer=True)
+    for step, (out, ref) in enumerate(shifted[:3], start=1):
+        assert v.check(out, boundary=1, direction="forward", sender=f"w{step}", step=step, reference=ref).tainted
+        v.end_step(step)
+    assert v.reanchors == 1 and not v.deferred
+    assert all(v.ledger.strikes(f"w{i}") == 0 for i in (1, 2, 3))
+    v.end_step(5)
+    assert all(v.ledger.strikes(f"w{i}") == 0 for i in (1, 2, 3))
