@@ -66,6 +66,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--drift-agreement", action=argparse.BooleanOptionalAction, default=s.drift_agreement,
                    help="also call it drift when a majority of a stage's flagged tensors agree with one another, "
                         "however far from a stale baseline (README, \"Drift guard\")")
+    g.add_argument("--drift-defer", action=argparse.BooleanOptionalAction, default=s.drift_defer,
+                   help="hold mild flags and strike them only if no drift was recognised at their monitor within "
+                        "the drift window (fewer honest bans in large meshes, slower bans of mild attackers)")
     g.add_argument("--replacement", default=s.replacement, choices=["baseline", "drop"])
     c = p.add_argument_group("checkpoints (with --compare: of the main run only; the comparison runs start over)")
     c.add_argument("--checkpoint", metavar="PATH",
@@ -96,6 +99,7 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
         strikes_per_step=args.strikes_per_step,
         replacement=args.replacement,
         drift_agreement=args.drift_agreement,
+        drift_defer=args.drift_defer,
         seed=args.seed,
     )
     return MeshConfig(

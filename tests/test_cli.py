@@ -53,3 +53,14 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_simulate_passes_the_drift_options_to_the_sentinel_config():
+    from node.cli import build_parser
+    from node.simulate import config_from_args
+
+    def sentinel(*extra):
+        return config_from_args(build_parser().parse_args(["simulate", *extra])).sentinel
+
+    assert not sentinel().drift_defer and sentinel().drift_agreement
+    assert sentinel("--drift-defer").drift_defer and not sentinel("--no-drift-agreement").drift_agreement
