@@ -169,53 +169,50 @@ def summarize(
     std ~1000-fold, far from what a residual stream or its gradient shows. A non-finite ``x`` gives a non-finite
     summary (see ``Summary.finite``).
 
-    Two implementations with the same results (tested against each other): on CPU the arithmetic runs in numpy on
-    zero-copy views, with the reductions as BLAS products against vectors of ones (on a ``[256, 128]`` tensor,
-    ~100 us against ~175 us in torch, whose per-call cost dominates at this size); on a GPU the reductions run on the
-    device and only their few hundred results come to the host, in one copy."""
+    Two implementations with the same results (tested against each other): on CPU the reductions run in numpy on
+    zero-copy views and the two products in torch (on a ``[256, 128]`` tensor ~120 us against ~175 us all in torch,
+    whose per-call cost dominates at this size); on a GPU the reductions run on the device and only their few hundred
+    results come to the host, in one copy."""
     if x.device.type == "cpu":
         return _summarize_host(x, projections, n_quantiles, reference, predictor)
     return _summarize_device(x, projections, n_quantiles, reference, predictor)
 
 
-@functools.lru_cache(maxsize=64)
-def _ones(n: int) -> np.ndarray:
-    ones = np.ones(n, dtype=np.float32)
-    ones.flags.writeable = False  # cached and shared
-    return ones
-
-
-def _host_rows(x: torch.Tensor) -> np.ndarray:
-    """``x`` as a ``[N, D]`` float32 numpy array (a view when it already is one)."""
-    return x.detach().reshape(-1, x.shape[-1]).float().numpy()
+def _host_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a ``[N, D]`` float32 CPU tensor (a view when it already is one)."""
+    return x.detach().reshape(-1, x.shape[-1]).float()
 
 
 def _summarize_host(x, projections, n_quantiles, reference, predictor) -> Summary:
-    xs = _host_rows(x)
+    # the two products run in torch (which honours torch.set_num_threads and keeps products this small on one
+    # thread), the reductions in numpy's own loops: numpy's BLAS would run them on as many threads as the machine
+    # has cores, and beside other busy processes (a mesh benchmark's pool, a node's other roles) that made the
+    # check 3-6x slower
+    xt = _host_rows(x)
+    xs = xt.numpy()
     n_tokens, dim = xs.shape
-    ones = _ones(n_tokens)
     with np.errstate(all="ignore"):  # a non-finite or overflowing x gives inf/nan here: Summary.finite() says so
         squares = xs * xs
-        mean = (ones @ xs) / np.float32(n_tokens)
-        var = (ones @ squares).astype(np.float64) / n_tokens - np.square(mean, dtype=np.float64)
+        mean = np.add.reduce(xs, axis=0) / np.float32(n_tokens)
+        var = np.add.reduce(squares, axis=0).astype(np.float64) / n_tokens - np.square(mean, dtype=np.float64)
         std = np.sqrt(np.maximum(var, 0.0)).astype(np.float32)
-        proj_t = projections.numpy().T @ xs.T  # [K, N]: each projection's values as a contiguous row, for the sort
+        proj_t = torch.mm(projections.T, xt.T).numpy()  # [K, N]: each projection's values as a row, for the sort
         if reference is None:
             return Summary(mean=mean, std=std, quantiles=_sorted_quantiles(proj_t, n_quantiles))
-        rs = _host_rows(reference)
-        ref_mean = (ones @ rs) / np.float32(n_tokens)
-        sq_x = squares @ _ones(dim)
+        rt = _host_rows(reference)
+        rs = rt.numpy()
+        ref_mean = np.add.reduce(rs, axis=0) / np.float32(n_tokens)
+        sq_x = np.add.reduce(squares, axis=1)
         sq_r = np.einsum("ij,ij->i", rs, rs)
         dots = np.einsum("ij,ij->i", xs, rs)
         cosine = float((dots / np.sqrt(np.maximum(sq_x * sq_r, _EPS * _EPS))).sum()) / n_tokens
         gain = math.log((float(sq_x.sum()) + _EPS) / (float(sq_r.sum()) + _EPS)) / 2
         fit = None
         if predictor is not None:
-            m = predictor.numpy()
-            miss = proj_t - m[:-1].T @ rs.T
-            miss -= m[-1][:, None]
+            miss = proj_t - torch.mm(predictor[:-1].T, rt.T).numpy()
+            miss -= predictor[-1].numpy()[:, None]
             centred = proj_t - proj_t.mean(axis=1, keepdims=True)
-            fit = float(np.vdot(miss, miss)) / max(float(np.vdot(centred, centred)), _EPS)
+            fit = float(np.einsum("ij,ij->", miss, miss)) / max(float(np.einsum("ij,ij->", centred, centred)), _EPS)
         return Summary(mean=mean, std=std, quantiles=_sorted_quantiles(proj_t, n_quantiles), cosine=cosine,
                        gain=gain, residual=mean - ref_mean, fit=fit)  # fmt: skip
 
