@@ -169,10 +169,10 @@ def summarize(
     std ~1000-fold, far from what a residual stream or its gradient shows. A non-finite ``x`` gives a non-finite
     summary (see ``Summary.finite``).
 
-    Two implementations with the same results (tested against each other): on CPU the reductions run in numpy on
-    zero-copy views and the two products in torch (on a ``[256, 128]`` tensor ~120 us against ~175 us all in torch,
-    whose per-call cost dominates at this size); on a GPU the reductions run on the device and only their few hundred
-    results come to the host, in one copy."""
+    Two implementations with the same results (tested against each other): on CPU sums and projections are torch
+    products and the rest numpy on zero-copy views (cheaper than all-torch, whose per-call cost dominates at a few
+    hundred tokens); on a GPU the reductions run on the device and only their few hundred results come to the host,
+    in one copy."""
     if x.device.type == "cpu":
         return _summarize_host(x, projections, n_quantiles, reference, predictor)
     return _summarize_device(x, projections, n_quantiles, reference, predictor)
@@ -183,26 +183,32 @@ def _host_rows(x: torch.Tensor) -> torch.Tensor:
     return x.detach().reshape(-1, x.shape[-1]).float()
 
 
+@functools.lru_cache(maxsize=64)
+def _ones(n: int, column: bool) -> torch.Tensor:
+    """A ``[1, n]`` (or ``[n, 1]``) float32 CPU tensor of ones: sums as products, ~2x cheaper than reductions here."""
+    return torch.ones((n, 1) if column else (1, n))
+
+
 def _summarize_host(x, projections, n_quantiles, reference, predictor) -> Summary:
-    # the two products run in torch (which honours torch.set_num_threads and keeps products this small on one
-    # thread), the reductions in numpy's own loops: numpy's BLAS would run them on as many threads as the machine
-    # has cores, and beside other busy processes (a mesh benchmark's pool, a node's other roles) that made the
-    # check 3-6x slower
+    # sums are products against a vector of ones and run, like the projections, in torch (which honours
+    # torch.set_num_threads and keeps products this small on one thread); the rest is numpy on zero-copy views. Not
+    # numpy's BLAS: it runs even these products on every core, and beside other busy processes (a mesh benchmark's
+    # pool, a node's other roles) that made the check 3x slower
     xt = _host_rows(x)
-    xs = xt.numpy()
-    n_tokens, dim = xs.shape
+    n_tokens, dim = xt.shape
+    ones = _ones(n_tokens, False)
+    squares = xt * xt
     with np.errstate(all="ignore"):  # a non-finite or overflowing x gives inf/nan here: Summary.finite() says so
-        squares = xs * xs
-        mean = np.add.reduce(xs, axis=0) / np.float32(n_tokens)
-        var = np.add.reduce(squares, axis=0).astype(np.float64) / n_tokens - np.square(mean, dtype=np.float64)
+        mean = torch.mm(ones, xt).numpy()[0] / np.float32(n_tokens)
+        var = torch.mm(ones, squares).numpy()[0].astype(np.float64) / n_tokens - np.square(mean, dtype=np.float64)
         std = np.sqrt(np.maximum(var, 0.0)).astype(np.float32)
         proj_t = torch.mm(projections.T, xt.T).numpy()  # [K, N]: each projection's values as a row, for the sort
         if reference is None:
             return Summary(mean=mean, std=std, quantiles=_sorted_quantiles(proj_t, n_quantiles))
         rt = _host_rows(reference)
-        rs = rt.numpy()
-        ref_mean = np.add.reduce(rs, axis=0) / np.float32(n_tokens)
-        sq_x = np.add.reduce(squares, axis=1)
+        xs, rs = xt.numpy(), rt.numpy()
+        ref_mean = torch.mm(ones, rt).numpy()[0] / np.float32(n_tokens)
+        sq_x = torch.mm(squares, _ones(dim, True)).numpy()[:, 0]
         sq_r = np.einsum("ij,ij->i", rs, rs)
         dots = np.einsum("ij,ij->i", xs, rs)
         cosine = float((dots / np.sqrt(np.maximum(sq_x * sq_r, _EPS * _EPS))).sum()) / n_tokens
