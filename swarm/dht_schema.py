@@ -18,6 +18,7 @@ hivemind hands to `sign_value` on the writer and to `validate` on every storing 
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import pickle
 import re
 import time
@@ -31,6 +32,7 @@ from hivemind.dht import DHT
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer, get_logger
+from torch import multiprocessing as torch_mp
 
 from swarm.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity
 from swarm.records import (
@@ -45,6 +47,9 @@ from swarm.records import (
     WireRecord,
     parse_record,
 )
+
+# in case hivemind was imported before the swarm package (see swarm/__init__.py): the same choice, made again
+torch_mp.set_sharing_strategy(os.environ.get("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor"))
 
 logger = get_logger(__name__)
 

@@ -338,3 +338,16 @@ def test_a_request_the_dht_process_cannot_receive_does_not_kill_it():
         shutdown(ours)
         if plain is not None and plain.is_alive():
             plain.shutdown()
+
+
+def test_shared_tensors_use_file_descriptors_not_the_shm_manager():
+    """hivemind would switch torch to the "file_system" strategy (a torch_shm_manager daemon over a socket, whose
+    breaking aborts a process from C++); the swarm package keeps torch's Linux default unless told otherwise."""
+    import os
+
+    import torch.multiprocessing as torch_mp
+
+    import swarm.dht_schema  # noqa: F401
+
+    expected = os.environ.get("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
+    assert torch_mp.get_sharing_strategy() == expected
