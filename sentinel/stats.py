@@ -143,12 +143,9 @@ def column_quantiles(proj: torch.Tensor, n_quantiles: int) -> np.ndarray:
     host. On CPU numpy sorts each column as a contiguous row (torch's CPU sort was 15x slower on these shapes, and
     numpy's along the strided axis 0 1.6x slower); on CUDA torch sorts on the device and only ``K * Q`` values
     travel."""
-    positions = quantile_positions(proj.shape[0], n_quantiles)
     if proj.device.type == "cpu":
-        rows = np.ascontiguousarray(proj.numpy().T)
-        rows.sort(axis=1)
-        return rows[:, positions]
-    index = torch.from_numpy(positions).to(proj.device)
+        return _sorted_quantiles(np.ascontiguousarray(proj.numpy().T), n_quantiles)
+    index = torch.from_numpy(quantile_positions(proj.shape[0], n_quantiles)).to(proj.device)
     return proj.sort(dim=0).values.index_select(0, index).T.float().cpu().numpy()
 
 
@@ -201,26 +198,39 @@ def _summarize_host(x, projections, n_quantiles, reference, predictor) -> Summar
     with np.errstate(all="ignore"):  # a non-finite or overflowing x gives inf/nan here: Summary.finite() says so
         mean = torch.mm(ones, xt).numpy()[0] / np.float32(n_tokens)
         var = torch.mm(ones, squares).numpy()[0].astype(np.float64) / n_tokens - np.square(mean, dtype=np.float64)
-        std = np.sqrt(np.maximum(var, 0.0)).astype(np.float32)
         proj_t = torch.mm(projections.T, xt.T).numpy()  # [K, N]: each projection's values as a row, for the sort
         if reference is None:
-            return Summary(mean=mean, std=std, quantiles=_sorted_quantiles(proj_t, n_quantiles))
+            return _assemble(mean, var, _sorted_quantiles(proj_t, n_quantiles))
         rt = _host_rows(reference)
         xs, rs = xt.numpy(), rt.numpy()
         ref_mean = torch.mm(ones, rt).numpy()[0] / np.float32(n_tokens)
         sq_x = torch.mm(squares, _ones(dim, True)).numpy()[:, 0]
         sq_r = np.einsum("ij,ij->i", rs, rs)
         dots = np.einsum("ij,ij->i", xs, rs)
-        cosine = float((dots / np.sqrt(np.maximum(sq_x * sq_r, _EPS * _EPS))).sum()) / n_tokens
-        gain = math.log((float(sq_x.sum()) + _EPS) / (float(sq_r.sum()) + _EPS)) / 2
-        fit = None
+        fit_sums = None
         if predictor is not None:
             miss = proj_t - torch.mm(predictor[:-1].T, rt.T).numpy()
             miss -= predictor[-1].numpy()[:, None]
             centred = proj_t - proj_t.mean(axis=1, keepdims=True)
-            fit = float(np.einsum("ij,ij->", miss, miss)) / max(float(np.einsum("ij,ij->", centred, centred)), _EPS)
-        return Summary(mean=mean, std=std, quantiles=_sorted_quantiles(proj_t, n_quantiles), cosine=cosine,
-                       gain=gain, residual=mean - ref_mean, fit=fit)  # fmt: skip
+            fit_sums = float(np.einsum("ij,ij->", miss, miss)), float(np.einsum("ij,ij->", centred, centred))
+        return _assemble(mean, var, _sorted_quantiles(proj_t, n_quantiles), (ref_mean, sq_x, sq_r, dots, fit_sums))
+
+
+def _assemble(mean: np.ndarray, var: np.ndarray, quantiles: np.ndarray, coupling: tuple | None = None) -> Summary:
+    """The summary from the reductions that both implementations compute: per-feature ``mean`` and one-pass ``var``
+    (float64), the projections' ``quantiles`` and, with a reference, ``coupling`` = (the reference's per-feature
+    mean, per-token squared norms of x and of the reference, per-token dot products, and (missed, total) projected
+    variance under the predictor, or None)."""
+    with np.errstate(all="ignore"):  # a non-finite or overflowing x gives inf/nan here: Summary.finite() says so
+        std = np.sqrt(np.maximum(var, 0.0)).astype(np.float32)
+        if coupling is None:
+            return Summary(mean=mean, std=std, quantiles=quantiles)
+        ref_mean, sq_x, sq_r, dots, fit_sums = coupling
+        cosine = float((dots / np.sqrt(np.maximum(sq_x * sq_r, _EPS * _EPS))).sum()) / dots.shape[0]
+        gain = math.log((float(sq_x.sum()) + _EPS) / (float(sq_r.sum()) + _EPS)) / 2
+        fit = None if fit_sums is None else fit_sums[0] / max(fit_sums[1], _EPS)
+        return Summary(mean=mean, std=std, quantiles=quantiles, cosine=cosine, gain=gain, residual=mean - ref_mean,
+                       fit=fit)  # fmt: skip
 
 
 def _sorted_quantiles(rows: np.ndarray, n_quantiles: int) -> np.ndarray:
@@ -245,22 +255,14 @@ def _summarize_device(x, projections, n_quantiles, reference, predictor) -> Summ
                                       torch.linalg.vecdot(centred.reshape(-1), centred.reshape(-1))]))  # fmt: skip
     quantiles = column_quantiles(proj, n_quantiles)
     host = torch.cat(parts).cpu().numpy()
+    mean = host[:dim]
     with np.errstate(all="ignore"):
-        mean = host[:dim]
         var = host[dim : 2 * dim].astype(np.float64) - np.square(mean, dtype=np.float64)
-        std = np.sqrt(np.maximum(var, 0.0)).astype(np.float32)
-        if reference is None:
-            return Summary(mean=mean, std=std, quantiles=quantiles)
-        ref_mean = host[2 * dim : 3 * dim]
-        sq_x, sq_r, dots = (host[3 * dim + i * n_tokens : 3 * dim + (i + 1) * n_tokens] for i in range(3))
-        cosine = float((dots / np.sqrt(np.maximum(sq_x * sq_r, _EPS * _EPS))).sum()) / n_tokens
-        gain = math.log((float(sq_x.sum()) + _EPS) / (float(sq_r.sum()) + _EPS)) / 2
-        fit = None
-        if predictor is not None:
-            missed, total = host[-2:].tolist()
-            fit = missed / max(total, _EPS)
-        return Summary(mean=mean, std=std, quantiles=quantiles, cosine=cosine, gain=gain, residual=mean - ref_mean,
-                       fit=fit)  # fmt: skip
+    if reference is None:
+        return _assemble(mean, var, quantiles)
+    sq_x, sq_r, dots = (host[3 * dim + i * n_tokens : 3 * dim + (i + 1) * n_tokens] for i in range(3))
+    fit_sums = tuple(host[-2:].tolist()) if predictor is not None else None
+    return _assemble(mean, var, quantiles, (host[2 * dim : 3 * dim], sq_x, sq_r, dots, fit_sums))
 
 
 class LinearPredictor:
@@ -284,6 +286,7 @@ class LinearPredictor:
     def __init__(self, every: int, refit: int, decay: float, tokens: int, ridge: float):
         self.every, self.refit, self.decay, self.tokens, self.ridge = every, refit, decay, tokens, ridge
         self.moments: torch.Tensor | None = None  # [D + 1 + K] ** 2 float64 CPU, decayed mean of A^T A / rows
+        self._split = 0  # D + 1: where the reference's block of ``moments`` ends
         self.offered = 0  # accepted tensors offered to ``update``
         self.weights: torch.Tensor | None = None  # [D + 1, K] float64 CPU, the solved M
         self.expected: float | None = None  # the unexplained fraction M leaves of the traffic it was fitted on
@@ -307,8 +310,6 @@ class LinearPredictor:
     def second(self) -> torch.Tensor | None:
         """``(x P)^T (x P) / rows`` (decayed), ``[K, K]``."""
         return None if self.moments is None else self.moments[self._split :, self._split :]
-
-    _split = 0  # D + 1, set with the moments
 
     def matrix(self, device: torch.device) -> torch.Tensor | None:
         """``M`` on ``device`` (None until the first solve)."""
