@@ -34,7 +34,8 @@ from sentinel.validator import Validator  # noqa: E402
 from swarm.model import build_pipeline, resolve_config  # noqa: E402
 
 
-def measure(preset: str, stages: int, batch_size: int, repeats: int, stream: int, device: torch.device) -> dict:
+def measure(preset: str, stages: int, batch_size: int, repeats: int, stream: int, device: torch.device,
+            check_device: torch.device | None = None) -> dict:
     cfg = resolve_config(preset, stages)
     emb, stage_list, _ = build_pipeline(cfg, stages, seed=0)
     emb, stage = emb.to(device), stage_list[stages // 2].to(device)
@@ -53,9 +54,13 @@ def measure(preset: str, stages: int, batch_size: int, repeats: int, stream: int
         torch.autograd.backward(out, grad_outs[i])
         return inp.detach(), out.detach(), inp.grad
 
+    on = check_device or device
+
     def check(i: int, inp, out, g_in, step: int, warmup: bool = False):
+        # on another device (a CPU validator beside a GPU stage) the copies count as part of the check
+        inp, out, g_in, g_out = (t.to(on) for t in (inp, out, g_in, grad_outs[i]))
         validator.check(out, boundary=1, direction="forward", sender="w", step=step, reference=inp, warmup=warmup)
-        validator.check(g_in, boundary=0, direction="backward", sender="w", step=step, reference=grad_outs[i],
+        validator.check(g_in, boundary=0, direction="backward", sender="w", step=step, reference=g_out,
                         warmup=warmup)  # fmt: skip
 
     def sync():
@@ -101,13 +106,19 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--stream", type=int, default=8, help="micro-batches per block of back-to-back checks")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--check-device", default=None,
+                   help="where the validator checks (default: --device); cpu with --device cuda times a CPU validator "
+                        "beside a GPU stage, the copies included")  # fmt: skip
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     presets = args.presets.split(",")
-    rows = [measure(pr, args.stages, args.batch_size, args.repeats, args.stream, device) for pr in presets]
-    print(f"device={device} threads={args.threads} stages={args.stages} batch={args.batch_size}\n")
+    check_device = torch.device(args.check_device) if args.check_device else device
+    rows = [measure(pr, args.stages, args.batch_size, args.repeats, args.stream, device, check_device)
+            for pr in presets]  # fmt: skip
+    print(f"device={device} check_device={check_device} threads={args.threads} stages={args.stages} "
+          f"batch={args.batch_size}\n")
     print("| preset | d_model | blocks/stage | tokens | stage fwd+bwd ms | check ms per tensor (stream) | ratio "
           "| check ms interleaved | ratio interleaved | s per MiB (stream) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
