@@ -145,8 +145,19 @@ def column_quantiles(proj: torch.Tensor, n_quantiles: int) -> np.ndarray:
     travel."""
     if proj.device.type == "cpu":
         return _sorted_quantiles(np.ascontiguousarray(proj.numpy().T), n_quantiles)
-    index = torch.from_numpy(quantile_positions(proj.shape[0], n_quantiles)).to(proj.device)
-    return proj.sort(dim=0).values.index_select(0, index).T.float().cpu().numpy()
+    return _device_quantiles(proj, n_quantiles).cpu().numpy()
+
+
+@functools.lru_cache(maxsize=64)
+def _device_positions(n_tokens: int, n_quantiles: int, device: torch.device) -> torch.Tensor:
+    """``quantile_positions`` on ``device``, copied there once."""
+    return torch.tensor(quantile_positions(n_tokens, n_quantiles), device=device)
+
+
+def _device_quantiles(proj: torch.Tensor, n_quantiles: int) -> torch.Tensor:
+    """``[K, Q]`` float32 on ``proj``'s device: ``column_quantiles`` without the copy to the host."""
+    index = _device_positions(proj.shape[0], n_quantiles, proj.device)
+    return proj.sort(dim=0).values.index_select(0, index).T.float()
 
 
 def summarize(
@@ -253,8 +264,10 @@ def _summarize_device(x, projections, n_quantiles, reference, predictor) -> Summ
             centred = proj - proj.mean(dim=0)
             parts.append(torch.stack([torch.linalg.vecdot(miss.reshape(-1), miss.reshape(-1)),
                                       torch.linalg.vecdot(centred.reshape(-1), centred.reshape(-1))]))  # fmt: skip
-    quantiles = column_quantiles(proj, n_quantiles)
-    host = torch.cat(parts).cpu().numpy()
+    k = projections.shape[1]
+    parts.append(_device_quantiles(proj, n_quantiles).reshape(-1))
+    host = torch.cat(parts).cpu().numpy()  # the one copy to the host, and the one wait for the device
+    quantiles, host = host[-k * n_quantiles :].reshape(k, n_quantiles), host[: -k * n_quantiles]
     mean = host[:dim]
     with np.errstate(all="ignore"):
         var = host[dim : 2 * dim].astype(np.float64) - np.square(mean, dtype=np.float64)
