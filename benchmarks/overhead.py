@@ -35,7 +35,7 @@ from swarm.model import build_pipeline, resolve_config  # noqa: E402
 
 
 def measure(preset: str, stages: int, batch_size: int, repeats: int, stream: int, device: torch.device,
-            check_device: torch.device | None = None) -> dict:
+            check_device: torch.device | None = None, profile: int = 0) -> dict:
     cfg = resolve_config(preset, stages)
     emb, stage_list, _ = build_pipeline(cfg, stages, seed=0)
     emb, stage = emb.to(device), stage_list[stages // 2].to(device)
@@ -91,6 +91,21 @@ def measure(preset: str, stages: int, batch_size: int, repeats: int, stream: int
         stream_t.append((t2 - t1) / (2 * stream))
         cold_t.append((t4 - t3) / 2)
     s, c, cold = statistics.median(stage_t), statistics.median(stream_t), statistics.median(cold_t)
+    if profile:  # where a check's time goes: torch's profiler over ``profile`` streams of checks
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        results = [stage_step(i) for i in range(stream)]
+        sync()
+        with torch_profile(activities=activities) as prof:
+            for r in range(profile):
+                for i, res in enumerate(results):
+                    check(i, *res, step=1000 + r)
+            sync()
+        n = 2 * stream * profile
+        print(f"\n{preset}: profile of {n} checks (times are totals over them)")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=48))
     out = results[0][1]
     mib = out.numel() * out.element_size() / 2**20
     return {"preset": preset, "blocks": stage.end - stage.start, "tokens": batch_size * cfg.seq_len,
@@ -110,12 +125,14 @@ def main() -> None:
                    help="where the validator checks (default: --device); cpu with --device cuda times a CPU validator "
                         "beside a GPU stage, the copies included")  # fmt: skip
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also print torch's profile of N streams of checks per preset")  # fmt: skip
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     presets = args.presets.split(",")
     check_device = torch.device(args.check_device) if args.check_device else device
-    rows = [measure(pr, args.stages, args.batch_size, args.repeats, args.stream, device, check_device)
+    rows = [measure(pr, args.stages, args.batch_size, args.repeats, args.stream, device, check_device, args.profile)
             for pr in presets]  # fmt: skip
     print(f"device={device} check_device={check_device} threads={args.threads} stages={args.stages} "
           f"batch={args.batch_size}\n")
