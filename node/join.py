@@ -53,7 +53,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--manifest-timeout", type=float, default=60.0, help="seconds to wait for the manifest")
     p.add_argument("--seed", type=int, default=0, help="model init seed (the same on every node of the run)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (gpu-stage)")
+    p.add_argument("--device", default="auto",
+                   help="gpu-stage: auto (CUDA when present, else the CPU), cpu, cuda, cuda:1, ...")  # fmt: skip
     p.add_argument("--stats", metavar="PATH", default=None, help="write the role's counters (JSON) here")
     p.add_argument("--progress-every", type=float, default=10.0, help="seconds between status lines (stage)")
     add_network_args(p, port=0)
@@ -107,6 +108,13 @@ def _check_args(args) -> None:
         raise CommandError("--average-every and --average-clip must be >= 0 and --average-timeout > 2 seconds")
     if args.role == "trainer" and min(args.steps, args.microbatches, args.batch_size, args.max_inflight) < 1:
         raise CommandError("--steps, --microbatches, --batch-size and --max-inflight must be >= 1")
+    if args.role == "gpu-stage":
+        from swarm.model import resolve_device
+
+        try:
+            resolve_device(args.device)
+        except ValueError as e:
+            raise CommandError(f"--device: {e}") from None
     if args.attack:
         from sentinel.attacks import make_attack, parse_params
 

@@ -43,7 +43,7 @@ from sentinel.config import SentinelConfig
 from sentinel.metrics import precision_recall_f1, taint_scores, time_to_ban
 from sentinel.validator import Validator
 from swarm.data import BatchSampler, Corpus, load_corpus, validation_batches
-from swarm.model import ModelConfig, build_pipeline, resolve_config
+from swarm.model import ModelConfig, build_pipeline, resolve_config, resolve_device
 
 TAINT_SCOPES = ("microbatch", "tensor")
 CHECKPOINT_FORMAT = "sentinel-mesh-checkpoint"
@@ -144,12 +144,6 @@ def choose_malicious(stages: int, replicas: int, fraction: float, seed: int) -> 
         for r in sorted(rng.choice(replicas, size=count, replace=False).tolist()):
             chosen.append(worker_id(s + 1, r))
     return chosen
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @dataclass

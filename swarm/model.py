@@ -34,6 +34,7 @@ __all__ = [
     "ModelConfig",
     "PRESETS",
     "resolve_config",
+    "resolve_device",
     "split_layers",
     "RMSNorm",
     "Attention",
@@ -110,6 +111,23 @@ PRESETS: dict[str, ModelConfig] = {
     "base": ModelConfig(d_model=512, n_layers=16, n_heads=8, d_ff=1376, seq_len=256),
     "large": ModelConfig(d_model=1024, n_layers=24, n_heads=16, d_ff=2752, seq_len=512),
 }
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``auto``: CUDA when present, else the CPU; else ``name`` as a torch device. ``ValueError`` for a name torch
+    does not know, or for a CUDA device this machine does not have (rather than an error at the first ``.to``)."""
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {str(name)!r}: use auto, cpu, cuda or cuda:N ({e})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(name)!r}: CUDA is not available on this machine (try --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(name)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def resolve_config(preset: str, n_stages: int, **overrides) -> ModelConfig:

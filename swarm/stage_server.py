@@ -59,7 +59,7 @@ from sentinel.attacks import MaliciousBehaviour
 from sentinel.stats import all_finite
 from swarm.dht_schema import fetch_banned, fetch_stages, publish_stage
 from swarm.identity import Identity
-from swarm.model import ModelConfig, Stage, resolve_config
+from swarm.model import ModelConfig, Stage, resolve_config, resolve_device
 from swarm.protocol import (
     BadRequest,
     Busy,
@@ -123,7 +123,7 @@ class StageServerConfig:
     grad_clip: float = 1.0
     accumulate: int = 8  # backward calls per optimizer step
     max_batch: int = 64
-    device: str = "cpu"
+    device: str = "cpu"  # or "auto" (CUDA when present), "cuda", "cuda:1", ...; `join` defaults to "auto"
     compression: int = runtime_pb2.CompressionType.NONE
     announce_period: float = 10.0  # seconds; the record expires after 2 periods
     replay_window: int = 4096  # (step, micro-batch) pairs remembered to refuse a replayed backward
@@ -168,7 +168,7 @@ class StageServer(ServicerBase):
         self.identity = identity
         self.attack = attack
         self.model_config = manifest_model_config(manifest)
-        self.device = torch.device(config.device)
+        self.device = resolve_device(config.device)
         start, end = manifest.layer_spans[config.stage - 1]
         self.span = (start, end)
         self.module = Stage(self.model_config, start, end, seed=config.seed).to(self.device)

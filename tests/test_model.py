@@ -18,6 +18,7 @@ from swarm.model import (
     build_pipeline,
     count_parameters,
     resolve_config,
+    resolve_device,
     split_layers,
 )
 
@@ -306,6 +307,18 @@ def test_training_lowers_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_resolve_device():
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown device 'tpu9'"):
+        resolve_device("tpu9")
+    with pytest.raises(ValueError, match="cuda:99"):  # no CUDA here, or fewer than 100 devices
+        resolve_device("cuda:99")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
