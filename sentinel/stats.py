@@ -138,16 +138,6 @@ def all_finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x).all())
 
 
-def column_quantiles(proj: torch.Tensor, n_quantiles: int) -> np.ndarray:
-    """``[K, Q]``: for each column of ``proj`` (``[N, K]``), its values at ``quantile_positions`` once sorted, on the
-    host. On CPU numpy sorts each column as a contiguous row (torch's CPU sort was 15x slower on these shapes, and
-    numpy's along the strided axis 0 1.6x slower); on CUDA torch sorts on the device and only ``K * Q`` values
-    travel."""
-    if proj.device.type == "cpu":
-        return _sorted_quantiles(np.ascontiguousarray(proj.numpy().T), n_quantiles)
-    return _device_quantiles(proj, n_quantiles).cpu().numpy()
-
-
 @functools.lru_cache(maxsize=64)
 def _device_positions(n_tokens: int, n_quantiles: int, device: torch.device) -> torch.Tensor:
     """``quantile_positions`` on ``device``, copied there once."""
@@ -155,7 +145,8 @@ def _device_positions(n_tokens: int, n_quantiles: int, device: torch.device) -> 
 
 
 def _device_quantiles(proj: torch.Tensor, n_quantiles: int) -> torch.Tensor:
-    """``[K, Q]`` float32 on ``proj``'s device: ``column_quantiles`` without the copy to the host."""
+    """``[K, Q]`` float32 on ``proj``'s device: each column of ``proj`` (``[N, K]``) at ``quantile_positions`` once
+    sorted (torch sorts on the device; only ``K * Q`` values travel)."""
     index = _device_positions(proj.shape[0], n_quantiles, proj.device)
     return proj.sort(dim=0).values.index_select(0, index).T.float()
 
@@ -186,8 +177,8 @@ def summarize(
     return _summarize_device(x, projections, n_quantiles, reference, predictor)
 
 
-def _host_rows(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as a ``[N, D]`` float32 CPU tensor (a view when it already is one)."""
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a ``[N, D]`` float32 tensor on its device (a view when it already is one)."""
     return x.detach().reshape(-1, x.shape[-1]).float()
 
 
@@ -202,17 +193,17 @@ def _summarize_host(x, projections, n_quantiles, reference, predictor) -> Summar
     # torch.set_num_threads and keeps products this small on one thread); the rest is numpy on zero-copy views. Not
     # numpy's BLAS: it runs even these products on every core, and beside other busy processes (a mesh benchmark's
     # pool, a node's other roles) that made the check 3x slower
-    xt = _host_rows(x)
+    xt = _rows(x)
     n_tokens, dim = xt.shape
     ones = _ones(n_tokens, False)
     squares = xt * xt
     with np.errstate(all="ignore"):  # a non-finite or overflowing x gives inf/nan here: Summary.finite() says so
         mean = torch.mm(ones, xt).numpy()[0] / np.float32(n_tokens)
-        var = torch.mm(ones, squares).numpy()[0].astype(np.float64) / n_tokens - np.square(mean, dtype=np.float64)
+        sq_mean = torch.mm(ones, squares).numpy()[0].astype(np.float64) / n_tokens
         proj_t = torch.mm(projections.T, xt.T).numpy()  # [K, N]: each projection's values as a row, for the sort
         if reference is None:
-            return _assemble(mean, var, _sorted_quantiles(proj_t, n_quantiles))
-        rt = _host_rows(reference)
+            return _assemble(mean, sq_mean, _sorted_quantiles(proj_t, n_quantiles))
+        rt = _rows(reference)
         xs, rs = xt.numpy(), rt.numpy()
         ref_mean = torch.mm(ones, rt).numpy()[0] / np.float32(n_tokens)
         sq_x = torch.mm(squares, _ones(dim, True)).numpy()[:, 0]
@@ -224,15 +215,16 @@ def _summarize_host(x, projections, n_quantiles, reference, predictor) -> Summar
             miss -= predictor[-1].numpy()[:, None]
             centred = proj_t - proj_t.mean(axis=1, keepdims=True)
             fit_sums = float(np.einsum("ij,ij->", miss, miss)), float(np.einsum("ij,ij->", centred, centred))
-        return _assemble(mean, var, _sorted_quantiles(proj_t, n_quantiles), (ref_mean, sq_x, sq_r, dots, fit_sums))
+        return _assemble(mean, sq_mean, _sorted_quantiles(proj_t, n_quantiles), (ref_mean, sq_x, sq_r, dots, fit_sums))
 
 
-def _assemble(mean: np.ndarray, var: np.ndarray, quantiles: np.ndarray, coupling: tuple | None = None) -> Summary:
-    """The summary from the reductions that both implementations compute: per-feature ``mean`` and one-pass ``var``
-    (float64), the projections' ``quantiles`` and, with a reference, ``coupling`` = (the reference's per-feature
-    mean, per-token squared norms of x and of the reference, per-token dot products, and (missed, total) projected
-    variance under the predictor, or None)."""
+def _assemble(mean: np.ndarray, sq_mean: np.ndarray, quantiles: np.ndarray, coupling: tuple | None = None) -> Summary:
+    """The summary from the reductions that both implementations compute: per-feature ``mean`` and mean square
+    (``sq_mean``, float64: the variance is one-pass), the projections' ``quantiles`` and, with a reference,
+    ``coupling`` = (the reference's per-feature mean, per-token squared norms of x and of the reference, per-token dot
+    products, and (missed, total) projected variance under the predictor, or None)."""
     with np.errstate(all="ignore"):  # a non-finite or overflowing x gives inf/nan here: Summary.finite() says so
+        var = sq_mean - np.square(mean, dtype=np.float64)
         std = np.sqrt(np.maximum(var, 0.0)).astype(np.float32)
         if coupling is None:
             return Summary(mean=mean, std=std, quantiles=quantiles)
@@ -251,13 +243,13 @@ def _sorted_quantiles(rows: np.ndarray, n_quantiles: int) -> np.ndarray:
 
 
 def _summarize_device(x, projections, n_quantiles, reference, predictor) -> Summary:
-    flat = x.detach().reshape(-1, x.shape[-1]).float()
+    flat = _rows(x)
     n_tokens, dim = flat.shape
     squares = flat * flat
     parts = [flat.mean(dim=0), squares.mean(dim=0)]
     proj = flat @ projections.to(flat.device)
     if reference is not None:
-        ref = reference.detach().reshape(-1, dim).float()
+        ref = _rows(reference)
         parts += [ref.mean(dim=0), squares.sum(dim=1), torch.linalg.vecdot(ref, ref), torch.linalg.vecdot(flat, ref)]
         if predictor is not None:
             miss = proj - torch.addmm(predictor[-1], ref, predictor[:-1])
@@ -268,14 +260,17 @@ def _summarize_device(x, projections, n_quantiles, reference, predictor) -> Summ
     parts.append(_device_quantiles(proj, n_quantiles).reshape(-1))
     host = torch.cat(parts).cpu().numpy()  # the one copy to the host, and the one wait for the device
     quantiles, host = host[-k * n_quantiles :].reshape(k, n_quantiles), host[: -k * n_quantiles]
-    mean = host[:dim]
-    with np.errstate(all="ignore"):
-        var = host[dim : 2 * dim].astype(np.float64) - np.square(mean, dtype=np.float64)
+    mean, sq_mean = host[:dim], host[dim : 2 * dim].astype(np.float64)
     if reference is None:
-        return _assemble(mean, var, quantiles)
+        return _assemble(mean, sq_mean, quantiles)
     sq_x, sq_r, dots = (host[3 * dim + i * n_tokens : 3 * dim + (i + 1) * n_tokens] for i in range(3))
     fit_sums = tuple(host[-2:].tolist()) if predictor is not None else None
-    return _assemble(mean, var, quantiles, (host[2 * dim : 3 * dim], sq_x, sq_r, dots, fit_sums))
+    return _assemble(mean, sq_mean, quantiles, (host[2 * dim : 3 * dim], sq_x, sq_r, dots, fit_sums))
+
+
+def _joint(gram: torch.Tensor, cross: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """The moment matrix ``[[G, C], [C^T, S]]`` of ``[X, y]`` from its blocks (``LinearPredictor``'s older format)."""
+    return torch.cat([torch.cat([gram, cross], dim=1), torch.cat([cross.T, second], dim=1)])
 
 
 class LinearPredictor:
@@ -413,16 +408,9 @@ class LinearPredictor:
             self._sums = None if d.get("sums") is None else d["sums"].clone()  # moved to the data's device on use
         else:
             self._split = 0 if d["gram"] is None else d["gram"].shape[0]
-            self.moments = None
-            if d["gram"] is not None and d.get("second") is not None:
-                top = torch.cat([d["gram"], d["cross"]], dim=1)
-                bottom = torch.cat([d["cross"].T, d["second"]], dim=1)
-                self.moments = torch.cat([top, bottom]).double().cpu()
-            sums = d.get("sums")
-            self._sums = None
-            if sums is not None:
-                gram, cross, second = sums
-                self._sums = torch.cat([torch.cat([gram, cross], 1), torch.cat([cross.T, second], 1)])
+            has_moments = d["gram"] is not None and d.get("second") is not None
+            self.moments = _joint(d["gram"], d["cross"], d["second"]).double().cpu() if has_moments else None
+            self._sums = None if d.get("sums") is None else _joint(*d["sums"])
         self.expected, self.solves = d.get("expected"), int(d.get("solves", 0))
         self.offered = int(d["offered"])
         self._rows, self._pending, self._device_weights = int(d.get("rows", 0)), int(d.get("pending", 0)), None
