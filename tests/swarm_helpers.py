@@ -9,10 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-from swarm.data import Corpus
+from swarm.data import BatchSampler, Corpus
 from swarm.identity import Identity
 from swarm.local import LocalSwarm as _LocalSwarm
 from swarm.local import local_manifest, start_local_dht
+from swarm.model import build_pipeline
+from swarm.stage_server import manifest_model_config
 
 RUN = "resilience-test"
 SEED = 5
@@ -27,6 +29,20 @@ def make_manifest(n_stages: int):
 class LocalSwarm(_LocalSwarm):
     def __init__(self, replicas, **kwargs):
         super().__init__(replicas, run_id=RUN, seed=SEED, corpus=CORPUS, **kwargs)
+
+
+def local_reference(swarm: LocalSwarm):
+    """Loss and gradients of the trainer's first micro-batch, computed in one process on the CPU (the trainer
+    backpropagates ``loss / microbatches``): (loss, embedding, stages)."""
+    cfg = manifest_model_config(swarm.manifest)
+    emb, stages, head = build_pipeline(cfg, swarm.manifest.n_stages, SEED)
+    x, y = BatchSampler(CORPUS.train, swarm.trainer_config.batch_size, cfg.seq_len, SEED).sample()
+    h = emb(x)
+    for stage in stages:
+        h = stage(h)
+    loss = head(h, y)
+    (loss / swarm.trainer_config.microbatches).backward()
+    return float(loss), emb, stages
 
 
 def run_swarm(swarm: LocalSwarm, body) -> None:

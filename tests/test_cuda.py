@@ -1,6 +1,6 @@
-"""The CUDA paths against the CPU ones: the check's summary, a validator's verdicts, the mesh, a mesh checkpoint,
-and a stage server serving from the GPU. Skipped without CUDA (CI has none); run on a GPU machine with
-``pytest tests/test_cuda.py``."""
+"""The CUDA paths against the CPU ones: a validator's verdicts, the mesh, a mesh checkpoint, and stage servers
+serving from the GPU (the check's summary: tests/test_stats.py). Skipped without CUDA (CI has none); run on a GPU
+machine with ``pytest tests/test_cuda.py tests/test_stats.py``."""
 
 import copy
 import os
@@ -8,12 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from sentinel.config import SentinelConfig
-from sentinel.stats import _summarize_device, _summarize_host, make_projections
 from sentinel.validator import Validator
 from swarm.data import load_corpus
 from swarm.mesh import Mesh, MeshConfig
@@ -38,30 +36,6 @@ def _stream(n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 @pytest.fixture(scope="module")
 def corpus():
     return load_corpus(max_bytes=2 * 2**20)
-
-
-def test_cuda_summary_matches_the_host_summary():
-    g = torch.Generator().manual_seed(0)
-    proj = make_projections(D, 16, 3)
-    ref = torch.randn(3, 50, D, generator=g)
-    x = ref + 0.3 * torch.randn(ref.shape, generator=g)
-    m = 0.1 * torch.randn(D + 1, 16, generator=g)
-    for args in ((None, None), (ref, None), (ref, m)):
-        host = _summarize_host(x, proj, 16, *args)
-        dev_args = tuple(None if a is None else a.cuda() for a in args)
-        dev = _summarize_device(x.cuda(), proj.cuda(), 16, *dev_args)
-        for name in ("mean", "std", "quantiles", "residual"):
-            a, b = getattr(host, name), getattr(dev, name)
-            assert (a is None) == (b is None), name
-            if a is not None:
-                assert isinstance(b, np.ndarray) and a.shape == b.shape, name
-                assert np.allclose(a, b, rtol=1e-4, atol=1e-5), name
-        for name in ("cosine", "gain", "fit"):
-            a, b = getattr(host, name), getattr(dev, name)
-            assert a == (None if b is None else pytest.approx(b, rel=1e-4, abs=1e-6)), name
-    poisoned = x.clone()
-    poisoned[1, 5, 3] = float("nan")
-    assert not _summarize_device(poisoned.cuda(), proj.cuda(), 16, ref.cuda(), m.cuda()).finite()
 
 
 def test_validator_gives_the_same_verdicts_on_cuda_and_cpu():
@@ -126,10 +100,8 @@ def test_mesh_checkpoint_on_cuda_resumes(corpus, tmp_path):
 
 
 def _stage_servers_match_local(device: str) -> None:
-    from swarm_helpers import CORPUS, SEED, LocalSwarm
+    from swarm_helpers import SEED, LocalSwarm, local_reference
 
-    from swarm.data import BatchSampler
-    from swarm.model import build_pipeline
     from swarm.trainer import TrainerConfig
 
     config = TrainerConfig(seed=SEED, batch_size=2)
@@ -139,12 +111,8 @@ def _stage_servers_match_local(device: str) -> None:
         stages = [s.servers[(k, 0)] for k in (1, 2)]
         assert all(st.device.type == device for st in stages)
         loss = await s.trainer.microbatch(step=0, mb=0)
-        cfg = stages[0].model_config
-        emb, local, head = build_pipeline(cfg, 2, SEED)
-        x, y = BatchSampler(CORPUS.train, 2, cfg.seq_len, SEED).sample()
-        local_loss = head(local[1](local[0](emb(x))), y)
-        local_loss.backward()
-        assert loss == pytest.approx(float(local_loss), rel=1e-4)
+        local_loss, _, local = local_reference(s)
+        assert loss == pytest.approx(local_loss, rel=1e-4)
         for server, module in zip(stages, local):
             assert server.backward_calls == 1
             for p, q in zip(server.module.parameters(), module.parameters()):

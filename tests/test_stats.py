@@ -132,17 +132,25 @@ def test_linear_predictor_state_round_trip(proj):
     assert torch.equal(a.weights, b.weights) and a.offered == b.offered == 20
 
 
-def test_host_and_device_summaries_agree(proj):
-    """``summarize`` runs in numpy on CPU and in torch on a GPU: both implementations (run here on CPU) give the
-    same statistics, and both make a non-finite tensor's summary non-finite."""
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))
+
+
+@pytest.mark.parametrize("where", ["cpu", CUDA])
+def test_host_and_device_summaries_agree(proj, where):
+    """``summarize`` runs in numpy on CPU and in torch on a GPU: both implementations (the torch one on CPU, and on
+    CUDA where there is one) give the same statistics, and both make a non-finite tensor's summary non-finite."""
     from sentinel.stats import _summarize_device, _summarize_host
+
+    def on_device(x, projections, n_quantiles, *args):
+        moved = (None if a is None else a.to(where) for a in args)
+        return _summarize_device(x.to(where), projections.to(where), n_quantiles, *moved)
 
     g = torch.Generator().manual_seed(6)
     ref = _honest(7, 300).reshape(3, 100, D)
     x = ref + 0.3 * torch.randn(ref.shape, generator=g)
     m = 0.1 * torch.randn(D + 1, proj.shape[1], generator=g)
     for args in ((None, None), (ref, None), (ref, m)):
-        host, device = _summarize_host(x, proj, 16, *args), _summarize_device(x, proj, 16, *args)
+        host, device = _summarize_host(x, proj, 16, *args), on_device(x, proj, 16, *args)
         for name in ("mean", "std", "quantiles", "residual"):
             a, b = getattr(host, name), getattr(device, name)
             assert (a is None) == (b is None), name
@@ -155,7 +163,7 @@ def test_host_and_device_summaries_agree(proj):
             assert a == (None if b is None else pytest.approx(b, rel=1e-4, abs=1e-6)), name
     poisoned = x.clone()
     poisoned[1, 5, 3] = float("nan")
-    for impl in (_summarize_host, _summarize_device):
+    for impl in (_summarize_host, on_device):
         assert not impl(poisoned, proj, 16, ref, m).finite()
         assert impl(x, proj, 16, ref, m).finite()
     half = x.half()  # a half-precision tensor is summarised in float32

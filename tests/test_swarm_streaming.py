@@ -10,12 +10,10 @@ import pytest
 import torch
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
-from swarm_helpers import CORPUS, SEED, LocalSwarm
+from swarm_helpers import SEED, LocalSwarm, local_reference
 
 from swarm import local, protocol
-from swarm.data import BatchSampler
 from swarm.identity import Identity
-from swarm.model import build_pipeline
 from swarm.protocol import (
     BadRequest,
     TensorSpec,
@@ -31,7 +29,7 @@ from swarm.protocol import (
     unpack_meta,
 )
 from swarm.records import Direction, ForgedVerdict, Verdict, sign_verdict, tensor_digest
-from swarm.stage_server import StageServer, manifest_model_config, rpc_namespace
+from swarm.stage_server import StageServer, rpc_namespace
 from swarm.trainer import TrainerConfig
 from swarm.validator_service import ValidatorService, ValidatorServiceConfig
 
@@ -146,25 +144,11 @@ def test_call_auto_streams_when_request_or_reply_exceeds_the_unary_limit(monkeyp
     assert used[-1] == "stream" and torch.equal(out, protocol.as_received(half, FP16))
 
 
-def _local_reference(swarm):
-    """Loss and gradients of the trainer's first micro-batch, computed in one process (the trainer backpropagates
-    ``loss / microbatches``)."""
-    cfg = manifest_model_config(swarm.manifest)
-    emb, stages, head = build_pipeline(cfg, swarm.manifest.n_stages, SEED)
-    x, y = BatchSampler(CORPUS.train, swarm.trainer_config.batch_size, cfg.seq_len, SEED).sample()
-    h = emb(x)
-    for stage in stages:
-        h = stage(h)
-    loss = head(h, y)
-    (loss / swarm.trainer_config.microbatches).backward()
-    return float(loss), emb, stages
-
-
 async def _assert_microbatch_matches_local(swarm, servers, *, loss_tol: float) -> None:
     """One micro-batch through the swarm gives the local model's loss and the same gradients everywhere."""
     trainer = swarm.trainer
     loss = await trainer.microbatch(step=0, mb=0)
-    local_loss, emb, local_stages = _local_reference(swarm)
+    local_loss, emb, local_stages = local_reference(swarm)
     assert loss == pytest.approx(local_loss, abs=loss_tol)
     torch.testing.assert_close(trainer.embedding.tok.weight.grad, emb.tok.weight.grad)
     for server, local_stage in zip(servers, local_stages):
