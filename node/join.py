@@ -63,14 +63,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--checkpoint-dir", default=None, help="load/save this node's state here (every role)")
     g.add_argument("--accumulate", type=int, default=8, help="backward calls per optimizer step")
     g.add_argument("--average-every", type=int, default=4, metavar="N",
-                   help="average parameters with the stage's other replicas every N optimizer steps (hivemind "
-                        "DecentralizedAverager; skipped while the stage has no other replica; 0: never)")
+                   help="average parameters with the stage's other replicas every N optimizer steps (a robust pull "
+                        "average: each replica fetches its peers' parameters and clips each peer's pull; skipped "
+                        "while the stage has no other replica; 0: never)")  # fmt: skip
     g.add_argument("--average-timeout", type=float, default=30.0,
                    help="seconds an averaging round may take before it is abandoned (training goes on)")
+    g.add_argument("--average-peers", type=int, default=8, metavar="N",
+                   help="hear at most N other replicas, chosen at random, per round")
     g.add_argument("--average-clip", type=float, default=3.0, metavar="X",
-                   help="clip a round's change to each parameter tensor to X times what the optimizer steps since "
-                        "this replica's previous round could move it by (X * lr * sqrt(size) * steps): bounds what a "
-                        "poisoned contribution does per round (0: no clipping)")  # fmt: skip
+                   help="clip each peer's difference from this replica, per parameter tensor, to X times what the "
+                        "optimizer steps since this replica's previous round could move it by "
+                        "(X * lr * sqrt(size) * steps; 0: no such bound)")  # fmt: skip
+    g.add_argument("--average-spread", type=float, default=2.0, metavar="X",
+                   help="with two or more peers, also to X times the lower median of the peers' distances, an honest "
+                        "replica's under an honest majority (0: no such bound)")  # fmt: skip
     g.add_argument("--attack", default=None, metavar="NAME",
                    help="RED-TEAM OPTION FOR TESTING ONLY: corrupt what this stage sends with a group-A attack "
                         "(A1..A10, a name such as zeros, or module:function). Never use it in a real swarm: the "
@@ -104,8 +110,12 @@ def _check_args(args) -> None:
         raise CommandError("--role gpu-stage needs --stage K (1..S)")
     if args.role != "gpu-stage" and (args.stage is not None or args.attack):
         raise CommandError("--stage and --attack are gpu-stage options")
-    if args.role == "gpu-stage" and (args.average_every < 0 or args.average_timeout <= 2.0 or args.average_clip < 0):
-        raise CommandError("--average-every and --average-clip must be >= 0 and --average-timeout > 2 seconds")
+    if args.role == "gpu-stage" and (min(args.average_every, args.average_clip, args.average_spread) < 0
+                                     or args.average_timeout <= 2.0):  # fmt: skip
+        raise CommandError("--average-every, --average-clip and --average-spread must be >= 0 and --average-timeout "
+                           "> 2 seconds")  # fmt: skip
+    if args.role == "gpu-stage" and args.average_peers < 1:
+        raise CommandError("--average-peers must be >= 1")
     if args.role == "trainer" and min(args.steps, args.microbatches, args.batch_size, args.max_inflight) < 1:
         raise CommandError("--steps, --microbatches, --batch-size and --max-inflight must be >= 1")
     if args.role == "gpu-stage":
@@ -187,6 +197,7 @@ async def _stage(args, dht, manifest, identity, stop: StopFlag) -> int:
     config = StageServerConfig(
         stage=args.stage, seed=args.seed, accumulate=args.accumulate, device=args.device,
         average_every=args.average_every, average_timeout=args.average_timeout, average_clip=args.average_clip,
+        average_spread=args.average_spread, average_peers=args.average_peers,
         lr=args.lr,
     )  # fmt: skip
     server = StageServer(config, manifest, identity, attack=attack)

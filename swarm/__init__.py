@@ -2,7 +2,7 @@
 
 import os
 
-# Shared-memory tensors between our processes and hivemind's (its DHT and averager processes, their futures) use
+# Shared-memory tensors between our processes and hivemind's (its DHT process, its futures) use
 # torch's "file_descriptor" strategy, torch's own default on Linux. hivemind switches torch to "file_system" when it is
 # imported, unless this variable says otherwise; that strategy goes through a torch_shm_manager daemon over a socket,
 # and a tensor freed after that socket broke aborts the whole process from C++ ("std::system_error: Broken pipe"),

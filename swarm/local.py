@@ -113,7 +113,7 @@ class LocalSwarm:
         await server.remove_p2p_handlers(server._p2p, namespace=rpc_namespace(self.run_id))
         server._serving, server._p2p = False, None
         await asyncio.to_thread(self.dhts.pop(slot).shutdown)
-        await server.shutdown()  # now only stops its averager process and its compute thread
+        await server.shutdown()  # now only stops its averaging task and its compute thread
 
     async def stop(self) -> None:
         """Shut every node down; one node's failure does not leave the others running (the first error is raised

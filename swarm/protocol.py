@@ -12,6 +12,8 @@ Messages (metadata keys in brackets)::
                                            trainer, signature}                     -> [] or [replacement],
                                                                                       meta {verdict, taint_verdict,
                                                                                             tainted, reason, scores}
+    parameters tensors []            meta {run, stage}                             -> streamed [every parameter
+                                                                                      of the stage, in order]
 
 Errors never travel as Python exceptions: a service answers ``meta {"error": code, "message": text}`` and the
 client raises the matching typed error, so a caller can tell apart
@@ -521,29 +523,54 @@ async def call_stream(
             yield part
 
     async def exchange() -> runtime_pb2.ExpertResponse:
-        replies = await stub_method(parts())
-        try:
-            first = await anext(replies, None)
-            if first is None:
-                raise TransportError("empty reply stream")
-            _checked_reply(first)  # an error reply is one part: raise it without waiting for the stream to close
-
-            async def rest():
-                yield first
-                async for part in replies:
-                    yield part
-
-            try:
-                return await gather_stream(rest(), runtime_pb2.ExpertResponse, max_tensors=1,
-                                           max_tensor_bytes=max_hidden_bytes(spec))  # fmt: skip
-            except BadRequest as e:
-                raise TransportError(f"bad reply stream: {e}") from None
-        finally:
-            await replies.aclose()
+        return await read_reply_stream(await stub_method(parts()), max_tensors=1,
+                                       max_tensor_bytes=max_hidden_bytes(spec))  # fmt: skip
 
     try:
         return await asyncio.wait_for(exchange(), timeout)
     except (*_TRANSPORT_ERRORS, DecodeError, TypeError) as e:  # hivemind's stream reader on a garbage frame
+        raise TransportError(f"{type(e).__name__}: {str(e)[:200]}") from None
+
+
+async def read_reply_stream(
+    replies: AsyncIterator[runtime_pb2.ExpertResponse], *, max_tensors: int, max_tensor_bytes: int
+) -> runtime_pb2.ExpertResponse:
+    """A streamed reply, reassembled by :func:`gather_stream` within the bounds given; the typed error it carries
+    (raised from its first part, without waiting for the stream to close), or TransportError for a malformed one.
+    Closes ``replies`` either way."""
+    try:
+        first = await anext(replies, None)
+        if first is None:
+            raise TransportError("empty reply stream")
+        _checked_reply(first)
+
+        async def rest():
+            yield first
+            async for part in replies:
+                yield part
+
+        try:
+            return await gather_stream(rest(), runtime_pb2.ExpertResponse, max_tensors=max_tensors,
+                                       max_tensor_bytes=max_tensor_bytes)  # fmt: skip
+        except BadRequest as e:
+            raise TransportError(f"bad reply stream: {e}") from None
+    finally:
+        await replies.aclose()
+
+
+async def call_reply_stream(
+    stub_method: Any, request: runtime_pb2.ExpertRequest, timeout: float, *, max_tensors: int, max_tensor_bytes: int
+) -> runtime_pb2.ExpertResponse:
+    """One RPC with a unary request and a streamed reply (``parameters``), bounded by ``timeout`` in all; typed errors
+    as :func:`call`."""
+
+    async def exchange() -> runtime_pb2.ExpertResponse:
+        return await read_reply_stream(await stub_method(request), max_tensors=max_tensors,
+                                       max_tensor_bytes=max_tensor_bytes)  # fmt: skip
+
+    try:
+        return await asyncio.wait_for(exchange(), timeout)
+    except (*_TRANSPORT_ERRORS, DecodeError, TypeError) as e:
         raise TransportError(f"{type(e).__name__}: {str(e)[:200]}") from None
 
 

@@ -15,20 +15,32 @@ gradients accumulate; AdamW steps after ``accumulate`` backward calls, or as soo
 arrives (a replica bypassed in some of a step's micro-batches gets fewer calls: counting alone would misalign every
 later step), and on ``finish_step`` / shutdown.
 
-Data-parallel averaging: every ``average_every`` optimizer steps (0: never) a replica runs, in the background, one
-round of hivemind's ``DecentralizedAverager`` (all-reduce, equal weights) with the other replicas of its stage, keyed
-by run and stage (group prefix ``{run}_stage{k}``: hivemind forbids dots in prefixes). A round is skipped when the
-DHT shows no other ONLINE, non-banned replica of the stage; it is bounded by ``average_timeout``; training goes on
-if it fails (logged). The replica snapshots its parameters (between computations), averages the snapshot, and adds
-``average - snapshot`` to its parameters, so updates made while the round ran are kept. The result is discarded when
-the group contained a peer that is not an announced ONLINE replica of the stage or that a quorum of validators has
-banned, or when it is not finite. Optimizer moments are not averaged.
+Data-parallel averaging, robust to a poisoner: every ``average_every`` optimizer steps (0: never) a replica runs, in
+the background, one round of pull averaging with the other replicas of its stage. It fetches the parameters of up to
+``average_peers`` of the stage's other ONLINE, non-banned replicas (the DHT's view; ``rpc_parameters``, a streamed
+reply), and moves to a clipped mean centred on its own parameters (``robust_average``). A round is skipped when the
+DHT shows no other such replica; it is bounded by ``average_timeout``; training goes on if it fails (logged). The
+replica snapshots its parameters (between computations), averages the snapshot, and adds ``average - snapshot`` to
+its parameters, so updates made while the round ran are kept. A peer's parameters are dropped when they do not match
+the stage's shapes or are not finite, and when the peer is no longer an ONLINE, non-banned replica once they arrived.
+Optimizer moments are not averaged. A replica serves its parameters only to announced replicas of its stage.
 
-A replica that is not yet banned could still poison an average (the validators watch activations and gradients, not
-parameters, and all-reduce shows each member only the group's sum): each round's change to a parameter tensor is
-therefore clipped to ``average_clip`` (3) times what the optimizer steps since the replica's previous round could
-move it by (``_clip_average``). That bounds what a poisoner gains per round; it does not make the average robust (a
-median would need every member's parameters, not their sum).
+Why not all-reduce (hivemind's ``DecentralizedAverager``, used before): it shows each member only the group's sum, so
+one member sending arbitrary values (a poisoner not yet banned, or one that never attacks the pipeline at all: the
+validators watch activations and gradients, not parameters) moves everyone by ``1/group`` of its choice, and
+nothing can tell which member did it. Pulling every member's parameters costs ``average_peers`` times a stage's size
+per round instead of about twice, and it lets each replica clip every peer's contribution on its own:
+
+* ``average_clip``: a peer's difference from this replica, per parameter tensor, is clipped in norm to
+  ``average_clip x lr x sqrt(size) x steps`` (``steps``: optimizer steps since this replica's previous round, at least
+  ``average_every``): what that many AdamW steps (each moves an element by about ``lr``) could move it by,
+  ``average_clip`` times over. Honest replicas that started a round interval from the same average stay well inside.
+* ``average_spread``: with two or more peers, also to ``average_spread`` times the lower median of the peers'
+  distances. The stage's replicas have an honest majority, so that median is an honest replica's distance, and a
+  poisoner's pull is bounded by what honest disagreement is, however large the static bound.
+
+With ``n`` peers heard, a poisoner moves this replica by at most ``1 / (n + 1)`` of that radius per round, and honest
+peers' parameters are averaged exactly (unclipped, the result is the plain mean of this replica and its peers).
 
 The announcement (``StageAnnouncement`` in the DHT, key ``stage.{k - 1}``: the DHT numbers stages from 0 like
 ``manifest.layer_spans``) is refreshed every ``announce_period`` seconds and set OFFLINE on shutdown.
@@ -37,11 +49,12 @@ The announcement (``StageAnnouncement`` in the DHT, key ``stage.{k - 1}``: the D
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import math
+import random
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -50,8 +63,8 @@ from typing import AsyncIterator  # noqa: UP035 (ServicerBase detects stream han
 
 import torch
 from hivemind import DHT
-from hivemind.averaging import DecentralizedAverager
-from hivemind.p2p import P2P, P2PContext, ServicerBase
+from hivemind.compression import deserialize_torch_tensor
+from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
 
@@ -63,9 +76,13 @@ from swarm.model import ModelConfig, Stage, resolve_config, resolve_device
 from swarm.protocol import (
     BadRequest,
     Busy,
+    ProtocolError,
     StreamSlots,
     TensorSpec,
+    TransportError,
+    Unauthorized,
     answer_stream,
+    call_reply_stream,
     check_unary_reply,
     check_unary_request,
     decode_hidden,
@@ -74,9 +91,12 @@ from swarm.protocol import (
     meta_int,
     meta_str,
     meta_verdict,
+    pack_meta,
     receive_stream,
     request_tensors,
+    split_message,
     unpack_meta,
+    wire_nbytes,
 )
 from swarm.records import (
     Direction,
@@ -130,23 +150,25 @@ class StageServerConfig:
     trust_trainer: bool = False  # accept a trainer's verdict on a forward input at every boundary (only for
     # benchmarks of a swarm without validators, TrainerConfig.validate=False; by default only stage 1 accepts it)
     average_every: int = 4  # optimizer steps between parameter-averaging rounds with the other replicas (0: off)
-    average_timeout: float = 30.0  # seconds a round may take (matchmaking, then all-reduce)
-    average_matchmaking: float = 2.0  # seconds a group leader waits for the stage's other replicas to join
+    average_timeout: float = 30.0  # seconds a round may take (fetching the peers' parameters)
+    average_peers: int = 8  # at most this many other replicas, chosen at random, are heard per round
     max_streams: int = 8  # streamed requests in hand at once; one more is refused with Busy (memory bound)
-    # a round's change to each parameter tensor is clipped in norm to average_clip x lr x sqrt(its size) x the
-    # optimizer steps since this replica's previous round (at least average_every): what that many AdamW steps, which
-    # move an element by about lr each, can move it by, average_clip times over (0: no clipping)
+    # each peer's difference from this replica, per parameter tensor, is clipped in norm to average_clip x lr x
+    # sqrt(its size) x the optimizer steps since this replica's previous round (at least average_every): what that
+    # many AdamW steps, which move an element by about lr each, can move it by, average_clip times over (0: no bound)
     average_clip: float = 3.0
+    # with 2 or more peers, also to average_spread x the lower median of the peers' distances (0: no such bound)
+    average_spread: float = 2.0
 
     def __post_init__(self) -> None:
         if self.stage < 1 or self.accumulate < 1 or self.max_batch < 1 or self.announce_period <= 0:
             raise ValueError("stage, accumulate and max_batch must be >= 1 and announce_period > 0")
-        if self.average_every < 0 or not 0 < self.average_matchmaking < self.average_timeout:
-            raise ValueError("average_every must be >= 0 and 0 < average_matchmaking < average_timeout")
+        if self.average_every < 0 or self.average_timeout <= 0 or self.average_peers < 1:
+            raise ValueError("average_every must be >= 0, average_timeout > 0 and average_peers >= 1")
         if self.max_streams < 1:
             raise ValueError("max_streams must be >= 1")
-        if self.average_clip < 0:
-            raise ValueError("average_clip must be >= 0")
+        if self.average_clip < 0 or self.average_spread < 0:
+            raise ValueError("average_clip and average_spread must be >= 0")
 
 
 class StageServer(ServicerBase):
@@ -190,12 +212,16 @@ class StageServer(ServicerBase):
         self._p2p: P2P | None = None
         self._announcer: asyncio.Task | None = None
         self._serving = False
-        self._averager: DecentralizedAverager | None = None
         self._averaging: asyncio.Task | None = None
-        self._control = None  # the running averaging step (a hivemind StepControl)
         self._average_lock = asyncio.Lock()
         self._next_average = config.average_every
+        # rounds applied, skipped (no other replica), failed (no peer answered usably); peers' parameters rejected
+        # (wrong shapes, not finite, or the peer left or was banned meanwhile); (peer, tensor) contributions clipped
         self.averaging = {"rounds": 0, "skipped": 0, "failed": 0, "rejected": 0, "clipped": 0}
+        self._served: tuple[int, list] | None = None  # (version, encoded parameters) last served to a peer
+        self._version = 0  # bumped whenever the parameters change (optimizer step, applied average, load)
+        self._peer_view: tuple[float, set[str]] = (-math.inf, set())  # (time, stage peers) for rpc_parameters
+        self._rng = random.Random()
         self._steps_at_round = 0  # optimizer steps when the last round was applied (or the state loaded)
 
     # ----------------------------------------------------------------------------------------------- lifecycle
@@ -208,36 +234,19 @@ class StageServer(ServicerBase):
     async def start(self, dht: DHT) -> None:
         self._dht = dht
         self._p2p = await dht.replicate_p2p()
-        if self.config.average_every > 0:  # blocks the loop until its process is up (hivemind sets a signal
-            self._averager = self._make_averager(dht)  # handler there, which only works in the main thread)
         await self.add_p2p_handlers(self._p2p, namespace=rpc_namespace(self.manifest.run_id))
         self._serving = True
         await self.announce(StageState.ONLINE)
         self._announcer = asyncio.create_task(self._announce_loop())
 
-    def _make_averager(self, dht: DHT) -> DecentralizedAverager:
-        c = self.config
-        return DecentralizedAverager(
-            [p.detach().to("cpu", copy=True) for p in self.module.parameters()], dht, start=True,
-            prefix=f"{self.manifest.run_id}_stage{c.stage}", min_group_size=2,
-            min_matchmaking_time=c.average_matchmaking, request_timeout=min(3.0, c.average_matchmaking),
-            allreduce_timeout=c.average_timeout,
-        )  # fmt: skip
-
     async def shutdown(self) -> None:
         if self._announcer is not None:
             self._announcer.cancel()
             self._announcer = None
-        control = self._control
-        if control is not None:
-            control.cancel()  # unblocks the thread waiting for the round
         if self._averaging is not None:
             self._averaging.cancel()
             await asyncio.gather(self._averaging, return_exceptions=True)
             self._averaging = None
-        if self._averager is not None:
-            averager, self._averager = self._averager, None
-            await asyncio.to_thread(averager.shutdown)
         if self._p2p is not None:
             try:
                 if self._serving:
@@ -423,14 +432,62 @@ class StageServer(ServicerBase):
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.optimizer_steps += 1
+            self._version += 1
         self._pending_step, self._pending_calls = None, 0
 
     def _timed(self, seconds: float) -> None:
         self.seconds_ema = seconds if self.seconds_ema is None else 0.9 * self.seconds_ema + 0.1 * seconds
 
     # ----------------------------------------------------------------------------------------------- averaging
+    async def rpc_parameters(
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """This replica's parameters, in ``module.parameters()`` order, for another replica's averaging round:
+        streamed (a stage's parameters exceed a unary message), and only to announced, non-banned replicas of this
+        stage (``Unauthorized`` otherwise)."""
+        for part in split_message(await self._serve_parameters(request, context)):
+            yield part
+
+    async def _serve_parameters(self, request: runtime_pb2.ExpertRequest, context: P2PContext):
+        try:
+            if request.tensors:
+                raise BadRequest("a parameters request carries no tensors")
+            meta = unpack_meta(request.metadata)
+            run, stage = meta_str(meta, "run", max_len=64), meta_int(meta, "stage")
+            if run != self.manifest.run_id or stage != self.config.stage:
+                raise BadRequest(f"this peer serves stage {self.config.stage} of another run, or another stage")
+            if not await self._is_stage_peer(context.remote_id.to_base58()):
+                raise Unauthorized("parameters are served only to the announced, non-banned replicas of this stage")
+            return runtime_pb2.ExpertResponse(tensors=await self._encoded_parameters())
+        except ProtocolError as e:
+            logger.debug(f"stage {self.config.stage}: parameters request refused ({e.code}): {e}")
+            return error_response(e)
+        except Exception as e:
+            logger.exception(f"stage {self.config.stage}: parameters request failed")
+            return error_response(e)
+
+    async def _encoded_parameters(self) -> list[runtime_pb2.Tensor]:
+        """The current parameters, serialized once per version (several peers of a round ask at about once)."""
+        if self._served is None or self._served[0] != self._version:
+            version, snapshot = await self._run(self._versioned_snapshot)
+            self._served = (version, encode_tensors(snapshot))
+        return self._served[1]
+
+    def _versioned_snapshot(self) -> tuple[int, list[torch.Tensor]]:
+        return self._version, self._snapshot()
+
+    async def _is_stage_peer(self, peer: str) -> bool:
+        """Whether ``peer`` is an announced ONLINE, non-banned replica of this stage. The DHT's view is cached for a
+        few seconds (at most one lookup a second for an unknown peer)."""
+        seen, peers = self._peer_view
+        age = time.monotonic() - seen
+        if age > min(5.0, self.config.announce_period) or (peer not in peers and age > 1.0):
+            peers = await self._stage_peers()
+            self._peer_view = (time.monotonic(), peers)
+        return peer in peers
+
     def _maybe_average(self) -> None:
-        if self._averager is None or self.optimizer_steps < self._next_average:
+        if self.config.average_every <= 0 or self.optimizer_steps < self._next_average:
             return
         if self._averaging is not None and not self._averaging.done():
             return  # the previous round is still running: this one is skipped
@@ -451,7 +508,7 @@ class StageServer(ServicerBase):
     async def average_now(self) -> bool:
         """One averaging round with the stage's other replicas; True if the average was applied. Never raises
         (except on cancellation): a failed round is logged and counted, and training goes on."""
-        if self._averager is None or self._p2p is None:
+        if self._p2p is None or self._dht is None:
             return False
         async with self._average_lock:
             try:
@@ -464,78 +521,65 @@ class StageServer(ServicerBase):
                 return False
 
     async def _average_round(self) -> bool:
-        stage = self.config.stage
-        if not await self._stage_peers():
+        stage, c = self.config.stage, self.config
+        peers = sorted(await self._stage_peers())
+        if not peers:
             self.averaging["skipped"] += 1
             logger.debug(f"stage {stage}: no other replica to average with")
             return False
+        chosen = self._rng.sample(peers, min(len(peers), c.average_peers))
         snapshot = await self._run(self._snapshot)
-        averager = self._averager
-        with averager.get_tensors() as tensors:
-            for tensor, value in zip(tensors, snapshot):
-                tensor.copy_(value)
-        group = await asyncio.to_thread(self._averager_step, averager)
-        if not group:
-            self.averaging["failed"] += 1
-            logger.warning(f"stage {stage}: averaging round found no group within {self.config.average_timeout} s")
-            return False
-        members = {peer.to_base58() for peer in group} - {self.peer_id}
-        outsiders = members - await self._stage_peers()  # banned, or not an announced replica of this stage
-        with averager.get_tensors() as tensors:
-            averaged = [t.detach().clone() for t in tensors]
-        if outsiders or not all(all_finite(t) for t in averaged):
+        fetched = await asyncio.gather(*(self._fetch_parameters(peer, snapshot) for peer in chosen),
+                                       return_exceptions=True)  # fmt: skip
+        heard: dict[str, list[torch.Tensor]] = {}
+        for peer, result in zip(chosen, fetched):
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            if isinstance(result, BaseException):
+                self.averaging["rejected"] += 1
+                logger.warning(f"stage {stage}: no usable parameters from {peer}: {type(result).__name__}: {result}")
+            else:
+                heard[peer] = result
+        left = set(heard) - await self._stage_peers()  # banned, or no longer an ONLINE replica, while the round ran
+        for peer in left:
+            del heard[peer]
             self.averaging["rejected"] += 1
-            logger.warning(f"stage {stage}: averaging result rejected (group members that are banned or not ONLINE "
-                           f"replicas of this stage: {sorted(outsiders)}, or non-finite values)")  # fmt: skip
+        if left:
+            logger.warning(f"stage {stage}: parameters of {sorted(left)} dropped: banned, or no longer ONLINE "
+                           "replicas of this stage")  # fmt: skip
+        if not heard:
+            self.averaging["failed"] += 1
+            logger.warning(f"stage {stage}: averaging round heard no usable peer within {c.average_timeout} s")
             return False
-        clipped = self._clip_average(snapshot, averaged)
-        if clipped:
-            self.averaging["clipped"] += 1
-            logger.warning(f"stage {stage}: averaging would have moved {clipped} parameter tensor(s) further than "
-                           f"{self.config.average_clip}x what this replica's optimizer steps since its last round "
-                           "could: clipped (a member far from the others, or a poisoned contribution)")  # fmt: skip
+        averaged, clipped = robust_average(snapshot, list(heard.values()), self._clip_bounds(snapshot),
+                                           c.average_spread)  # fmt: skip
+        if any(clipped):
+            self.averaging["clipped"] += sum(clipped)
+            named = {peer: n for peer, n in zip(heard, clipped) if n}
+            logger.warning(f"stage {stage}: clipped the contribution of {named} (peer: parameter tensors) to the "
+                           "average: far from this replica and the others (a poisoner, or a replica left behind)")
         await self._run(self._apply_average, snapshot, averaged)
         self.averaging["rounds"] += 1
-        logger.info(f"stage {stage}: averaged parameters with {len(members)} other replica(s)")
+        logger.info(f"stage {stage}: averaged parameters with {len(heard)} other replica(s)")
         return True
 
-    def _clip_average(self, snapshot: list[torch.Tensor], averaged: list[torch.Tensor]) -> int:
-        """Clip, in place, each tensor's change ``averaged - snapshot`` to ``average_clip * lr * sqrt(numel) *
-        steps``, ``steps`` being the optimizer steps since this replica's previous round (at least
-        ``average_every``). Returns how many tensors were clipped.
+    async def _fetch_parameters(self, peer: str, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``peer``'s parameters, checked against the shapes of ``like`` (this replica's) and for finiteness."""
+        stub = StageServer.get_stub(self._p2p, PeerID.from_base58(peer), namespace=rpc_namespace(self.manifest.run_id))
+        request = runtime_pb2.ExpertRequest(metadata=pack_meta({"run": self.manifest.run_id,
+                                                                "stage": self.config.stage}))  # fmt: skip
+        reply = await call_reply_stream(stub.rpc_parameters, request, self.config.average_timeout,
+                                        max_tensors=len(like), max_tensor_bytes=max(4 * t.numel() for t in like))
+        return decode_parameters(reply, like)
 
-        Why: all-reduce gives each replica only the sum of the group's parameters, so one member that sends
-        arbitrary values (a poisoner not yet banned: the validators watch activations and gradients, not
-        parameters) moves everyone's parameters by ``1/group`` of its choice. An AdamW step moves each element by
-        about ``lr`` (exactly ``lr`` on the first step, and its normalised update rarely exceeds it), so replicas
-        that started a round interval from the same average differ by at most ``steps * lr`` per element and an
-        honest round stays well inside the bound; a poisoned one moves a tensor by at most what ``average_clip``
-        times that many honest steps could."""
+    def _clip_bounds(self, snapshot: list[torch.Tensor]) -> list[float]:
+        """Per tensor, ``average_clip x lr x sqrt(size) x steps`` (steps: optimizer steps since this replica's
+        previous round, at least ``average_every``); infinite when ``average_clip`` is 0."""
         if not self.config.average_clip:
-            return 0
+            return [math.inf] * len(snapshot)
         steps = max(self.optimizer_steps - self._steps_at_round, self.config.average_every, 1)
         radius = self.config.average_clip * self.config.lr * steps
-        clipped = 0
-        for before, after in zip(snapshot, averaged):
-            change = after - before
-            bound = radius * math.sqrt(change.numel())
-            norm = float(torch.linalg.vector_norm(change))
-            if norm > bound:
-                after.copy_(before + change * (bound / norm))
-                clipped += 1
-        return clipped
-
-    def _averager_step(self, averager: DecentralizedAverager):
-        """One averaging step, bounded even if the averager process hangs or dies; cancelled by ``shutdown``."""
-        timeout = self.config.average_timeout
-        self._control = control = averager.step(timeout=timeout, wait=False)
-        try:
-            return control.result(timeout=timeout + 5.0)
-        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
-            control.cancel()
-            return None
-        finally:
-            self._control = None
+        return [radius * math.sqrt(t.numel()) for t in snapshot]
 
     def _snapshot(self) -> list[torch.Tensor]:
         return [p.detach().to("cpu", copy=True) for p in self.module.parameters()]
@@ -545,6 +589,7 @@ class StageServer(ServicerBase):
             for p, before, after in zip(self.module.parameters(), snapshot, averaged):
                 p.add_((after - before).to(p.device, p.dtype))
         self._steps_at_round = self.optimizer_steps
+        self._version += 1
 
     # ---------------------------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict:
@@ -565,6 +610,7 @@ class StageServer(ServicerBase):
         self.backward_calls = int(state["backward_calls"])
         self.optimizer_steps = int(state["optimizer_steps"])
         self._steps_at_round = self.optimizer_steps
+        self._version += 1
 
     def save(self, path: str | Path) -> None:
         """Write the stage's state atomically (a crash never leaves half a checkpoint)."""
@@ -578,3 +624,61 @@ class StageServer(ServicerBase):
 
     def __repr__(self) -> str:
         return f"StageServer(stage={self.config.stage}, span={self.span}, steps={self.optimizer_steps})"
+
+
+def decode_parameters(reply: runtime_pb2.ExpertResponse, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """A peer's parameters from its ``parameters`` reply, checked like any remote input: one float tensor per tensor of
+    ``like``, each of its shape, finite. TransportError otherwise (the peer is no more trusted than a caller)."""
+    if len(reply.tensors) != len(like):
+        raise TransportError(f"expected {len(like)} parameter tensors, got {len(reply.tensors)}")
+    out = []
+    for i, (proto, mine) in enumerate(zip(reply.tensors, like)):
+        try:
+            nbytes = wire_nbytes(proto, f"parameter {i}")
+        except BadRequest as e:
+            raise TransportError(str(e)) from None
+        if tuple(proto.size) != tuple(mine.shape) or len(proto.buffer) != nbytes:
+            raise TransportError(f"parameter {i}: shape {tuple(proto.size)} or its buffer does not match "
+                                 f"{tuple(mine.shape)}")  # fmt: skip
+        try:
+            tensor = deserialize_torch_tensor(proto)
+        except Exception:
+            raise TransportError(f"parameter {i}: undecodable tensor") from None
+        if tuple(tensor.shape) != tuple(mine.shape) or not tensor.is_floating_point():
+            raise TransportError(f"parameter {i}: decoded tensor does not match its header")
+        if not all_finite(tensor):
+            raise TransportError(f"parameter {i}: non-finite values")
+        out.append(tensor.to(mine.dtype))
+    return out
+
+
+def robust_average(
+    own: Sequence[torch.Tensor], peers: Sequence[Sequence[torch.Tensor]], bounds: Sequence[float], spread: float
+) -> tuple[list[torch.Tensor], list[int]]:
+    """The mean of ``own`` and ``peers`` (lists of tensors in the same order), centred on ``own`` and clipped: per
+    tensor ``i``, ``own[i] + sum_j clip(peers[j][i] - own[i]) / (len(peers) + 1)``, where ``clip`` scales a
+    difference down to norm ``radius_i`` when it is longer: ``radius_i = bounds[i]``, and, with two or more peers and
+    ``spread > 0``, at most ``spread`` times the lower median of the peers' distances for that tensor (an honest one's,
+    when the stage's replicas have an honest majority). Unclipped, that is the plain mean.
+
+    Returns the averaged tensors and, per peer, how many of its tensors were clipped.
+
+    One attacker among ``n`` peers moves the result by at most ``radius_i / (n + 1)``. A known limit: attackers
+    that are half of the peers can send this replica's own parameters back, making the lower median 0 and stalling the
+    average (never poisoning it)."""
+    count = len(peers) + 1
+    averaged, clipped = [], [0] * len(peers)
+    for i, mine in enumerate(own):
+        diffs = [theirs[i] - mine for theirs in peers]
+        norms = [float(torch.linalg.vector_norm(d)) for d in diffs]
+        radius = bounds[i]
+        if spread > 0 and len(norms) >= 2:
+            radius = min(radius, spread * sorted(norms)[(len(norms) - 1) // 2])
+        total = torch.zeros_like(mine)
+        for j, (diff, norm) in enumerate(zip(diffs, norms)):
+            if norm > radius:
+                diff = diff * (radius / norm)
+                clipped[j] += 1
+            total += diff
+        averaged.append(mine + total / count)
+    return averaged, clipped

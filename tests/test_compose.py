@@ -93,7 +93,7 @@ def test_compose_commands_run_a_swarm_on_loopback(tmp_path):
         # so that a supervisor (compose's restart policy) brings it back
         stage2 = procs["stage2"]
         children = psutil.Process(stage2.pid).children()
-        dht_process = [c for c in children if any("p2pd" in g.name() for g in c.children())]  # (not the averager)
+        dht_process = [c for c in children if any("p2pd" in g.name() for g in c.children())]
         assert len(dht_process) == 1, [(c.name(), [g.name() for g in c.children()]) for c in children]
         for proc in [*dht_process[0].children(recursive=True), *dht_process]:  # its p2pd, then the DHT process
             proc.kill()

@@ -1,5 +1,5 @@
-"""Data-parallel averaging between the replicas of one stage (hivemind DecentralizedAverager over real P2P on
-127.0.0.1; forked, bounded)."""
+"""Data-parallel averaging between the replicas of one stage: the robust pull average (``robust_average``), the
+checks on a peer's parameters (``decode_parameters``), and rounds over real P2P on 127.0.0.1 (forked, bounded)."""
 
 from __future__ import annotations
 
@@ -8,73 +8,159 @@ import math
 
 import pytest
 import torch
+from hivemind.compression import serialize_torch_tensor
+from hivemind.proto import runtime_pb2
 from swarm_helpers import SEED, LocalSwarm, make_manifest, run_swarm, start_dht
 
 from swarm.identity import Identity
-from swarm.stage_server import StageServer, StageServerConfig
+from swarm.protocol import TransportError, encode_tensors
+from swarm.stage_server import StageServer, StageServerConfig, decode_parameters, robust_average
+
+
+def _params(seed: int, scale: float = 1.0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g) * scale for shape in ((8, 4), (4,), (3, 3, 2))]
+
+
+def test_robust_average_is_the_plain_mean_when_nobody_is_clipped():
+    own, peers = _params(0), [_params(1), _params(2), _params(3)]
+    averaged, clipped = robust_average(own, peers, [math.inf] * 3, spread=0.0)
+    assert clipped == [0, 0, 0]
+    for i, got in enumerate(averaged):
+        torch.testing.assert_close(got, (own[i] + sum(p[i] for p in peers)) / 4, rtol=0, atol=1e-6)
+    # a generous spread clips nobody either: every honest distance is within 2x the lower median here
+    near = [[t + 0.01 * n for t in own] for n in (1.0, 1.2, 1.5)]
+    averaged, clipped = robust_average(own, near, [math.inf] * 3, spread=2.0)
+    assert clipped == [0, 0, 0]
+    torch.testing.assert_close(averaged[0], own[0] + 0.01 * (1.0 + 1.2 + 1.5) / 4, rtol=0, atol=1e-6)
+
+
+def test_robust_average_bounds_a_poisoner():
+    own = _params(0)
+    honest = [[t + 0.01 * torch.randn(t.shape, generator=torch.Generator().manual_seed(s)) for t in own]
+              for s in (1, 2, 3)]  # fmt: skip
+    poisoner = [t * 1000.0 for t in own]
+    averaged, clipped = robust_average(own, [*honest, poisoner], [math.inf] * 3, spread=2.0)
+    assert clipped == [0, 0, 0, 3]  # every tensor of the poisoner, none of the honest peers'
+    for i, got in enumerate(averaged):
+        distances = sorted(float((h[i] - own[i]).norm()) for h in honest)
+        honest_part = own[i] + sum(h[i] - own[i] for h in honest) / 5
+        # the poisoner moves the result by at most spread x the lower median distance / (peers + 1)
+        lower_median = sorted([*distances, float((poisoner[i] - own[i]).norm())])[1]
+        assert lower_median == distances[1]  # an honest peer's distance
+        assert float((got - honest_part).norm()) <= 2.0 * lower_median / 5 * (1 + 1e-5)
+    # the plain mean would have moved the parameters ~200x their own size
+    plain, _ = robust_average(own, [*honest, poisoner], [math.inf] * 3, spread=0.0)
+    assert float((plain[0] - own[0]).norm()) > 100 * float(own[0].norm())
+
+    # one peer: no median to trust, the static bound alone applies
+    bounds = [0.5, 0.25, 0.125]
+    averaged, clipped = robust_average(own, [poisoner], bounds, spread=2.0)
+    assert clipped == [3]
+    for got, mine, bound in zip(averaged, own, bounds):
+        assert float((got - mine).norm()) == pytest.approx(bound / 2, rel=1e-5)
+
+
+def test_decode_parameters_checks_a_peer_reply():
+    like = _params(0)
+    good = runtime_pb2.ExpertResponse(tensors=encode_tensors(_params(1)))
+    for got, want in zip(decode_parameters(good, like), _params(1)):
+        assert torch.equal(got, want)
+    wrong_shape = [like[0].reshape(4, 8), *like[1:]]
+    nan = [like[0].clone().fill_(float("nan")), *like[1:]]
+    ints = [torch.zeros(8, 4, dtype=torch.int32), *like[1:]]
+    for tensors, message in ((like[:2], "expected 3 parameter tensors"), (wrong_shape, "does not match"),
+                             (nan, "non-finite"), (ints, "dtype must be")):  # fmt: skip
+        reply = runtime_pb2.ExpertResponse(tensors=[serialize_torch_tensor(t) for t in tensors])
+        with pytest.raises(TransportError, match=message):
+            decode_parameters(reply, like)
 
 
 @pytest.mark.forked
-@pytest.mark.timeout(120)
-def test_two_replicas_with_different_parameters_end_up_equal():
+@pytest.mark.timeout(150)
+def test_replicas_pull_average_over_p2p_and_bound_a_poisoner():
     manifest = make_manifest(1)
-    ids = [Identity.generate() for _ in range(2)]
+    ids = [Identity.generate() for _ in range(3)]
     dhts = []
     try:
         dhts.append(start_dht(manifest, ids[0]))
-        dhts.append(start_dht(manifest, ids[1], dhts[0].get_visible_maddrs()))
+        for identity in ids[1:]:
+            dhts.append(start_dht(manifest, identity, dhts[0].get_visible_maddrs()))
 
         async def main():
-            config = dict(stage=1, seed=SEED, average_every=1, average_matchmaking=1.0, average_timeout=20.0,
-                          average_clip=0.0)  # exact averages first; the clip is tested last  # fmt: skip
+            config = dict(stage=1, seed=SEED, average_every=1, average_timeout=20.0, average_clip=0.0)
             servers = [StageServer(StageServerConfig(**config), manifest, identity) for identity in ids]
+            a, b, c = servers
             try:
                 for server, dht in zip(servers, dhts):
                     await server.start(dht)
-                with torch.no_grad():
-                    for p in servers[1].module.parameters():
-                        p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
-                before = [[p.detach().clone() for p in s.module.parameters()] for s in servers]
-                assert any(not torch.equal(a, b) for a, b in zip(*before))
-                applied = await asyncio.gather(*(s.average_now() for s in servers))
-                assert applied == [True, True], [s.averaging for s in servers]
-                for a, b, pa, pb in zip(servers[0].module.parameters(), servers[1].module.parameters(), *before):
-                    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-                    torch.testing.assert_close(a, (pa + pb) / 2, rtol=0, atol=1e-6)
-                assert all(s.averaging["rounds"] == 1 and s.averaging["failed"] == 0 for s in servers)
 
-                # a group member that is not (or no longer) an ONLINE, non-banned replica of the stage: here replica 0
-                # learns that replica 1 was banned during the round; it discards the result, replica 1 applies it
-                with torch.no_grad():
-                    for p in servers[1].module.parameters():
-                        p.add_(0.05)
-                views = iter([{servers[1].peer_id}, set()])
+                def perturb(server, seed, scale):
+                    with torch.no_grad():
+                        for p in server.module.parameters():
+                            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * scale)
 
-                async def stage_peers():
+                def params(server):
+                    return [p.detach().clone() for p in server.module.parameters()]
+
+                async def only(server, peers):  # the stage as `server` sees it in the DHT
+                    async def view():
+                        return set(peers)
+
+                    server._stage_peers = view
+                    server._peer_view = (-math.inf, set())
+
+                # two replicas: a pulls b's parameters and moves to the plain mean; then b pulls a's new ones
+                await only(a, {b.peer_id})
+                await only(b, {a.peer_id})
+                perturb(b, 1, 0.1)
+                pa, pb = params(a), params(b)
+                assert await a.average_now()
+                for got, x, y in zip(a.module.parameters(), pa, pb):
+                    torch.testing.assert_close(got.detach(), (x + y) / 2, rtol=0, atol=1e-6)
+                assert await b.average_now()
+                for got, x, y in zip(b.module.parameters(), pa, pb):
+                    torch.testing.assert_close(got.detach(), (y + (x + y) / 2) / 2, rtol=0, atol=1e-6)
+                assert a.averaging["rounds"] == b.averaging["rounds"] == 1
+
+                # a replica serves its parameters only to the stage's announced replicas: b no longer counts a as
+                # one, so a's round hears nobody and leaves its parameters alone
+                await only(b, set())
+                before = params(a)
+                assert not await a.average_now()
+                assert a.averaging["rejected"] == 1 and a.averaging["failed"] == 1
+                assert all(torch.equal(x, y) for x, y in zip(params(a), before))
+
+                # a peer banned (or gone) while the round ran: its parameters are dropped
+                await only(b, {a.peer_id})
+                views = iter([{b.peer_id}, set()])
+
+                async def banned_meanwhile():
                     return next(views)
 
-                servers[0]._stage_peers = stage_peers
-                before = [[p.detach().clone() for p in s.module.parameters()] for s in servers]
-                applied = await asyncio.gather(*(s.average_now() for s in servers))
-                assert applied == [False, True] and servers[0].averaging["rejected"] == 1
-                for a, pa in zip(servers[0].module.parameters(), before[0]):
-                    assert torch.equal(a, pa)  # untouched
-                for b, pa, pb in zip(servers[1].module.parameters(), *before):
-                    torch.testing.assert_close(b, (pa + pb) / 2, rtol=0, atol=1e-6)
+                a._stage_peers = banned_meanwhile
+                assert not await a.average_now()
+                assert a.averaging["rejected"] == 2 and a.averaging["failed"] == 2
+                assert all(torch.equal(x, y) for x, y in zip(params(a), before))
 
-                # a poisoned contribution: replica 1 sends parameters 100x too large. Replica 0, with the clip on,
-                # moves each tensor by at most 3 x lr x sqrt(size) (3x what one AdamW step could), towards the group
-                del servers[0]._stage_peers  # back to the DHT's view
-                servers[0].config.average_clip = 3.0
-                with torch.no_grad():
-                    for p in servers[1].module.parameters():
-                        p.mul_(100.0)
-                before = [p.detach().clone() for p in servers[0].module.parameters()]
-                applied = await asyncio.gather(*(s.average_now() for s in servers))
-                assert applied == [True, True] and servers[0].averaging["clipped"] == 1
-                for a, pa in zip(servers[0].module.parameters(), before):
-                    moved = float((a - pa).norm())
-                    assert 0 < moved <= 3 * servers[0].config.lr * math.sqrt(pa.numel()) * (1 + 1e-4)
+                # three replicas, c a poisoner serving its parameters x100; the DHT's own view from here on
+                for server in servers:
+                    server.__dict__.pop("_stage_peers", None)
+                    server._peer_view = (-math.inf, set())
+                perturb(b, 2, 0.01)
+                perturb(c, 3, 0.01)
+
+                async def poisoned():
+                    return encode_tensors([p.detach() * 100.0 for p in c.module.parameters()])
+
+                c._encoded_parameters = poisoned
+                pa, pb = params(a), params(b)
+                assert await a.average_now(), a.averaging
+                assert a.averaging["clipped"] == len(pa)  # every tensor of c's, none of b's
+                for got, x, y in zip(a.module.parameters(), pa, pb):
+                    honest_part = x + (y - x) / 3
+                    bound = a.config.average_spread * float((y - x).norm()) / 3  # the lower median is b's distance
+                    assert float((got.detach() - honest_part).norm()) <= bound * (1 + 1e-4)
             finally:
                 for server in servers:
                     await server.shutdown()
@@ -90,7 +176,7 @@ def test_two_replicas_with_different_parameters_end_up_equal():
 def test_replicas_average_in_the_background_while_training():
     """1 stage x 2 replicas averaging every optimizer step: rounds run in the background during training, and a
     replica alone in its stage skips rounds instead of waiting for a group."""
-    stage_config = {"average_every": 1, "average_matchmaking": 1.0, "average_timeout": 10.0, "accumulate": 2}
+    stage_config = {"average_every": 1, "average_timeout": 10.0, "accumulate": 2}
     swarm = LocalSwarm((2,), stage_config=stage_config)
 
     async def body(swarm: LocalSwarm):
@@ -102,7 +188,12 @@ def test_replicas_average_in_the_background_while_training():
         await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 30)
         assert all(s.averaging["rounds"] >= 1 for s in servers), [s.averaging for s in servers]
         assert all(s.averaging["clipped"] == 0 for s in servers), [s.averaging for s in servers]  # honest rounds
+        assert all(s.averaging["rejected"] == 0 for s in servers), [s.averaging for s in servers]
         assert swarm.trainer.metrics.step_completed == [4] * 4
+        # the replicas ended close: each round pulls them to their mean
+        first, second = ([p.detach() for p in s.module.parameters()] for s in servers)
+        gap = max(float((x - y).abs().max()) for x, y in zip(first, second))
+        assert gap <= 4 * servers[0].config.lr, gap
 
     run_swarm(swarm, body)
 
@@ -113,10 +204,13 @@ def test_join_gpu_stage_has_an_average_every_option(tmp_path, capsys):
     base = ["join", "--role", "gpu-stage", "--stage", "1", "--initial-peers", "/ip4/127.0.0.1/tcp/1", "--run-id", "r",
             "--authority", "00" * 32, "--identity", str(tmp_path / "s.key")]  # fmt: skip
     assert main([*base, "--average-every", "-1"]) == 2  # refused before anything starts
-    assert "--average-every and --average-clip must be >= 0" in capsys.readouterr().err
+    assert "--average-every, --average-clip and --average-spread must be >= 0" in capsys.readouterr().err
     assert main([*base, "--average-clip", "-1"]) == 2
-    assert "--average-clip must be >= 0" in capsys.readouterr().err
+    assert "--average-clip and --average-spread must be >= 0" in capsys.readouterr().err
+    assert main([*base, "--average-spread", "-1"]) == 2
+    assert main([*base, "--average-peers", "0"]) == 2
+    assert "--average-peers must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["join", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "--average-every N" in out and "DecentralizedAverager" in out
+    assert "--average-every N" in out and "--average-spread X" in out and "lower median" in out
