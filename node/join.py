@@ -77,6 +77,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--average-spread", type=float, default=2.0, metavar="X",
                    help="with two or more peers, also to X times the lower median of the peers' distances, an honest "
                         "replica's under an honest majority (0: no such bound)")  # fmt: skip
+    g.add_argument("--average-distrust", type=int, default=3, metavar="N",
+                   help="stop hearing, for 20 rounds, a peer clipped on most of its tensors N rounds running "
+                        "(0: never)")  # fmt: skip
     g.add_argument("--attack", default=None, metavar="NAME",
                    help="RED-TEAM OPTION FOR TESTING ONLY: corrupt what this stage sends with a group-A attack "
                         "(A1..A10, a name such as zeros, or module:function). Never use it in a real swarm: the "
@@ -110,10 +113,11 @@ def _check_args(args) -> None:
         raise CommandError("--role gpu-stage needs --stage K (1..S)")
     if args.role != "gpu-stage" and (args.stage is not None or args.attack):
         raise CommandError("--stage and --attack are gpu-stage options")
-    if args.role == "gpu-stage" and (min(args.average_every, args.average_clip, args.average_spread) < 0
+    if args.role == "gpu-stage" and (min(args.average_every, args.average_clip, args.average_spread,
+                                         args.average_distrust) < 0
                                      or args.average_timeout <= 2.0):  # fmt: skip
-        raise CommandError("--average-every, --average-clip and --average-spread must be >= 0 and --average-timeout "
-                           "> 2 seconds")  # fmt: skip
+        raise CommandError("--average-every, --average-clip, --average-spread and --average-distrust must be >= 0 "
+                           "and --average-timeout > 2 seconds")  # fmt: skip
     if args.role == "gpu-stage" and args.average_peers < 1:
         raise CommandError("--average-peers must be >= 1")
     if args.role == "trainer" and min(args.steps, args.microbatches, args.batch_size, args.max_inflight) < 1:
@@ -197,7 +201,7 @@ async def _stage(args, dht, manifest, identity, stop: StopFlag) -> int:
     config = StageServerConfig(
         stage=args.stage, seed=args.seed, accumulate=args.accumulate, device=args.device,
         average_every=args.average_every, average_timeout=args.average_timeout, average_clip=args.average_clip,
-        average_spread=args.average_spread, average_peers=args.average_peers,
+        average_spread=args.average_spread, average_peers=args.average_peers, average_distrust=args.average_distrust,
         lr=args.lr,
     )  # fmt: skip
     server = StageServer(config, manifest, identity, attack=attack)

@@ -40,7 +40,9 @@ per round instead of about twice, and it lets each replica clip every peer's con
   poisoner's pull is bounded by what honest disagreement is, however large the static bound.
 
 With ``n`` peers heard, a poisoner moves this replica by at most ``1 / (n + 1)`` of that radius per round, and honest
-peers' parameters are averaged exactly (unclipped, the result is the plain mean of this replica and its peers).
+peers' parameters are averaged exactly (unclipped, the result is the plain mean of this replica and its peers). A
+steady poisoner would still drag a replica by that much round after round, so a peer clipped on most of its tensors
+in ``average_distrust`` (3) consecutive rounds is not heard for the next ``average_distrust_rounds`` (20).
 
 The announcement (``StageAnnouncement`` in the DHT, key ``stage.{k - 1}``: the DHT numbers stages from 0 like
 ``manifest.layer_spans``) is refreshed every ``announce_period`` seconds and set OFFLINE on shutdown.
@@ -159,6 +161,10 @@ class StageServerConfig:
     average_clip: float = 3.0
     # with 2 or more peers, also to average_spread x the lower median of the peers' distances (0: no such bound)
     average_spread: float = 2.0
+    # a peer whose contribution was clipped on more than half its tensors in this many consecutive rounds is not heard
+    # for the next average_distrust_rounds rounds of this replica (0: always heard)
+    average_distrust: int = 3
+    average_distrust_rounds: int = 20
 
     def __post_init__(self) -> None:
         if self.stage < 1 or self.accumulate < 1 or self.max_batch < 1 or self.announce_period <= 0:
@@ -167,8 +173,10 @@ class StageServerConfig:
             raise ValueError("average_every must be >= 0, average_timeout > 0 and average_peers >= 1")
         if self.max_streams < 1:
             raise ValueError("max_streams must be >= 1")
-        if self.average_clip < 0 or self.average_spread < 0:
-            raise ValueError("average_clip and average_spread must be >= 0")
+        if self.average_clip < 0 or self.average_spread < 0 or self.average_distrust < 0:
+            raise ValueError("average_clip, average_spread and average_distrust must be >= 0")
+        if self.average_distrust_rounds < 1:
+            raise ValueError("average_distrust_rounds must be >= 1")
 
 
 class StageServer(ServicerBase):
@@ -217,7 +225,10 @@ class StageServer(ServicerBase):
         self._next_average = config.average_every
         # rounds applied, skipped (no other replica), failed (no peer answered usably); peers' parameters rejected
         # (wrong shapes, not finite, or the peer left or was banned meanwhile); (peer, tensor) contributions clipped
-        self.averaging = {"rounds": 0, "skipped": 0, "failed": 0, "rejected": 0, "clipped": 0}
+        # distrusted: times a peer was left out for being clipped on most of its tensors round after round
+        self.averaging = {"rounds": 0, "skipped": 0, "failed": 0, "rejected": 0, "clipped": 0, "distrusted": 0}
+        self._heavy_clips: dict[str, int] = {}  # peer -> consecutive rounds with most of its tensors clipped
+        self._unheard: dict[str, int] = {}  # peer -> rounds of this replica left before it is heard again
         self._served: tuple[int, list] | None = None  # (version, encoded parameters) last served to a peer
         self._version = 0  # bumped whenever the parameters change (optimizer step, applied average, load)
         self._peer_view: tuple[float, set[str]] = (-math.inf, set())  # (time, stage peers) for rpc_parameters
@@ -522,7 +533,8 @@ class StageServer(ServicerBase):
 
     async def _average_round(self) -> bool:
         stage, c = self.config.stage, self.config
-        peers = sorted(await self._stage_peers())
+        self._unheard = {peer: left - 1 for peer, left in self._unheard.items() if left > 1}
+        peers = sorted(await self._stage_peers() - set(self._unheard))
         if not peers:
             self.averaging["skipped"] += 1
             logger.debug(f"stage {stage}: no other replica to average with")
@@ -558,10 +570,32 @@ class StageServer(ServicerBase):
             named = {peer: n for peer, n in zip(heard, clipped) if n}
             logger.warning(f"stage {stage}: clipped the contribution of {named} (peer: parameter tensors) to the "
                            "average: far from this replica and the others (a poisoner, or a replica left behind)")
+        self._distrust(dict(zip(heard, clipped)), len(snapshot))
         await self._run(self._apply_average, snapshot, averaged)
         self.averaging["rounds"] += 1
         logger.info(f"stage {stage}: averaged parameters with {len(heard)} other replica(s)")
         return True
+
+    def _distrust(self, clipped: dict[str, int], n_tensors: int) -> None:
+        """Count, per peer heard, consecutive rounds with more than half its tensors clipped; at ``average_distrust``
+        the peer is not heard for ``average_distrust_rounds`` rounds. Each clipped round still moves this replica
+        by up to ``1 / (n + 1)`` of the radius towards a poisoner, and a steady one would drag it round after round;
+        an honest replica clipped this often is far behind (it rejoined, say) and loses nothing by not being heard
+        for a while: it still hears the others and catches up."""
+        if not self.config.average_distrust:
+            return
+        for peer, n in clipped.items():
+            if 2 * n <= n_tensors:
+                self._heavy_clips.pop(peer, None)
+                continue
+            self._heavy_clips[peer] = self._heavy_clips.get(peer, 0) + 1
+            if self._heavy_clips[peer] >= self.config.average_distrust:
+                del self._heavy_clips[peer]
+                self._unheard[peer] = self.config.average_distrust_rounds
+                self.averaging["distrusted"] += 1
+                logger.warning(f"stage {self.config.stage}: {peer}'s parameters were clipped on most tensors "
+                               f"{self.config.average_distrust} rounds running: not heard for the next "
+                               f"{self.config.average_distrust_rounds} rounds")  # fmt: skip
 
     async def _fetch_parameters(self, peer: str, like: list[torch.Tensor]) -> list[torch.Tensor]:
         """``peer``'s parameters, checked against the shapes of ``like`` (this replica's) and for finiteness."""

@@ -161,6 +161,13 @@ def test_replicas_pull_average_over_p2p_and_bound_a_poisoner():
                     honest_part = x + (y - x) / 3
                     bound = a.config.average_spread * float((y - x).norm()) / 3  # the lower median is b's distance
                     assert float((got.detach() - honest_part).norm()) <= bound * (1 + 1e-4)
+                # a steady poisoner is no longer heard once clipped on most of its tensors 3 rounds running
+                for _ in range(2):
+                    assert await a.average_now()
+                assert a.averaging["clipped"] == 3 * len(pa) and a.averaging["distrusted"] == 1
+                assert await a.average_now()  # b alone is heard
+                assert a.averaging["clipped"] == 3 * len(pa) and a.averaging["rounds"] == 5
+                assert c.peer_id in a._unheard and b.peer_id not in a._unheard
             finally:
                 for server in servers:
                     await server.shutdown()
@@ -204,10 +211,11 @@ def test_join_gpu_stage_has_an_average_every_option(tmp_path, capsys):
     base = ["join", "--role", "gpu-stage", "--stage", "1", "--initial-peers", "/ip4/127.0.0.1/tcp/1", "--run-id", "r",
             "--authority", "00" * 32, "--identity", str(tmp_path / "s.key")]  # fmt: skip
     assert main([*base, "--average-every", "-1"]) == 2  # refused before anything starts
-    assert "--average-every, --average-clip and --average-spread must be >= 0" in capsys.readouterr().err
-    assert main([*base, "--average-clip", "-1"]) == 2
-    assert "--average-clip and --average-spread must be >= 0" in capsys.readouterr().err
-    assert main([*base, "--average-spread", "-1"]) == 2
+    message = "--average-every, --average-clip, --average-spread and --average-distrust must be >= 0"
+    assert message in capsys.readouterr().err
+    for option in ("--average-clip", "--average-spread", "--average-distrust"):
+        assert main([*base, option, "-1"]) == 2
+        assert message in capsys.readouterr().err
     assert main([*base, "--average-peers", "0"]) == 2
     assert "--average-peers must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
