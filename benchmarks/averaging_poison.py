@@ -2,13 +2,14 @@
 the honest replicas, with the robust pull average (the default) and with a plain mean.
 
 One stage of ``--replicas`` stage servers (``swarm.local.LocalSwarm``, real P2P on 127.0.0.1, one validator, a
-trainer); after every trainer step each replica runs one averaging round, all at once. The poisoner computes honestly and sends honest activations and gradients
-(the validators see nothing wrong: the attack is on averaging alone), but serves its stage's other replicas
-``--scale`` times its parameters (``scale``), or its parameters plus a fixed push of ``--push`` x lr x sqrt(size)
-per tensor in one random direction (``push``: a steady drag, as large as a few optimizer steps, hard to tell from a
-replica that is merely behind). Every setting trains the same steps from the same seed; at the end each honest
-replica's validation loss is measured in-process (the trainer's embedding and head around that replica's stage, on
-the same validation batches), with their largest parameter gap. Prints a markdown table.
+trainer); after every trainer step each replica runs one averaging round, all at once. The poisoner computes
+honestly and sends honest activations and gradients (the validators see nothing wrong: the attack is on averaging
+alone), but serves its stage's other replicas ``--scale`` times its parameters (``scale``: what
+``join --attack-averaging`` does), or its parameters plus a fixed push of ``--push`` x lr x sqrt(size) per tensor in
+one random direction (``push``: a steady drag, as large as a few optimizer steps, hard to tell from a replica that is
+merely behind). Every setting trains the same steps from the same seed; at the end each honest replica's validation
+loss is measured in-process (the trainer's embedding and head around that replica's stage, on the same validation
+batches), with their largest parameter gap. Prints a markdown table.
 
 Settings: ``none`` (no poisoner), ``robust`` (the default: each peer's pull clipped to ``average_clip``'s static
 bound and ``average_spread`` x the lower median of the peers' distances; a peer clipped on most tensors
@@ -46,11 +47,12 @@ def poison(server, attack: str, scale: float, push: float) -> None:
         u = torch.randn(p.shape, generator=torch.Generator().manual_seed(1000 + i))
         directions.append(u / u.norm() * push * server.config.lr * math.sqrt(p.numel()))
 
+    if attack == "scale":  # the red-team option (join --attack-averaging)
+        server.config.attack_averaging = scale
+        return
+
     async def served():
-        params = [p.detach().to("cpu") for p in server.module.parameters()]
-        if attack == "scale":
-            return encode_tensors([p * scale for p in params])
-        return encode_tensors([p + d for p, d in zip(params, directions)])
+        return encode_tensors([p.detach().to("cpu") + d for p, d in zip(server.module.parameters(), directions)])
 
     server._encoded_parameters = served
 

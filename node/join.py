@@ -88,6 +88,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--attack-direction", default="forward", choices=["forward", "backward", "both"],
                    help="RED-TEAM: which traffic to corrupt")  # fmt: skip
     g.add_argument("--attack-onset", type=int, default=0, help="RED-TEAM: first attacked step")
+    g.add_argument("--attack-averaging", type=float, default=0.0, metavar="X",
+                   help="RED-TEAM OPTION FOR TESTING ONLY: serve the stage's other replicas X times this node's "
+                        "parameters in their averaging rounds (a poisoner the validators cannot see; 0: honest)")
     g = p.add_argument_group("validator")
     g.add_argument("--boundaries", default="all", help="boundaries to check: 'all' or e.g. '0,1,2'")
     g = p.add_argument_group("trainer")
@@ -111,8 +114,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _check_args(args) -> None:
     if args.role == "gpu-stage" and args.stage is None:
         raise CommandError("--role gpu-stage needs --stage K (1..S)")
-    if args.role != "gpu-stage" and (args.stage is not None or args.attack):
-        raise CommandError("--stage and --attack are gpu-stage options")
+    if args.role != "gpu-stage" and (args.stage is not None or args.attack or args.attack_averaging):
+        raise CommandError("--stage, --attack and --attack-averaging are gpu-stage options")
+    if not math.isfinite(args.attack_averaging):
+        raise CommandError("--attack-averaging must be a finite number")
     if args.role == "gpu-stage" and (min(args.average_every, args.average_clip, args.average_spread,
                                          args.average_distrust) < 0
                                      or args.average_timeout <= 2.0):  # fmt: skip
@@ -202,6 +207,7 @@ async def _stage(args, dht, manifest, identity, stop: StopFlag) -> int:
         stage=args.stage, seed=args.seed, accumulate=args.accumulate, device=args.device,
         average_every=args.average_every, average_timeout=args.average_timeout, average_clip=args.average_clip,
         average_spread=args.average_spread, average_peers=args.average_peers, average_distrust=args.average_distrust,
+        attack_averaging=args.attack_averaging,
         lr=args.lr,
     )  # fmt: skip
     server = StageServer(config, manifest, identity, attack=attack)
@@ -214,11 +220,14 @@ async def _stage(args, dht, manifest, identity, stop: StopFlag) -> int:
 
     def stats() -> dict:
         return {"role": "gpu-stage", "stage": args.stage, "peer_id": peer_id, "attack": args.attack,
+                "attack_averaging": args.attack_averaging,
                 "backward_calls": server.backward_calls, "optimizer_steps": server.optimizer_steps,
                 "rejected": dict(server.rejected), "averaging": dict(server.averaging),
                 "fingerprint": identity.fingerprint}  # fmt: skip
 
     red = f" RED-TEAM attack {args.attack} from step {args.attack_onset}" if attack else ""
+    if args.attack_averaging:
+        red += f" RED-TEAM: serving its parameters x{args.attack_averaging:g} to averaging peers"
     say(f"stage {args.stage}: serving blocks {server.span[0]}..{server.span[1] - 1} as peer {server.peer_id}{red}")
     if args.stats:
         write_json_atomic(args.stats, stats())

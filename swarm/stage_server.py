@@ -165,6 +165,8 @@ class StageServerConfig:
     # for the next average_distrust_rounds rounds of this replica (0: always heard)
     average_distrust: int = 3
     average_distrust_rounds: int = 20
+    attack_averaging: float = 0.0  # RED-TEAM, for testing only: serve the other replicas this many times this
+    # replica's parameters (0: honest); what it computes and sends down the pipeline stays honest
 
     def __post_init__(self) -> None:
         if self.stage < 1 or self.accumulate < 1 or self.max_batch < 1 or self.announce_period <= 0:
@@ -177,6 +179,8 @@ class StageServerConfig:
             raise ValueError("average_clip, average_spread and average_distrust must be >= 0")
         if self.average_distrust_rounds < 1:
             raise ValueError("average_distrust_rounds must be >= 1")
+        if not math.isfinite(self.attack_averaging):
+            raise ValueError("attack_averaging must be finite")
 
 
 class StageServer(ServicerBase):
@@ -481,6 +485,8 @@ class StageServer(ServicerBase):
         """The current parameters, serialized once per version (several peers of a round ask at about once)."""
         if self._served is None or self._served[0] != self._version:
             version, snapshot = await self._run(self._versioned_snapshot)
+            if self.config.attack_averaging:  # red team: a poisoner's parameters
+                snapshot = [t * self.config.attack_averaging for t in snapshot]
             self._served = (version, encode_tensors(snapshot))
         return self._served[1]
 

@@ -150,10 +150,8 @@ def test_replicas_pull_average_over_p2p_and_bound_a_poisoner():
                 perturb(b, 2, 0.01)
                 perturb(c, 3, 0.01)
 
-                async def poisoned():
-                    return encode_tensors([p.detach() * 100.0 for p in c.module.parameters()])
-
-                c._encoded_parameters = poisoned
+                c.config.attack_averaging = 100.0  # the red-team option: c serves its parameters x100
+                c._served = None
                 pa, pb = params(a), params(b)
                 assert await a.average_now(), a.averaging
                 assert a.averaging["clipped"] == len(pa)  # every tensor of c's, none of b's
@@ -218,7 +216,13 @@ def test_join_gpu_stage_has_an_average_every_option(tmp_path, capsys):
         assert message in capsys.readouterr().err
     assert main([*base, "--average-peers", "0"]) == 2
     assert "--average-peers must be >= 1" in capsys.readouterr().err
+    assert main([*base, "--attack-averaging", "nan"]) == 2
+    assert "--attack-averaging must be a finite number" in capsys.readouterr().err
+    validator = [*base[:2], "validator", *base[5:]]
+    assert main([*validator, "--attack-averaging", "100"]) == 2
+    assert "--attack-averaging are gpu-stage options" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["join", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "--average-every N" in out and "--average-spread X" in out and "lower median" in out
+    assert "--attack-averaging X RED-TEAM OPTION FOR TESTING ONLY" in out
