@@ -90,13 +90,14 @@ from swarm.protocol import (
     decode_hidden,
     encode_tensors,
     error_response,
+    linger,
     meta_int,
     meta_str,
     meta_verdict,
     pack_meta,
     receive_stream,
+    reply_parts,
     request_tensors,
-    split_message,
     unpack_meta,
     wire_nbytes,
 )
@@ -460,8 +461,9 @@ class StageServer(ServicerBase):
         """This replica's parameters, in ``module.parameters()`` order, for another replica's averaging round:
         streamed (a stage's parameters exceed a unary message), and only to announced, non-banned replicas of this
         stage (``Unauthorized`` otherwise)."""
-        for part in split_message(await self._serve_parameters(request, context)):
+        for part in reply_parts(await self._serve_parameters(request, context)):
             yield part
+        await linger()
 
     async def _serve_parameters(self, request: runtime_pb2.ExpertRequest, context: P2PContext):
         try:

@@ -50,9 +50,9 @@ def _aiter(parts, pulled=None):
     return gen()
 
 
-def _gather(parts, *, max_tensors=2, max_tensor_bytes=8 * CHUNK, pulled=None):
+def _gather(parts, *, max_tensors=2, max_tensor_bytes=8 * CHUNK, pulled=None, end_marker=False):
     return asyncio.run(gather_stream(_aiter(parts, pulled), Req, max_tensors=max_tensors,
-                                     max_tensor_bytes=max_tensor_bytes))  # fmt: skip
+                                     max_tensor_bytes=max_tensor_bytes, end_marker=end_marker))  # fmt: skip
 
 
 def _rejects(parts, match, **kwargs):
@@ -93,6 +93,17 @@ def test_gather_stream_round_trip_and_bounds(monkeypatch):
     _rejects(parts[:1] + [part(buffer=b"\0" * 10)] + parts[2:], "chunk length")  # short chunk
     _rejects(parts[:3], "ended inside")
     _rejects(parts + [Req()], "one tensor chunk")  # a later part without a chunk
+    # a reply ends at its end marker (an empty part): read no further; without it, it was cut short
+    replied = list(protocol.reply_parts(Req(tensors=request.tensors, metadata=request.metadata)))
+    assert replied[:-1] == parts and replied[-1] == Req()
+    pulled = []
+    assert _gather([*replied, *parts], end_marker=True, pulled=pulled) == request and len(pulled) == len(replied)
+    _rejects(parts, "before its end marker", end_marker=True)  # whole tensors, but no marker: truncated
+    _rejects(parts[:4], "before its end marker", end_marker=True)  # the first tensor whole, the second lost
+    _rejects([*parts[:3], Req()], "ended inside", end_marker=True)
+    error = list(protocol.reply_parts(empty))
+    assert len(error) == 2 and asyncio.run(gather_stream(_aiter(error), type(empty), max_tensors=1,
+                                                         max_tensor_bytes=CHUNK, end_marker=True)) == empty
     _rejects(parts, "more than 1 tensor", max_tensors=1)
     _rejects([], "empty")
     one = list(split_message(Req(tensors=[encode_tensor(torch.ones(256))])))  # 1 KiB: one part
@@ -129,7 +140,7 @@ def test_call_auto_streams_when_request_or_reply_exceeds_the_unary_limit(monkeyp
         async def rpc_x_stream(self, parts):
             used.append("stream")
             request = await receive_stream(parts, max_tensors=2, spec=spec)
-            return _aiter(list(split_message(reply_for(request))))
+            return _aiter(list(protocol.reply_parts(reply_for(request))))
 
     async def go(tensors, compression=NONE):
         response = await call_auto(Stub(), "rpc_x", "rpc_x_stream", tensors, {}, 5, compression, spec)
@@ -206,13 +217,21 @@ def test_real_limits_carry_a_hidden_state_over_4_mib(monkeypatch):
 
 
 async def _raw_stream(stub_method, parts):
-    """Send hand-made parts; the reply parts."""
+    """Send hand-made parts; the reply parts, up to its end marker (which must come), then hang up."""
     replies = await stub_method(_aiter(parts))
-    return await asyncio.wait_for(_collect(replies), 10)
+    try:
+        return await asyncio.wait_for(_collect(replies), 10)
+    finally:
+        await replies.aclose()
 
 
 async def _collect(replies):
-    return [r async for r in replies]
+    parts = []
+    async for part in replies:
+        if parts and not part.tensors and not part.metadata:
+            return parts  # the end marker (protocol.reply_parts)
+        parts.append(part)
+    raise AssertionError(f"the reply stream ended without its end marker after {len(parts)} part(s)")
 
 
 @pytest.mark.forked
