@@ -61,8 +61,11 @@ class SentinelConfig:
     forgive_after: int = 100  # consecutive clean checked tensors that wipe a worker's strikes
     strikes_per_step: int = 0  # at most this many strikes per worker per step; 0: one per flag (the paper). 1 helps
     # large meshes where a drifting stage's replica can draw several of a step's micro-batches (README, "Ledger")
-    drift_senders: int = 3  # flags from this many distinct senders at one monitor within drift_steps steps mean
-    # honest drift (a majority of a stage's replicas: attackers are a minority of every stage)
+    drift_senders: int = 0  # flags from this many distinct senders at one monitor within drift_steps steps mean
+    # honest drift (a majority of a stage's replicas: attackers are a minority of every stage). 0 (auto): a majority
+    # of the senders seen at the monitor within the last 4 x drift_steps steps, banned ones included (at least 2):
+    # a validator in a swarm does not know a stage's size in advance, and sizes change. The mesh, which knows it,
+    # sets replicas // 2 + 1 (at least 2), the same number once every replica has been seen
     drift_steps: int = 4
     drift_active_majority: bool = False  # lower drift_senders to a majority of the senders still active at a monitor
     # (checked within the last 4 x drift_steps steps and not banned): once a stage's attackers are banned, its honest
@@ -104,8 +107,8 @@ class SentinelConfig:
             raise ConfigError("strikes_per_step must be >= 0 (0: no cap)")
         if self.ban_level < 1 or self.forgive_after < 1:
             raise ConfigError("need ban_level >= 1 and forgive_after >= 1")
-        if self.drift_senders < 2 or self.drift_steps < 1 or self.drift_max_excess <= 1:
-            raise ConfigError("need drift_senders >= 2, drift_steps >= 1 and drift_max_excess > 1")
+        if self.drift_senders == 1 or self.drift_senders < 0 or self.drift_steps < 1 or self.drift_max_excess <= 1:
+            raise ConfigError("need drift_senders 0 (auto) or >= 2, drift_steps >= 1 and drift_max_excess > 1")
         if self.fit_every < 1 or self.fit_tokens < 1 or self.fit_refit < 1 or not 0.0 <= self.fit_decay < 1.0:
             raise ConfigError("need fit_every, fit_tokens, fit_refit >= 1 and fit_decay in [0, 1)")
         if self.fit_ridge <= 0 or self.fit_fence_scale < 1:

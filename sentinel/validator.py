@@ -13,8 +13,9 @@ replaced tensor can look anomalous through no fault of its honest sender (the ca
 Drift guard: flagged tensors never update the baseline, so if the honest traffic itself jumps (every optimizer step
 changes every replica's weights at once), every tensor would be flagged from then on and the whole honest population
 banned. Blame is therefore settled once per step (``end_step``): if the tensors flagged at one monitor during the last
-``drift_steps`` steps came from at least ``drift_senders`` distinct senders (set it to a majority of a stage's
-replicas: under the threat model attackers are a minority of every stage, so they alone cannot reach it), the monitor
+``drift_steps`` steps came from at least ``drift_senders`` distinct senders (a majority of a stage's replicas: under
+the threat model attackers are a minority of every stage, so they alone cannot reach it; by default the majority of
+the senders the monitor has seen lately, see ``_drift_threshold``), the monitor
 concludes that the honest distribution moved. It drops the current step's strikes at that monitor (earlier steps'
 strikes stand) and re-anchors its baseline on the least anomalous flagged tensor, keeping its fences. Only *mild*
 flags (every distance below ``drift_max_excess`` times its fence) count as drift: honest drift crosses a fence by a
@@ -221,12 +222,17 @@ class Validator:
         self.recent_summaries.pop(key, None)
 
     def _drift_threshold(self, key: tuple[int, str], step: int) -> int:
-        """Distinct flagged senders that make drift at monitor ``key`` (see ``drift_active_majority``)."""
+        """Distinct flagged senders that make drift at monitor ``key``: ``drift_senders``, or with 0 (auto) a majority
+        of the senders seen there within the last ``4 x drift_steps`` steps, the banned ones included (at least 2;
+        the mesh's ``replicas // 2 + 1`` once all were seen); then capped by ``drift_active_majority``."""
         threshold = self.config.drift_senders
+        horizon = step - 4 * self.config.drift_steps
+        seen = self.last_seen.get(key, {})
+        if threshold == 0:
+            recent = sum(1 for w, last in seen.items() if last > horizon or self.ledger.is_banned(w))
+            threshold = max(2, recent // 2 + 1)
         if self.config.drift_active_majority:
-            horizon = step - 4 * self.config.drift_steps
-            active = [w for w, last in self.last_seen.get(key, {}).items()
-                      if last > horizon and not self.ledger.is_banned(w)]  # fmt: skip
+            active = [w for w, last in seen.items() if last > horizon and not self.ledger.is_banned(w)]
             threshold = min(threshold, len(active) // 2 + 1)
         return threshold
 

@@ -143,6 +143,43 @@ def test_drift_active_majority_counts_only_senders_still_active(active_majority)
     assert v.reanchors == (1 if active_majority else 0)
 
 
+@pytest.mark.parametrize("drift_senders", [0, 3])
+def test_auto_drift_senders_is_a_majority_of_the_senders_seen(drift_senders):
+    """A stage of 2 replicas, both drifting mildly: with drift_senders 0 (auto, the default) a majority of the 2
+    senders seen is 2, so it is drift; a fixed 3 can never be reached by 2 replicas, and both are struck."""
+    v = Validator(SentinelConfig(drift_senders=drift_senders))
+    for i, (out, ref) in enumerate(pairs(0, 40)):
+        v.check(out, boundary=1, direction="forward", sender=f"r{i % 2}", step=0, reference=ref, warmup=True)
+    v.end_step(0)
+    assert v._drift_threshold((1, "forward"), 1) == (2 if drift_senders == 0 else 3)
+    flagged = set()
+    for i, (out, ref) in enumerate(pairs(5, 8)):
+        sender = f"r{i % 2}"
+        if v.check(ref + 2.2 * (out - ref), boundary=1, direction="forward", sender=sender, step=1,
+                   reference=ref).tainted:  # fmt: skip
+            flagged.add(sender)
+    assert flagged == {"r0", "r1"}
+    v.end_step(1)
+    struck = [v.ledger.strikes(w) for w in ("r0", "r1")]
+    assert (struck == [0, 0] and v.reanchors == 1) if drift_senders == 0 else (min(struck) > 0 and v.reanchors == 0)
+
+
+def test_auto_drift_senders_counts_recent_and_banned_senders():
+    v = warmed(ban_level=1)  # w0..w3 seen at step 0
+    key = (1, "forward")
+    assert v._drift_threshold(key, 1) == 3  # 4 seen: 4 // 2 + 1
+    assert v._drift_threshold(key, 100) == 2  # none seen within the last 16 steps: at least 2
+    out, ref = next(pairs(9, 1))
+    v.check(out * 0, boundary=1, direction="forward", sender="w0", step=100, reference=ref)
+    for w in ("w1", "w2", "w3"):
+        v.check(out, boundary=1, direction="forward", sender=w, step=100, reference=ref)
+    assert v.end_step(100) == ["w0"]
+    assert v._drift_threshold(key, 200) == 2  # only the banned w0 still counts: 1 // 2 + 1, at least 2
+    assert v._drift_threshold(key, 101) == 3  # w0 (banned) and w1..w3 (recent)
+    with pytest.raises(ConfigError):
+        SentinelConfig(drift_senders=1)
+
+
 def _gross_drift(v: Validator, seed: int, n: int, factor: float = 6.0):
     """Everyone's residual update grown ``factor`` times: past drift_max_excess from the old baseline, but the
     tensors agree with one another."""
