@@ -57,6 +57,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attack", default="zeros", help="the attackers' group-A attack (name, A1..A10, module:function)")
     p.add_argument("--attack-params", default="", help="e.g. 'lam=0.5' (default: the strongest setting)")
     p.add_argument("--attack-direction", default="forward", choices=["forward", "backward", "both"])
+    p.add_argument("--attack-averaging", type=float, default=0.0, metavar="X",
+                   help="the attackers also serve X times their parameters to their stage's averaging rounds (a "
+                        "poisoner the validators cannot see; the honest replicas clip it; 0: off)")
     p.add_argument("--validators", type=int, default=1, help="validator processes (each checks every boundary)")
     p.add_argument("--ban-quorum", type=int, default=1, help="distinct validators that must ban a peer")
     p.add_argument("--steps", type=int, default=20)
@@ -104,6 +107,8 @@ def _check(args) -> None:
         )
     if args.attackers < 0:
         raise CommandError("--attackers must be >= 0")
+    if not math.isfinite(args.attack_averaging):
+        raise CommandError("--attack-averaging must be a finite number")
     if not 1 <= args.ban_quorum <= args.validators:
         raise CommandError("--ban-quorum must be in 1..--validators")
     if args.attackers:
@@ -339,6 +344,8 @@ def run(args: argparse.Namespace) -> int:
                              args.attack_direction]  # fmt: skip
                     if args.attack_params:
                         argv += ["--attack-params", args.attack_params]
+                    if args.attack_averaging:
+                        argv += ["--attack-averaging", str(args.attack_averaging)]
                 stages.append(swarm.start(name, argv, stats=workdir / f"{name}.json", attacker=bad))
         metrics = workdir / "trainer-metrics.jsonl"
         metrics.unlink(missing_ok=True)
@@ -387,9 +394,14 @@ def run(args: argparse.Namespace) -> int:
         "steps": summary.get("steps"), "tainted_microbatches": summary.get("tainted_microbatches"),
         "microbatches": summary.get("microbatches"),
         "rejected_inputs": sum(sum(s.get("rejected", {}).values()) for s in stage_stats.values()),
+        # parameter averaging as the honest replicas saw it: rounds applied, peers' (tensor) contributions clipped,
+        # times a peer was left out for being clipped round after round
+        "averaging": {key: sum(s.get("averaging", {}).get(key, 0) for s in stage_stats.values()
+                               if s["peer_id"] in honest) for key in ("rounds", "clipped", "distrusted")},
         "wall_s": time.monotonic() - started, "workdir": str(workdir), "run_id": run_id,
         "config": {"stages": args.stages, "replicas": args.replicas, "attackers": args.attackers,
-                   "attack": args.attack, "attack_direction": args.attack_direction, "validators": args.validators,
+                   "attack": args.attack, "attack_direction": args.attack_direction,
+                   "attack_averaging": args.attack_averaging, "validators": args.validators,
                    "ban_quorum": args.ban_quorum, "steps": args.steps, "warmup": warmup,
                    "microbatches": args.microbatches, "batch_size": args.batch_size, "preset": args.preset},
         "stage_servers": stage_stats, "status": status,
@@ -402,6 +414,9 @@ def run(args: argparse.Namespace) -> int:
     say(f"precision {report['precision']:.2f} recall {report['recall']:.2f} f1 {report['f1']:.2f}; tainted "
         f"micro-batches {report['tainted_microbatches']} of {report['microbatches']}; rejected inputs "
         f"{report['rejected_inputs']}")  # fmt: skip
+    avg = report["averaging"]
+    say(f"averaging between honest replicas: {avg['rounds']} round(s), {avg['clipped']} contribution(s) clipped, "
+        f"a peer left out {avg['distrusted']} time(s)")
     say(f"loss {report['first_loss']:.3f} -> {report['train_loss']:.3f}, val loss {report['val_loss']:.3f}, "
         f"{report['tokens_per_s']:.0f} tokens/s, {report['wall_s']:.0f} s in all; logs in {workdir / 'logs'}")
     return 0
