@@ -237,6 +237,8 @@ class StageServer(ServicerBase):
         self._served: tuple[int, list] | None = None  # (version, encoded parameters) last served to a peer
         self._version = 0  # bumped whenever the parameters change (optimizer step, applied average, load)
         self._peer_view: tuple[float, set[str]] = (-math.inf, set())  # (time, stage peers) for rpc_parameters
+        self._peer_view_lock = asyncio.Lock()
+        self._serve_lock = asyncio.Lock()
         self._rng = random.Random()
         self._steps_at_round = 0  # optimizer steps when the last round was applied (or the state loaded)
 
@@ -485,12 +487,13 @@ class StageServer(ServicerBase):
 
     async def _encoded_parameters(self) -> list[runtime_pb2.Tensor]:
         """The current parameters, serialized once per version (several peers of a round ask at about once)."""
-        if self._served is None or self._served[0] != self._version:
-            version, snapshot = await self._run(self._versioned_snapshot)
-            if self.config.attack_averaging:  # red team: a poisoner's parameters
-                snapshot = [t * self.config.attack_averaging for t in snapshot]
-            self._served = (version, encode_tensors(snapshot))
-        return self._served[1]
+        async with self._serve_lock:  # concurrent requests share one snapshot and one encoding
+            if self._served is None or self._served[0] != self._version:
+                version, snapshot = await self._run(self._versioned_snapshot)
+                if self.config.attack_averaging:  # red team: a poisoner's parameters
+                    snapshot = [t * self.config.attack_averaging for t in snapshot]
+                self._served = (version, encode_tensors(snapshot))
+            return self._served[1]
 
     def _versioned_snapshot(self) -> tuple[int, list[torch.Tensor]]:
         return self._version, self._snapshot()
@@ -498,11 +501,12 @@ class StageServer(ServicerBase):
     async def _is_stage_peer(self, peer: str) -> bool:
         """Whether ``peer`` is an announced ONLINE, non-banned replica of this stage. The DHT's view is cached for a
         few seconds (at most one lookup a second for an unknown peer)."""
-        seen, peers = self._peer_view
-        age = time.monotonic() - seen
-        if age > min(5.0, self.config.announce_period) or (peer not in peers and age > 1.0):
-            peers = await self._stage_peers()
-            self._peer_view = (time.monotonic(), peers)
+        async with self._peer_view_lock:  # the peers of a round ask at about once: one DHT lookup serves them all
+            seen, peers = self._peer_view
+            age = time.monotonic() - seen
+            if age > min(5.0, self.config.announce_period) or (peer not in peers and age > 1.0):
+                peers = await self._stage_peers()
+                self._peer_view = (time.monotonic(), peers)
         return peer in peers
 
     def _maybe_average(self) -> None:
