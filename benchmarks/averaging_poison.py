@@ -42,14 +42,13 @@ from swarm.trainer import TrainerConfig  # noqa: E402
 
 def poison(server, attack: str, scale: float, push: float) -> None:
     """Make ``server`` serve poisoned parameters to its peers' averaging rounds (its own stay honest)."""
+    if attack == "scale":  # the red-team option (join --attack-averaging)
+        server.config.attack_averaging = scale
+        return
     directions = []
     for i, p in enumerate(server.module.parameters()):
         u = torch.randn(p.shape, generator=torch.Generator().manual_seed(1000 + i))
         directions.append(u / u.norm() * push * server.config.lr * math.sqrt(p.numel()))
-
-    if attack == "scale":  # the red-team option (join --attack-averaging)
-        server.config.attack_averaging = scale
-        return
 
     async def served():
         return encode_tensors([p.detach().to("cpu") + d for p, d in zip(server.module.parameters(), directions)])

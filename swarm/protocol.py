@@ -284,13 +284,25 @@ def decode_hidden(
     hostile header; then the decoded values for finiteness (unless ``require_finite=False``, for validators, whose
     job is to flag non-finite tensors).
     """
+
+    def check_shape(shape: tuple[int, ...]) -> None:
+        if len(shape) != 3 or shape[2] != spec.d_model:
+            raise BadRequest(f"{name}: shape must be [B, T, {spec.d_model}]")
+        batch, length, _ = shape
+        if not 1 <= batch <= spec.max_batch or not 1 <= length <= spec.seq_len:
+            raise BadRequest(f"{name}: need 1 <= B <= {spec.max_batch} and 1 <= T <= {spec.seq_len}")
+
+    return _decode_checked(proto, name, check_shape, require_finite=require_finite)
+
+
+def _decode_checked(
+    proto: runtime_pb2.Tensor, name: str, check_shape: Callable[[tuple[int, ...]], None], *, require_finite: bool
+) -> torch.Tensor:
+    """Decode ``proto`` after checking its header (compression, dtype, ``check_shape`` on its declared shape, buffer
+    length); then that the decoded tensor matches its header and, with ``require_finite``, is finite. BadRequest."""
     nbytes = wire_nbytes(proto, name)
     shape = tuple(proto.size)
-    if len(shape) != 3 or shape[2] != spec.d_model:
-        raise BadRequest(f"{name}: shape must be [B, T, {spec.d_model}]")
-    batch, length, _ = shape
-    if not 1 <= batch <= spec.max_batch or not 1 <= length <= spec.seq_len:
-        raise BadRequest(f"{name}: need 1 <= B <= {spec.max_batch} and 1 <= T <= {spec.seq_len}")
+    check_shape(shape)
     if len(proto.buffer) != nbytes:
         raise BadRequest(f"{name}: buffer length does not match shape and dtype")
     try:
@@ -302,6 +314,28 @@ def decode_hidden(
     if require_finite and not all_finite(tensor):
         raise BadRequest(f"{name}: non-finite values")
     return tensor
+
+
+def decode_parameters(reply: runtime_pb2.ExpertResponse, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """A peer's parameters from its ``parameters`` reply, checked like any remote input (:func:`_decode_checked`):
+    one float tensor per tensor of ``like``, each of its shape, finite. TransportError otherwise (the peer is no more
+    trusted than a caller)."""
+    if len(reply.tensors) != len(like):
+        raise TransportError(f"expected {len(like)} parameter tensors, got {len(reply.tensors)}")
+    out = []
+    for i, (proto, mine) in enumerate(zip(reply.tensors, like)):
+        name, want = f"parameter {i}", tuple(mine.shape)
+
+        def exact(shape: tuple[int, ...], name: str = name, want: tuple[int, ...] = want) -> None:
+            if shape != want:
+                raise BadRequest(f"{name}: shape {shape} does not match {want}")
+
+        try:
+            tensor = _decode_checked(proto, name, exact, require_finite=True)
+        except BadRequest as e:
+            raise TransportError(str(e)) from None
+        out.append(tensor.to(mine.dtype))
+    return out
 
 
 def max_hidden_bytes(spec: TensorSpec) -> int:
@@ -558,14 +592,8 @@ async def call_stream(
         for part in split_message(request):
             yield part
 
-    async def exchange() -> runtime_pb2.ExpertResponse:
-        return await read_reply_stream(await stub_method(parts()), max_tensors=1,
-                                       max_tensor_bytes=max_hidden_bytes(spec))  # fmt: skip
-
-    try:
-        return await asyncio.wait_for(exchange(), timeout)
-    except (*_TRANSPORT_ERRORS, DecodeError, TypeError) as e:  # hivemind's stream reader on a garbage frame
-        raise TransportError(f"{type(e).__name__}: {str(e)[:200]}") from None
+    return await call_reply_stream(stub_method, parts(), timeout, max_tensors=1,
+                                   max_tensor_bytes=max_hidden_bytes(spec))  # fmt: skip
 
 
 async def read_reply_stream(
@@ -595,9 +623,11 @@ async def read_reply_stream(
 
 
 async def call_reply_stream(
-    stub_method: Any, request: runtime_pb2.ExpertRequest, timeout: float, *, max_tensors: int, max_tensor_bytes: int
-) -> runtime_pb2.ExpertResponse:
-    """One RPC with a unary request and a streamed reply (``parameters``), bounded by ``timeout`` in all; typed errors
+    stub_method: Any, request: runtime_pb2.ExpertRequest | AsyncIterator[runtime_pb2.ExpertRequest], timeout: float,
+    *, max_tensors: int, max_tensor_bytes: int,
+) -> runtime_pb2.ExpertResponse:  # fmt: skip
+    """One RPC with a streamed reply, reassembled by :func:`read_reply_stream`: ``request`` is a unary request
+    (``parameters``) or the parts of a streamed one (:func:`call_stream`). Bounded by ``timeout`` in all; typed errors
     as :func:`call`."""
 
     async def exchange() -> runtime_pb2.ExpertResponse:
@@ -606,7 +636,7 @@ async def call_reply_stream(
 
     try:
         return await asyncio.wait_for(exchange(), timeout)
-    except (*_TRANSPORT_ERRORS, DecodeError, TypeError) as e:
+    except (*_TRANSPORT_ERRORS, DecodeError, TypeError) as e:  # hivemind's stream reader on a garbage frame
         raise TransportError(f"{type(e).__name__}: {str(e)[:200]}") from None
 
 

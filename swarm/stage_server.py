@@ -65,13 +65,11 @@ from typing import AsyncIterator  # noqa: UP035 (ServicerBase detects stream han
 
 import torch
 from hivemind import DHT
-from hivemind.compression import deserialize_torch_tensor
 from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
 
 from sentinel.attacks import MaliciousBehaviour
-from sentinel.stats import all_finite
 from swarm.dht_schema import fetch_banned, fetch_stages, publish_stage
 from swarm.identity import Identity
 from swarm.model import ModelConfig, Stage, resolve_config, resolve_device
@@ -81,13 +79,13 @@ from swarm.protocol import (
     ProtocolError,
     StreamSlots,
     TensorSpec,
-    TransportError,
     Unauthorized,
     answer_stream,
     call_reply_stream,
     check_unary_reply,
     check_unary_request,
     decode_hidden,
+    decode_parameters,
     encode_tensors,
     error_response,
     linger,
@@ -99,7 +97,6 @@ from swarm.protocol import (
     reply_parts,
     request_tensors,
     unpack_meta,
-    wire_nbytes,
 )
 from swarm.records import (
     Direction,
@@ -670,32 +667,6 @@ class StageServer(ServicerBase):
 
     def __repr__(self) -> str:
         return f"StageServer(stage={self.config.stage}, span={self.span}, steps={self.optimizer_steps})"
-
-
-def decode_parameters(reply: runtime_pb2.ExpertResponse, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """A peer's parameters from its ``parameters`` reply, checked like any remote input: one float tensor per tensor of
-    ``like``, each of its shape, finite. TransportError otherwise (the peer is no more trusted than a caller)."""
-    if len(reply.tensors) != len(like):
-        raise TransportError(f"expected {len(like)} parameter tensors, got {len(reply.tensors)}")
-    out = []
-    for i, (proto, mine) in enumerate(zip(reply.tensors, like)):
-        try:
-            nbytes = wire_nbytes(proto, f"parameter {i}")
-        except BadRequest as e:
-            raise TransportError(str(e)) from None
-        if tuple(proto.size) != tuple(mine.shape) or len(proto.buffer) != nbytes:
-            raise TransportError(f"parameter {i}: shape {tuple(proto.size)} or its buffer does not match "
-                                 f"{tuple(mine.shape)}")  # fmt: skip
-        try:
-            tensor = deserialize_torch_tensor(proto)
-        except Exception:
-            raise TransportError(f"parameter {i}: undecodable tensor") from None
-        if tuple(tensor.shape) != tuple(mine.shape) or not tensor.is_floating_point():
-            raise TransportError(f"parameter {i}: decoded tensor does not match its header")
-        if not all_finite(tensor):
-            raise TransportError(f"parameter {i}: non-finite values")
-        out.append(tensor.to(mine.dtype))
-    return out
 
 
 def robust_average(

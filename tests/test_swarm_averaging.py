@@ -13,8 +13,8 @@ from hivemind.proto import runtime_pb2
 from swarm_helpers import SEED, LocalSwarm, make_manifest, run_swarm, start_dht
 
 from swarm.identity import Identity
-from swarm.protocol import TransportError, encode_tensors
-from swarm.stage_server import StageServer, StageServerConfig, decode_parameters, robust_average
+from swarm.protocol import TransportError, decode_parameters, encode_tensors
+from swarm.stage_server import StageServer, StageServerConfig, robust_average
 
 
 def _params(seed: int, scale: float = 1.0) -> list[torch.Tensor]:
