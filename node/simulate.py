@@ -69,6 +69,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--drift-defer", action=argparse.BooleanOptionalAction, default=s.drift_defer,
                    help="hold mild flags and strike them only if no drift was recognised at their monitor within "
                         "the drift window (fewer honest bans in large meshes, slower bans of mild attackers)")
+    g.add_argument("--drift-min-fraction", type=float, default=s.drift_min_fraction,
+                   help="drift also needs the flagged tensors to be at least this fraction of those checked at the "
+                        "monitor within the drift window (rare outliers are not drift; 0: off)")
     g.add_argument("--replacement", default=s.replacement, choices=["baseline", "drop"])
     c = p.add_argument_group("checkpoints (with --compare: of the main run only; the comparison runs start over)")
     c.add_argument("--checkpoint", metavar="PATH",
@@ -100,6 +103,7 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
         replacement=args.replacement,
         drift_agreement=args.drift_agreement,
         drift_defer=args.drift_defer,
+        drift_min_fraction=args.drift_min_fraction,
         seed=args.seed,
     )
     return MeshConfig(

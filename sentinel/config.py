@@ -76,6 +76,11 @@ class SentinelConfig:
     # (within drift_steps steps, however far from the baseline) agree with ONE of them: each within drift_max_excess x
     # the fences when that one is taken as the baseline. Re-anchors on it. For a baseline gone stale, whose honest
     # traffic has moved past drift_max_excess (README, "Drift guard")
+    drift_min_fraction: float = 0.25  # drift (either rule) also needs the flagged tensors to be at least this
+    # fraction of the tensors checked for blame at the monitor within the drift window: honest drift moves the bulk
+    # of the traffic, while two rare honest outliers from two senders (a sequence's first token, whose gradient the
+    # attention sink can amplify 10x) are not drift, and re-anchoring on one of them flagged the next step's whole
+    # traffic (README, "Drift guard"). 0: off
     drift_defer: bool = False  # a mild flag (one drift could explain) becomes a strike only once drift_steps steps
     # have passed without drift being recognised at its monitor; drift recognised there in time forgives it. Gross
     # flags strike at once. For large meshes, where a replica can collect a ban's worth of strikes early in a drift,
@@ -109,6 +114,8 @@ class SentinelConfig:
             raise ConfigError("need ban_level >= 1 and forgive_after >= 1")
         if self.drift_senders == 1 or self.drift_senders < 0 or self.drift_steps < 1 or self.drift_max_excess <= 1:
             raise ConfigError("need drift_senders 0 (auto) or >= 2, drift_steps >= 1 and drift_max_excess > 1")
+        if not 0.0 <= self.drift_min_fraction <= 1.0:
+            raise ConfigError(f"drift_min_fraction must be in [0, 1], got {self.drift_min_fraction}")
         if self.fit_every < 1 or self.fit_tokens < 1 or self.fit_refit < 1 or not 0.0 <= self.fit_decay < 1.0:
             raise ConfigError("need fit_every, fit_tokens, fit_refit >= 1 and fit_decay in [0, 1)")
         if self.fit_ridge <= 0 or self.fit_fence_scale < 1:

@@ -71,6 +71,8 @@ class Validator:
         self.recent_summaries: dict[tuple[int, str], list[tuple[int, str, Summary]]] = {}
         # drift_defer: mild flags not yet struck, (step, boundary, direction, sender)
         self.deferred: list[tuple[int, int, str, str]] = []
+        # drift_min_fraction: monitor -> step -> [tensors checked for blame, of them flagged], within the drift window
+        self.window_counts: dict[tuple[int, str], dict[int, list[int]]] = {}
         self.touched: set[str] = set()  # senders whose ledger the last end_step changed or may have changed
 
     def monitor(self, boundary: int, direction: str) -> BoundaryMonitor:
@@ -102,6 +104,9 @@ class Validator:
         obs: Observation = mon.observe(tensor, reference, detect=not warmup, learn=not tainted)
         blamed = False
         if not tainted and not warmup:
+            counts = self.window_counts.setdefault((boundary, direction), {}).setdefault(step, [0, 0])
+            counts[0] += 1
+            counts[1] += obs.flagged
             if obs.flagged:
                 blamed = True
                 excess = max((obs.scores[m] / obs.fences[m] for m in obs.scores), default=float("inf"))
@@ -137,6 +142,9 @@ class Validator:
             if self.ledger.record(sender, True, step):
                 banned.append(sender)
 
+        for key in list(self.window_counts):
+            counts = {s: c for s, c in self.window_counts[key].items() if s > step - self.config.drift_steps}
+            self.window_counts[key] = counts
         for key, flags in by_monitor.items():
             # only mild distance flags can be drift: NaN, wrong shapes and gross outliers are never forgiven here
             mild = [f for f in flags if self._mild(f[2], f[1])]
@@ -144,11 +152,13 @@ class Validator:
             recent += [(step, sender) for sender, _, _ in mild]
             self.recent_flags[key] = recent
             threshold = self._drift_threshold(key, step)
+            bulk = self._bulk_flagged(key)
             if mild and len({w for _, w in recent}) >= threshold:
-                self._reanchor(key, min(mild, key=lambda f: f[1])[2].summary)
+                if bulk:
+                    self._reanchor(key, min(mild, key=lambda f: f[1])[2].summary)
                 flags = [f for f in flags if not any(f is m for m in mild)]
                 self._forgive_deferred(key, None)
-            elif self.config.drift_agreement:
+            elif self.config.drift_agreement and bulk:
                 flags = self._agreed_drift(key, step, flags, threshold)
             for sender, excess, obs in flags:
                 if self.config.drift_defer and self._mild(obs, excess):
@@ -162,6 +172,13 @@ class Validator:
                 strike(sender)
             self.deferred = [d for d in self.deferred if d[0] > due]
         return banned
+
+    def _bulk_flagged(self, key: tuple[int, str]) -> bool:
+        """Whether the tensors flagged at monitor ``key`` within the drift window are at least ``drift_min_fraction``
+        of those checked there for blame (honest drift moves the bulk of the traffic; outliers are rare)."""
+        counts = self.window_counts.get(key, {}).values()
+        checked, flagged = sum(c for c, _ in counts), sum(f for _, f in counts)
+        return flagged >= self.config.drift_min_fraction * checked
 
     def _mild(self, obs: Observation, excess: float) -> bool:
         """A distance flag that honest drift could explain: every distance under ``drift_max_excess`` x its fence."""
@@ -252,6 +269,9 @@ class Validator:
             },
             "last_seen": {f"{b}/{d}": dict(seen) for (b, d), seen in self.last_seen.items()},
             "deferred": [list(entry) for entry in self.deferred],
+            "window_counts": {
+                f"{b}/{d}": [[step, *c] for step, c in counts.items()] for (b, d), counts in self.window_counts.items()
+            },
             "recent_summaries": {
                 f"{b}/{d}": [[step, sender, summary.state_dict()] for step, sender, summary in entries]
                 for (b, d), entries in self.recent_summaries.items()
@@ -295,6 +315,10 @@ class Validator:
             for key, flags in d.get("recent_flags", {}).items()
         }
         self.deferred = [(int(st), int(b), str(di), str(w)) for st, b, di, w in d.get("deferred", [])]
+        self.window_counts = {
+            _monitor_key(key): {int(step): [int(checked), int(flagged)] for step, checked, flagged in rows}
+            for key, rows in d.get("window_counts", {}).items()
+        }
         self.pending = []
         for p in d.get("pending", []):
             summary = None if p["summary"] is None else Summary.from_state_dict(p["summary"])

@@ -276,3 +276,48 @@ def test_drift_defer_holds_mild_flags_until_the_drift_window_has_passed():
     assert all(v.ledger.strikes(f"w{i}") == 0 for i in (1, 2, 3))
     v.end_step(5)
     assert all(v.ledger.strikes(f"w{i}") == 0 for i in (1, 2, 3))
+
+
+@pytest.mark.parametrize("min_fraction", [0.0, 0.25])
+def test_rare_outliers_from_a_majority_of_senders_are_not_drift(min_fraction):
+    """Two senders' gross tensors that agree with each other, among 30 clean ones at the monitor: a majority of 3
+    senders, so without the fraction gate drift_agreement re-anchored the baseline on one of them (it did so in tiny
+    meshes, on honest first-token gradient outliers, and the next step's whole traffic was then flagged)."""
+    v = warmed(drift_senders=2, drift_agreement=True, ban_level=10, drift_min_fraction=min_fraction)
+    clean = list(pairs(60, 30))
+    outliers = _gross_drift(v, 61, 2)
+    for i, (out, ref) in enumerate(clean):
+        assert not v.check(out, boundary=1, direction="forward", sender=f"w{i % 3}", step=1, reference=ref).tainted
+    for i, (out, ref) in enumerate(outliers):
+        assert v.check(out, boundary=1, direction="forward", sender=f"w{i}", step=1, reference=ref).tainted
+    v.end_step(1)
+    strikes = [v.ledger.strikes(f"w{i}") for i in range(2)]
+    if min_fraction:  # 2 flagged of 32 checked: outliers, struck; the baseline stays
+        assert v.reanchors == 0 and strikes == [1, 1]
+        out, ref = next(pairs(62, 1))
+        assert not v.check(out, boundary=1, direction="forward", sender="w2", step=2, reference=ref).tainted
+    else:
+        assert v.reanchors == 1 and strikes == [0, 0]
+
+
+def test_drift_fraction_gate_counts_the_window_and_survives_a_state_round_trip():
+    """Flagged tensors that are a large enough part of the window's traffic are drift again; the counts of the window
+    are part of the saved state (lost, the 3 gross flags below would be 3 of 3 checked, and drift)."""
+    def run(clean: int, round_trip: bool) -> tuple[int, list[int]]:
+        v = warmed(drift_senders=2, drift_agreement=True, ban_level=10, drift_min_fraction=0.25, drift_steps=2)
+        for i, (out, ref) in enumerate(pairs(70, clean)):  # step 1: clean traffic
+            v.check(out, boundary=1, direction="forward", sender=f"w{i % 3}", step=1, reference=ref)
+        v.end_step(1)
+        if round_trip:
+            w = Validator(v.config)
+            w.load_state_dict(v.state_dict())
+            v = w
+        for i, (out, ref) in enumerate(_gross_drift(v, 71, 3)):  # step 2: 3 agreeing gross flags
+            assert v.check(out, boundary=1, direction="forward", sender=f"w{i}", step=2, reference=ref).tainted
+        v.end_step(2)
+        return v.reanchors, [v.ledger.strikes(f"w{i}") for i in range(3)]
+
+    assert run(6, False) == (1, [0, 0, 0])  # 3 of 9 checked: drift
+    assert run(12, True) == run(12, False) == (0, [1, 1, 1])  # 3 of 15: outliers
+    with pytest.raises(ConfigError):
+        SentinelConfig(drift_min_fraction=1.5)
