@@ -57,6 +57,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="how far (x its fence) one distance alone must go to flag a forward tensor (1: plain OR)")
     g.add_argument("--solo-excess-backward", type=float, default=s.solo_excess_backward,
                    help="the same for gradients")
+    g.add_argument("--token-clip-backward", type=float, default=s.token_clip_backward,
+                   help="a gradient's tokens count in its summary with norms capped at this multiple of its median "
+                        "token norm (honest gradients are heavy-tailed per token; 0: off)")
     g.add_argument("--fence-k", type=float, default=s.fence_k)
     g.add_argument("--window", type=int, default=s.window)
     g.add_argument("--ban-level", type=int, default=s.ban_level)
@@ -94,6 +97,7 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
         combine=args.combine,
         solo_excess_forward=args.solo_excess_forward,
         solo_excess_backward=args.solo_excess_backward,
+        token_clip_backward=args.token_clip_backward,
         fence_k=args.fence_k,
         window=args.window,
         min_window=min(SentinelConfig.min_window, args.window),

@@ -33,6 +33,14 @@ class SentinelConfig:
     # as noise on activations move a single distance by a little, hence different defaults
     solo_excess_forward: float = 1.0
     solo_excess_backward: float = 1.6
+    # a checked tensor's tokens count in its summary (and in the fit predictor's sums) with their norms capped at this
+    # multiple of the tensor's median token norm, the reference's tokens scaled alike; the tensor passed on is
+    # unchanged. 0: off. Gradients are heavy-tailed per token (honest tokens at 10-60x the median norm: the
+    # loss is much larger at some tokens, and the attention sink gathers gradient from every later position), and
+    # one such token decided a whole tensor's l2 and gain (4-40x their fences); activations are not (at most 2.4x
+    # measured), hence backward only (README, "Token clipping")
+    token_clip_forward: float = 0.0
+    token_clip_backward: float = 4.0
     fence_k: float = 6.0  # Tukey fence multiplier: Q3 + k * IQR
     window: int = 128  # accepted distances kept per (boundary, direction, metric) for the fence
     min_window: int = 16  # accepted observations needed before a monitor may flag (a late joiner warms itself)
@@ -102,6 +110,9 @@ class SentinelConfig:
             raise ConfigError(f"replacement must be one of {REPLACEMENT_MODES}, got {self.replacement!r}")
         if self.solo_excess_forward < 1 or self.solo_excess_backward < 1:
             raise ConfigError("solo_excess_forward and solo_excess_backward must be >= 1")
+        for name in ("token_clip_forward", "token_clip_backward"):
+            if getattr(self, name) != 0 and not getattr(self, name) >= 1:
+                raise ConfigError(f"{name} must be 0 (off) or >= 1, got {getattr(self, name)}")
         if self.fence_k <= 0:
             raise ConfigError(f"fence_k must be positive, got {self.fence_k}")
         if self.window < 4 or not 1 <= self.min_window <= self.window:
@@ -134,6 +145,11 @@ class SentinelConfig:
         """How far (x its fence) one distance must go to flag on its own, for ``direction``."""
         self.beta(direction)  # validates the direction
         return self.solo_excess_forward if direction == "forward" else self.solo_excess_backward
+
+    def token_clip(self, direction: str) -> float:
+        """The token-norm cap (x the median token norm) of ``direction``'s summaries; 0: none."""
+        self.beta(direction)  # validates the direction
+        return self.token_clip_forward if direction == "forward" else self.token_clip_backward
 
     def fence_floor(self, metric: str) -> float:
         return float(getattr(self, f"floor_{metric}"))

@@ -17,7 +17,15 @@ from dataclasses import dataclass, field
 import torch
 
 from sentinel.config import SentinelConfig
-from sentinel.stats import LinearPredictor, Summary, distances, host_array, make_projections, summarize
+from sentinel.stats import (
+    LinearPredictor,
+    Summary,
+    clip_tokens,
+    distances,
+    host_array,
+    make_projections,
+    summarize,
+)
 
 
 def _percentile(ordered: list[float], q: float) -> float:
@@ -123,6 +131,7 @@ class BoundaryMonitor:
         self.direction = direction
         self.boundary = boundary
         self.beta = config.beta(direction)
+        self.token_clip = config.token_clip(direction)
         self.baseline: Summary | None = None  # its ``residual`` (EMA of mean(x - reference)) shapes replacements
         self.fences = {
             m: TukeyFence(config.window, config.fence_k, config.min_iqr_fraction, config.fence_floor(m))
@@ -156,6 +165,8 @@ class BoundaryMonitor:
 
         ``detect=False`` is the honest warm-up (and the taint skip): distances are measured but nothing is flagged
         on distance. Non-finite or malformed tensors are always flagged: no baseline is needed to reject a NaN.
+        With a token clip for this direction (``SentinelConfig.token_clip``), the summary and the predictor see ``x``
+        and ``reference`` through ``clip_tokens``; ``x`` itself is not changed.
         """
         if not x.is_floating_point():
             raise InvalidTensor(f"expected a floating-point tensor, got {x.dtype}")
@@ -163,6 +174,8 @@ class BoundaryMonitor:
             return Observation(True, "shape")
         if x.numel() == 0 or x.dim() < 2:
             return Observation(True, "shape")
+        if self.token_clip:
+            x, reference = clip_tokens(x, reference, self.token_clip)
         projections = self.projections(x.shape[-1], x.device)
         predictor = None if self.predictor is None or reference is None else self.predictor.matrix(x.device)
         if predictor is not None and predictor.shape[0] != x.shape[-1] + 1:

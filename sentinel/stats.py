@@ -16,6 +16,10 @@ output to its input token by token, so the coupling between the two is stable fo
 output is not computed from the input. This is the content-aware check the architecture asks the interface to allow.
 
 Every distance is scale-free (relative to the baseline's own scale), so one fence setting serves all boundaries.
+
+Gradients are heavy-tailed per token (a few honest tokens at 10-60x the median norm), so the monitor summarises a
+gradient through ``clip_tokens``: each token counts with its norm capped at a multiple of the median token norm
+(``SentinelConfig.token_clip_backward``), and one token cannot decide the whole tensor's statistics.
 """
 
 from __future__ import annotations
@@ -175,6 +179,31 @@ def summarize(
     if x.device.type == "cpu":
         return _summarize_host(x, projections, n_quantiles, reference, predictor)
     return _summarize_device(x, projections, n_quantiles, reference, predictor)
+
+
+def clip_tokens(
+    x: torch.Tensor, reference: torch.Tensor | None, ratio: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x`` with every token whose norm exceeds ``ratio`` x the median token norm scaled down to that norm, and the
+    reference's same tokens scaled by the same factors (so that what ``x`` does to its reference, token by token, is
+    kept). Returns the inputs themselves when no token exceeds it. What the summaries see, never what is passed on.
+
+    A non-finite ``x`` stays non-finite (an infinite token becomes NaN, a NaN median clips nothing), so
+    ``Summary.finite`` still rejects it."""
+    rows = _rows(x)
+    if rows.device.type == "cpu":  # a product against ones: cheaper than a reduction here (see _summarize_host)
+        sq = torch.mm(rows * rows, _ones(rows.shape[1], True))[:, 0]
+    else:
+        sq = torch.linalg.vecdot(rows, rows)
+    limit = ratio * ratio * sq.median()
+    over = sq > limit  # all False when the median is NaN or infinite
+    if not bool(over.any()):
+        return x, reference
+    scale = torch.where(over, (limit / sq.clamp_min(_EPS)).sqrt(), torch.ones_like(sq))[:, None]
+    clipped = (rows * scale).reshape(x.shape)
+    if reference is None:
+        return clipped, None
+    return clipped, (_rows(reference) * scale).reshape(reference.shape)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

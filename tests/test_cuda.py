@@ -60,6 +60,19 @@ def test_validator_gives_the_same_verdicts_on_cuda_and_cpu():
     assert cpu.ledger.state_dict() == gpu.ledger.state_dict()
 
 
+def test_clip_tokens_on_cuda_matches_cpu():
+    """The token clip of gradient summaries (sentinel.stats.clip_tokens) on the device against the CPU path."""
+    from sentinel.stats import clip_tokens
+
+    x, ref = _stream(1, seed=2)[0]
+    x[1, 5] *= 60.0
+    cx, cref = clip_tokens(x, ref, 4.0)
+    gx, gref = clip_tokens(x.cuda(), ref.cuda(), 4.0)
+    assert gx.device.type == "cuda" and not torch.equal(cx, x)
+    assert torch.allclose(gx.cpu(), cx, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(gref.cpu(), cref, rtol=1e-5, atol=1e-6)
+
+
 def _tiny(**kw) -> MeshConfig:
     base = dict(preset="tiny", stages=2, replicas=3, malicious_fraction=1 / 6, steps=18, warmup=10, microbatches=6,
                 batch_size=2, eval_every=0, eval_batches=2, lr=1e-3, seed=1)  # fmt: skip

@@ -171,3 +171,36 @@ def test_fit_joins_once_there_is_a_predictor_and_flags_only_after_a_window():
     assert all((fence == float("inf")) == (n < config.min_window - 1) for n, fence in zip(windows, fences))
     no_fit = BoundaryMonitor(SentinelConfig(metrics=("l1", "cosine")), "forward", 1)
     assert no_fit.predictor is None and "fit" not in no_fit.state_dict()["fences"]
+
+
+def gradients(seed: int, n: int = 64):
+    """Gradient-like traffic: heavy-tailed token norms (log-normal scales, some tokens 4-10x the median), the
+    reference's per-token scale inherited by the checked tensor."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        scale = torch.exp(0.7 * torch.randn(4, 8, 1, generator=g))
+        ref = scale * (torch.randn(4, 8, D, generator=g) + torch.linspace(-1, 1, D))
+        yield ref + 0.3 * scale * torch.randn(4, 8, D, generator=g), ref
+
+
+@pytest.mark.parametrize("clip", [0.0, 4.0])
+def test_token_clip_keeps_one_outlier_gradient_token_from_deciding_the_tensor(clip):
+    """A gradient whose one token the stage amplified 40x (honest gradients have such tokens): with the default token
+    clip the tensor is accepted, without it l2 and gain cross their fences; whole-tensor attacks are flagged either
+    way."""
+    mon = BoundaryMonitor(SentinelConfig(token_clip_backward=clip), "backward", boundary=1)
+    for out, ref in gradients(0, 48):
+        mon.observe(out, ref, detect=False)
+    assert sum(mon.observe(out, ref).flagged for out, ref in gradients(1, 32)) == 0
+    out, ref = next(gradients(2, 1))
+    spiked = out.clone()
+    spiked[0, 0] *= 40.0
+    obs = mon.observe(spiked, ref)
+    if clip:
+        assert not obs.flagged
+    else:
+        assert obs.flagged and {"l2", "gain"} <= set(obs.reason.removeprefix("distance:").split(","))
+    for attacked in (torch.zeros_like(out), -out, 3 * out, out + 3 * out.std(), torch.randn_like(out) * 10):
+        assert mon.observe(attacked, ref).flagged
+    with pytest.raises(ConfigError):
+        SentinelConfig(token_clip_backward=0.5)

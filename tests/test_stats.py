@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 
-from sentinel.stats import DISTANCES, LinearPredictor, distances, make_projections, summarize
+from sentinel.stats import DISTANCES, LinearPredictor, clip_tokens, distances, make_projections, summarize
 
 D = 32
 
@@ -194,3 +194,30 @@ def test_linear_predictor_loads_the_older_state_format(proj):
         a.update(x, ref, proj)
         b.update(x, ref, proj)
     assert torch.allclose(a.weights, b.weights, rtol=1e-9, atol=1e-12) and a.expected == pytest.approx(b.expected)
+
+
+def test_clip_tokens_caps_outlier_tokens_and_scales_the_reference_alike():
+    g = torch.Generator().manual_seed(7)
+    ref = torch.randn(2, 8, 16, generator=g)
+    x = ref + 0.1 * torch.randn(2, 8, 16, generator=g)
+    same_x, same_ref = clip_tokens(x, ref, 4.0)
+    assert same_x is x and same_ref is ref  # nothing over the cap: the inputs themselves
+    x[1, 3] *= 50.0
+    norms = x.norm(dim=-1).flatten()
+    cap = 4.0 * float(norms.square().median().sqrt())
+    cx, cref = clip_tokens(x, ref, 4.0)
+    assert float(cx[1, 3].norm()) == pytest.approx(cap, rel=1e-5)
+    factor = cap / float(x[1, 3].norm())
+    assert torch.allclose(cref[1, 3], ref[1, 3] * factor)
+    keep = torch.ones(2, 8, dtype=torch.bool)
+    keep[1, 3] = False
+    assert torch.equal(cx[keep], x[keep]) and torch.equal(cref[keep], ref[keep])
+    assert x[1, 3].norm() > cap  # the inputs are not modified
+    # non-finite stays non-finite: an infinite token becomes NaN, a NaN clips nothing
+    x[0, 0, 0] = float("inf")
+    assert not torch.isfinite(clip_tokens(x, ref, 4.0)[0]).all()
+    x[0, 0, 0] = float("nan")
+    assert not torch.isfinite(clip_tokens(x, ref, 4.0)[0]).all()
+    # all zeros (a zeros attack) stays all zeros
+    z = torch.zeros(2, 8, 16)
+    assert torch.equal(clip_tokens(z, ref, 4.0)[0], z)
