@@ -67,7 +67,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="honest warm-up steps before the attack (default: enough checks for every monitor to learn)")
     p.add_argument("--microbatches", type=int, default=4, help="micro-batches per step")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--ban-level", type=int, default=4, help="strikes that ban a peer (the method's default is 3)")
+    p.add_argument("--ban-level", type=int, default=3, help="strikes that ban a peer")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate of the trainer and the stages")
     p.add_argument("--max-inflight", type=int, default=1,
                    help="micro-batches the trainer keeps in flight (default 1: the demo is reproducible; more is "
