@@ -42,14 +42,14 @@ def test_every_group_a_attack_is_flagged_and_banned(attack, direction, corpus):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_honest_runs_ban_nobody(seed):
     # exactly the benchmark's honest setting (small, 8 stages x 4 replicas, 30 warm-up steps of 60, the default
-    # corpus), where 5 of 5 seeds banned nobody and 0.79% of micro-batches were tainted. Known gaps, not hidden
-    # (README): tiny 2 x 3 meshes with small micro-batches ban honest workers in most seeds, and so does 16 x 11
-    # with 8 micro-batches a step.
+    # corpus), where 10 of 10 seeds banned nobody and 0.35% of micro-batches were tainted (seeds 0 and 1: 3 and 2 of
+    # 480); the target is under 1%. Known gaps, not hidden (README): tiny 2 x 3 meshes with small
+    # micro-batches ban honest workers in some seeds, and so does 16 x 11 with 8 micro-batches a step.
     cfg = MeshConfig(preset="small", stages=8, replicas=4, steps=60, warmup=30, seed=seed, eval_every=0)
     rep = Mesh(cfg).run().report
     assert rep["banned"] == []
     assert rep["malicious"] == []
-    assert rep["tainted_microbatches"] <= 0.05 * rep["microbatches"]
+    assert rep["tainted_microbatches"] < 0.01 * rep["microbatches"]
 
 
 def test_nan_attack_never_makes_the_loss_non_finite(corpus):
