@@ -20,9 +20,10 @@ concludes that the honest distribution moved. It drops the current step's strike
 strikes stand) and re-anchors its baseline on the least anomalous flagged tensor, keeping its fences. Only *mild*
 flags (every distance below ``drift_max_excess`` times its fence) count as drift: honest drift crosses a fence by a
 little, the group-A attacks by 5 to 200 times, and a re-anchor on an attacker's tensor would poison the baseline.
-Otherwise every flag becomes a strike. Taint and replacement are immediate either way; only blame waits for the end
-of the step. The window of several steps matters: a slow honest drift flags one or two replicas per step, never a
-majority in any single step, yet all of them within a few steps.
+Otherwise every flag becomes a strike. A banned sender's flagged tensors are never evidence of drift nor an anchor.
+Taint and replacement are immediate either way; only blame waits for the end of the step. The window of several
+steps matters: a slow honest drift flags one or two replicas per step, never a majority in any single step, yet all
+of them within a few steps.
 """
 
 from __future__ import annotations
@@ -153,9 +154,11 @@ class Validator:
             self.recent_flags[key] = recent
             threshold = self._drift_threshold(key, step)
             bulk = self._bulk_flagged(key)
-            if mild and len({w for _, w in recent}) >= threshold:
+            # a banned sender's tensors are never evidence of drift, nor an anchor for the baseline
+            honest_mild = [f for f in mild if not self.ledger.is_banned(f[0])]
+            if honest_mild and len({w for _, w in recent if not self.ledger.is_banned(w)}) >= threshold:
                 if bulk:
-                    self._reanchor(key, min(mild, key=lambda f: f[1])[2].summary)
+                    self._reanchor(key, min(honest_mild, key=lambda f: f[1])[2].summary)
                 flags = [f for f in flags if not any(f is m for m in mild)]
                 self._forgive_deferred(key, None)
             elif self.config.drift_agreement and bulk:
@@ -207,6 +210,7 @@ class Validator:
         window = [e for e in self.recent_summaries.get(key, []) if e[0] > step - self.config.drift_steps]
         window += [(step, sender, obs.summary) for sender, _, obs in flags
                    if obs.reason.startswith("distance:") and obs.summary is not None]  # fmt: skip
+        window = [e for e in window if not self.ledger.is_banned(e[1])]  # never evidence, never an anchor
         self.recent_summaries[key] = window
         if len({sender for _, sender, _ in window}) < threshold:
             return flags

@@ -321,3 +321,24 @@ def test_drift_fraction_gate_counts_the_window_and_survives_a_state_round_trip()
     assert run(12, True) == run(12, False) == (0, [1, 1, 1])  # 3 of 15: outliers
     with pytest.raises(ConfigError):
         SentinelConfig(drift_min_fraction=1.5)
+
+
+def test_a_banned_senders_tensors_are_never_drift_evidence_nor_an_anchor():
+    """A 2-replica stage with drift_active_majority (the demo's setting): once the attacker is banned, one honest
+    sender is a majority of the active ones. The attacker's flagged zeros were still in the drift window, agreed with
+    each other, and drift_agreement re-anchored the baseline on them (seen in a loopback swarm trace: every honest
+    tensor was then flagged, and the honest replica banned)."""
+    v = Validator(SentinelConfig(drift_active_majority=True, drift_agreement=True, ban_level=2))
+    for i, (out, ref) in enumerate(pairs(80, 40)):
+        sender = ("good", "bad")[i % 2]
+        v.check(out, boundary=1, direction="forward", sender=sender, step=0, reference=ref, warmup=True)
+    v.end_step(0)
+    for out, ref in pairs(81, 2):
+        assert v.check(out * 0, boundary=1, direction="forward", sender="bad", step=1, reference=ref).tainted
+    assert v.end_step(1) == ["bad"]
+    out, ref = _gross_drift(v, 82, 1)[0]  # the honest replica's traffic moved past the old baseline
+    assert v.check(out, boundary=1, direction="forward", sender="good", step=2, reference=ref).tainted
+    v.end_step(2)
+    assert float(v.monitor(1, "forward").baseline.std.sum()) > 0  # not re-anchored on the banned sender's zeros
+    out, ref = _gross_drift(v, 83, 1)[0]
+    assert not v.check(out, boundary=1, direction="forward", sender="good", step=3, reference=ref).tainted
