@@ -111,8 +111,9 @@ class SentinelConfig:
         if self.solo_excess_forward < 1 or self.solo_excess_backward < 1:
             raise ConfigError("solo_excess_forward and solo_excess_backward must be >= 1")
         for name in ("token_clip_forward", "token_clip_backward"):
-            if getattr(self, name) != 0 and not getattr(self, name) >= 1:
-                raise ConfigError(f"{name} must be 0 (off) or >= 1, got {getattr(self, name)}")
+            clip = getattr(self, name)
+            if clip != 0 and not clip >= 1:  # also refuses NaN
+                raise ConfigError(f"{name} must be 0 (off) or >= 1, got {clip}")
         if self.fence_k <= 0:
             raise ConfigError(f"fence_k must be positive, got {self.fence_k}")
         if self.window < 4 or not 1 <= self.min_window <= self.window:

@@ -149,16 +149,18 @@ class Validator:
         for key, flags in by_monitor.items():
             # only mild distance flags can be drift: NaN, wrong shapes and gross outliers are never forgiven here
             mild = [f for f in flags if self._mild(f[2], f[1])]
-            recent = [(s, w) for s, w in self.recent_flags.get(key, []) if s > step - self.config.drift_steps]
-            recent += [(step, sender) for sender, _, _ in mild]
+            # a banned sender's tensors are never evidence of drift, nor an anchor for the baseline (as in the window
+            # of _agreed_drift)
+            live_mild = [f for f in mild if not self.ledger.is_banned(f[0])]
+            recent = [(s, w) for s, w in self.recent_flags.get(key, [])
+                      if s > step - self.config.drift_steps and not self.ledger.is_banned(w)]  # fmt: skip
+            recent += [(step, sender) for sender, _, _ in live_mild]
             self.recent_flags[key] = recent
             threshold = self._drift_threshold(key, step)
             bulk = self._bulk_flagged(key)
-            # a banned sender's tensors are never evidence of drift, nor an anchor for the baseline
-            honest_mild = [f for f in mild if not self.ledger.is_banned(f[0])]
-            if honest_mild and len({w for _, w in recent if not self.ledger.is_banned(w)}) >= threshold:
+            if live_mild and len({w for _, w in recent}) >= threshold:
                 if bulk:
-                    self._reanchor(key, min(honest_mild, key=lambda f: f[1])[2].summary)
+                    self._reanchor(key, min(live_mild, key=lambda f: f[1])[2].summary)
                 flags = [f for f in flags if not any(f is m for m in mild)]
                 self._forgive_deferred(key, None)
             elif self.config.drift_agreement and bulk:
