@@ -319,7 +319,8 @@ def run(args: argparse.Namespace) -> int:
             "--validator-key", *[v.public_hex for v in validators], "--trainer-key", trainer.public_hex,
             "--ban-quorum", str(args.ban_quorum), "--authority-key", str(keys / "authority.key"),
             "--port", str(_free_port()), "--p2p-identity", str(keys / "bootstrap.p2p"),
-            "--sentinel", f"drift_senders={drift}", "drift_active_majority=true", f"ban_level={args.ban_level}",
+            "--sentinel", f"drift_senders={drift}", "drift_active_majority=true",
+            f"ban_level={args.ban_level}",
             "--ready-file", str(ready_file),
         ])  # fmt: skip
         ready = _wait_file(ready_file, boot, swarm, 90)
@@ -329,7 +330,8 @@ def run(args: argparse.Namespace) -> int:
         for i in range(args.validators):
             swarm.start(f"validator{i}", ["join", "--role", "validator", *common, "--identity",
                                           str(keys / f"validator{i}.key"), "--checkpoint-dir", str(workdir / "state"),
-                                          "--stats", str(workdir / f"validator{i}.json")])  # fmt: skip
+                                          "--stats", str(workdir / f"validator{i}.json"),
+                                          "--check-log", str(swarm.logs / f"validator{i}-checks.jsonl")])  # fmt: skip
         # attacker i serves stage (i mod S) + 1 as that stage's replica i // S: spread over the stages
         attackers = {(i % args.stages + 1, i // args.stages) for i in range(args.attackers)}
         stages = []

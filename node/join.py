@@ -93,6 +93,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "parameters in their averaging rounds (a poisoner the validators cannot see; 0: honest)")
     g = p.add_argument_group("validator")
     g.add_argument("--boundaries", default="all", help="boundaries to check: 'all' or e.g. '0,1,2'")
+    g.add_argument("--check-log", metavar="PATH", default=None,
+                   help="append one JSON line per check to PATH: step, micro-batch, boundary, direction, sender, "
+                        "every distance and its fence, the verdict, and the strikes of each step settled")  # fmt: skip
     g = p.add_argument_group("trainer")
     g.add_argument("--steps", type=int, default=100)
     g.add_argument("--microbatches", type=int, default=4, help="micro-batches per step")
@@ -269,7 +272,8 @@ async def _validator(args, dht, manifest, identity, stop: StopFlag) -> int:
 
     state = _state_path(args, f"validator-{identity.fingerprint}.pt")
     config = ValidatorServiceConfig(
-        boundaries=_boundaries(args.boundaries, manifest.n_stages), state_path=str(state) if state else None
+        boundaries=_boundaries(args.boundaries, manifest.n_stages), state_path=str(state) if state else None,
+        check_log=args.check_log,
     )
     service = ValidatorService(config, manifest, identity, sentinel_from_manifest(manifest))
     await service.start(dht)
@@ -297,8 +301,13 @@ async def _validator(args, dht, manifest, identity, stop: StopFlag) -> int:
     try:
         while not await _sleep_until_stopped(stop, 0.5, dht):
             if service.n_tainted > tainted:
-                say(f"validator: TAINT {service.n_tainted - tainted} tensor(s) flagged and replaced "
-                    f"({service.n_tainted} of {service.n_checks} checks so far)")  # fmt: skip
+                events = [e for e in list(service.taint_events) if e.number > tainted]
+                missed = service.n_tainted - tainted - len(events)  # more than the event log holds since last time
+                for event in events:
+                    say(f"validator: TAINT {event.describe()}")
+                if missed > 0:
+                    say(f"validator: TAINT {missed} more tensor(s) flagged and replaced")
+                say(f"validator: {service.n_tainted} of {service.n_checks} checks tainted so far")
                 tainted = service.n_tainted
             now_strikes, now_banned = ledger_view()
             for peer, count in sorted(now_strikes.items()):

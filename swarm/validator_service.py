@@ -20,8 +20,10 @@ state (baselines, ledger) is saved to ``state_path`` every ``save_every`` checks
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
+import time
 from collections import OrderedDict, defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -78,6 +80,8 @@ from swarm.stage_server import manifest_model_config, remove_rpc_handlers, rpc_n
 
 logger = logging.getLogger(__name__)
 
+MAX_TAINT_EVENTS = 256  # taint events kept for operators (ValidatorService.taint_events)
+
 
 @dataclass
 class ValidatorServiceConfig:
@@ -93,6 +97,9 @@ class ValidatorServiceConfig:
     max_streams: int = 8  # streamed check requests in hand at once; one more is refused with Busy (memory bound)
     reference_cache_bytes: int = 64 * 2**20  # tensors this validator passed on (accepted or replaced), kept so that
     # the next boundary's check can name its reference by digest instead of resending it (0: off)
+    check_log: str | None = None  # append one JSON line per check here (an audit trail: who sent what, each
+    # distance against its fence, the verdict) and one per settled step (the strikes of the senders it touched); the
+    # file is buffered and complete once the service shuts down. None: off
 
 
 class ValidatorService(ServicerBase):
@@ -116,12 +123,15 @@ class ValidatorService(ServicerBase):
         self.streams = StreamSlots(config.max_streams)
         self._step: int | None = None  # highest step seen; its blame is settled when a later step starts
         self.n_tainted = 0
+        # the latest taints, for operators (``sentinel-node join --role validator`` prints each one): TaintEvent
+        self.taint_events: deque[TaintEvent] = deque(maxlen=MAX_TAINT_EVENTS)
         self.seconds = 0.0
         self.evidence: dict[str, deque[bytes]] = defaultdict(lambda: deque(maxlen=MAX_EVIDENCE))
         self._kept: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # digest -> tensor passed on (LRU)
         self._kept_bytes = 0
         self.reference_hits = 0  # checks whose reference came from _kept
         self._stopped = False
+        self._check_log = open(config.check_log, "a", buffering=1 << 16) if config.check_log else None  # noqa: SIM115
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="validator")  # the Validator is serial
         # one publisher thread: records go out in the order they were made (a later strike must not be overtaken)
         self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="validator-publish")
@@ -165,6 +175,9 @@ class ValidatorService(ServicerBase):
         self._executor.shutdown(wait=True)
         self._publisher.shutdown(wait=True)
         self.save_state()
+        if self._check_log is not None:
+            self._check_log.close()
+            self._check_log = None
 
     async def flush(self) -> None:
         """Wait for the DHT publications started so far."""
@@ -289,6 +302,13 @@ class ValidatorService(ServicerBase):
         res, settled, settled_step = await asyncio.get_running_loop().run_in_executor(self._executor, run_check)
         if settled:
             self._publish_strikes(settled, settled_step)
+        if self._check_log is not None:
+            if settled:
+                self._log({"settled": settled_step, "strikes": {s: [n, b] for s, n, b in settled}})
+            self._log({"step": step, "mb": mb, "boundary": boundary, "direction": name, "sender": sender,
+                       "upstream_tainted": tainted, "warmup": warmup, "tainted": res.tainted, "blamed": res.blamed,
+                       "reason": res.reason, "scores": _finite(res.scores),
+                       "fences": _finite(res.fences)})  # fmt: skip
         self.n_checks += 1
         self.seconds += res.seconds
 
@@ -305,6 +325,8 @@ class ValidatorService(ServicerBase):
             self._keep(digest, x)
         else:
             self.n_tainted += 1
+            self.taint_events.append(TaintEvent(self.n_tainted, step, mb, boundary, name, sender, res.reason,
+                                                res.blamed, _excess(res)))  # fmt: skip
             reply["taint_verdict"] = verdict(Verdict.TAINT, digest)
             if res.tensor is not None:
                 replacement = as_received(res.tensor, self.config.compression)
@@ -318,6 +340,16 @@ class ValidatorService(ServicerBase):
         return runtime_pb2.ExpertResponse(
             tensors=encode_tensors(tensors, self.config.compression), metadata=pack_meta(reply)
         )
+
+    def _log(self, entry: dict) -> None:
+        """One JSON line for the check log (``ValidatorServiceConfig.check_log``), timestamped."""
+        if self._check_log is None:
+            return
+        try:
+            self._check_log.write(json.dumps({"t": round(time.time(), 3), **entry}, separators=(",", ":")) + "\n")
+        except OSError as exc:  # a full disk must not stop the checks
+            logger.warning("check log: %s; logging stopped", exc)
+            self._check_log = None
 
     def _keep(self, digest: bytes, tensor: torch.Tensor) -> None:
         """Remember a tensor passed on, under its digest, within ``reference_cache_bytes`` (least recent out)."""
@@ -360,6 +392,8 @@ class ValidatorService(ServicerBase):
         step = self._step
         settled = await asyncio.get_running_loop().run_in_executor(self._executor, self._settle_now, step)
         self._publish_strikes(settled, step)
+        if settled:
+            self._log({"settled": step, "strikes": {s: [n, b] for s, n, b in settled}})
 
     def _publish_strikes(self, settled: list[tuple[str, int, bool]], step: int) -> None:
         if self._dht is None or not self.config.publish:
@@ -374,6 +408,37 @@ class ValidatorService(ServicerBase):
         task = asyncio.get_running_loop().run_in_executor(self._publisher, fn, *args)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+
+
+@dataclass(frozen=True)
+class TaintEvent:
+    """One tainted check, as an operator reads it: which tensor, from whom, and why."""
+
+    number: int  # the service's n_tainted after this taint (1, 2, ...): lets a reader tell new events from seen ones
+    step: int
+    microbatch: int
+    boundary: int
+    direction: str
+    sender: str
+    reason: str  # "non-finite", "shape", "distance:<metric>,...", or "upstream taint" and the like
+    blamed: bool  # whether the sender is to get a strike for it (when the step settles; the drift guard may forgive)
+    excess: dict[str, float]  # each distance over its fence, as score / fence
+
+    def describe(self) -> str:
+        over = ", ".join(f"{m} {r:.3g}x" for m, r in sorted(self.excess.items(), key=lambda kv: -kv[1]))
+        blame = "blamed" if self.blamed else "not blamed"
+        return (f"step {self.step} mb {self.microbatch} boundary {self.boundary} {self.direction} from "
+                f"{self.sender}: {self.reason or 'flagged'}" + (f" ({over})" if over else "") + f"; {blame}")
+
+
+def _excess(res: CheckResult) -> dict[str, float]:
+    """score / fence for every distance over its (finite, positive) fence."""
+    out = {}
+    for m, score in res.scores.items():
+        fence = res.fences.get(m)
+        if fence is not None and math.isfinite(score) and math.isfinite(fence) and fence > 0 and score > fence:
+            out[m] = score / fence
+    return out
 
 
 def _finite(scores: dict[str, float]) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """Stage server, validator service and trainer over real hivemind P2P on 127.0.0.1 (forked, 2-4 peers, bounded)."""
 
 import asyncio
+import json
 import math
 
 import hivemind
@@ -99,14 +100,15 @@ def test_stage_server_rejects_unvalidated_inputs_with_distinct_codes():
                 dht.shutdown()
 
 
-async def _swarm(dhts, *, attack=None, sentinel=None, trainer_config=None):
+async def _swarm(dhts, *, attack=None, sentinel=None, trainer_config=None, validator_config=None):
     """2 stages x 1 replica + 1 validator + trainer, each on its own DHT (dhts: stage1, stage2, validator, trainer)."""
     stages = [
         StageServer(StageServerConfig(stage=k, seed=SEED, accumulate=100), MANIFEST, STAGE_IDS[k - 1],
                     attack=attack if k == 1 else None)
         for k in (1, 2)
     ]  # fmt: skip
-    validator = ValidatorService(ValidatorServiceConfig(), MANIFEST, VALIDATOR, sentinel or SentinelConfig())
+    validator = ValidatorService(validator_config or ValidatorServiceConfig(), MANIFEST, VALIDATOR,
+                                 sentinel or SentinelConfig())  # fmt: skip
     trainer = Trainer(trainer_config or TrainerConfig(seed=SEED, batch_size=2), MANIFEST, TRAINER, CORPUS)
     for service, dht in zip((*stages, validator), dhts):
         await service.start(dht)
@@ -157,14 +159,16 @@ def test_end_to_end_microbatch_matches_local_model():
 
 @pytest.mark.forked
 @pytest.mark.timeout(90)
-def test_forward_attacker_is_tainted_replaced_struck_and_banned():
+def test_forward_attacker_is_tainted_replaced_struck_and_banned(tmp_path):
     dhts = []
+    check_log = tmp_path / "checks.jsonl"
     try:
         dhts = _start_four()
         attack = MaliciousBehaviour(worker=0, attack=make_attack("nonfinite"), directions="forward", onset=0, seed=0)
 
         async def main():
-            stages, validator, trainer = await _swarm(dhts, attack=attack, sentinel=SentinelConfig(ban_level=2))
+            stages, validator, trainer = await _swarm(dhts, attack=attack, sentinel=SentinelConfig(ban_level=2),
+                                                      validator_config=ValidatorServiceConfig(check_log=str(check_log)))
             try:
                 losses = [await trainer.microbatch(step=s, mb=s) for s in (0, 1)]
                 assert all(math.isfinite(loss) for loss in losses)  # the replacement flowed on to stage 2 and head
@@ -179,6 +183,20 @@ def test_forward_attacker_is_tainted_replaced_struck_and_banned():
                 assert banned_peers(strikes, MANIFEST) == {bad}, strikes
                 await trainer.refresh()
                 assert trainer.banned == {bad}
+                # what an operator sees: each taint with its reason, and the check log (written on shutdown)
+                events = list(validator.taint_events)
+                assert [(e.number, e.step, e.boundary, e.direction, e.sender, e.reason, e.blamed) for e in events] == [
+                    (1, 0, 1, "forward", bad, "non-finite", True), (2, 1, 1, "forward", bad, "non-finite", True)]
+                assert events[0].describe().startswith(f"step 0 mb 0 boundary 1 forward from {bad}: non-finite")
+                await validator.shutdown()
+                lines = [json.loads(line) for line in check_log.read_text().splitlines()]
+                checks = [e for e in lines if "step" in e]
+                assert len(checks) == validator.n_checks
+                assert [(e["step"], e["boundary"], e["direction"]) for e in checks if e["tainted"]] == [
+                    (0, 1, "forward"), (1, 1, "forward")]
+                assert all(e["sender"] == bad and e["reason"] == "non-finite" for e in checks if e["tainted"])
+                assert [(e["settled"], e["strikes"]) for e in lines if "settled" in e] == [
+                    (0, {bad: [1, False]}), (1, {bad: [2, True]})]
             finally:
                 for service in (*stages, validator):
                     await service.shutdown()
