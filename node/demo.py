@@ -319,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
             "--validator-key", *[v.public_hex for v in validators], "--trainer-key", trainer.public_hex,
             "--ban-quorum", str(args.ban_quorum), "--authority-key", str(keys / "authority.key"),
             "--port", str(_free_port()), "--p2p-identity", str(keys / "bootstrap.p2p"),
-            "--sentinel", f"drift_senders={drift}", "drift_active_majority=true",
+            "--sentinel", f"drift_senders={drift}", "drift_active_majority=true", "drift_peer=true",
             f"ban_level={args.ban_level}",
             "--ready-file", str(ready_file),
         ])  # fmt: skip

@@ -75,6 +75,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--drift-min-fraction", type=float, default=s.drift_min_fraction,
                    help="drift also needs the flagged tensors to be at least this fraction of those checked at the "
                         "monitor within the drift window (rare outliers are not drift; 0: off)")
+    g.add_argument("--drift-peer", action=argparse.BooleanOptionalAction, default=s.drift_peer,
+                   help="do not strike a mild flag whose tensor is within the fences of another sender's latest "
+                        "accepted tensor at the same monitor (it drifted as an honest sibling did; still replaced)")
     g.add_argument("--replacement", default=s.replacement, choices=["baseline", "drop"])
     c = p.add_argument_group("checkpoints (with --compare: of the main run only; the comparison runs start over)")
     c.add_argument("--checkpoint", metavar="PATH",
@@ -108,6 +111,7 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
         drift_agreement=args.drift_agreement,
         drift_defer=args.drift_defer,
         drift_min_fraction=args.drift_min_fraction,
+        drift_peer=args.drift_peer,
         seed=args.seed,
     )
     return MeshConfig(

@@ -93,6 +93,12 @@ class SentinelConfig:
     # have passed without drift being recognised at its monitor; drift recognised there in time forgives it. Gross
     # flags strike at once. For large meshes, where a replica can collect a ban's worth of strikes early in a drift,
     # before a majority of its stage has been seen (README, "Drift guard")
+    drift_peer: bool = False  # a mild flag is not struck when the tensor is within the fences of the latest tensor
+    # that another (non-banned) sender had accepted at the same monitor within drift_steps steps, that tensor taken as
+    # the baseline: its sender shifted as an honest sibling did. For stages of 2-3 replicas, whose honest drift rarely
+    # flags a majority of them within drift_steps steps (README, "Drift guard"). The tensor is replaced all the same.
+    # Off by default: a mild attack can also fall within an honest sibling's fences, and on small 8 x 4 it let more
+    # weak attackers go unbanned (on in the demo)
     replacement: str = "baseline"  # tainted tensor: "baseline" replacement or "drop" the micro-batch
     seed: int = 0  # seeds the validator-private projections
 

@@ -193,12 +193,13 @@ class BoundaryMonitor:
         fences = {m: self.fence(m) for m in scores}
         flagged, reason = False, ""
         if detect and self.ready:
-            flagged, reason = self._decide(scores, fences)
+            flagged, reason = self.decide(scores, fences)
         if not flagged and learn:
             self._accept(summary, scores, x, reference)
         return Observation(flagged, reason, scores, fences, summary)
 
-    def _decide(self, scores: dict[str, float], fences: dict[str, float]) -> tuple[bool, str]:
+    def decide(self, scores: dict[str, float], fences: dict[str, float]) -> tuple[bool, str]:
+        """Whether ``scores`` (distances to the baseline) flag against ``fences``, and the reason."""
         over = [m for m in scores if scores[m] > fences[m]]
         if self.config.combine == "any":
             solo = self.config.solo_excess(self.direction)

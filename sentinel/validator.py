@@ -75,6 +75,9 @@ class Validator:
         # drift_min_fraction: monitor -> step -> [tensors checked for blame, of them flagged], within the drift window
         self.window_counts: dict[tuple[int, str], dict[int, list[int]]] = {}
         self.touched: set[str] = set()  # senders whose ledger the last end_step changed or may have changed
+        # drift_peer: monitor -> sender -> (step, summary) of its latest tensor accepted there
+        self.last_accepted: dict[tuple[int, str], dict[str, tuple[int, Summary]]] = {}
+        self.peer_forgiven = 0  # mild flags that drift_peer did not strike
 
     def monitor(self, boundary: int, direction: str) -> BoundaryMonitor:
         key = (boundary, direction)
@@ -114,6 +117,8 @@ class Validator:
                 self.pending.append((boundary, direction, sender, excess, obs))
             else:
                 self.ledger.record(sender, False, step)
+                if self.config.drift_peer and obs.summary is not None:
+                    self.last_accepted.setdefault((boundary, direction), {})[sender] = (step, obs.summary)
         out: torch.Tensor | None = tensor
         if obs.flagged:
             out = None if self.config.replacement == "drop" else mon.replacement(tensor, reference)
@@ -166,6 +171,9 @@ class Validator:
             elif self.config.drift_agreement and bulk:
                 flags = self._agreed_drift(key, step, flags, threshold)
             for sender, excess, obs in flags:
+                if self.config.drift_peer and self._mild(obs, excess) and self._peer_agrees(key, step, sender, obs):
+                    self.peer_forgiven += 1
+                    continue
                 if self.config.drift_defer and self._mild(obs, excess):
                     self.deferred.append((step, key[0], key[1], sender))
                 else:
@@ -188,6 +196,27 @@ class Validator:
     def _mild(self, obs: Observation, excess: float) -> bool:
         """A distance flag that honest drift could explain: every distance under ``drift_max_excess`` x its fence."""
         return obs.reason.startswith("distance:") and excess < self.config.drift_max_excess
+
+    def _peer_agrees(self, key: tuple[int, str], step: int, sender: str, obs: Observation) -> bool:
+        """``drift_peer``: whether the flagged tensor (its summary in ``obs``) would pass the monitor's fences with the
+        latest accepted tensor of another non-banned sender, from the last ``drift_steps`` steps, as the baseline.
+
+        A lone honest replica can cross a fence first while its stage drifts: its siblings' traffic moved as well,
+        but stayed just inside. An attack is as far from a sibling's honest tensor as from the baseline, so it stays
+        flagged (and mild attacks that this lets through are still replaced; only their strikes are lost)."""
+        if obs.summary is None:
+            return False
+        monitor = self.monitors[key]
+        fences = {m: monitor.fence(m) for m in self.config.metrics}
+        for peer, (seen, summary) in self.last_accepted.get(key, {}).items():
+            if peer == sender or seen <= step - self.config.drift_steps or self.ledger.is_banned(peer):
+                continue
+            if summary.mean.shape != obs.summary.mean.shape:
+                continue
+            scores = distances(obs.summary, summary, self.config.metrics)
+            if not monitor.decide(scores, {m: fences[m] for m in scores})[0]:
+                return True
+        return False
 
     def _forgive_deferred(self, key: tuple[int, str], within: set[tuple[int, str]] | None) -> None:
         """Drift recognised at monitor ``key``: drop its deferred flags (only those whose (step, sender) is in
@@ -275,6 +304,11 @@ class Validator:
             },
             "last_seen": {f"{b}/{d}": dict(seen) for (b, d), seen in self.last_seen.items()},
             "deferred": [list(entry) for entry in self.deferred],
+            "last_accepted": {
+                f"{b}/{d}": [[sender, seen, summary.state_dict()] for sender, (seen, summary) in peers.items()]
+                for (b, d), peers in self.last_accepted.items()
+            },
+            "peer_forgiven": self.peer_forgiven,
             "window_counts": {
                 f"{b}/{d}": [[step, *c] for step, c in counts.items()] for (b, d), counts in self.window_counts.items()
             },
@@ -321,6 +355,11 @@ class Validator:
             for key, flags in d.get("recent_flags", {}).items()
         }
         self.deferred = [(int(st), int(b), str(di), str(w)) for st, b, di, w in d.get("deferred", [])]
+        self.last_accepted = {
+            _monitor_key(key): {str(w): (int(seen), Summary.from_state_dict(summary)) for w, seen, summary in peers}
+            for key, peers in d.get("last_accepted", {}).items()
+        }
+        self.peer_forgiven = int(d.get("peer_forgiven", 0))
         self.window_counts = {
             _monitor_key(key): {int(step): [int(checked), int(flagged)] for step, checked, flagged in rows}
             for key, rows in d.get("window_counts", {}).items()

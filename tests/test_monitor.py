@@ -134,11 +134,11 @@ def test_a_lone_distance_flags_only_beyond_solo_excess():
     """With combine="any": two distances over their fences flag; one alone flags only beyond solo_excess x fence."""
     mon = BoundaryMonitor(SentinelConfig(solo_excess_backward=2.5), "backward", boundary=1)
     fences = {"l1": 1.0, "l2": 1.0, "gain": 1.0}
-    assert mon._decide({"l1": 0.5, "l2": 2.4, "gain": 0.1}, fences) == (False, "")
-    assert mon._decide({"l1": 0.5, "l2": 2.6, "gain": 0.1}, fences) == (True, "distance:l2")
-    assert mon._decide({"l1": 1.1, "l2": 1.2, "gain": 0.1}, fences) == (True, "distance:l1,l2")
+    assert mon.decide({"l1": 0.5, "l2": 2.4, "gain": 0.1}, fences) == (False, "")
+    assert mon.decide({"l1": 0.5, "l2": 2.6, "gain": 0.1}, fences) == (True, "distance:l2")
+    assert mon.decide({"l1": 1.1, "l2": 1.2, "gain": 0.1}, fences) == (True, "distance:l1,l2")
     forward = BoundaryMonitor(SentinelConfig(solo_excess_forward=1.0), "forward", boundary=1)
-    assert forward._decide({"l1": 0.5, "l2": 1.01, "gain": 0.1}, fences) == (True, "distance:l2")  # plain OR
+    assert forward.decide({"l1": 0.5, "l2": 1.01, "gain": 0.1}, fences) == (True, "distance:l2")  # plain OR
     with pytest.raises(ConfigError):
         SentinelConfig(solo_excess_backward=0.5)
 

@@ -58,6 +58,14 @@ def test_demo_bans_the_attacker_and_leaves_no_process_behind(tmp_path):
     assert "averaging between honest replicas:" in out
     assert data["tainted_microbatches"] >= 1
     assert "demo summary" in out and "BAN" in out
+    # each taint is printed with who sent it and why; the validator's check log has every check and settled step
+    bad = data["malicious"][0]
+    assert f"forward from {bad}: distance:" in out or f"forward from {bad}: non-finite" in out, out[-4000:]
+    log_path = tmp_path / "work" / "logs" / "validator0-checks.jsonl"
+    log = [json.loads(line) for line in log_path.read_text().splitlines()]
+    checks = [e for e in log if "sender" in e]
+    assert len(checks) >= 10 * 4 and any(e["tainted"] and e["sender"] == bad for e in checks)
+    assert any(e.get("strikes", {}).get(bad, [0, False])[1] for e in log if "settled" in e)  # its ban, as settled
     status = data["status"]  # `sentinel-node status --json`, run by the demo against the live swarm
     assert status["banned"] == data["malicious"] and status["manifest"]["n_stages"] == 1
     assert sorted(a["peer"] for a in status["stages"]["1"]) == sorted(data["malicious"] + data["honest"])

@@ -323,6 +323,7 @@ def test_drift_fraction_gate_counts_the_window_and_survives_a_state_round_trip()
         SentinelConfig(drift_min_fraction=1.5)
 
 
+
 def test_a_banned_senders_tensors_are_never_drift_evidence_nor_an_anchor():
     """A 2-replica stage with drift_active_majority (the demo's setting): once the attacker is banned, one honest
     sender is a majority of the active ones. The attacker's flagged zeros were still in the drift window, agreed with
@@ -342,3 +343,87 @@ def test_a_banned_senders_tensors_are_never_drift_evidence_nor_an_anchor():
     assert float(v.monitor(1, "forward").baseline.std.sum()) > 0  # not re-anchored on the banned sender's zeros
     out, ref = _gross_drift(v, 83, 1)[0]
     assert not v.check(out, boundary=1, direction="forward", sender="good", step=3, reference=ref).tainted
+
+
+def _sibling_step(v: Validator, sibling_factor: float, factor: float, step: int = 1, sibling_step: int = 1):
+    """w0 sends a tensor shifted by ``sibling_factor`` (accepted) at ``sibling_step``, then w1 one shifted by
+    ``factor`` at ``step``; the shift scales the residual update, as honest drift does."""
+    (out0, ref0), (out1, ref1) = pairs(5, 2)
+    res0 = v.check(ref0 + sibling_factor * (out0 - ref0), boundary=1, direction="forward", sender="w0",
+                   step=sibling_step, reference=ref0)  # fmt: skip
+    assert not res0.tainted
+    if sibling_step != step:
+        v.end_step(sibling_step)
+    return v.check(ref1 + factor * (out1 - ref1), boundary=1, direction="forward", sender="w1", step=step,
+                   reference=ref1)  # fmt: skip
+
+
+@pytest.mark.parametrize("peer", [False, True])
+def test_drift_peer_forgives_a_lone_mild_flag_that_a_sibling_shares(peer):
+    """Two replicas drift together; w0's tensor stays just inside the fences, w1's crosses them mildly. With
+    drift_peer, w1's tensor is within the fences of w0's accepted one: replaced, but not struck."""
+    v = warmed(drift_senders=2, drift_peer=peer)
+    res = _sibling_step(v, 1.8, 2.2)
+    assert res.tainted and res.blamed and res.tensor is not None  # replaced either way
+    assert max(res.scores[m] / res.fences[m] for m in res.scores) < v.config.drift_max_excess  # mild
+    v.end_step(1)
+    assert v.ledger.strikes("w1") == (0 if peer else 1)
+    assert v.peer_forgiven == (1 if peer else 0) and v.reanchors == 0
+
+
+def test_drift_peer_strikes_what_no_sibling_shares():
+    # a mild shift that the sibling's tensor does not show: as far from it as from the baseline
+    v = warmed(drift_senders=2, drift_peer=True)
+    assert _sibling_step(v, 1.0, 2.2).tainted
+    v.end_step(1)
+    assert v.ledger.strikes("w1") == 1 and v.peer_forgiven == 0
+
+
+def test_drift_peer_can_forgive_a_mild_shift_that_the_sibling_lacks():
+    """The rule's known cost, pinned so that a change to it is seen: one tensor compared with another carries the
+    noise of both, so a mild shift (just over the fences) can fall within the fences of an unshifted sibling's
+    tensor and go unstruck. It is still replaced. This is how drift_peer lets mild attackers keep their strikes
+    down (README, "Drift guard"), and why it is off by default."""
+    v = warmed(drift_senders=2, drift_peer=True)
+    res = _sibling_step(v, 1.0, 2.1)
+    assert res.tainted and res.tensor is not None
+    v.end_step(1)
+    assert v.ledger.strikes("w1") == 0 and v.peer_forgiven == 1
+
+
+def test_drift_peer_never_forgives_a_gross_flag():
+    v = warmed(drift_senders=2, drift_peer=True)
+    (out, ref), _ = pairs(5, 2)
+    v.check(ref + 1.8 * (out - ref), boundary=1, direction="forward", sender="w0", step=1, reference=ref)
+    v.check(out * 0, boundary=1, direction="forward", sender="w1", step=1, reference=ref)
+    v.end_step(1)
+    assert v.ledger.strikes("w1") == 1 and v.peer_forgiven == 0
+
+
+def test_drift_peer_ignores_stale_and_banned_siblings():
+    v = warmed(drift_senders=2, drift_peer=True, drift_steps=2)
+    assert _sibling_step(v, 1.8, 2.2, step=3, sibling_step=1).tainted  # w0's tensor is 2 steps old: out of window
+    v.end_step(3)
+    assert v.ledger.strikes("w1") == 1
+    v = warmed(drift_senders=2, drift_peer=True, ban_level=2)
+    for out, ref in pairs(9, 2):
+        v.check(out * 0, boundary=1, direction="forward", sender="w0", step=1, reference=ref)
+    v.end_step(1)
+    assert v.ledger.is_banned("w0")
+    assert _sibling_step(v, 1.8, 2.2, step=2, sibling_step=2).tainted  # as in the test above, but w0 is banned
+    v.end_step(2)
+    assert v.ledger.strikes("w1") == 1 and v.peer_forgiven == 0
+
+
+def test_drift_peer_state_survives_a_round_trip():
+    v = warmed(drift_senders=2, drift_peer=True)
+    (out, ref), (out1, ref1) = pairs(5, 2)
+    v.check(ref + 1.8 * (out - ref), boundary=1, direction="forward", sender="w0", step=1, reference=ref)
+    v.end_step(1)
+    w = Validator(SentinelConfig(drift_senders=2, drift_peer=True))
+    w.load_state_dict(v.state_dict())
+    assert w.last_accepted.keys() == v.last_accepted.keys()
+    assert w.check(ref1 + 2.2 * (out1 - ref1), boundary=1, direction="forward", sender="w1", step=2,
+                   reference=ref1).tainted  # fmt: skip
+    w.end_step(2)
+    assert w.ledger.strikes("w1") == 0 and w.peer_forgiven == 1
