@@ -131,7 +131,7 @@ class ValidatorService(ServicerBase):
         self._kept_bytes = 0
         self.reference_hits = 0  # checks whose reference came from _kept
         self._stopped = False
-        self._check_log = open(config.check_log, "a", buffering=1 << 16) if config.check_log else None  # noqa: SIM115
+        self._check_log = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="validator")  # the Validator is serial
         # one publisher thread: records go out in the order they were made (a later strike must not be overtaken)
         self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="validator-publish")
@@ -142,6 +142,8 @@ class ValidatorService(ServicerBase):
         if config.state_path and Path(config.state_path).exists():
             # our own file, written by save_state below: its pickled deques and floats need the full unpickler
             self.validator.load_state_dict(torch.load(config.state_path, weights_only=False))
+        if config.check_log:  # last: nothing above can fail and leave it open
+            self._check_log = open(config.check_log, "a", buffering=1 << 16)  # noqa: SIM115 (closed on shutdown)
 
     # ----------------------------------------------------------------------------------------------- lifecycle
     @property
