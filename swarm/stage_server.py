@@ -277,8 +277,9 @@ class StageServer(ServicerBase):
 
     @property
     def throughput(self) -> float:
-        """Micro-batches (forward + backward) per second; 1.0 until measured."""
-        return 1.0 if not self.seconds_ema else 1.0 / self.seconds_ema
+        """Micro-batches (forward + backward) per second; 0 until measured (trainers then weigh it as a typical
+        replica)."""
+        return 0.0 if not self.seconds_ema else 1.0 / self.seconds_ema
 
     def announcement(self, state: StageState) -> StageAnnouncement:
         return StageAnnouncement(

@@ -11,7 +11,8 @@ The data path of one micro-batch mirrors ``swarm.mesh.Mesh.microbatch`` over the
    through unchanged, as in the mesh); the trainer re-signs that gradient for the boundary below, which the stage
    servers accept from a trainer.
 
-Routing: among the ONLINE announcements of a stage, weighted by throughput, excluding peers that a quorum of
+Routing: among the ONLINE announcements of a stage, weighted by throughput (``throughput_weights``: a peer that has
+not measured itself yet weighs as the median measured one), excluding peers that a quorum of
 validators has banned (``fetch_banned``) and peers that failed during this micro-batch; the
 view is refreshed from the DHT every ``refresh_period`` seconds. Transport failures are retried on another replica,
 at most ``max_retries`` times per call; a bad request or a rejected input is never retried. A peer that failed a call
@@ -128,8 +129,18 @@ def choose_replica(
     allowed = next((tier for tier in tiers if tier), None)
     if not allowed:
         return None
-    weights = np.array([max(a.throughput, 1e-6) for a in allowed], dtype=np.float64)
+    weights = throughput_weights([a.throughput for a in allowed])
     return allowed[int(rng.choice(len(allowed), p=weights / weights.sum()))]
+
+
+def throughput_weights(throughputs: Sequence[float]) -> np.ndarray:
+    """Routing weights from announced throughputs. A peer that has not measured itself yet announces 0 and weighs the
+    median of those that have (1 each when none has): weighted by a placeholder against measured peers (thousands of
+    checks a second), a new validator drew almost no traffic, never measured itself, and warmed its monitors on the
+    live traffic after the honest warm-up was over (README, "`sentinel-node demo`")."""
+    measured = [t for t in throughputs if t > 0]
+    fill = float(np.median(measured)) if measured else 1.0
+    return np.array([t if t > 0 else fill for t in throughputs], dtype=np.float64)
 
 
 @dataclass
@@ -261,7 +272,7 @@ class Trainer:
         candidates = [a for a in available if a.peer not in avoid] or available
         if not candidates:
             return None
-        weights = np.array([max(a.throughput, 1e-6) for a in candidates])
+        weights = throughput_weights([a.throughput for a in candidates])
         return candidates[int(self.rng.choice(len(candidates), p=weights / weights.sum()))].peer
 
     # ------------------------------------------------------------------------------------------------- the RPCs

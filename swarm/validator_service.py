@@ -196,7 +196,8 @@ class ValidatorService(ServicerBase):
 
     @property
     def throughput(self) -> float:
-        return self.n_checks / self.seconds if self.seconds > 0 else 1.0
+        """Tensors checked per second of check time; 0 until measured (trainers then weigh it as a typical one)."""
+        return self.n_checks / self.seconds if self.seconds > 0 else 0.0
 
     async def announce(self) -> None:
         if self._dht is None or not self.config.publish:

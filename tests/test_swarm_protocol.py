@@ -22,7 +22,7 @@ from swarm.protocol import (
     error_from_code,
 )
 from swarm.records import StageAnnouncement, StageState, TaintedInput
-from swarm.trainer import choose_replica
+from swarm.trainer import choose_replica, throughput_weights
 
 SPEC = TensorSpec(d_model=8, seq_len=4, max_batch=2)
 FP16 = runtime_pb2.CompressionType.FLOAT16
@@ -80,3 +80,11 @@ def test_choose_replica_weights_excludes_and_falls_back():
     assert choose_replica(anns, {"b"}, set(), rng).peer == "a"
     assert choose_replica(anns, {"a", "b"}, set(), rng).peer in {"a", "b"}  # all banned: bans ignored
     assert choose_replica(anns, set(), {"a", "b"}, rng) is None
+
+
+def test_unmeasured_peers_weigh_as_a_typical_measured_one():
+    # 0 is announced until a peer has measured itself: it weighs the median of the measured ones, not nothing
+    assert throughput_weights([2000.0, 0.0]).tolist() == [2000.0, 2000.0]
+    assert throughput_weights([1000.0, 3000.0, 5000.0, 0.0]).tolist() == [1000.0, 3000.0, 5000.0, 3000.0]
+    assert throughput_weights([0.0, 0.0]).tolist() == [1.0, 1.0]
+    assert throughput_weights([3.0]).tolist() == [3.0]
