@@ -171,10 +171,11 @@ class Validator:
             elif self.config.drift_agreement and bulk:
                 flags = self._agreed_drift(key, step, flags, threshold)
             for sender, excess, obs in flags:
-                if self.config.drift_peer and self._mild(obs, excess) and self._peer_agrees(key, step, sender, obs):
+                mild_flag = self._mild(obs, excess)
+                if self.config.drift_peer and mild_flag and self._peer_agrees(key, step, sender, obs):
                     self.peer_forgiven += 1
                     continue
-                if self.config.drift_defer and self._mild(obs, excess):
+                if self.config.drift_defer and mild_flag:
                     self.deferred.append((step, key[0], key[1], sender))
                 else:
                     strike(sender)
@@ -213,8 +214,7 @@ class Validator:
                 continue
             if summary.mean.shape != obs.summary.mean.shape:
                 continue
-            scores = distances(obs.summary, summary, self.config.metrics)
-            if not monitor.decide(scores, {m: fences[m] for m in scores})[0]:
+            if not monitor.decide(distances(obs.summary, summary, self.config.metrics), fences)[0]:
                 return True
         return False
 

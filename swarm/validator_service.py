@@ -304,10 +304,8 @@ class ValidatorService(ServicerBase):
 
         res, settled, settled_step = await asyncio.get_running_loop().run_in_executor(self._executor, run_check)
         if settled:
-            self._publish_strikes(settled, settled_step)
+            self._settled(settled, settled_step)
         if self._check_log is not None:
-            if settled:
-                self._log({"settled": settled_step, "strikes": {s: [n, b] for s, n, b in settled}})
             self._log({"step": step, "mb": mb, "boundary": boundary, "direction": name, "sender": sender,
                        "upstream_tainted": tainted, "warmup": warmup, "tainted": res.tainted, "blamed": res.blamed,
                        "reason": res.reason, "scores": _finite(res.scores),
@@ -394,11 +392,12 @@ class ValidatorService(ServicerBase):
             return
         step = self._step
         settled = await asyncio.get_running_loop().run_in_executor(self._executor, self._settle_now, step)
-        self._publish_strikes(settled, step)
         if settled:
-            self._log({"settled": step, "strikes": {s: [n, b] for s, n, b in settled}})
+            self._settled(settled, step)
 
-    def _publish_strikes(self, settled: list[tuple[str, int, bool]], step: int) -> None:
+    def _settled(self, settled: list[tuple[str, int, bool]], step: int) -> None:
+        """Step ``step`` was settled: publish its strike records and log them (check log)."""
+        self._log({"settled": step, "strikes": {s: [n, b] for s, n, b in settled}})
         if self._dht is None or not self.config.publish:
             return
         expiration = get_dht_time() + self.config.strike_ttl
