@@ -78,6 +78,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--drift-peer", action=argparse.BooleanOptionalAction, default=s.drift_peer,
                    help="do not strike a mild flag whose tensor is within the fences of another sender's latest "
                         "accepted tensor at the same monitor (it drifted as an honest sibling did; still replaced)")
+    g.add_argument("--small-stage-senders", type=int, default=s.small_stage_senders, metavar="N",
+                   help="at a monitor with at most N senders, --drift-peer and the active-majority drift rule apply "
+                        "whatever their settings (0: never)")
     g.add_argument("--replacement", default=s.replacement, choices=["baseline", "drop"])
     c = p.add_argument_group("checkpoints (with --compare: of the main run only; the comparison runs start over)")
     c.add_argument("--checkpoint", metavar="PATH",
@@ -112,6 +115,7 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
         drift_defer=args.drift_defer,
         drift_min_fraction=args.drift_min_fraction,
         drift_peer=args.drift_peer,
+        small_stage_senders=args.small_stage_senders,
         seed=args.seed,
     )
     return MeshConfig(

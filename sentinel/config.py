@@ -99,6 +99,10 @@ class SentinelConfig:
     # flags a majority of them within drift_steps steps (README, "Drift guard"). The tensor is replaced all the same.
     # Off by default: a mild attack can also fall within an honest sibling's fences, and on small 8 x 4 it let more
     # weak attackers go unbanned (on in the demo)
+    small_stage_senders: int = 3  # at a monitor whose senders (seen within the last 4 x drift_steps steps, banned
+    # ones included) number at most this, drift_active_majority and drift_peer apply whatever their settings: a stage
+    # of 1-3 replicas drifts with too few senders for a majority to show, and honest tiny meshes banned 12 of 16
+    # replicas in 200 steps without them (README, "Drift guard"). Stages of more replicas keep the settings. 0: never
     replacement: str = "baseline"  # tainted tensor: "baseline" replacement or "drop" the micro-batch
     seed: int = 0  # seeds the validator-private projections
 
@@ -132,6 +136,8 @@ class SentinelConfig:
             raise ConfigError("need ban_level >= 1 and forgive_after >= 1")
         if self.drift_senders == 1 or self.drift_senders < 0 or self.drift_steps < 1 or self.drift_max_excess <= 1:
             raise ConfigError("need drift_senders 0 (auto) or >= 2, drift_steps >= 1 and drift_max_excess > 1")
+        if self.small_stage_senders < 0:
+            raise ConfigError(f"small_stage_senders must be >= 0 (0: never), got {self.small_stage_senders}")
         if not 0.0 <= self.drift_min_fraction <= 1.0:
             raise ConfigError(f"drift_min_fraction must be in [0, 1], got {self.drift_min_fraction}")
         if self.fit_every < 1 or self.fit_tokens < 1 or self.fit_refit < 1 or not 0.0 <= self.fit_decay < 1.0:

@@ -117,7 +117,7 @@ class Validator:
                 self.pending.append((boundary, direction, sender, excess, obs))
             else:
                 self.ledger.record(sender, False, step)
-                if self.config.drift_peer and obs.summary is not None:
+                if (self.config.drift_peer or self.config.small_stage_senders) and obs.summary is not None:
                     self.last_accepted.setdefault((boundary, direction), {})[sender] = (step, obs.summary)
         out: torch.Tensor | None = tensor
         if obs.flagged:
@@ -161,6 +161,7 @@ class Validator:
                       if s > step - self.config.drift_steps and not self.ledger.is_banned(w)]  # fmt: skip
             recent += [(step, sender) for sender, _, _ in live_mild]
             self.recent_flags[key] = recent
+            small = self._small_stage(key, step)
             threshold = self._drift_threshold(key, step)
             bulk = self._bulk_flagged(key)
             if live_mild and len({w for _, w in recent}) >= threshold:
@@ -169,10 +170,10 @@ class Validator:
                 flags = [f for f in flags if not any(f is m for m in mild)]
                 self._forgive_deferred(key, None)
             elif self.config.drift_agreement and bulk:
-                flags = self._agreed_drift(key, step, flags, threshold)
+                flags = self._agreed_drift(key, step, flags, self._agreement_threshold(key, threshold))
             for sender, excess, obs in flags:
                 mild_flag = self._mild(obs, excess)
-                if self.config.drift_peer and mild_flag and self._peer_agrees(key, step, sender, obs):
+                if mild_flag and (self.config.drift_peer or small) and self._peer_agrees(key, step, sender, obs):
                     self.peer_forgiven += 1
                     continue
                 if self.config.drift_defer and mild_flag:
@@ -276,17 +277,38 @@ class Validator:
     def _drift_threshold(self, key: tuple[int, str], step: int) -> int:
         """Distinct flagged senders that make drift at monitor ``key``: ``drift_senders``, or with 0 (auto) a majority
         of the senders seen there within the last ``4 x drift_steps`` steps, the banned ones included (at least 2;
-        the mesh's ``replicas // 2 + 1`` once all were seen); then capped by ``drift_active_majority``."""
+        the mesh's ``replicas // 2 + 1`` once all were seen); then capped by ``drift_active_majority`` (or at a small
+        stage, ``small_stage_senders``)."""
         threshold = self.config.drift_senders
         horizon = step - 4 * self.config.drift_steps
         seen = self.last_seen.get(key, {})
         if threshold == 0:
-            recent = sum(1 for w, last in seen.items() if last > horizon or self.ledger.is_banned(w))
-            threshold = max(2, recent // 2 + 1)
-        if self.config.drift_active_majority:
+            threshold = max(2, self._senders_seen(key, step) // 2 + 1)
+        if self.config.drift_active_majority or self._small_stage(key, step):
             active = [w for w, last in seen.items() if last > horizon and not self.ledger.is_banned(w)]
             threshold = min(threshold, len(active) // 2 + 1)
         return threshold
+
+    def _agreement_threshold(self, key: tuple[int, str], threshold: int) -> int:
+        """The senders ``drift_agreement`` needs at monitor ``key``: ``threshold``, but at least 2 unless a sender seen
+        there was banned. The rule forgives tensors however far from the baseline, so one sender's word is enough
+        only for the survivor of a stage whose other replicas were banned (the demo's 2-replica stage once its
+        attacker is out); a stage that only ever had one sender (one replica) would otherwise let it re-anchor the
+        baseline on its own traffic, attack included."""
+        if threshold >= 2 or any(self.ledger.is_banned(w) for w in self.last_seen.get(key, {})):
+            return threshold
+        return 2
+
+    def _senders_seen(self, key: tuple[int, str], step: int) -> int:
+        """Distinct senders checked at monitor ``key`` within the last ``4 x drift_steps`` steps, banned ones included
+        (however long ago they were seen)."""
+        horizon = step - 4 * self.config.drift_steps
+        return sum(1 for w, last in self.last_seen.get(key, {}).items() if last > horizon or self.ledger.is_banned(w))
+
+    def _small_stage(self, key: tuple[int, str], step: int) -> bool:
+        """Whether monitor ``key`` watches a small stage (``small_stage_senders``): ``drift_active_majority`` and
+        ``drift_peer`` then apply there whatever their settings."""
+        return 0 < self._senders_seen(key, step) <= self.config.small_stage_senders
 
     def state_dict(self) -> dict:
         """Everything the validator learnt: monitors, ledger and the drift guard's state (``recent_flags``,

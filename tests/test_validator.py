@@ -130,7 +130,7 @@ def test_drift_active_majority_counts_only_senders_still_active(active_majority)
     """Two senders at a monitor, drift needs 2. Once "bad" is banned, the lone honest sender's mild drift is drift
     with drift_active_majority (a majority of the 1 active sender), and a strike without it. (The warm-up's senders,
     last checked at step 0, are no longer active at step 50.)"""
-    v = warmed(drift_senders=2, ban_level=1, drift_active_majority=active_majority)
+    v = warmed(drift_senders=2, ban_level=1, drift_active_majority=active_majority, small_stage_senders=0)
     out, ref = next(pairs(9, 1))
     v.check(out, boundary=1, direction="forward", sender="honest", step=50, reference=ref)
     v.check(out * 0, boundary=1, direction="forward", sender="bad", step=50, reference=ref)  # gross: banned at once
@@ -147,7 +147,7 @@ def test_drift_active_majority_counts_only_senders_still_active(active_majority)
 def test_auto_drift_senders_is_a_majority_of_the_senders_seen(drift_senders):
     """A stage of 2 replicas, both drifting mildly: with drift_senders 0 (auto, the default) a majority of the 2
     senders seen is 2, so it is drift; a fixed 3 can never be reached by 2 replicas, and both are struck."""
-    v = Validator(SentinelConfig(drift_senders=drift_senders))
+    v = Validator(SentinelConfig(drift_senders=drift_senders, small_stage_senders=0))
     for i, (out, ref) in enumerate(pairs(0, 40)):
         v.check(out, boundary=1, direction="forward", sender=f"r{i % 2}", step=0, reference=ref, warmup=True)
     v.end_step(0)
@@ -165,7 +165,7 @@ def test_auto_drift_senders_is_a_majority_of_the_senders_seen(drift_senders):
 
 
 def test_auto_drift_senders_counts_recent_and_banned_senders():
-    v = warmed(ban_level=1)  # w0..w3 seen at step 0
+    v = warmed(ban_level=1, small_stage_senders=0)  # w0..w3 seen at step 0; the auto threshold alone
     key = (1, "forward")
     assert v._drift_threshold(key, 1) == 3  # 4 seen: 4 // 2 + 1
     assert v._drift_threshold(key, 100) == 2  # none seen within the last 16 steps: at least 2
@@ -427,3 +427,64 @@ def test_drift_peer_state_survives_a_round_trip():
                    reference=ref1).tainted  # fmt: skip
     w.end_step(2)
     assert w.ledger.strikes("w1") == 0 and w.peer_forgiven == 1
+
+
+def _two_senders(**kw) -> Validator:
+    """A monitor warmed up on the traffic of 2 senders only (a stage of 2 replicas)."""
+    v = Validator(SentinelConfig(drift_senders=2, **kw))
+    for i, (out, ref) in enumerate(pairs(0, 40)):
+        v.check(out, boundary=1, direction="forward", sender=f"w{i % 2}", step=0, reference=ref, warmup=True)
+    v.end_step(0)
+    return v
+
+
+@pytest.mark.parametrize("small", [0, 3])
+def test_small_stage_applies_drift_peer_and_active_majority_by_default(small):
+    """At a monitor with at most small_stage_senders senders (3 by default), drift_peer applies although it is off:
+    w1's lone mild flag, which its sibling w0's accepted tensor shares, is not struck. With 0 it is."""
+    v = _two_senders(small_stage_senders=small)
+    assert not v.config.drift_peer and not v.config.drift_active_majority
+    assert v._small_stage((1, "forward"), 1) is bool(small)
+    res = _sibling_step(v, 1.8, 2.2)
+    assert res.tainted and res.blamed and res.tensor is not None  # replaced either way
+    v.end_step(1)
+    assert v.ledger.strikes("w1") == (0 if small else 1)
+    assert v.peer_forgiven == (1 if small else 0)
+    # drift_active_majority: once w0 is banned, the lone active sender w1 is a majority at a small stage
+    for _ in range(v.config.ban_level):
+        v.ledger.record("w0", True, 2)
+    assert v.ledger.is_banned("w0")
+    assert v._drift_threshold((1, "forward"), 2) == (1 if small else 2)
+
+
+def test_small_stage_counts_the_senders_seen_banned_included():
+    v = warmed()  # w0..w3 seen at step 0: not small
+    key = (1, "forward")
+    assert v._senders_seen(key, 1) == 4 and not v._small_stage(key, 1)
+    assert v._senders_seen(key, 17) == 0 and not v._small_stage(key, 17)  # nobody seen within 16 steps
+    out, ref = next(pairs(9, 1))
+    for w in ("a", "b", "c"):
+        v.check(out, boundary=1, direction="forward", sender=w, step=20, reference=ref)
+    v.end_step(20)
+    assert v._senders_seen(key, 21) == 3 and v._small_stage(key, 21)
+    v.check(out * 0, boundary=1, direction="forward", sender="d", step=21, reference=ref)
+    v.end_step(21)  # a gross flag: d struck
+    assert v._senders_seen(key, 22) == 4 and not v._small_stage(key, 22)
+    with pytest.raises(ConfigError):
+        SentinelConfig(small_stage_senders=-1)
+
+
+def test_a_lone_sender_never_re_anchors_the_baseline_on_its_own_gross_traffic():
+    """A stage of one replica is small, so its drift threshold is 1 (a majority of 1 active sender). Its zeros agree
+    with each other, but drift_agreement, which forgives tensors however far from the baseline, needs 2 senders
+    unless a ban left this one alone: the zeros are struck, and their sender banned."""
+    v = Validator(SentinelConfig(ban_level=2))
+    for out, ref in pairs(80, 40):
+        v.check(out, boundary=1, direction="forward", sender="only", step=0, reference=ref, warmup=True)
+    v.end_step(0)
+    key = (1, "forward")
+    assert v._small_stage(key, 1) and v._drift_threshold(key, 1) == 1 and v._agreement_threshold(key, 1) == 2
+    for out, ref in pairs(81, 2):
+        assert v.check(out * 0, boundary=1, direction="forward", sender="only", step=1, reference=ref).tainted
+    assert v.end_step(1) == ["only"]
+    assert v.reanchors == 0
