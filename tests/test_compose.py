@@ -1,7 +1,8 @@
 """`bootstrap/docker-compose.yml` without a Docker engine: every service's command, as the file spells it, run as a
 process on 127.0.0.1 in the file's dependency order, with the volumes mapped to temporary folders and each node's
 `0.0.0.0:31337` to a free loopback port (containers have an address each; processes on one host do not). The trainer
-runs 3 steps instead of 200. What this cannot check is the image itself (no Docker engine on these machines)."""
+runs 3 steps instead of 200. What this cannot check is the image itself: CI machines have no Docker engine (the
+image and the compose swarm were run by hand once; README, "Running a swarm by hand")."""
 
 import os
 import re
