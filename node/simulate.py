@@ -178,6 +178,9 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
+    if config.attack != "none" and config.attack_onset >= config.steps:
+        print(f"warning: the attack would start at step {config.attack_onset} (--onset, or the end of the warm-up), "
+              f"but the last step is {config.steps - 1}: no worker attacks in this run", file=sys.stderr)
     if args.resume and not args.checkpoint:
         raise ValueError("--resume needs --checkpoint PATH")
     if args.checkpoint_every < 1:

@@ -64,3 +64,14 @@ def test_simulate_passes_the_drift_options_to_the_sentinel_config():
 
     assert not sentinel().drift_defer and sentinel().drift_agreement
     assert sentinel("--drift-defer").drift_defer and not sentinel("--no-drift-agreement").drift_agreement
+
+
+def test_simulate_warns_when_the_attack_never_starts(capsys):
+    """An onset at or after the last step (a warm-up as long as the run) leaves every worker honest: said, not
+    silent (the report's recall would be 0 for attackers that never attacked)."""
+    argv = ["simulate", "--preset", "tiny", "--stages", "2", "--replicas", "2", "--attack", "A1", "--steps", "2",
+            "--microbatches", "2", "--batch-size", "1", "--quiet", "--threads", "1"]  # fmt: skip
+    assert main([*argv, "--warmup", "2"]) == 0
+    assert "no worker attacks in this run" in capsys.readouterr().err
+    assert main([*argv, "--warmup", "1"]) == 0
+    assert "no worker attacks" not in capsys.readouterr().err
