@@ -59,8 +59,8 @@ def main() -> None:
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         for i, res in enumerate(pool.map(run, jobs), 1):
             results.append(res)
-            print(f"[{i}/{len(jobs)}] 2 x {res['replicas']} seed {res['seed']} {res['overrides']}: honest bans "
-                  f"{res['ban_steps'] or 'none'}, {res['tainted']} tainted", file=sys.stderr, flush=True)
+            print(f"[{i}/{len(jobs)}] {args.stages} x {res['replicas']} seed {res['seed']} {res['overrides']}: "
+                  f"honest bans {res['ban_steps'] or 'none'}, {res['tainted']} tainted", file=sys.stderr, flush=True)
     lines = [f"Honest `tiny` meshes, {args.stages} stages, {args.steps} steps, warm-up {args.warmup}, seeds "
              f"0-{args.seeds - 1}: honest workers banned (of all the workers of those runs)", "",
              "| replicas a stage | " + " | ".join("defaults" if v == "{}" else f"`{v}`" for v in variants) + " |",

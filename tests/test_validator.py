@@ -323,7 +323,6 @@ def test_drift_fraction_gate_counts_the_window_and_survives_a_state_round_trip()
         SentinelConfig(drift_min_fraction=1.5)
 
 
-
 def test_a_banned_senders_tensors_are_never_drift_evidence_nor_an_anchor():
     """A 2-replica stage with drift_active_majority (the demo's setting): once the attacker is banned, one honest
     sender is a majority of the active ones. The attacker's flagged zeros were still in the drift window, agreed with
