@@ -80,6 +80,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--average-distrust", type=int, default=3, metavar="N",
                    help="stop hearing, for 20 rounds, a peer clipped on most of its tensors N rounds running "
                         "(0: never)")  # fmt: skip
+    g.add_argument("--sync", action=argparse.BooleanOptionalAction, default=True,
+                   help="on start, take the stage's current parameters from its other replicas before serving (the "
+                        "element-wise median of 3 or more, the mean of 2 that agree; never one peer's word alone), "
+                        "resumed or not; --no-sync: serve this node's own parameters and let averaging catch up")
     g.add_argument("--attack", default=None, metavar="NAME",
                    help="RED-TEAM OPTION FOR TESTING ONLY: corrupt what this stage sends with a group-A attack "
                         "(A1..A10, a name such as zeros, or module:function). Never use it in a real swarm: the "
@@ -210,7 +214,7 @@ async def _stage(args, dht, manifest, identity, stop: StopFlag) -> int:
         stage=args.stage, seed=args.seed, accumulate=args.accumulate, device=args.device,
         average_every=args.average_every, average_timeout=args.average_timeout, average_clip=args.average_clip,
         average_spread=args.average_spread, average_peers=args.average_peers, average_distrust=args.average_distrust,
-        attack_averaging=args.attack_averaging,
+        attack_averaging=args.attack_averaging, sync_on_join=args.sync,
         lr=args.lr,
     )  # fmt: skip
     server = StageServer(config, manifest, identity, attack=attack)
@@ -220,12 +224,17 @@ async def _stage(args, dht, manifest, identity, stop: StopFlag) -> int:
         say(f"stage {args.stage}: resumed from {ckpt} ({server.optimizer_steps} optimizer steps)")
     await server.start(dht)
     peer_id = server.peer_id
+    if server.sync and server.sync["synced"]:
+        say(f"stage {args.stage}: took the stage's parameters on joining: {server.sync['reason']} (largest relative "
+            f"change of a tensor {server.sync['change']:.3g})")  # fmt: skip
+    elif server.sync and server.sync["peers"]:
+        say(f"stage {args.stage}: kept its own parameters on joining: {server.sync['reason']}")
 
     def stats() -> dict:
         return {"role": "gpu-stage", "stage": args.stage, "peer_id": peer_id, "attack": args.attack,
                 "attack_averaging": args.attack_averaging,
                 "backward_calls": server.backward_calls, "optimizer_steps": server.optimizer_steps,
-                "rejected": dict(server.rejected), "averaging": dict(server.averaging),
+                "rejected": dict(server.rejected), "averaging": dict(server.averaging), "sync": server.sync,
                 "fingerprint": identity.fingerprint}  # fmt: skip
 
     red = f" RED-TEAM attack {args.attack} from step {args.attack_onset}" if attack else ""

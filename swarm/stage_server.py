@@ -163,6 +163,10 @@ class StageServerConfig:
     # for the next average_distrust_rounds rounds of this replica (0: always heard)
     average_distrust: int = 3
     average_distrust_rounds: int = 20
+    # on start, a replica announces itself JOINING and takes its stage's current parameters from the other ONLINE,
+    # non-banned replicas before it serves (``sync_now``): a volunteer joining a running swarm, or one restarting
+    # from an old checkpoint, then serves the trained stage at once instead of its initial (or stale) weights
+    sync_on_join: bool = True
     attack_averaging: float = 0.0  # RED-TEAM, for testing only: serve the other replicas this many times this
     # replica's parameters (0: honest); what it computes and sends down the pipeline stays honest
 
@@ -229,6 +233,9 @@ class StageServer(ServicerBase):
         # (wrong shapes, not finite, or the peer left or was banned meanwhile); (peer, tensor) contributions clipped
         # distrusted: times a peer was left out for being clipped on most of its tensors round after round
         self.averaging = {"rounds": 0, "skipped": 0, "failed": 0, "rejected": 0, "clipped": 0, "distrusted": 0}
+        # what sync_now did on start: None (not tried), or {"peers": replicas heard, "synced": whether their
+        # parameters were taken, "reason": why not, "change": largest relative change of a parameter tensor}
+        self.sync: dict | None = None
         self._heavy_clips: dict[str, int] = {}  # peer -> consecutive rounds with most of its tensors clipped
         self._unheard: dict[str, int] = {}  # peer -> rounds of this replica left before it is heard again
         self._served: tuple[int, list] | None = None  # (version, encoded parameters) last served to a peer
@@ -251,6 +258,9 @@ class StageServer(ServicerBase):
         self._p2p = await dht.replicate_p2p()
         await self.add_p2p_handlers(self._p2p, namespace=rpc_namespace(self.manifest.run_id))
         self._serving = True
+        if self.config.sync_on_join:
+            await self.announce(StageState.JOINING)  # the other replicas serve their parameters to it; no trainer
+            await self.sync_now()  # routes to it yet
         await self.announce(StageState.ONLINE)
         self._announcer = asyncio.create_task(self._announce_loop())
 
@@ -497,13 +507,13 @@ class StageServer(ServicerBase):
         return self._version, self._snapshot()
 
     async def _is_stage_peer(self, peer: str) -> bool:
-        """Whether ``peer`` is an announced ONLINE, non-banned replica of this stage. The DHT's view is cached for a
-        few seconds (at most one lookup a second for an unknown peer)."""
+        """Whether ``peer`` is an announced ONLINE or JOINING, non-banned replica of this stage. The DHT's view is
+        cached for a few seconds (at most one lookup a second for an unknown peer)."""
         async with self._peer_view_lock:  # the peers of a round ask at about once: one DHT lookup serves them all
             seen, peers = self._peer_view
             age = time.monotonic() - seen
             if age > min(5.0, self.config.announce_period) or (peer not in peers and age > 1.0):
-                peers = await self._stage_peers()
+                peers = await self._stage_peers(joining=True)
                 self._peer_view = (time.monotonic(), peers)
         return peer in peers
 
@@ -515,16 +525,83 @@ class StageServer(ServicerBase):
         self._next_average = self.optimizer_steps + self.config.average_every
         self._averaging = asyncio.create_task(self.average_now())
 
-    async def _stage_peers(self) -> set[str]:
-        """Other ONLINE replicas of this stage that no quorum of validators has banned (from the DHT)."""
+    async def _stage_peers(self, *, joining: bool = False) -> set[str]:
+        """Other ONLINE (and, with ``joining``, JOINING) replicas of this stage that no quorum of validators has
+        banned (from the DHT)."""
         dht, run, me = self._dht, self.manifest.run_id, self.peer_id
+        states = (StageState.ONLINE, StageState.JOINING) if joining else (StageState.ONLINE,)
 
         def read() -> set[str]:
             peers = {a.peer for a in fetch_stages(dht, run, self.config.stage - 1)
-                     if a.state == StageState.ONLINE and a.peer != me}  # fmt: skip
+                     if a.state in states and a.peer != me}  # fmt: skip
             return peers - fetch_banned(dht, self.manifest, peers)
 
         return await asyncio.to_thread(read)
+
+    async def sync_now(self) -> bool:
+        """Take the stage's current parameters from its other ONLINE, non-banned replicas, as a joining replica does
+        before it serves (``StageServerConfig.sync_on_join``): up to ``average_peers`` of them are heard, and their
+        ``consensus_parameters`` replace this replica's (its optimizer state stays). True if taken. Never raises
+        (except on cancellation): without a consensus the replica keeps its own parameters, and averaging brings it
+        closer round by round. ``self.sync`` records what happened."""
+        stage, c = self.config.stage, self.config
+        self.sync = {"peers": 0, "synced": False, "reason": "", "change": 0.0}
+        try:
+            peers = sorted(await self._stage_peers())
+            if not peers:
+                self.sync["reason"] = "no other replica online"
+                logger.info(f"stage {stage}: no other replica to take parameters from: serving its own")
+                return False
+            chosen = self._rng.sample(peers, min(len(peers), c.average_peers))
+            snapshot = await self._run(self._snapshot)
+            heard: dict[str, list[torch.Tensor]] = {}
+            for attempt in range(2):  # a peer may not have seen this replica's JOINING announcement yet (its view
+                wanted = [p for p in chosen if p not in heard]  # of the stage is cached for about a second)
+                fetched = await asyncio.gather(*(self._fetch_parameters(p, snapshot) for p in wanted),
+                                               return_exceptions=True)  # fmt: skip
+                refused = False
+                for peer, result in zip(wanted, fetched):
+                    if isinstance(result, asyncio.CancelledError):
+                        raise result
+                    if isinstance(result, BaseException):
+                        refused = refused or isinstance(result, Unauthorized)
+                        if attempt or not isinstance(result, Unauthorized):
+                            logger.warning(f"stage {stage}: no usable parameters from {peer} to join with: "
+                                           f"{type(result).__name__}: {result}")  # fmt: skip
+                    else:
+                        heard[peer] = result
+                if not refused or attempt:
+                    break
+                await asyncio.sleep(1.5)
+            for peer in set(heard) - await self._stage_peers():  # banned, or gone, meanwhile
+                del heard[peer]
+            self.sync["peers"] = len(heard)
+            self.sync["from"] = sorted(heard)
+            taken, reason = consensus_parameters(list(heard.values()), self._agreement_bounds(snapshot))
+            if taken is None:
+                self.sync["reason"] = reason
+                level = logging.WARNING if len(heard) >= 2 else logging.INFO  # >= 2 heard: they disagree
+                logger.log(level, f"stage {stage}: kept its own parameters on joining: {reason}")
+                return False
+            change = max(float(torch.linalg.vector_norm(t - s) / max(float(torch.linalg.vector_norm(s)), 1e-12))
+                         for t, s in zip(taken, snapshot))  # fmt: skip
+            await self._run(self._take_parameters, taken)
+            self.sync.update(synced=True, change=change, reason=reason)
+            logger.info(f"stage {stage}: took the parameters of {len(heard)} replica(s) on joining "
+                        f"({reason}; largest relative change of a tensor {change:.3g})")  # fmt: skip
+            return True
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.sync["reason"] = f"{type(e).__name__}: {e}"
+            logger.warning(f"stage {stage}: could not take its peers' parameters: {type(e).__name__}: {e}")
+            return False
+
+    def _agreement_bounds(self, snapshot: list[torch.Tensor]) -> list[float]:
+        """Per tensor, how far two honest replicas of this stage may be apart: each moved for ``average_every``
+        optimizer steps since their last common average, ``average_clip`` x lr x sqrt(size) per step at most."""
+        radius = 2 * max(self.config.average_clip, 1.0) * self.config.lr * max(self.config.average_every, 1)
+        return [radius * math.sqrt(t.numel()) for t in snapshot]
 
     async def average_now(self) -> bool:
         """One averaging round with the stage's other replicas; True if the average was applied. Never raises
@@ -635,6 +712,13 @@ class StageServer(ServicerBase):
         self._steps_at_round = self.optimizer_steps
         self._version += 1
 
+    def _take_parameters(self, taken: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, t in zip(self.module.parameters(), taken):
+                p.copy_(t)
+        self._steps_at_round = self.optimizer_steps
+        self._version += 1
+
     # ---------------------------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict:
         return {
@@ -668,6 +752,34 @@ class StageServer(ServicerBase):
 
     def __repr__(self) -> str:
         return f"StageServer(stage={self.config.stage}, span={self.span}, steps={self.optimizer_steps})"
+
+
+def consensus_parameters(
+    peers: Sequence[Sequence[torch.Tensor]], bounds: Sequence[float]
+) -> tuple[list[torch.Tensor] | None, str]:
+    """The parameters a joining replica takes from the other replicas it heard (lists of tensors in the same order),
+    or None, with the reason either way.
+
+    * three or more: the element-wise median (the mean of the two middle values for an even count). A minority of
+      poisoners cannot move an element outside the range of the honest replicas' values for it;
+    * two: their mean, if they agree (every tensor's difference within ``bounds[i]``: honest replicas that average
+      with each other stay that close); otherwise None, since nothing tells which of the two to believe;
+    * one: None. A lone peer's word could be a poisoner's (a stage's replicas are trusted as a majority only), and
+      the joiner's own parameters are safe: averaging brings them to the stage's round by round."""
+    if len(peers) < 2:
+        return None, "a single replica heard: one peer's word is not taken" if peers else "no replica heard"
+    if len(peers) == 2:
+        a, b = peers
+        for i, (x, y) in enumerate(zip(a, b)):
+            if float(torch.linalg.vector_norm(x - y)) > bounds[i]:
+                return None, "the two replicas heard disagree: nothing tells which to believe"
+        return [(x + y) / 2 for x, y in zip(a, b)], "the mean of the two replicas heard, which agree"
+    taken = []
+    for tensors in zip(*peers):
+        stacked, _ = torch.sort(torch.stack(list(tensors)), dim=0)
+        n = stacked.shape[0]
+        taken.append(stacked[n // 2] if n % 2 else (stacked[n // 2 - 1] + stacked[n // 2]) / 2)
+    return taken, f"the element-wise median of the {len(peers)} replicas heard"
 
 
 def robust_average(

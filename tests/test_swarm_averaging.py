@@ -14,7 +14,8 @@ from swarm_helpers import SEED, LocalSwarm, make_manifest, run_swarm, start_dht
 
 from swarm.identity import Identity
 from swarm.protocol import TransportError, decode_parameters, encode_tensors
-from swarm.stage_server import StageServer, StageServerConfig, robust_average
+from swarm.records import StageState
+from swarm.stage_server import StageServer, StageServerConfig, consensus_parameters, robust_average
 
 
 def _params(seed: int, scale: float = 1.0) -> list[torch.Tensor]:
@@ -61,6 +62,36 @@ def test_robust_average_bounds_a_poisoner():
         assert float((got - mine).norm()) == pytest.approx(bound / 2, rel=1e-5)
 
 
+def test_consensus_parameters_trusts_a_majority_of_the_replicas_heard_never_one_peer():
+    own = _params(0)
+    honest = [[t + 0.01 * torch.randn(t.shape, generator=torch.Generator().manual_seed(s)) for t in own]
+              for s in (1, 2, 3)]  # fmt: skip
+    poisoner = [t * 100.0 for t in own]
+    bounds = [1.0] * 3
+    # one peer heard, or none: nothing is taken, whatever it serves
+    for peers in ([], [honest[0]], [poisoner]):
+        taken, reason = consensus_parameters(peers, bounds)
+        assert taken is None and reason
+    # two that agree (within the bounds): their mean; two that disagree: nothing
+    taken, _ = consensus_parameters(honest[:2], bounds)
+    for got, x, y in zip(taken, *honest[:2]):
+        torch.testing.assert_close(got, (x + y) / 2, rtol=0, atol=0)
+    taken, reason = consensus_parameters([honest[0], poisoner], bounds)
+    assert taken is None and "disagree" in reason
+    # three or more: the element-wise median, which a minority of poisoners cannot move outside the honest range
+    for peers in ([honest[0], poisoner, honest[1]], [*honest, poisoner, [t * -50.0 for t in own]]):
+        taken, reason = consensus_parameters(peers, bounds)
+        assert "median" in reason
+        for i, got in enumerate(taken):
+            values = torch.stack([h[i] for h in honest[: 3 if len(peers) == 5 else 2]])
+            assert bool((got >= values.min(0).values).all() and (got <= values.max(0).values).all())
+    # an even count: the mean of the two middle values
+    taken, _ = consensus_parameters([*honest, poisoner], bounds)
+    for i, got in enumerate(taken):
+        middle = torch.sort(torch.stack([*(h[i] for h in honest), poisoner[i]]), dim=0).values[1:3]
+        torch.testing.assert_close(got, middle.mean(0), rtol=0, atol=1e-7)
+
+
 def test_decode_parameters_checks_a_peer_reply():
     like = _params(0)
     good = runtime_pb2.ExpertResponse(tensors=encode_tensors(_params(1)))
@@ -99,12 +130,13 @@ def test_replicas_pull_average_over_p2p_and_bound_a_poisoner():
                     with torch.no_grad():
                         for p in server.module.parameters():
                             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * scale)
+                    server._version += 1  # what it serves changed (c fetched them on joining: they are cached)
 
                 def params(server):
                     return [p.detach().clone() for p in server.module.parameters()]
 
                 async def only(server, peers):  # the stage as `server` sees it in the DHT
-                    async def view():
+                    async def view(**_):
                         return set(peers)
 
                     server._stage_peers = view
@@ -135,7 +167,7 @@ def test_replicas_pull_average_over_p2p_and_bound_a_poisoner():
                 await only(b, {a.peer_id})
                 views = iter([{b.peer_id}, set()])
 
-                async def banned_meanwhile():
+                async def banned_meanwhile(**_):
                     return next(views)
 
                 a._stage_peers = banned_meanwhile
@@ -206,6 +238,75 @@ def test_replicas_average_in_the_background_while_training():
         first, second = ([p.detach() for p in s.module.parameters()] for s in servers)
         gap = max(float((x - y).abs().max()) for x, y in zip(first, second))
         assert gap <= 4 * servers[0].config.lr, gap
+
+    run_swarm(swarm, body)
+
+
+@pytest.mark.forked
+@pytest.mark.timeout(150)
+def test_a_joining_replica_takes_its_stage_s_parameters_from_a_majority_of_its_peers():
+    """1 stage x 3 replicas train; then replicas join. One that hears the honest replicas serves their average from
+    its first request (JOINING, never routed to, until then); one that hears a poisoner beside one honest replica, or
+    one peer alone, keeps its own parameters; one that hears all three takes their median, untouched by the poisoner."""
+    swarm = LocalSwarm((3,), stage_config={"average_every": 1, "average_timeout": 10.0, "accumulate": 2})
+
+    async def body(swarm: LocalSwarm):
+        a, b, c = (swarm.servers[(1, r)] for r in range(3))
+        assert all(s.sync is not None for s in (a, b, c))  # started with sync_on_join: c took a and b's mean
+        for step in range(3):
+            await swarm.trainer.step(step)
+            for server in (a, b, c):
+                await server.finish_step()
+            await asyncio.gather(*(server.average_now() for server in (a, b, c)))
+        c.config.attack_averaging = 100.0  # c now serves its parameters x100 to its peers
+        c._served = None
+
+        def params(server):
+            return [p.detach().clone() for p in server.module.parameters()]
+
+        async def join(view=None):
+            identity = Identity.generate()
+            dht = await asyncio.to_thread(start_dht, swarm.manifest, identity, swarm.initial_peers())
+            server = StageServer(StageServerConfig(stage=1, seed=SEED, average_every=0, average_timeout=10.0),
+                                 swarm.manifest, identity)  # fmt: skip
+            initial = params(server)
+            states = []
+            real_sync = server.sync_now
+
+            async def sync_now():  # what the DHT says of the joiner while it syncs
+                from swarm.dht_schema import fetch_stages
+
+                anns = await asyncio.to_thread(fetch_stages, dht, swarm.manifest.run_id, 0)
+                states.extend(x.state for x in anns if x.peer == server.peer_id)
+                return await real_sync()
+
+            server.sync_now = sync_now
+            if view is not None:
+                async def only(**_):
+                    return {p.peer_id for p in view}
+
+                server._stage_peers = only
+            try:
+                await server.start(dht)
+                return server, initial, states, params(server)
+            finally:
+                await server.shutdown()
+                await asyncio.to_thread(dht.shutdown)
+
+        pa, pb = params(a), params(b)
+        assert max(float((x - y).abs().max()) for x, y in zip(pa, pb)) > 0  # the replicas moved since the start
+        joiner, initial, states, got = await join(view=[a, b])
+        assert states == [StageState.JOINING] and joiner.sync["synced"] and joiner.sync["peers"] == 2
+        for t, x, y in zip(got, pa, pb):
+            torch.testing.assert_close(t, (x + y) / 2, rtol=0, atol=1e-7)
+        for view, why in (([a, c], "disagree"), ([b], "single")):
+            joiner, initial, _, got = await join(view=view)
+            assert not joiner.sync["synced"] and why in joiner.sync["reason"], joiner.sync
+            assert all(torch.equal(x, y) for x, y in zip(got, initial))
+        joiner, _, _, got = await join()  # the DHT's own view: a, b and the poisoner c
+        assert joiner.sync["synced"] and joiner.sync["from"] == sorted(s.peer_id for s in (a, b, c)), joiner.sync
+        for t, x, y in zip(got, pa, pb):
+            assert bool((t >= torch.minimum(x, y)).all() and (t <= torch.maximum(x, y)).all())
 
     run_swarm(swarm, body)
 
