@@ -13,7 +13,8 @@ batches), with their largest parameter gap. Prints a markdown table.
 
 Settings: ``none`` (no poisoner), ``robust`` (the default: each peer's pull clipped to ``average_clip``'s static
 bound and ``average_spread`` x the lower median of the peers' distances; a peer clipped on most tensors
-``average_distrust`` rounds running is not heard for a while), ``plain`` (``average_clip=0``,
+``average_distrust`` rounds running is not heard for a while; a tensor beyond ``average_reject`` x the bound is left
+out), ``clip`` (the same without ``average_reject``, the default until 2026-11-29), ``plain`` (``average_clip=0``,
 ``average_spread=0``, ``average_distrust=0``: the plain mean, what an unclipped all-reduce computes).
 
     python benchmarks/averaging_poison.py                     # 3 replicas, 40 steps, both attacks
@@ -61,7 +62,9 @@ def run(setting: str, attack: str, args, corpus) -> dict:
     # when the previous one is done, and how many ran would depend on timing (it varied 11-56 between runs)
     stage_config = {"average_every": 0, "accumulate": args.microbatches, "average_timeout": 20.0}
     if setting == "plain":
-        stage_config |= {"average_clip": 0.0, "average_spread": 0.0, "average_distrust": 0}
+        stage_config |= {"average_clip": 0.0, "average_spread": 0.0, "average_distrust": 0, "average_reject": 0.0}
+    elif setting == "clip":
+        stage_config |= {"average_reject": 0.0}
     # the validators stay in warm-up (learning, never flagging) unless --warmup is given: the attack is on averaging
     # alone, and in a stage this small their honest false bans (2 of 3 replicas in one seed with a 10-step warm-up;
     # README, "Detection") would take replicas out of averaging and blur what is measured
@@ -92,11 +95,13 @@ def run(setting: str, attack: str, args, corpus) -> dict:
                 total = [float(trainer.head(server.module(trainer.embedding(x)), y)) for x, y in batches]
                 losses.append(sum(total) / len(total))
         params = [[p.detach() for p in s.module.parameters()] for s in honest]
-        gap = max(float((a - b).abs().max()) for other in params[1:] for a, b in zip(params[0], other))
+        gap = max((float((a - b).abs().max()) for other in params[1:] for a, b in zip(params[0], other)),
+                  default=math.nan)  # nan: one honest replica  # fmt: skip
         banned = swarm.trainer.banned
         result.update(banned=len(banned), val_losses=losses, gap=gap, seconds=seconds,
                       rounds=sum(s.averaging["rounds"] for s in honest),
                       clipped=sum(s.averaging["clipped"] for s in honest),
+                      left_out=sum(s.averaging["left_out"] for s in honest),
                       distrusted=sum(s.averaging["distrusted"] for s in honest))  # fmt: skip
 
     swarm.run(body)
@@ -111,6 +116,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--attacks", default="scale,push")
+    p.add_argument("--settings", default="robust,plain",
+                   help="comma-separated: robust (the default averaging), clip (robust without average_reject), "
+                        "plain (the plain mean)")  # fmt: skip
     p.add_argument("--scale", type=float, default=100.0)
     p.add_argument("--push", type=float, default=10.0)
     p.add_argument("--seed", type=int, default=0)
@@ -126,14 +134,18 @@ def main() -> None:
     print(f"tiny, 1 stage x {args.replicas} replicas, {args.steps} steps x {args.microbatches} micro-batches x "
           f"{args.batch_size} sequences, one averaging round per replica per step, seed {args.seed}\n")  # fmt: skip
     print("| attack | averaging | honest replicas' val loss | largest honest parameter gap | honest rounds | "
-          "clipped (peer, tensor) | peers distrusted | banned by validators | seconds |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
-    rows = [("none", "none")] + [(a, s) for a in args.attacks.split(",") for s in ("robust", "plain")]
+          "clipped (peer, tensor) | left out (peer, tensor) | peers distrusted | banned by validators | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    settings = args.settings.split(",")
+    if not set(settings) <= {"robust", "clip", "plain"}:
+        p.error("--settings: robust, clip or plain")
+    rows = [("none", "none")] + [(a, s) for a in args.attacks.split(",") for s in settings]
     for attack, setting in rows:
         r = run(setting, attack, args, corpus)
         label = "default (robust), no poisoner" if setting == "none" else setting
         losses = ", ".join(f"{v:.3f}" for v in r["val_losses"])
-        print(f"| {attack} | {label} | {losses} | {r['gap']:.3g} | {r['rounds']} | {r['clipped']} | "
+        gap = "n/a (one)" if math.isnan(r["gap"]) else f"{r['gap']:.3g}"
+        print(f"| {attack} | {label} | {losses} | {gap} | {r['rounds']} | {r['clipped']} | {r['left_out']} | "
               f"{r['distrusted']} | {r['banned']} | {r['seconds']:.1f} |", flush=True)  # fmt: skip
 
 

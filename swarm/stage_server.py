@@ -159,6 +159,11 @@ class StageServerConfig:
     average_clip: float = 3.0
     # with 2 or more peers, also to average_spread x the lower median of the peers' distances (0: no such bound)
     average_spread: float = 2.0
+    # a peer's difference longer than average_reject x the average_clip bound is left out of that tensor's mean
+    # altogether instead of clipped into it: no honest replica that averages with its stage is that far (one that
+    # joined late takes the stage's parameters on joining), and with no honest majority to tell whom to believe (a
+    # 2-replica stage) a clipped pull still moved an honest replica by half the bound towards a poisoner (0: never)
+    average_reject: float = 10.0
     # a peer whose contribution was clipped on more than half its tensors in this many consecutive rounds is not heard
     # for the next average_distrust_rounds rounds of this replica (0: always heard)
     average_distrust: int = 3
@@ -177,8 +182,8 @@ class StageServerConfig:
             raise ValueError("average_every must be >= 0, average_timeout > 0 and average_peers >= 1")
         if self.max_streams < 1:
             raise ValueError("max_streams must be >= 1")
-        if self.average_clip < 0 or self.average_spread < 0 or self.average_distrust < 0:
-            raise ValueError("average_clip, average_spread and average_distrust must be >= 0")
+        if min(self.average_clip, self.average_spread, self.average_distrust, self.average_reject) < 0:
+            raise ValueError("average_clip, average_spread, average_reject and average_distrust must be >= 0")
         if self.average_distrust_rounds < 1:
             raise ValueError("average_distrust_rounds must be >= 1")
         if not math.isfinite(self.attack_averaging):
@@ -232,7 +237,10 @@ class StageServer(ServicerBase):
         # rounds applied, skipped (no other replica), failed (no peer answered usably); peers' parameters rejected
         # (wrong shapes, not finite, or the peer left or was banned meanwhile); (peer, tensor) contributions clipped
         # distrusted: times a peer was left out for being clipped on most of its tensors round after round
-        self.averaging = {"rounds": 0, "skipped": 0, "failed": 0, "rejected": 0, "clipped": 0, "distrusted": 0}
+        # left out: (peer, tensor) contributions too far to be clipped in (average_reject); resynced: rounds in which
+        # every peer heard was that far from this replica, and it took their consensus instead (see _average_round)
+        self.averaging = {"rounds": 0, "skipped": 0, "failed": 0, "rejected": 0, "clipped": 0, "left_out": 0,
+                          "distrusted": 0, "resynced": 0}  # fmt: skip
         # what sync_now did on start: None (not tried), or {"peers": replicas heard, "synced": whether their
         # parameters were taken, "reason": why not, "change": largest relative change of a parameter tensor}
         self.sync: dict | None = None
@@ -650,14 +658,25 @@ class StageServer(ServicerBase):
             self.averaging["failed"] += 1
             logger.warning(f"stage {stage}: averaging round heard no usable peer within {c.average_timeout} s")
             return False
-        averaged, clipped = robust_average(snapshot, list(heard.values()), self._clip_bounds(snapshot),
-                                           c.average_spread)  # fmt: skip
-        if any(clipped):
+        averaged, clipped, left_out = robust_average(snapshot, list(heard.values()), self._clip_bounds(snapshot),
+                                                     c.average_spread, reject=c.average_reject)  # fmt: skip
+        n = len(snapshot)
+        if len(heard) >= 2 and all(2 * k > n for k in left_out):
+            # every peer is too far to be averaged with: this replica is the one left behind (a long partition, say)
+            # or the peers collude; if they agree among themselves, take their consensus, as on joining
+            taken, reason = consensus_parameters(list(heard.values()), self._agreement_bounds(snapshot))
+            if taken is not None:
+                await self._run(self._apply_average, snapshot, taken)  # keeps updates made while the round ran
+                self.averaging["resynced"] += 1
+                logger.warning(f"stage {stage}: every replica heard was far from this one: took {reason}")
+                return True
+        if any(clipped) or any(left_out):
             self.averaging["clipped"] += sum(clipped)
-            named = {peer: n for peer, n in zip(heard, clipped) if n}
-            logger.warning(f"stage {stage}: clipped the contribution of {named} (peer: parameter tensors) to the "
-                           "average: far from this replica and the others (a poisoner, or a replica left behind)")
-        self._distrust(dict(zip(heard, clipped)), len(snapshot))
+            self.averaging["left_out"] += sum(left_out)
+            named = {peer: f"{k} clipped, {m} left out" for peer, k, m in zip(heard, clipped, left_out) if k or m}
+            logger.warning(f"stage {stage}: parameter tensors of {named} were far from this replica and the others "
+                           "(a poisoner, or a replica left behind)")  # fmt: skip
+        self._distrust({peer: k + m for peer, k, m in zip(heard, clipped, left_out)}, n)
         await self._run(self._apply_average, snapshot, averaged)
         self.averaging["rounds"] += 1
         logger.info(f"stage {stage}: averaged parameters with {len(heard)} other replica(s)")
@@ -783,32 +802,37 @@ def consensus_parameters(
 
 
 def robust_average(
-    own: Sequence[torch.Tensor], peers: Sequence[Sequence[torch.Tensor]], bounds: Sequence[float], spread: float
-) -> tuple[list[torch.Tensor], list[int]]:
+    own: Sequence[torch.Tensor], peers: Sequence[Sequence[torch.Tensor]], bounds: Sequence[float], spread: float,
+    *, reject: float = 0.0,
+) -> tuple[list[torch.Tensor], list[int], list[int]]:
     """The mean of ``own`` and ``peers`` (lists of tensors in the same order), centred on ``own`` and clipped: per
     tensor ``i``, ``own[i] + sum_j clip(peers[j][i] - own[i]) / (len(peers) + 1)``, where ``clip`` scales a
     difference down to norm ``radius_i`` when it is longer: ``radius_i = bounds[i]``, and, with two or more peers and
     ``spread > 0``, at most ``spread`` times the lower median of the peers' distances for that tensor (an honest one's,
-    when the stage's replicas have an honest majority). Unclipped, that is the plain mean.
+    when the stage's replicas have an honest majority). Unclipped, that is the plain mean. With ``reject > 0``, a
+    difference longer than ``reject x bounds[i]`` is left out of tensor ``i``'s mean (and of its count).
 
-    Returns the averaged tensors and, per peer, how many of its tensors were clipped.
+    Returns the averaged tensors and, per peer, how many of its tensors were clipped, and how many left out.
 
     One attacker among ``n`` peers moves the result by at most ``radius_i / (n + 1)``. A known limit: attackers
     that are half of the peers can send this replica's own parameters back, making the lower median 0 and stalling the
     average (never poisoning it)."""
-    count = len(peers) + 1
-    averaged, clipped = [], [0] * len(peers)
+    averaged, clipped, left_out = [], [0] * len(peers), [0] * len(peers)
     for i, mine in enumerate(own):
         diffs = [theirs[i] - mine for theirs in peers]
         norms = [float(torch.linalg.vector_norm(d)) for d in diffs]
         radius = bounds[i]
         if spread > 0 and len(norms) >= 2:
             radius = min(radius, spread * sorted(norms)[(len(norms) - 1) // 2])
-        total = torch.zeros_like(mine)
+        total, count = torch.zeros_like(mine), 1
         for j, (diff, norm) in enumerate(zip(diffs, norms)):
+            if reject > 0 and norm > reject * bounds[i]:
+                left_out[j] += 1
+                continue
             if norm > radius:
                 diff = diff * (radius / norm)
                 clipped[j] += 1
             total += diff
+            count += 1
         averaged.append(mine + total / count)
-    return averaged, clipped
+    return averaged, clipped, left_out

@@ -25,13 +25,13 @@ def _params(seed: int, scale: float = 1.0) -> list[torch.Tensor]:
 
 def test_robust_average_is_the_plain_mean_when_nobody_is_clipped():
     own, peers = _params(0), [_params(1), _params(2), _params(3)]
-    averaged, clipped = robust_average(own, peers, [math.inf] * 3, spread=0.0)
+    averaged, clipped, _ = robust_average(own, peers, [math.inf] * 3, spread=0.0)
     assert clipped == [0, 0, 0]
     for i, got in enumerate(averaged):
         torch.testing.assert_close(got, (own[i] + sum(p[i] for p in peers)) / 4, rtol=0, atol=1e-6)
     # a generous spread clips nobody either: every honest distance is within 2x the lower median here
     near = [[t + 0.01 * n for t in own] for n in (1.0, 1.2, 1.5)]
-    averaged, clipped = robust_average(own, near, [math.inf] * 3, spread=2.0)
+    averaged, clipped, _ = robust_average(own, near, [math.inf] * 3, spread=2.0)
     assert clipped == [0, 0, 0]
     torch.testing.assert_close(averaged[0], own[0] + 0.01 * (1.0 + 1.2 + 1.5) / 4, rtol=0, atol=1e-6)
 
@@ -41,7 +41,7 @@ def test_robust_average_bounds_a_poisoner():
     honest = [[t + 0.01 * torch.randn(t.shape, generator=torch.Generator().manual_seed(s)) for t in own]
               for s in (1, 2, 3)]  # fmt: skip
     poisoner = [t * 1000.0 for t in own]
-    averaged, clipped = robust_average(own, [*honest, poisoner], [math.inf] * 3, spread=2.0)
+    averaged, clipped, _ = robust_average(own, [*honest, poisoner], [math.inf] * 3, spread=2.0)
     assert clipped == [0, 0, 0, 3]  # every tensor of the poisoner, none of the honest peers'
     for i, got in enumerate(averaged):
         distances = sorted(float((h[i] - own[i]).norm()) for h in honest)
@@ -51,15 +51,28 @@ def test_robust_average_bounds_a_poisoner():
         assert lower_median == distances[1]  # an honest peer's distance
         assert float((got - honest_part).norm()) <= 2.0 * lower_median / 5 * (1 + 1e-5)
     # the plain mean would have moved the parameters ~200x their own size
-    plain, _ = robust_average(own, [*honest, poisoner], [math.inf] * 3, spread=0.0)
+    plain, _, _ = robust_average(own, [*honest, poisoner], [math.inf] * 3, spread=0.0)
     assert float((plain[0] - own[0]).norm()) > 100 * float(own[0].norm())
 
     # one peer: no median to trust, the static bound alone applies
     bounds = [0.5, 0.25, 0.125]
-    averaged, clipped = robust_average(own, [poisoner], bounds, spread=2.0)
-    assert clipped == [3]
+    averaged, clipped, left_out = robust_average(own, [poisoner], bounds, spread=2.0)
+    assert clipped == [3] and left_out == [0]
     for got, mine, bound in zip(averaged, own, bounds):
         assert float((got - mine).norm()) == pytest.approx(bound / 2, rel=1e-5)
+    # ... unless the difference is beyond `reject` x the bound: then it is left out, and the replica does not move
+    far = [1000.0 * float((p - o).norm()) for p, o in zip(poisoner, own)]
+    averaged, clipped, left_out = robust_average(own, [poisoner], far, spread=2.0, reject=10.0)
+    assert clipped == [0] and left_out == [0]  # within 10 x such a bound: averaged, unclipped
+    averaged, clipped, left_out = robust_average(own, [poisoner], bounds, spread=2.0, reject=10.0)
+    assert clipped == [0] and left_out == [3]
+    assert all(torch.equal(got, mine) for got, mine in zip(averaged, own))
+    # left out of one tensor's mean only, and of its count: the honest peers' mean stays exact
+    mixed = [honest[0][0] * 1000.0, *honest[0][1:]]
+    averaged, clipped, left_out = robust_average(own, [mixed, honest[1]], [1.0] * 3, spread=0.0, reject=10.0)
+    assert clipped == [0, 0] and left_out == [1, 0]
+    torch.testing.assert_close(averaged[0], (own[0] + honest[1][0]) / 2, rtol=0, atol=1e-6)
+    torch.testing.assert_close(averaged[1], (own[1] + honest[0][1] + honest[1][1]) / 3, rtol=0, atol=1e-6)
 
 
 def test_consensus_parameters_trusts_a_majority_of_the_replicas_heard_never_one_peer():
@@ -246,8 +259,9 @@ def test_replicas_average_in_the_background_while_training():
 @pytest.mark.timeout(150)
 def test_a_joining_replica_takes_its_stage_s_parameters_from_a_majority_of_its_peers():
     """1 stage x 3 replicas train; then replicas join. One that hears the honest replicas serves their average from
-    its first request (JOINING, never routed to, until then); one that hears a poisoner beside one honest replica, or
-    one peer alone, keeps its own parameters; one that hears all three takes their median, untouched by the poisoner."""
+    its first request (JOINING, never routed to, until then); one that hears a poisoner beside one honest replica,
+    or one peer alone, keeps its own parameters; one that hears all three takes their median, untouched by the
+    poisoner. Then a replica knocked far from every peer takes their consensus in its next round."""
     swarm = LocalSwarm((3,), stage_config={"average_every": 1, "average_timeout": 10.0, "accumulate": 2})
 
     async def body(swarm: LocalSwarm):
@@ -307,6 +321,20 @@ def test_a_joining_replica_takes_its_stage_s_parameters_from_a_majority_of_its_p
         assert joiner.sync["synced"] and joiner.sync["from"] == sorted(s.peer_id for s in (a, b, c)), joiner.sync
         for t, x, y in zip(got, pa, pb):
             assert bool((t >= torch.minimum(x, y)).all() and (t <= torch.maximum(x, y)).all())
+
+        # a replica that finds every peer far beyond average_reject x its bound takes their consensus when they
+        # agree (it is the one left behind); c is honest again, and a is knocked far off
+        c.config.attack_averaging = 0.0
+        c._served = None
+        with torch.no_grad():
+            for p in a.module.parameters():
+                p.add_(1.0)
+        a._version += 1
+        pb, pc = params(b), params(c)
+        assert await a.average_now()
+        assert a.averaging["resynced"] == 1, a.averaging
+        for t, x, y in zip(params(a), pb, pc):
+            torch.testing.assert_close(t, (x + y) / 2, rtol=0, atol=1e-6)
 
     run_swarm(swarm, body)
 
