@@ -48,6 +48,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None, help="text file or folder (default: the Python standard library)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--taint-scope", default=d.taint_scope, choices=TAINT_SCOPES)
+    p.add_argument("--validators", type=int, default=d.validators,
+                   help="validators, as in a swarm: each check goes to one at random, each keeps its own ledger")
+    p.add_argument("--ban-quorum", type=int, default=d.ban_quorum,
+                   help="validators that must ban a worker before it is banned and routed around")
     g = p.add_argument_group("sentinel")
     g.add_argument("--beta-forward", type=float, default=s.beta_forward)
     g.add_argument("--beta-backward", type=float, default=s.beta_backward)
@@ -138,6 +142,8 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
         data=args.data,
         device=args.device,
         taint_scope=args.taint_scope,
+        validators=args.validators,
+        ban_quorum=args.ban_quorum,
         sentinel=sentinel,
     )
 

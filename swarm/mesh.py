@@ -15,6 +15,10 @@ is checked at backward boundary ``k - 1`` (reference: the gradient stage ``k`` r
 output was replaced is bypassed on the way back (the replacement is its input plus a constant, so the gradient
 passes through unchanged) and is neither run nor blamed.
 
+Validators: one by default. With ``validators=N`` each check goes to one of N validators at random (as a swarm's
+trainer picks one per boundary and check), each learns and keeps strikes from its share of the traffic alone, and a
+worker is banned, and routed around, once ``ban_quorum`` of them have banned it (the manifest's quorum).
+
 Checkpoints: ``Mesh.run(checkpoint=path)`` writes the whole state (parameters, optimizer, validator, attackers, every
 RNG, history, events) every few steps, at the end and on Ctrl-C; ``resume=True`` continues from it, and a resumed
 run ends exactly as an uninterrupted one (timings aside). A checkpoint may be resumed with more ``steps``, nothing
@@ -100,6 +104,10 @@ class MeshConfig:
     data: str | None = None  # None: the Python standard library's source text
     device: str = "auto"
     taint_scope: str = "microbatch"  # which later checks of a flagged micro-batch skip blame (see module docstring)
+    # validators, as in a swarm: each check goes to one of them at random, each keeps its own monitors and ledger, and
+    # a worker is banned (and routed around) once ban_quorum of them have banned it
+    validators: int = 1
+    ban_quorum: int = 1
     sentinel: SentinelConfig = field(default_factory=SentinelConfig)
 
     def __post_init__(self) -> None:
@@ -109,6 +117,8 @@ class MeshConfig:
             raise MeshConfigError("malicious_fraction must be in [0, 1)")
         if self.steps < 1 or self.warmup < 0 or self.microbatches < 1 or self.batch_size < 1:
             raise MeshConfigError("steps, microbatches and batch_size must be >= 1 and warmup >= 0")
+        if self.validators < 1 or not 1 <= self.ban_quorum <= self.validators:
+            raise MeshConfigError("validators must be >= 1 and ban_quorum in 1..validators")
         if self.taint_scope not in TAINT_SCOPES:
             raise MeshConfigError(f"taint_scope must be one of {TAINT_SCOPES}")
         parse_direction(self.attack_direction)
@@ -195,8 +205,9 @@ class Mesh:
                 )
         # drift needs a majority of a stage's replicas to agree (attackers are a minority of every stage)
         sentinel = replace(config.sentinel, drift_senders=max(2, config.replicas // 2 + 1))
-        self.validator = Validator(sentinel) if config.defense else None
+        self.validators = [Validator(sentinel) for _ in range(config.validators)] if config.defense else []
         self.route_rng = np.random.default_rng([config.seed, 11])
+        self.validator_rng = np.random.default_rng([config.seed, 13])  # which validator checks what (if several)
         self.events: list[Event] = []
         self.poisoned: set[int] = set()
         self.tainted: set[int] = set()
@@ -216,8 +227,21 @@ class Mesh:
 
     # --- routing ----------------------------------------------------------------------------------------------
 
+    @property
+    def validator(self) -> Validator | None:
+        """The first (with the default ``validators=1``, the only) validator; None without defence."""
+        return self.validators[0] if self.validators else None
+
     def banned(self) -> dict[str, int]:
-        return {} if self.validator is None else self.validator.ledger.banned()
+        """Workers banned by ``ban_quorum`` validators, with the step at which the last of them banned it."""
+        if len(self.validators) == 1:
+            return self.validators[0].ledger.banned()
+        steps: dict[str, list[int]] = {}
+        for v in self.validators:
+            for worker, step in v.ledger.banned().items():
+                steps.setdefault(worker, []).append(step)
+        quorum = self.config.ban_quorum
+        return {w: sorted(s)[quorum - 1] for w, s in steps.items() if len(s) >= quorum}
 
     def route(self) -> list[int]:
         """One replica per stage, uniformly among the stage's non-banned workers (stochastic wiring)."""
@@ -246,9 +270,11 @@ class Mesh:
         reference: torch.Tensor, tainted: bool,
     ) -> tuple[torch.Tensor | None, bool]:
         """Validator check; returns (tensor to pass on or None to drop, flagged)."""
-        if self.validator is None:
+        if not self.validators:
             return tensor, False
-        res = self.validator.check(
+        n = len(self.validators)
+        validator = self.validators[0 if n == 1 else int(self.validator_rng.integers(n))]
+        res = validator.check(
             tensor, boundary=boundary, direction=direction, sender=sender, step=step, reference=reference,
             tainted=tainted and self.config.taint_scope == "microbatch", warmup=step < self.config.warmup,
         )
@@ -336,9 +362,11 @@ class Mesh:
             loss = self.microbatch(step, step * self.config.microbatches + i)
             if loss is not None:
                 losses.append(loss)
-        if self.validator is not None:
-            for worker in self.validator.end_step(step):
-                self.events.append(Event(step, worker, "ban", 0, "", "strikes"))
+        before = set(self.banned())
+        for validator in self.validators:
+            validator.end_step(step)
+        for worker in sorted(set(self.banned()) - before):
+            self.events.append(Event(step, worker, "ban", 0, "", "strikes"))
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
         self.optimizer.step()
@@ -431,7 +459,10 @@ class Mesh:
             "route_rng": copy.deepcopy(self.route_rng.bit_generator.state),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if cuda else None,
-            "validator": None if self.validator is None else self.validator.state_dict(),
+            # one validator's state (the default), or a list of them
+            "validator": None if not self.validators else self.validators[0].state_dict()
+            if len(self.validators) == 1 else [v.state_dict() for v in self.validators],
+            "validator_rng": copy.deepcopy(self.validator_rng.bit_generator.state),
             "behaviours": {w: b.state_dict(with_history=True) for w, b in self.behaviours.items()},
             "history": {k: list(v) for k, v in self.history.items()},
             "events": [asdict(e) for e in self.events],
@@ -460,7 +491,8 @@ class Mesh:
             raise CheckpointError(f"malformed checkpoint: missing {missing}")
         if not isinstance(d["config"], dict):
             raise CheckpointError("malformed checkpoint: 'config' is not a dict")
-        differences = _config_differences(d["config"], self.config.to_dict(), ignore=("steps",))
+        saved = {"validators": 1, "ban_quorum": 1, **d["config"]}  # checkpoints made before these settings
+        differences = _config_differences(saved, self.config.to_dict(), ignore=("steps",))
         if differences:
             raise CheckpointError(
                 "checkpoint was made with another configuration (only steps may change): " + "; ".join(differences)
@@ -480,6 +512,9 @@ class Mesh:
             raise CheckpointError("malformed checkpoint: its attackers are not this mesh's")
         if (d["validator"] is None) != (self.validator is None):
             raise CheckpointError("malformed checkpoint: validator state does not match the defence setting")
+        if len(self.validators) > 1 and (not isinstance(d["validator"], list)
+                                         or len(d["validator"]) != len(self.validators)):  # fmt: skip
+            raise CheckpointError(f"malformed checkpoint: expected {len(self.validators)} validator states")
         return step
 
     def load_state_dict(self, d: dict) -> None:
@@ -499,8 +534,11 @@ class Mesh:
             torch.set_rng_state(d["torch_rng"])
             if d["cuda_rng"] is not None and self.device.type == "cuda":
                 torch.cuda.set_rng_state(d["cuda_rng"], self.device)
-            if self.validator is not None:
-                self.validator.load_state_dict(d["validator"])
+            states = d["validator"] if len(self.validators) > 1 else [d["validator"]] * len(self.validators)
+            for validator, state in zip(self.validators, states):
+                validator.load_state_dict(state)
+            if "validator_rng" in d:  # absent from checkpoints made before several validators
+                self.validator_rng.bit_generator.state = copy.deepcopy(d["validator_rng"])
             for worker, behaviour in self.behaviours.items():
                 behaviour.load_state_dict(d["behaviours"][worker])
             history = d["history"]
@@ -563,6 +601,8 @@ class Mesh:
             "banned": sorted(banned),
             "ban_steps": dict(sorted(banned.items())),
             "false_bans": sorted(w for w in banned if w in honest),
+            # with several validators: whom each banned on its own (a quorum of them bans swarm-wide)
+            "validator_bans": [sorted(v.ledger.banned()) for v in self.validators] if len(self.validators) > 1 else [],
             "time_to_ban": time_to_ban(banned, self.malicious, cfg.attack_onset),
             **taint_scores(self.tainted, self.poisoned),
             "tainted_microbatches": len(self.tainted),

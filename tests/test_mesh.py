@@ -89,3 +89,29 @@ def test_choose_malicious_spreads_and_keeps_an_honest_replica():
     assert choose_malicious(8, 4, 0.375, 0) == chosen
     assert all(n <= 1 for n in (sum(w.startswith(f"s{s}r") for w in choose_malicious(2, 2, 0.9, 0)) for s in (1, 2)))
     assert STRONGEST["scaling"] == {"lam": -1}
+
+
+def test_several_validators_split_the_checks_and_ban_by_quorum(corpus):
+    """Two validators, as in a swarm: each checks a share of the traffic with its own monitors and ledger; a worker
+    is banned swarm-wide (and routed around) at the step the quorum's last validator bans it."""
+    runs = {q: Mesh(tiny(attack="zeros", seed=1, validators=2, ban_quorum=q), corpus) for q in (1, 2)}
+    reports = {q: mesh.run().report for q, mesh in runs.items()}
+    for q, mesh in runs.items():
+        a, b = mesh.validators
+        assert a is not b and a.monitors and b.monitors
+        seen = [sum(m.n_accepted for m in v.monitors.values()) for v in mesh.validators]
+        assert all(n > 0 for n in seen), seen  # both learnt from their share
+        rep = reports[q]
+        assert rep["config"]["validators"] == 2 and rep["config"]["ban_quorum"] == q
+        assert rep["banned"] == rep["malicious"] and rep["false_bans"] == []
+        local = {w: sorted(v.ledger.banned()[w] for v in mesh.validators if w in v.ledger.banned())
+                 for w in rep["malicious"]}  # fmt: skip
+        assert rep["validator_bans"] == [sorted(v.ledger.banned()) for v in mesh.validators]
+        for worker, steps in local.items():
+            assert len(steps) >= q and rep["ban_steps"][worker] == steps[q - 1]
+            bans = [e for e in mesh.events if e.kind == "ban" and e.worker == worker]
+            assert [e.step for e in bans] == [steps[q - 1]]
+    with pytest.raises(MeshConfigError):
+        tiny(validators=2, ban_quorum=3)
+    with pytest.raises(MeshConfigError):
+        tiny(validators=0)

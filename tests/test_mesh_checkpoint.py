@@ -225,3 +225,21 @@ def test_simulate_checkpoint_and_resume(tmp_path, capsys):
 
     assert main([*common, "--steps", "3", "--checkpoint", str(ckpt), "--resume"]) == 2  # it is at step 6
     assert "past this run's 3 steps" in capsys.readouterr().err
+
+
+def test_a_run_with_several_validators_resumes_exactly(corpus, tmp_path):
+    config = dict(validators=2, ban_quorum=2)
+    ref_mesh = Mesh(tiny(**config), corpus)
+    ref_result = ref_mesh.run()
+    path = tmp_path / "mesh.pt"
+    Mesh(tiny(steps=4, **config), corpus).run(checkpoint=path)
+    assert len(torch.load(path, weights_only=True)["validator"]) == 2
+    mesh = Mesh(tiny(**config), corpus)
+    result = mesh.run(checkpoint=path, resume=True)
+    assert_same_run(mesh, result, ref_mesh, ref_result)
+    assert result.report["validator_bans"] == ref_result.report["validator_bans"]
+    for v, ref in zip(mesh.validators, ref_mesh.validators, strict=True):
+        assert v.ledger.state_dict() == ref.ledger.state_dict()
+    assert mesh.validator_rng.bit_generator.state == ref_mesh.validator_rng.bit_generator.state
+    with pytest.raises(CheckpointError, match="validators"):  # one validator's run cannot resume it
+        Mesh(tiny(), corpus).load_checkpoint(path)
