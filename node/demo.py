@@ -397,9 +397,9 @@ def run(args: argparse.Namespace) -> int:
         "microbatches": summary.get("microbatches"),
         "rejected_inputs": sum(sum(s.get("rejected", {}).values()) for s in stage_stats.values()),
         # parameter averaging as the honest replicas saw it: rounds applied, peers' (tensor) contributions clipped,
-        # times a peer was left out for being clipped round after round
+        # and left out (too far to clip in), times a peer was left out for being clipped round after round
         "averaging": {key: sum(s.get("averaging", {}).get(key, 0) for s in stage_stats.values()
-                               if s["peer_id"] in honest) for key in ("rounds", "clipped", "distrusted")},
+                               if s["peer_id"] in honest) for key in ("rounds", "clipped", "left_out", "distrusted")},
         "wall_s": time.monotonic() - started, "workdir": str(workdir), "run_id": run_id,
         "config": {"stages": args.stages, "replicas": args.replicas, "attackers": args.attackers,
                    "attack": args.attack, "attack_direction": args.attack_direction,
@@ -417,8 +417,8 @@ def run(args: argparse.Namespace) -> int:
         f"micro-batches {report['tainted_microbatches']} of {report['microbatches']}; rejected inputs "
         f"{report['rejected_inputs']}")  # fmt: skip
     avg = report["averaging"]
-    say(f"averaging between honest replicas: {avg['rounds']} round(s), {avg['clipped']} contribution(s) clipped, "
-        f"a peer left out {avg['distrusted']} time(s)")
+    say(f"averaging between honest replicas: {avg['rounds']} round(s), {avg['clipped']} contribution(s) clipped and "
+        f"{avg['left_out']} left out, a peer not heard {avg['distrusted']} time(s)")
     say(f"loss {report['first_loss']:.3f} -> {report['train_loss']:.3f}, val loss {report['val_loss']:.3f}, "
         f"{report['tokens_per_s']:.0f} tokens/s, {report['wall_s']:.0f} s in all; logs in {workdir / 'logs'}")
     return 0

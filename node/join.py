@@ -77,6 +77,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--average-spread", type=float, default=2.0, metavar="X",
                    help="with two or more peers, also to X times the lower median of the peers' distances, an honest "
                         "replica's under an honest majority (0: no such bound)")  # fmt: skip
+    g.add_argument("--average-reject", type=float, default=10.0, metavar="X",
+                   help="leave a peer's tensor out of the average, instead of clipping it in, when its difference is "
+                        "over X times the --average-clip bound (0: never)")  # fmt: skip
     g.add_argument("--average-distrust", type=int, default=3, metavar="N",
                    help="stop hearing, for 20 rounds, a peer clipped on most of its tensors N rounds running "
                         "(0: never)")  # fmt: skip
@@ -126,10 +129,11 @@ def _check_args(args) -> None:
     if not math.isfinite(args.attack_averaging):
         raise CommandError("--attack-averaging must be a finite number")
     if args.role == "gpu-stage" and (min(args.average_every, args.average_clip, args.average_spread,
-                                         args.average_distrust) < 0
+                                         args.average_distrust, args.average_reject) < 0
+                                     or not math.isfinite(args.average_reject)
                                      or args.average_timeout <= 2.0):  # fmt: skip
-        raise CommandError("--average-every, --average-clip, --average-spread and --average-distrust must be >= 0 "
-                           "and --average-timeout > 2 seconds")  # fmt: skip
+        raise CommandError("--average-every, --average-clip, --average-spread, --average-reject and "
+                           "--average-distrust must be >= 0 and --average-timeout > 2 seconds")  # fmt: skip
     if args.role == "gpu-stage" and args.average_peers < 1:
         raise CommandError("--average-peers must be >= 1")
     if args.role == "trainer" and min(args.steps, args.microbatches, args.batch_size, args.max_inflight) < 1:
@@ -214,6 +218,7 @@ async def _stage(args, dht, manifest, identity, stop: StopFlag) -> int:
         stage=args.stage, seed=args.seed, accumulate=args.accumulate, device=args.device,
         average_every=args.average_every, average_timeout=args.average_timeout, average_clip=args.average_clip,
         average_spread=args.average_spread, average_peers=args.average_peers, average_distrust=args.average_distrust,
+        average_reject=args.average_reject,
         attack_averaging=args.attack_averaging, sync_on_join=args.sync,
         lr=args.lr,
     )  # fmt: skip

@@ -41,8 +41,16 @@ per round instead of about twice, and it lets each replica clip every peer's con
 
 With ``n`` peers heard, a poisoner moves this replica by at most ``1 / (n + 1)`` of that radius per round, and honest
 peers' parameters are averaged exactly (unclipped, the result is the plain mean of this replica and its peers). A
-steady poisoner would still drag a replica by that much round after round, so a peer clipped on most of its tensors
-in ``average_distrust`` (3) consecutive rounds is not heard for the next ``average_distrust_rounds`` (20).
+difference beyond ``average_reject`` (10) x the static bound is left out of its tensor's mean instead of clipped in
+(where no majority tells whom to believe, a 2-replica stage, a clipped pull still moved the honest replica half the
+bound towards a poisoner every round). A steady poisoner would still drag a replica round after round, so a peer
+clipped (or left out) on most of its tensors in ``average_distrust`` (3) consecutive rounds is not heard for the next
+``average_distrust_rounds`` (20). A replica that finds every one of 2 or more peers that far, and they agree, is the
+one left behind: it takes their ``consensus_parameters``.
+
+Joining: a replica that starts announces itself JOINING (trainers route only to ONLINE replicas), takes its stage's
+``consensus_parameters`` from the ONLINE replicas (``sync_now``: the element-wise median of 3 or more, the mean of 2
+that agree, never one peer's word), then announces ONLINE (``sync_on_join``; resumed from a checkpoint or not).
 
 The announcement (``StageAnnouncement`` in the DHT, key ``stage.{k - 1}``: the DHT numbers stages from 0 like
 ``manifest.layer_spans``) is refreshed every ``announce_period`` seconds and set OFFLINE on shutdown.

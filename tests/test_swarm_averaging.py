@@ -345,9 +345,9 @@ def test_join_gpu_stage_has_an_average_every_option(tmp_path, capsys):
     base = ["join", "--role", "gpu-stage", "--stage", "1", "--initial-peers", "/ip4/127.0.0.1/tcp/1", "--run-id", "r",
             "--authority", "00" * 32, "--identity", str(tmp_path / "s.key")]  # fmt: skip
     assert main([*base, "--average-every", "-1"]) == 2  # refused before anything starts
-    message = "--average-every, --average-clip, --average-spread and --average-distrust must be >= 0"
+    message = "--average-every, --average-clip, --average-spread, --average-reject and --average-distrust must be >= 0"
     assert message in capsys.readouterr().err
-    for option in ("--average-clip", "--average-spread", "--average-distrust"):
+    for option in ("--average-clip", "--average-spread", "--average-distrust", "--average-reject"):
         assert main([*base, option, "-1"]) == 2
         assert message in capsys.readouterr().err
     assert main([*base, "--average-peers", "0"]) == 2
@@ -361,4 +361,5 @@ def test_join_gpu_stage_has_an_average_every_option(tmp_path, capsys):
         main(["join", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "--average-every N" in out and "--average-spread X" in out and "lower median" in out
+    assert "--average-reject X" in out and "--no-sync" in out
     assert "--attack-averaging X RED-TEAM OPTION FOR TESTING ONLY" in out
