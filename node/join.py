@@ -109,6 +109,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
     g.add_argument("--max-inflight", type=int, default=4,
                    help="micro-batches of a step driven through the swarm at once (pipelining; 1: one at a time)")
+    g.add_argument("--check-fanout", type=int, default=1, metavar="K",
+                   help="send each check to K distinct validators at once (tainted if any taints it): with a ban "
+                        "quorum, each of them then sees all the evidence instead of a share of it (default 1)")
     g.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (trainer and gpu-stage)")
     g.add_argument("--warmup", type=int, default=5, help="honest warm-up steps announced to the validators")
     g.add_argument("--data", default=None, help="text file or folder (default: the Python standard library)")
@@ -136,8 +139,9 @@ def _check_args(args) -> None:
                            "--average-distrust must be >= 0 and --average-timeout > 2 seconds")  # fmt: skip
     if args.role == "gpu-stage" and args.average_peers < 1:
         raise CommandError("--average-peers must be >= 1")
-    if args.role == "trainer" and min(args.steps, args.microbatches, args.batch_size, args.max_inflight) < 1:
-        raise CommandError("--steps, --microbatches, --batch-size and --max-inflight must be >= 1")
+    if args.role == "trainer" and min(args.steps, args.microbatches, args.batch_size, args.max_inflight,
+                                      args.check_fanout) < 1:  # fmt: skip
+        raise CommandError("--steps, --microbatches, --batch-size, --max-inflight and --check-fanout must be >= 1")
     if args.role == "gpu-stage":
         from swarm.model import resolve_device
 
@@ -373,7 +377,7 @@ async def _trainer(args, dht, manifest, identity, stop: StopFlag) -> int:
     corpus = load_corpus(args.data)
     config = TrainerConfig(
         seed=args.seed, batch_size=args.batch_size, microbatches=args.microbatches, lr=args.lr, warmup=args.warmup,
-        taint_scope=args.taint_scope, max_inflight=args.max_inflight,
+        taint_scope=args.taint_scope, max_inflight=args.max_inflight, check_fanout=args.check_fanout,
     )  # fmt: skip
     trainer = Trainer(config, manifest, identity, corpus)
     start_step = 0

@@ -52,6 +52,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="validators, as in a swarm: each check goes to one at random, each keeps its own ledger")
     p.add_argument("--ban-quorum", type=int, default=d.ban_quorum,
                    help="validators that must ban a worker before it is banned and routed around")
+    p.add_argument("--check-fanout", type=int, default=d.check_fanout,
+                   help="validators that check each tensor (tainted if any flags it); 1: one at random")
     g = p.add_argument_group("sentinel")
     g.add_argument("--beta-forward", type=float, default=s.beta_forward)
     g.add_argument("--beta-backward", type=float, default=s.beta_backward)
@@ -144,6 +146,7 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
         taint_scope=args.taint_scope,
         validators=args.validators,
         ban_quorum=args.ban_quorum,
+        check_fanout=args.check_fanout,
         sentinel=sentinel,
     )
 

@@ -27,11 +27,12 @@ from swarm.validator_service import ValidatorService, ValidatorServiceConfig
 Slot = tuple[int, int]  # (stage 1..S, replica)
 
 
-def local_manifest(run_id: str, preset: str, n_stages: int, validator: Identity, trainer: Identity,
-                   authority: Identity) -> Manifest:  # fmt: skip
+def local_manifest(run_id: str, preset: str, n_stages: int, validator: Identity | list[Identity], trainer: Identity,
+                   authority: Identity, ban_quorum: int = 1) -> Manifest:  # fmt: skip
     spans = split_layers(resolve_config(preset, n_stages).n_layers, n_stages)
-    return Manifest(run_id, preset, n_stages, [tuple(s) for s in spans], {}, [validator.public_key],
-                    [trainer.public_key], 1, 1.0, authority.public_key)  # fmt: skip
+    validators = validator if isinstance(validator, list) else [validator]
+    return Manifest(run_id, preset, n_stages, [tuple(s) for s in spans], {}, [v.public_key for v in validators],
+                    [trainer.public_key], ban_quorum, 1.0, authority.public_key)  # fmt: skip
 
 
 def start_local_dht(manifest: Manifest, identity: Identity, initial_peers=()) -> SentinelDHT:
@@ -42,25 +43,27 @@ def start_local_dht(manifest: Manifest, identity: Identity, initial_peers=()) ->
 
 
 class LocalSwarm:
-    """``replicas[k - 1]`` stage servers for each stage k, one validator and a trainer. ``attackers`` maps a slot
-    (stage, replica) to a red-team MaliciousBehaviour; ``stage_config`` holds StageServerConfig overrides.
-    ``validator=False`` leaves the validator out of this process: one started elsewhere with ``validator_identity``
-    (and ``initial_peers()``) serves the swarm instead."""
+    """``replicas[k - 1]`` stage servers for each stage k, one validator (or ``validators`` of them, of which
+    ``ban_quorum`` must ban a peer) and a trainer. ``attackers`` maps a slot (stage, replica) to a red-team
+    MaliciousBehaviour; ``stage_config`` holds StageServerConfig overrides. ``validator=False`` leaves the validator
+    out of this process: one started elsewhere with ``validator_identity`` (and ``initial_peers()``) serves the swarm
+    instead."""
 
     def __init__(
         self, replicas: tuple[int, ...], *, preset: str = "tiny", run_id: str = "local", seed: int = 0,
         corpus: Corpus | None = None, attackers: dict[Slot, MaliciousBehaviour] | None = None,
         sentinel: SentinelConfig | None = None, trainer_config: TrainerConfig | None = None,
         stage_config: dict | None = None, validator_identity: Identity | None = None,
-        trainer_identity: Identity | None = None, validator: bool = True,
+        trainer_identity: Identity | None = None, validator: bool = True, validators: int = 1, ban_quorum: int = 1,
     ):  # fmt: skip
         self.run_id = run_id
         self.seed = seed
         self.corpus = corpus
         self.validator_identity = validator_identity or Identity.generate()
+        self.validator_identities = [self.validator_identity, *(Identity.generate() for _ in range(validators - 1))]
         self.trainer_identity = trainer_identity or Identity.generate()
-        self.manifest = local_manifest(run_id, preset, len(replicas), self.validator_identity, self.trainer_identity,
-                                       Identity.generate())  # fmt: skip
+        self.manifest = local_manifest(run_id, preset, len(replicas), self.validator_identities, self.trainer_identity,
+                                       Identity.generate(), ban_quorum)  # fmt: skip
         self.slots: list[Slot] = [(k, r) for k in range(1, len(replicas) + 1) for r in range(replicas[k - 1])]
         self.ids = {slot: Identity.generate() for slot in self.slots}
         self.attackers = attackers or {}
@@ -70,13 +73,16 @@ class LocalSwarm:
         self.with_validator = validator
         self.dhts: dict = {}
         self.servers: dict[Slot, StageServer] = {}
-        self.validator: ValidatorService | None = None
+        self.validator: ValidatorService | None = None  # the first of ``validators``
+        self.validators: list[ValidatorService] = []
         self.trainer: Trainer | None = None
 
     def start_dhts(self) -> None:
         """Start every node's DHT (blocking; call it outside the event loop)."""
         nodes = [*((slot, self.ids[slot]) for slot in self.slots),
                  *([("validator", self.validator_identity)] if self.with_validator else []),
+                 *((f"validator{i}", identity) for i, identity in enumerate(self.validator_identities[1:], 1)
+                   if self.with_validator),
                  ("trainer", self.trainer_identity)]  # fmt: skip
         names, identities = zip(*nodes)
         first = start_local_dht(self.manifest, identities[0])
@@ -90,13 +96,14 @@ class LocalSwarm:
             config = StageServerConfig(stage=slot[0], seed=self.seed, **self.stage_config)
             self.servers[slot] = StageServer(config, self.manifest, self.ids[slot], attack=self.attackers.get(slot))
         if self.with_validator:
-            self.validator = ValidatorService(ValidatorServiceConfig(), self.manifest, self.validator_identity,
-                                              self.sentinel)  # fmt: skip
+            self.validators = [ValidatorService(ValidatorServiceConfig(), self.manifest, identity, self.sentinel)
+                               for identity in self.validator_identities]  # fmt: skip
+            self.validator = self.validators[0]
         self.trainer = Trainer(self.trainer_config, self.manifest, self.trainer_identity, self.corpus)
         for slot, server in self.servers.items():
             await server.start(self.dhts[slot])
-        if self.validator is not None:
-            await self.validator.start(self.dhts["validator"])
+        for i, validator in enumerate(self.validators):
+            await validator.start(self.dhts["validator" if i == 0 else f"validator{i}"])
         await self.trainer.start(self.dhts["trainer"])
 
     def initial_peers(self) -> list:
@@ -118,7 +125,7 @@ class LocalSwarm:
     async def stop(self) -> None:
         """Shut every node down; one node's failure does not leave the others running (the first error is raised
         once all have been tried)."""
-        nodes = [*self.servers.values(), *(n for n in (self.validator, self.trainer) if n is not None)]
+        nodes = [*self.servers.values(), *self.validators, *([self.trainer] if self.trainer is not None else [])]
         errors = []
         for node in nodes:
             try:

@@ -17,7 +17,8 @@ passes through unchanged) and is neither run nor blamed.
 
 Validators: one by default. With ``validators=N`` each check goes to one of N validators at random (as a swarm's
 trainer picks one per boundary and check), each learns and keeps strikes from its share of the traffic alone, and a
-worker is banned, and routed around, once ``ban_quorum`` of them have banned it (the manifest's quorum).
+worker is banned, and routed around, once ``ban_quorum`` of them have banned it (the manifest's quorum). With
+``check_fanout=K`` each check goes to K distinct validators instead, and the tensor is tainted if any of them flags it.
 
 Checkpoints: ``Mesh.run(checkpoint=path)`` writes the whole state (parameters, optimizer, validator, attackers, every
 RNG, history, events) every few steps, at the end and on Ctrl-C; ``resume=True`` continues from it, and a resumed
@@ -108,6 +109,7 @@ class MeshConfig:
     # a worker is banned (and routed around) once ban_quorum of them have banned it
     validators: int = 1
     ban_quorum: int = 1
+    check_fanout: int = 1  # validators (distinct, at random) that check each tensor; it is tainted if any flags it
     sentinel: SentinelConfig = field(default_factory=SentinelConfig)
 
     def __post_init__(self) -> None:
@@ -119,6 +121,8 @@ class MeshConfig:
             raise MeshConfigError("steps, microbatches and batch_size must be >= 1 and warmup >= 0")
         if self.validators < 1 or not 1 <= self.ban_quorum <= self.validators:
             raise MeshConfigError("validators must be >= 1 and ban_quorum in 1..validators")
+        if not 1 <= self.check_fanout <= self.validators:
+            raise MeshConfigError("check_fanout must be in 1..validators")
         if self.taint_scope not in TAINT_SCOPES:
             raise MeshConfigError(f"taint_scope must be one of {TAINT_SCOPES}")
         parse_direction(self.attack_direction)
@@ -272,19 +276,28 @@ class Mesh:
         """Validator check; returns (tensor to pass on or None to drop, flagged)."""
         if not self.validators:
             return tensor, False
-        n = len(self.validators)
-        validator = self.validators[0 if n == 1 else int(self.validator_rng.integers(n))]
-        res = validator.check(
-            tensor, boundary=boundary, direction=direction, sender=sender, step=step, reference=reference,
-            tainted=tainted and self.config.taint_scope == "microbatch", warmup=step < self.config.warmup,
-        )
-        self.validator_seconds += res.seconds
-        self.n_checks += 1
-        if res.tainted:
-            self.tainted.add(mb)
-            if res.blamed:
-                self.events.append(Event(step, sender, "flag", boundary, direction, res.reason))
-        return res.tensor, res.tainted
+        n, fanout = len(self.validators), self.config.check_fanout
+        if n == 1 or fanout == n:
+            chosen = range(n)
+        elif fanout == 1:
+            chosen = [int(self.validator_rng.integers(n))]
+        else:
+            chosen = sorted(int(i) for i in self.validator_rng.choice(n, fanout, replace=False))
+        out, flagged = tensor, False
+        for i in chosen:
+            res = self.validators[i].check(
+                tensor, boundary=boundary, direction=direction, sender=sender, step=step, reference=reference,
+                tainted=tainted and self.config.taint_scope == "microbatch", warmup=step < self.config.warmup,
+            )
+            self.validator_seconds += res.seconds
+            self.n_checks += 1
+            if res.tainted:
+                if not flagged:  # the first flagging validator's replacement is passed on
+                    out, flagged = res.tensor, True
+                self.tainted.add(mb)
+                if res.blamed:
+                    self.events.append(Event(step, sender, "flag", boundary, direction, res.reason))
+        return out, flagged
 
     def _timed(self, fn: Callable[..., torch.Tensor | None], *args) -> torch.Tensor | None:
         if self.device.type == "cuda":

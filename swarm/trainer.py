@@ -105,6 +105,9 @@ class TrainerConfig:
     failure_ban_max: float = 300.0
     busy_backoff: float = 1.0  # seconds a peer that answered Busy (at its stream limit: healthy, just full) is avoided
     reference_by_digest: bool = True  # name a check's reference by digest when that validator passed it on itself
+    check_fanout: int = 1  # validators (distinct) that check each tensor at once; it is tainted if any taints it.
+    # With several validators and a ban quorum, one each spreads the evidence: each validator learns and keeps strikes
+    # from its share of the traffic alone, and the quorum needs each of them to reach a ban (README, "Validators")
     max_inflight: int = 4  # micro-batches of one step driven through the swarm concurrently (pipelining: one
     # micro-batch's validator check overlaps another's stage compute); 1 = strictly one after another
 
@@ -334,6 +337,45 @@ class Trainer:
         return CheckReply(tainted_now, out, verdict, verdict_from_meta(reply, "taint_verdict"),
                           reason if isinstance(reason, str) else "")  # fmt: skip
 
+    async def _validated(
+        self, tensor: torch.Tensor, reference: torch.Tensor, *, boundary: int, **fields
+    ) -> CheckReply:  # fmt: skip
+        """The check of ``tensor`` at ``boundary`` by one validator, or, with ``check_fanout`` K > 1, by K distinct
+        validators at once (each with its own retries on validators outside the K): the tensor is tainted if any of
+        them taints it, and the first such reply (its replacement and verdicts) is what passes on; each validator
+        learns from and keeps strikes on every tensor it was sent. NoRoute only if none answered."""
+
+        async def check(peer: str) -> CheckReply:
+            return await self._check(peer, tensor, reference, boundary=boundary, **fields)
+
+        fanout = min(self.config.check_fanout, len(self.validators.get(boundary, [])))
+        if fanout <= 1:
+            return (await self._with_retries(lambda ex: self._pick_validator(boundary, ex), check))[1]
+        chosen: list[str] = []
+        while len(chosen) < fanout and (peer := self._pick_validator(boundary, set(chosen))) is not None:
+            chosen.append(peer)
+
+        async def one(peer: str) -> CheckReply:
+            first = [peer]
+
+            def pick(ex: set[str]) -> str | None:
+                if first and first[0] not in ex:
+                    return first.pop()
+                return self._pick_validator(boundary, ex | set(chosen))
+
+            return (await self._with_retries(pick, check))[1]
+
+        results = await asyncio.gather(*(one(peer) for peer in chosen), return_exceptions=True)
+        replies = []
+        for result in results:
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            if not isinstance(result, BaseException):
+                replies.append(result)
+        if not replies:
+            raise next(r for r in results if isinstance(r, BaseException))
+        return next((r for r in replies if r.tainted), replies[0])
+
     def _trainer_verdict(self, tensor: torch.Tensor, *, step: int, mb: int, boundary: int, direction: Direction):
         return sign_verdict(
             self.identity, run_id=self.run, step=step, microbatch=mb, boundary=boundary, direction=direction,
@@ -357,13 +399,8 @@ class Trainer:
             out = as_received(out, self.config.compression)
             return peer, CheckReply(False, out, self._trainer_verdict(out, step=step, mb=mb, boundary=k,
                                                                       direction=Direction.FORWARD))  # fmt: skip
-        screen = self._screen(tainted)
-        _, reply = await self._with_retries(
-            lambda ex: self._pick_validator(k, ex),
-            lambda v: self._check(
-                v, out, inp, step=step, mb=mb, boundary=k, direction=Direction.FORWARD, sender=peer, tainted=screen
-            ),
-        )
+        reply = await self._validated(out, inp, boundary=k, step=step, mb=mb, direction=Direction.FORWARD, sender=peer,
+                                      tainted=self._screen(tainted))  # fmt: skip
         return peer, reply
 
     # ---------------------------------------------------------------------------------------- one micro-batch
@@ -416,14 +453,8 @@ class Trainer:
                 g = as_received(grad_in, self.config.compression)
                 g_verdict = self._trainer_verdict(g, step=step, mb=mb, boundary=k - 1, direction=Direction.BACKWARD)
                 continue
-            screen = self._screen(tainted)
-            _, reply = await self._with_retries(
-                lambda ex, k=k: self._pick_validator(k - 1, ex),
-                lambda v, grad_in=grad_in, g=g, sender=sender, k=k, screen=screen: self._check(
-                    v, grad_in, g, step=step, mb=mb, boundary=k - 1, direction=Direction.BACKWARD, sender=sender,
-                    tainted=screen,
-                ),
-            )
+            reply = await self._validated(grad_in, g, boundary=k - 1, step=step, mb=mb, direction=Direction.BACKWARD,
+                                          sender=sender, tainted=self._screen(tainted))  # fmt: skip
             if reply.tensor is None:  # drop mode: upstream stages get nothing from this micro-batch
                 self.metrics.dropped += 1
                 return float(loss.detach())

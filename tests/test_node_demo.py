@@ -54,7 +54,8 @@ def test_demo_bans_the_attacker_and_leaves_no_process_behind(tmp_path):
     assert not set(data["honest"]) & set(data["banned"]) and data["false_bans"] == []
     assert data["recall"] == 1.0 and data["precision"] == 1.0
     assert math.isfinite(data["val_loss"]) and data["steps"] == 10 and data["tokens_per_s"] > 0
-    assert set(data["averaging"]) == {"rounds", "clipped", "distrusted"} and data["averaging"]["clipped"] == 0
+    assert set(data["averaging"]) == {"rounds", "clipped", "left_out", "distrusted"}
+    assert data["averaging"]["clipped"] == data["averaging"]["left_out"] == 0
     assert "averaging between honest replicas:" in out
     assert data["tainted_microbatches"] >= 1
     assert "demo summary" in out and "BAN" in out

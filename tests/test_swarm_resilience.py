@@ -270,3 +270,45 @@ def test_busy_peer_is_sidestepped_briefly_and_a_failed_one_for_longer():
     assert busy_failures == 0 and busy_until - start <= 1.0 + (time.monotonic() - start)
     assert dead_failures == 1 and dead_until - start >= 15.0 - 1e-6
     assert trainer.avoided() == {"full", "dead"}
+
+
+@pytest.mark.forked
+@pytest.mark.timeout(150)
+def test_each_check_can_go_to_several_validators_and_any_taint_wins():
+    """Two validators and check_fanout=2: both check every tensor (each sees all the evidence, not half of it). One
+    of them is made lax here (it accepts everything, as a careless or malicious validator might): the attacker's
+    non-finite outputs are still tainted and replaced, by the other's verdict, and the other bans it (quorum 1)."""
+    from sentinel.validator import CheckResult
+
+    microbatches = 4
+    attack = MaliciousBehaviour(worker=0, attack=make_attack("nonfinite"), directions="forward", onset=4, seed=0)
+    config = TrainerConfig(seed=SEED, batch_size=2, microbatches=microbatches, warmup=4, lr=1e-4, check_fanout=2)
+    swarm = LocalSwarm((2, 1), attackers={(1, 0): attack}, sentinel=SentinelConfig(ban_level=2, drift_senders=2),
+                       trainer_config=config, stage_config={"lr": 1e-4}, validators=2, ban_quorum=1)  # fmt: skip
+
+    async def body(swarm: LocalSwarm):
+        trainer, (strict, lax) = swarm.trainer, swarm.validators
+        bad = swarm.servers[(1, 0)].peer_id
+        real = lax.validator.check
+
+        def accept_everything(x, **kw):
+            res = real(x, **kw)
+            return CheckResult(False, x, seconds=res.seconds)
+
+        lax.validator.check = accept_everything
+        step = 0
+        while bad not in trainer.banned:
+            assert step < 12, "the attacker was never banned"
+            await trainer.step(step)
+            await trainer.refresh()
+            step += 1
+        routed = trainer.metrics.stage_calls[bad]  # its forward calls: each one after the onset was attacked
+        # every check went to both: 2 forward and 2 backward a micro-batch, less the backward check of each replaced
+        # (bypassed) output
+        assert strict.n_checks == lax.n_checks == 4 * step * microbatches - trainer.metrics.tainted
+        assert lax.n_tainted == 0 and strict.n_tainted >= 2
+        assert trainer.metrics.tainted == strict.n_tainted  # the strict verdict won every time
+        assert all(math.isfinite(x) for x in trainer.metrics.losses)  # no NaN got through the lax validator
+        assert routed >= 2 and trainer.banned == {bad}
+
+    run_swarm(swarm, body)
