@@ -8,8 +8,8 @@ replicas, 2 attackers, 4 micro-batches of 4 sequences a step, lr 3e-3, warm-up 1
 (validators, quorum, checks per tensor) setting over several seeds and attacks, and prints a markdown table of
 attackers and honest workers banned. ``--compare`` adds the same settings with SentinelConfig overrides (JSON).
 
-    python benchmarks/quorum.py                         # 1/1, 2/2, 2/2 checking each tensor twice, 2/1; 3 attacks
-    python benchmarks/quorum.py --settings 2/2 --compare '{"drift_steps": 8}'
+    python benchmarks/quorum.py         # 1/1/1, 2/2/1, 2/2/2, 2/1/1 (validators/quorum/checks per tensor); 3 attacks
+    python benchmarks/quorum.py --settings 2/2/1 --compare '{"drift_steps": 8}'
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ def run(job: tuple[str, int, int, int, int, str, dict]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--attacks", default="delay,random_sign,noise", help="group-A names, at their strongest setting")
-    p.add_argument("--settings", default="1/1,2/2,2/2/2,2/1",
-                   help="validators/quorum or validators/quorum/fanout (validators checking each tensor; default 1)")
+    p.add_argument("--settings", default="1/1/1,2/2/1,2/2/2,2/1/1",
+                   help="validators/quorum/fanout (validators checking each tensor; omitted: the quorum)")
     p.add_argument("--seeds", type=int, default=6)
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=SHAPE["steps"])
@@ -65,8 +65,9 @@ def main() -> None:
         SentinelConfig.from_dict(json.loads(v))  # a bad override fails here, not in a worker
     settings = []
     for setting in args.settings.split(","):
-        parts = [int(x) for x in setting.split("/")] + [1, 1]
-        settings.append(tuple(parts[:3]))
+        parts = [int(x) for x in setting.split("/")]
+        v, q = parts[0], parts[1] if len(parts) > 1 else 1
+        settings.append((v, q, parts[2] if len(parts) > 2 else q))
     shape = {**SHAPE, "steps": args.steps}
     for v, q, f in settings:
         MeshConfig(validators=v, ban_quorum=q, check_fanout=f, **shape)  # a bad setting fails here

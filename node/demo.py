@@ -62,8 +62,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "poisoner the validators cannot see; the honest replicas clip it; 0: off)")
     p.add_argument("--validators", type=int, default=1, help="validator processes (each checks every boundary)")
     p.add_argument("--ban-quorum", type=int, default=1, help="distinct validators that must ban a peer")
-    p.add_argument("--check-fanout", type=int, default=1, metavar="K",
-                   help="validators that check each tensor at once (the trainer's --check-fanout)")
+    p.add_argument("--check-fanout", type=int, default=0, metavar="K",
+                   help="validators that check each tensor at once (the trainer's --check-fanout; 0: --ban-quorum)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=None,
                    help="honest warm-up steps before the attack (default: enough checks for every monitor to learn)")
@@ -96,7 +96,7 @@ def _warmup(args) -> int:
     if args.warmup is not None:
         return args.warmup
     # checks per monitor per step: each check goes to check_fanout of the validators, chosen at random
-    per_validator = args.microbatches * min(args.check_fanout, args.validators) / args.validators
+    per_validator = args.microbatches * min(args.check_fanout or args.ban_quorum, args.validators) / args.validators
     return max(3, math.ceil(24 / per_validator))
 
 
@@ -112,8 +112,8 @@ def _check(args) -> None:
         raise CommandError("--attackers must be >= 0")
     if not math.isfinite(args.attack_averaging):
         raise CommandError("--attack-averaging must be a finite number")
-    if not 1 <= args.check_fanout <= args.validators:
-        raise CommandError("--check-fanout must be in 1..--validators")
+    if not 0 <= args.check_fanout <= args.validators:
+        raise CommandError("--check-fanout must be in 0..--validators (0: --ban-quorum)")
     if not 1 <= args.ban_quorum <= args.validators:
         raise CommandError("--ban-quorum must be in 1..--validators")
     if args.attackers:
@@ -410,8 +410,8 @@ def run(args: argparse.Namespace) -> int:
         "config": {"stages": args.stages, "replicas": args.replicas, "attackers": args.attackers,
                    "attack": args.attack, "attack_direction": args.attack_direction,
                    "attack_averaging": args.attack_averaging, "validators": args.validators,
-                   "ban_quorum": args.ban_quorum, "check_fanout": args.check_fanout, "steps": args.steps,
-                   "warmup": warmup,
+                   "ban_quorum": args.ban_quorum, "check_fanout": args.check_fanout or args.ban_quorum,
+                   "steps": args.steps, "warmup": warmup,
                    "microbatches": args.microbatches, "batch_size": args.batch_size, "preset": args.preset},
         "stage_servers": stage_stats, "status": status,
     }  # fmt: skip

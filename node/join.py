@@ -109,9 +109,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
     g.add_argument("--max-inflight", type=int, default=4,
                    help="micro-batches of a step driven through the swarm at once (pipelining; 1: one at a time)")
-    g.add_argument("--check-fanout", type=int, default=1, metavar="K",
-                   help="send each check to K distinct validators at once (tainted if any taints it): with a ban "
-                        "quorum, each of them then sees all the evidence instead of a share of it (default 1)")
+    g.add_argument("--check-fanout", type=int, default=0, metavar="K",
+                   help="send each check to K distinct validators at once (tainted if any taints it; default 0: "
+                        "the manifest's ban quorum, so that each validator of a quorum sees all the evidence "
+                        "instead of a share of it)")
     g.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (trainer and gpu-stage)")
     g.add_argument("--warmup", type=int, default=5, help="honest warm-up steps announced to the validators")
     g.add_argument("--data", default=None, help="text file or folder (default: the Python standard library)")
@@ -139,9 +140,10 @@ def _check_args(args) -> None:
                            "--average-distrust must be >= 0 and --average-timeout > 2 seconds")  # fmt: skip
     if args.role == "gpu-stage" and args.average_peers < 1:
         raise CommandError("--average-peers must be >= 1")
-    if args.role == "trainer" and min(args.steps, args.microbatches, args.batch_size, args.max_inflight,
-                                      args.check_fanout) < 1:  # fmt: skip
-        raise CommandError("--steps, --microbatches, --batch-size, --max-inflight and --check-fanout must be >= 1")
+    if args.role == "trainer" and (min(args.steps, args.microbatches, args.batch_size, args.max_inflight) < 1
+                                   or args.check_fanout < 0):  # fmt: skip
+        raise CommandError("--steps, --microbatches, --batch-size and --max-inflight must be >= 1 and --check-fanout "
+                           ">= 0")  # fmt: skip
     if args.role == "gpu-stage":
         from swarm.model import resolve_device
 

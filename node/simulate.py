@@ -53,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ban-quorum", type=int, default=d.ban_quorum,
                    help="validators that must ban a worker before it is banned and routed around")
     p.add_argument("--check-fanout", type=int, default=d.check_fanout,
-                   help="validators that check each tensor (tainted if any flags it); 1: one at random")
+                   help="validators that check each tensor (tainted if any flags it); 0: --ban-quorum")
     g = p.add_argument_group("sentinel")
     g.add_argument("--beta-forward", type=float, default=s.beta_forward)
     g.add_argument("--beta-backward", type=float, default=s.beta_backward)

@@ -17,8 +17,8 @@ passes through unchanged) and is neither run nor blamed.
 
 Validators: one by default. With ``validators=N`` each check goes to one of N validators at random (as a swarm's
 trainer picks one per boundary and check), each learns and keeps strikes from its share of the traffic alone, and a
-worker is banned, and routed around, once ``ban_quorum`` of them have banned it (the manifest's quorum). With
-``check_fanout=K`` each check goes to K distinct validators instead, and the tensor is tainted if any of them flags it.
+worker is banned, and routed around, once ``ban_quorum`` of them have banned it (the manifest's quorum). Each
+check goes to ``check_fanout`` distinct validators (by default the quorum), and the tensor is tainted if any flags it.
 
 Checkpoints: ``Mesh.run(checkpoint=path)`` writes the whole state (parameters, optimizer, validator, attackers, every
 RNG, history, events) every few steps, at the end and on Ctrl-C; ``resume=True`` continues from it, and a resumed
@@ -109,7 +109,8 @@ class MeshConfig:
     # a worker is banned (and routed around) once ban_quorum of them have banned it
     validators: int = 1
     ban_quorum: int = 1
-    check_fanout: int = 1  # validators (distinct, at random) that check each tensor; it is tainted if any flags it
+    check_fanout: int = 0  # validators (distinct, at random) that check each tensor; tainted if any flags it (0: the
+    # ban quorum, as a swarm's trainer does by default)
     sentinel: SentinelConfig = field(default_factory=SentinelConfig)
 
     def __post_init__(self) -> None:
@@ -121,8 +122,8 @@ class MeshConfig:
             raise MeshConfigError("steps, microbatches and batch_size must be >= 1 and warmup >= 0")
         if self.validators < 1 or not 1 <= self.ban_quorum <= self.validators:
             raise MeshConfigError("validators must be >= 1 and ban_quorum in 1..validators")
-        if not 1 <= self.check_fanout <= self.validators:
-            raise MeshConfigError("check_fanout must be in 1..validators")
+        if not 0 <= self.check_fanout <= self.validators:
+            raise MeshConfigError("check_fanout must be in 0..validators (0: ban_quorum)")
         if self.taint_scope not in TAINT_SCOPES:
             raise MeshConfigError(f"taint_scope must be one of {TAINT_SCOPES}")
         parse_direction(self.attack_direction)
@@ -276,7 +277,7 @@ class Mesh:
         """Validator check; returns (tensor to pass on or None to drop, flagged)."""
         if not self.validators:
             return tensor, False
-        n, fanout = len(self.validators), self.config.check_fanout
+        n, fanout = len(self.validators), self.config.check_fanout or self.config.ban_quorum
         if n == 1 or fanout == n:
             chosen = range(n)
         elif fanout == 1:

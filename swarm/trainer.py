@@ -105,9 +105,10 @@ class TrainerConfig:
     failure_ban_max: float = 300.0
     busy_backoff: float = 1.0  # seconds a peer that answered Busy (at its stream limit: healthy, just full) is avoided
     reference_by_digest: bool = True  # name a check's reference by digest when that validator passed it on itself
-    check_fanout: int = 1  # validators (distinct) that check each tensor at once; it is tainted if any taints it.
-    # With several validators and a ban quorum, one each spreads the evidence: each validator learns and keeps strikes
-    # from its share of the traffic alone, and the quorum needs each of them to reach a ban (README, "Validators")
+    check_fanout: int = 0  # validators (distinct) that check each tensor at once; it is tainted if any taints it.
+    # 0: the manifest's ban quorum. One each would spread the evidence: each validator would learn and keep strikes
+    # from its share of the traffic alone, while the quorum needs each of them to reach a ban (README, "Several
+    # validators": with 2 validators and quorum 2, one check each banned later and missed most noise attackers)
     max_inflight: int = 4  # micro-batches of one step driven through the swarm concurrently (pipelining: one
     # micro-batch's validator check overlaps another's stage compute); 1 = strictly one after another
 
@@ -340,7 +341,8 @@ class Trainer:
     async def _validated(
         self, tensor: torch.Tensor, reference: torch.Tensor, *, boundary: int, **fields
     ) -> CheckReply:  # fmt: skip
-        """The check of ``tensor`` at ``boundary`` by one validator, or, with ``check_fanout`` K > 1, by K distinct
+        """The check of ``tensor`` at ``boundary`` by one validator, or, with a fan-out K > 1 (``check_fanout``, by
+        default the manifest's ban quorum), by K distinct
         validators at once (each with its own retries on validators outside the K): the tensor is tainted if any of
         them taints it, and the first such reply (its replacement and verdicts) is what passes on; each validator
         learns from and keeps strikes on every tensor it was sent. NoRoute only if none answered."""
@@ -348,7 +350,7 @@ class Trainer:
         async def check(peer: str) -> CheckReply:
             return await self._check(peer, tensor, reference, boundary=boundary, **fields)
 
-        fanout = min(self.config.check_fanout, len(self.validators.get(boundary, [])))
+        fanout = min(self.config.check_fanout or self.manifest.ban_quorum, len(self.validators.get(boundary, [])))
         if fanout <= 1:
             return (await self._with_retries(lambda ex: self._pick_validator(boundary, ex), check))[1]
         chosen: list[str] = []

@@ -92,16 +92,22 @@ def test_choose_malicious_spreads_and_keeps_an_honest_replica():
 
 
 def test_several_validators_split_the_checks_and_ban_by_quorum(corpus):
-    """Two validators, as in a swarm: each checks a share of the traffic with its own monitors and ledger; a worker
-    is banned swarm-wide (and routed around) at the step the quorum's last validator bans it."""
-    runs = {q: Mesh(tiny(attack="zeros", seed=1, validators=2, ban_quorum=q), corpus) for q in (1, 2)}
-    reports = {q: mesh.run().report for q, mesh in runs.items()}
-    for q, mesh in runs.items():
+    """Two validators, as in a swarm: each checks its share of the traffic (one check each, at random) or all of it
+    (check_fanout 2, the default with quorum 2) with its own monitors and ledger; a worker is banned swarm-wide (and
+    routed around) at the step the quorum's last validator bans it."""
+    settings = ((1, 1), (2, 1), (2, 2))
+    runs = {(q, f): Mesh(tiny(attack="zeros", seed=1, validators=2, ban_quorum=q, check_fanout=f), corpus)
+            for q, f in settings}  # fmt: skip
+    reports = {key: mesh.run().report for key, mesh in runs.items()}
+    for (q, f), mesh in runs.items():
         a, b = mesh.validators
         assert a is not b and a.monitors and b.monitors
         seen = [sum(m.n_accepted for m in v.monitors.values()) for v in mesh.validators]
-        assert all(n > 0 for n in seen), seen  # both learnt from their share
-        rep = reports[q]
+        assert all(n > 0 for n in seen), seen  # both learnt
+        if f == 2:  # both saw every tensor
+            assert seen[0] == seen[1]
+            assert a.ledger.state_dict() == b.ledger.state_dict()  # the same evidence, the same judgement
+        rep = reports[(q, f)]
         assert rep["config"]["validators"] == 2 and rep["config"]["ban_quorum"] == q
         assert rep["banned"] == rep["malicious"] and rep["false_bans"] == []
         local = {w: sorted(v.ledger.banned()[w] for v in mesh.validators if w in v.ledger.banned())
@@ -111,7 +117,13 @@ def test_several_validators_split_the_checks_and_ban_by_quorum(corpus):
             assert len(steps) >= q and rep["ban_steps"][worker] == steps[q - 1]
             bans = [e for e in mesh.events if e.kind == "ban" and e.worker == worker]
             assert [e.step for e in bans] == [steps[q - 1]]
+    # one check each: the validators split the traffic; two: each saw all of it, twice the checks
+    split, both = runs[(2, 1)], runs[(2, 2)]
+    assert sum(sum(m.n_accepted for m in v.monitors.values()) for v in split.validators) < both.n_checks
+    assert both.n_checks > 1.5 * split.n_checks
     with pytest.raises(MeshConfigError):
         tiny(validators=2, ban_quorum=3)
     with pytest.raises(MeshConfigError):
         tiny(validators=0)
+    with pytest.raises(MeshConfigError):
+        tiny(validators=2, check_fanout=3)
