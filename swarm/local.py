@@ -45,7 +45,8 @@ def start_local_dht(manifest: Manifest, identity: Identity, initial_peers=()) ->
 class LocalSwarm:
     """``replicas[k - 1]`` stage servers for each stage k, one validator (or ``validators`` of them, of which
     ``ban_quorum`` must ban a peer) and a trainer. ``attackers`` maps a slot (stage, replica) to a red-team
-    MaliciousBehaviour; ``stage_config`` holds StageServerConfig overrides. ``validator=False`` leaves the validator
+    MaliciousBehaviour; ``stage_config`` and ``validator_config`` hold StageServerConfig and
+    ValidatorServiceConfig overrides. ``validator=False`` leaves the validator
     out of this process: one started elsewhere with ``validator_identity`` (and ``initial_peers()``) serves the swarm
     instead."""
 
@@ -55,6 +56,7 @@ class LocalSwarm:
         sentinel: SentinelConfig | None = None, trainer_config: TrainerConfig | None = None,
         stage_config: dict | None = None, validator_identity: Identity | None = None,
         trainer_identity: Identity | None = None, validator: bool = True, validators: int = 1, ban_quorum: int = 1,
+        validator_config: dict | None = None,
     ):  # fmt: skip
         self.run_id = run_id
         self.seed = seed
@@ -71,6 +73,7 @@ class LocalSwarm:
         self.trainer_config = trainer_config or TrainerConfig(seed=seed, batch_size=2, microbatches=4)
         self.stage_config = {"accumulate": 4, **(stage_config or {})}
         self.with_validator = validator
+        self.validator_config = validator_config or {}  # ValidatorServiceConfig overrides
         self.dhts: dict = {}
         self.servers: dict[Slot, StageServer] = {}
         self.validator: ValidatorService | None = None  # the first of ``validators``
@@ -96,7 +99,8 @@ class LocalSwarm:
             config = StageServerConfig(stage=slot[0], seed=self.seed, **self.stage_config)
             self.servers[slot] = StageServer(config, self.manifest, self.ids[slot], attack=self.attackers.get(slot))
         if self.with_validator:
-            self.validators = [ValidatorService(ValidatorServiceConfig(), self.manifest, identity, self.sentinel)
+            config = ValidatorServiceConfig(**self.validator_config)
+            self.validators = [ValidatorService(config, self.manifest, identity, self.sentinel)
                                for identity in self.validator_identities]  # fmt: skip
             self.validator = self.validators[0]
         self.trainer = Trainer(self.trainer_config, self.manifest, self.trainer_identity, self.corpus)

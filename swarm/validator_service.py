@@ -20,13 +20,15 @@ state (baselines, ledger) is saved to ``state_path`` every ``save_every`` checks
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import math
 import time
 from collections import OrderedDict, defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import AsyncIterator  # noqa: UP035 (ServicerBase detects stream handlers by typing's AsyncIterator only)
 
@@ -83,6 +85,13 @@ logger = logging.getLogger(__name__)
 MAX_TAINT_EVENTS = 256  # taint events kept for operators (ValidatorService.taint_events)
 
 
+def private_seed(identity: Identity, run_id: str, seed: int) -> int:
+    """A projection seed only ``identity``'s holder can compute: HMAC-SHA256 of the run and the manifest's seed under
+    its private key (the first 8 bytes)."""
+    mac = hmac.new(identity.seed(), f"sentinel-projections/{run_id}/{seed}".encode(), hashlib.sha256).digest()
+    return int.from_bytes(mac[:8], "little")
+
+
 @dataclass
 class ValidatorServiceConfig:
     boundaries: tuple[int, ...] | None = None  # None: every boundary 0..S
@@ -97,6 +106,11 @@ class ValidatorServiceConfig:
     max_streams: int = 8  # streamed check requests in hand at once; one more is refused with Busy (memory bound)
     reference_cache_bytes: int = 64 * 2**20  # tensors this validator passed on (accepted or replaced), kept so that
     # the next boundary's check can name its reference by digest instead of resending it (0: off)
+    # seed the monitors' random projections (the sliced-Wasserstein directions) from this validator's own private key
+    # and the run, not from the manifest's seed, which every peer, attackers included, can read: an attacker who
+    # knows the directions can shape a tensor whose projected quantiles look normal. Stable across restarts (the same
+    # key), different for every validator. False: the manifest's seed, as the mesh uses (tests comparing the two)
+    private_projections: bool = True
     check_log: str | None = None  # append one JSON line per check here (an audit trail: who sent what, each
     # distance against its fence, the verdict) and one per settled step (the strikes of the senders it touched); the
     # file is buffered and complete once the service shuts down. None: off
@@ -111,6 +125,8 @@ class ValidatorService(ServicerBase):
         self.config = config
         self.manifest = manifest
         self.identity = identity
+        if config.private_projections:
+            sentinel = replace(sentinel, seed=private_seed(identity, manifest.run_id, sentinel.seed))
         self.validator = Validator(sentinel)
         n = manifest.n_stages
         self.boundaries = tuple(range(n + 1)) if config.boundaries is None else tuple(config.boundaries)

@@ -54,6 +54,31 @@ def trainer_verdict(signer, h, step=0, mb=0):
     )  # fmt: skip
 
 
+def test_each_validator_projects_on_directions_of_its_own_that_the_manifest_does_not_reveal():
+    """The sliced-Wasserstein directions are seeded from the validator's private key, not the manifest's public
+    seed: different for two validators, the same for one validator restarted, the manifest's when turned off."""
+    other = Identity.generate()
+    manifest = Manifest(RUN, "tiny", 2, [(0, 2), (2, 4)], {}, [VALIDATOR.public_key, other.public_key],
+                        [TRAINER.public_key], 1, 1.0, AUTHORITY.public_key)  # fmt: skip
+    sentinel = SentinelConfig(seed=7)
+
+    def directions(identity, **config):
+        service = ValidatorService(ValidatorServiceConfig(**config), manifest, identity, sentinel)
+        try:
+            return service.validator.config.seed, service.validator.monitor(1, "forward").projections(64, "cpu")
+        finally:
+            service._executor.shutdown()
+            service._publisher.shutdown()
+
+    seed_a, a = directions(VALIDATOR)
+    seed_b, b = directions(other)
+    seed_again, again = directions(VALIDATOR)
+    seed_public, public = directions(VALIDATOR, private_projections=False)
+    assert seed_a != seed_b and not torch.allclose(a, b)
+    assert seed_a == seed_again and torch.equal(a, again)
+    assert seed_public == 7 and seed_a != 7 and not torch.allclose(a, public)
+
+
 @pytest.mark.forked
 @pytest.mark.timeout(90)
 def test_stage_server_rejects_unvalidated_inputs_with_distinct_codes():

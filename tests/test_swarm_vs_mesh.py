@@ -80,8 +80,9 @@ def test_swarm_and_mesh_agree_on_bans_and_losses(grad_clip, rtol):
     trainer_config = TrainerConfig(seed=SEED, batch_size=BATCH, microbatches=MICROBATCHES, max_inflight=1, lr=LR,
                                    grad_clip=grad_clip, warmup=WARMUP)  # fmt: skip
     stage_config = {"lr": LR, "grad_clip": grad_clip, "accumulate": MICROBATCHES, "average_every": 0}
+    # the validator projects on the mesh's directions (the manifest's seed), not on ones from its own key
     swarm = LocalSwarm((1, 1), attackers={(1, 0): attacker()}, sentinel=sentinel(), trainer_config=trainer_config,
-                       stage_config=stage_config)  # fmt: skip
+                       stage_config=stage_config, validator_config={"private_projections": False})  # fmt: skip
     swarm.corpus = TEXT
     got: dict = {}
 
