@@ -342,10 +342,10 @@ class Trainer:
         self, tensor: torch.Tensor, reference: torch.Tensor, *, boundary: int, **fields
     ) -> CheckReply:  # fmt: skip
         """The check of ``tensor`` at ``boundary`` by one validator, or, with a fan-out K > 1 (``check_fanout``, by
-        default the manifest's ban quorum), by K distinct
-        validators at once (each with its own retries on validators outside the K): the tensor is tainted if any of
-        them taints it, and the first such reply (its replacement and verdicts) is what passes on; each validator
-        learns from and keeps strikes on every tensor it was sent. NoRoute only if none answered."""
+        default the manifest's ban quorum), by K distinct validators at once, each with its own retries on validators
+        outside the K. The tensor is tainted if any of them taints it, and the first such reply (its replacement and
+        verdicts) is what passes on; each validator learns from and keeps strikes on every tensor it was sent.
+        NoRoute only if none answered."""
 
         async def check(peer: str) -> CheckReply:
             return await self._check(peer, tensor, reference, boundary=boundary, **fields)
@@ -356,6 +356,8 @@ class Trainer:
         chosen: list[str] = []
         while len(chosen) < fanout and (peer := self._pick_validator(boundary, set(chosen))) is not None:
             chosen.append(peer)
+        if not chosen:
+            raise NoRoute(f"no validator announced for boundary {boundary}")
 
         async def one(peer: str) -> CheckReply:
             first = [peer]
