@@ -507,7 +507,7 @@ class Mesh:
             raise CheckpointError(f"malformed checkpoint: missing {missing}")
         if not isinstance(d["config"], dict):
             raise CheckpointError("malformed checkpoint: 'config' is not a dict")
-        saved = {"validators": 1, "ban_quorum": 1, **d["config"]}  # checkpoints made before these settings
+        saved = {"validators": 1, "ban_quorum": 1, "check_fanout": 0, **d["config"]}  # made before these settings
         differences = _config_differences(saved, self.config.to_dict(), ignore=("steps",))
         if differences:
             raise CheckpointError(

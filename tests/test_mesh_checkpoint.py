@@ -243,3 +243,16 @@ def test_a_run_with_several_validators_resumes_exactly(corpus, tmp_path):
     assert mesh.validator_rng.bit_generator.state == ref_mesh.validator_rng.bit_generator.state
     with pytest.raises(CheckpointError, match="validators"):  # one validator's run cannot resume it
         Mesh(tiny(), corpus).load_checkpoint(path)
+
+
+def test_a_checkpoint_from_before_several_validators_still_resumes(corpus, tmp_path):
+    path = tmp_path / "old.pt"
+    Mesh(tiny(steps=4), corpus).run(checkpoint=path)
+    state = torch.load(path, weights_only=True)
+    for key in ("validators", "ban_quorum", "check_fanout"):  # what a checkpoint of the previous version lacks
+        del state["config"][key]
+    del state["validator_rng"]
+    torch.save(state, path)
+    mesh = Mesh(tiny(steps=5), corpus)
+    assert mesh.load_checkpoint(path) == 4
+    assert mesh.run().report["config"]["validators"] == 1
