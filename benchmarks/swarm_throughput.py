@@ -19,6 +19,7 @@ on every core) charges the validator's compute to the stages' CPU in full.
     python benchmarks/swarm_throughput.py                               # tiny, 2 stages x 1 replica
     python benchmarks/swarm_throughput.py --preset small --microbatches 8 --validator-process
     python benchmarks/swarm_throughput.py --preset small --stages 4 --replicas 2 --rounds 4 --steps 3
+    python benchmarks/swarm_throughput.py --preset small --microbatches 8 --validators 2 --ban-quorum 2   # fan-out 2
 """
 
 from __future__ import annotations
@@ -91,10 +92,12 @@ def bench_swarm(args, corpus) -> tuple[dict[bool, list[float]], dict]:
     sentinel = SentinelConfig(drift_senders=drift)
     swarm = LocalSwarm((args.replicas,) * args.stages, preset=args.preset, run_id="bench", seed=args.seed,
                        corpus=corpus, sentinel=sentinel, trainer_config=trainer_config,
-                       stage_config=stage_config, validator=not args.validator_process)  # fmt: skip
+                       stage_config=stage_config, validator=not args.validator_process, validators=args.validators,
+                       ban_quorum=args.ban_quorum)  # fmt: skip
     seconds: dict[bool, list[float]] = {True: [], False: []}
     info: dict = {}
-    child = None
+    children: list = []
+    conns: list = []
     if args.validator_process:
         validator_cpus, other_cpus = split_cpus()
         if other_cpus:
@@ -103,7 +106,7 @@ def bench_swarm(args, corpus) -> tuple[dict[bool, list[float]], dict]:
 
     async def wait_for_validator(trainer) -> None:
         deadline = time.monotonic() + 60
-        while not all(trainer.validators.get(b) for b in range(args.stages + 1)):
+        while not all(len(trainer.validators.get(b, [])) >= args.validators for b in range(args.stages + 1)):
             if time.monotonic() > deadline:
                 raise RuntimeError("the validator process did not show up in the DHT within 60 s")
             await asyncio.sleep(0.5)
@@ -111,7 +114,7 @@ def bench_swarm(args, corpus) -> tuple[dict[bool, list[float]], dict]:
 
     async def body(swarm: LocalSwarm):
         trainer = swarm.trainer
-        if child is not None:
+        if children:
             await wait_for_validator(trainer)
         step = 0
         for _ in range(args.warmup):  # untimed: connections, first allocations, the monitors' honest warm-up
@@ -128,33 +131,39 @@ def bench_swarm(args, corpus) -> tuple[dict[bool, list[float]], dict]:
                 seconds[validate].append(time.perf_counter() - t0)
         info.update(retries=trainer.metrics.retries, tainted=trainer.metrics.tainted,
                     seq_len=trainer.model_config.seq_len)  # fmt: skip
-        if child is None:
-            info.update(checks=swarm.validator.n_checks, check_s=swarm.validator.seconds)
+        if not children:
+            info.update(checks=sum(v.n_checks for v in swarm.validators),
+                        check_s=sum(v.seconds for v in swarm.validators))  # fmt: skip
         else:
-            conn.send("stop")
-            info.update(await asyncio.to_thread(conn.recv))
+            for conn in conns:
+                conn.send("stop")
+            counters = [await asyncio.to_thread(conn.recv) for conn in conns]
+            info.update({key: sum(c[key] for c in counters) for key in counters[0]})
 
     if not args.validator_process:
         swarm.run(body)
         return seconds, info
     ctx = mp.get_context("spawn")
-    conn, theirs = ctx.Pipe()
 
-    def start_validator() -> None:  # once the swarm's DHTs are up: the validator joins through them
-        nonlocal child
-        child = ctx.Process(target=validator_process, args=(theirs, swarm.manifest, swarm.validator_identity.seed(),
-                            swarm.initial_peers(), sentinel, validator_cpus, args.threads))  # fmt: skip
-        child.start()
-        if not conn.poll(90) or conn.recv() != "ready":
-            raise RuntimeError("the validator process did not start within 90 s")
+    def start_validator() -> None:  # once the swarm's DHTs are up: the validators join through them
+        for identity in swarm.validator_identities:
+            conn, theirs = ctx.Pipe()
+            child = ctx.Process(target=validator_process, args=(theirs, swarm.manifest, identity.seed(),
+                                swarm.initial_peers(), sentinel, validator_cpus, args.threads))  # fmt: skip
+            children.append(child)
+            conns.append(conn)
+            child.start()
+            if not conn.poll(90) or conn.recv() != "ready":
+                raise RuntimeError("a validator process did not start within 90 s")
 
     try:
         swarm.run(body, after_dhts=start_validator)
     finally:
-        if child is not None and child.pid is not None:  # started (start() may have failed)
-            child.join(30)
-            if child.is_alive():
-                child.kill()
+        for child in children:
+            if child.pid is not None:  # started (start() may have failed)
+                child.join(30)
+                if child.is_alive():
+                    child.kill()
     return seconds, info
 
 
@@ -163,7 +172,7 @@ def bench_mesh(args, corpus) -> dict[bool, list[float]]:
         defense: Mesh(MeshConfig(
             preset=args.preset, stages=args.stages, replicas=args.replicas, attack="none", steps=1,
             warmup=args.warmup if args.detect else 10**9, seed=args.seed, defense=defense,
-            microbatches=args.microbatches,
+            microbatches=args.microbatches, validators=args.validators, ban_quorum=args.ban_quorum,
             batch_size=args.batch_size, eval_every=0, device="cpu",
         ), corpus=corpus)
         for defense in (True, False)
@@ -203,8 +212,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads in this process")
     p.add_argument("--validator-process", action="store_true",
                    help="run the validator in its own process on its own CPU core, everything else on the others")
+    p.add_argument("--validators", type=int, default=1,
+                   help="validators; each tensor goes to --ban-quorum of them (the default fan-out); with "
+                        "--validator-process each in a process of its own, all on the validators' core")
+    p.add_argument("--ban-quorum", type=int, default=1)
     p.add_argument("--data", default=None, help="text file or folder (default: the Python standard library)")
     args = p.parse_args()
+    if not 1 <= args.ban_quorum <= args.validators:
+        p.error("--ban-quorum must be in 1..--validators")
     torch.set_num_threads(args.threads)
     corpus = load_corpus(args.data)
 
@@ -219,12 +234,13 @@ def main() -> None:
         cells = [name, "on" if on else "off", steps, tokens, f"{total:.2f}", f"{tokens / total:.0f}", per_round]
         return "| " + " | ".join(str(c) for c in cells) + " |"
 
-    print(f"\npreset {args.preset}, {args.stages} stages x {args.replicas} replicas, {args.microbatches} "
+    print(f"\npreset {args.preset}, {args.stages} stages x {args.replicas} replicas, {args.validators} validator(s) "
+          f"checking each tensor {args.ban_quorum} time(s), {args.microbatches} "
           f"micro-batches x {args.batch_size} sequences x {info['seq_len']} tokens per step, {args.rounds} rounds x "
           f"{args.steps} steps per setting, {torch.get_num_threads()} torch thread(s), {args.inflight} "
           f"micro-batch(es) in flight, validators "
           f"{'flag after the warm-up' if args.detect else 'in warm-up mode (never flag)'}"
-          + (f", validator in its own process on CPU(s) {info['cpus'][0]}, the rest on {info['cpus'][1]}"
+          + (f", validator(s) in process(es) of their own on CPU(s) {info['cpus'][0]}, the rest on {info['cpus'][1]}"
              if args.validator_process else "") + "\n")  # fmt: skip
     print("| system | validators | steps | tokens | seconds | tokens/s | tokens/s per round |")
     print("|---|---|---|---|---|---|---|")
@@ -237,7 +253,7 @@ def main() -> None:
     on, off = sum(swarm_s[True]), sum(swarm_s[False])
     print(f"\nswarm: validators cost {100 * (on - off) / off:+.0f}% wall time; {info['checks']} checks took "
           f"{info['check_s']:.2f} s of validator compute; retries {info['retries']}, tainted {info['tainted']}"
-          + (f"; the validator process used {info['cpu_s']:.2f} s of CPU in all" if "cpu_s" in info else ""))
+          + (f"; the validator process(es) used {info['cpu_s']:.2f} s of CPU in all" if "cpu_s" in info else ""))
     m_on, m_off = sum(mesh_s[True]), sum(mesh_s[False])
     print(f"mesh: validators cost {100 * (m_on - m_off) / m_off:+.0f}% wall time; swarm/mesh tokens/s with "
           f"validators on: {m_on / on:.2f}, off: {m_off / off:.2f}")
