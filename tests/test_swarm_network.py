@@ -79,6 +79,29 @@ def test_each_validator_projects_on_directions_of_its_own_that_the_manifest_does
     assert seed_public == 7 and seed_a != 7 and not torch.allclose(a, public)
 
 
+def test_a_validator_state_learnt_on_other_projections_keeps_them(tmp_path, caplog):
+    """A state saved on the manifest's directions (before private projections) is loaded with those directions:
+    its baselines are quantiles along them, and new ones would make every tensor look far away."""
+    state = tmp_path / "validator.pt"
+    sentinel = SentinelConfig(seed=7)
+    old = ValidatorService(ValidatorServiceConfig(state_path=str(state), private_projections=False), MANIFEST,
+                           VALIDATOR, sentinel)  # fmt: skip
+    x = torch.randn(2, 8, CFG.d_model)
+    for step in range(3):
+        old.validator.check(x + 0.01 * step, boundary=1, direction="forward", sender="s", step=step, warmup=True)
+    old.save_state()
+    baseline = old.validator.monitor(1, "forward").baseline.quantiles.copy()
+    new = ValidatorService(ValidatorServiceConfig(state_path=str(state)), MANIFEST, VALIDATOR, sentinel)
+    assert new.validator.config.seed == 7 and "other projections" in caplog.text
+    monitor = new.validator.monitor(1, "forward")
+    assert np.array_equal(monitor.baseline.quantiles, baseline)
+    assert torch.equal(monitor.projections(CFG.d_model, "cpu"), old.validator.monitor(1, "forward").projections(
+        CFG.d_model, "cpu"))  # fmt: skip
+    for service in (old, new):
+        service._executor.shutdown()
+        service._publisher.shutdown()
+
+
 @pytest.mark.forked
 @pytest.mark.timeout(90)
 def test_stage_server_rejects_unvalidated_inputs_with_distinct_codes():
