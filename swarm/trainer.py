@@ -3,8 +3,9 @@
 The data path of one micro-batch mirrors ``swarm.mesh.Mesh.microbatch`` over the network:
 
 1. embed the tokens and sign an ACCEPT verdict for boundary 0 (the trainer vouches for its own embeddings);
-2. for each stage ``k``: pick a replica, ``forward(h, verdict)``, ask a validator of boundary ``k`` to check the
-   output against ``h``, and pass on what the validator returns (the output, or its replacement) with its verdict;
+2. for each stage ``k``: pick a replica, ``forward(h, verdict)``, ask a validator of boundary ``k`` (or, with a ban
+   quorum above 1, that many validators at once: ``check_fanout``) to check the output against ``h``, and pass on
+   what the validator returns (the output, or a tainting validator's replacement) with its verdict;
 3. the head computes the loss; its gradient is signed by the trainer at boundary ``S``, backward;
 4. in reverse, ``backward(h_k, verdict, g, grad_verdict)`` and a validator check at boundary ``k - 1`` of the
    returned gradient against ``g``. A stage whose forward output was replaced is bypassed (the gradient passes
