@@ -100,6 +100,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "parameters in their averaging rounds (a poisoner the validators cannot see; 0: honest)")
     g = p.add_argument_group("validator")
     g.add_argument("--boundaries", default="all", help="boundaries to check: 'all' or e.g. '0,1,2'")
+    g.add_argument("--private-projections", action="store_true",
+                   help="seed the monitors' random projections from this validator's own key instead of the "
+                        "manifest's public seed (off by default: README, \"Summary and distances\")")
     g.add_argument("--check-log", metavar="PATH", default=None,
                    help="append one JSON line per check to PATH: step, micro-batch, boundary, direction, sender, "
                         "every distance and its fence, the verdict, and the strikes of each step settled")  # fmt: skip
@@ -293,7 +296,7 @@ async def _validator(args, dht, manifest, identity, stop: StopFlag) -> int:
     state = _state_path(args, f"validator-{identity.fingerprint}.pt")
     config = ValidatorServiceConfig(
         boundaries=_boundaries(args.boundaries, manifest.n_stages), state_path=str(state) if state else None,
-        check_log=args.check_log,
+        check_log=args.check_log, private_projections=args.private_projections,
     )
     service = ValidatorService(config, manifest, identity, sentinel_from_manifest(manifest))
     await service.start(dht)

@@ -210,9 +210,8 @@ class Mesh:
                 )
         # drift needs a majority of a stage's replicas to agree (attackers are a minority of every stage)
         sentinel = replace(config.sentinel, drift_senders=max(2, config.replicas // 2 + 1))
-        # each its own projections, as a swarm's validators seed theirs from their own keys (the first: the config's)
-        self.validators = ([Validator(replace(sentinel, seed=sentinel.seed + i)) for i in range(config.validators)]
-                           if config.defense else [])  # fmt: skip
+        # all on the config's projections, as a swarm's validators on the manifest's seed (private_projections off)
+        self.validators = [Validator(sentinel) for _ in range(config.validators)] if config.defense else []
         self.route_rng = np.random.default_rng([config.seed, 11])
         self.validator_rng = np.random.default_rng([config.seed, 13])  # which validator checks what (if several)
         self.events: list[Event] = []

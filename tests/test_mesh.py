@@ -93,7 +93,7 @@ def test_choose_malicious_spreads_and_keeps_an_honest_replica():
 
 def test_several_validators_split_the_checks_and_ban_by_quorum(corpus):
     """Two validators, as in a swarm: each checks its share of the traffic (one check each, at random) or all of it
-    (check_fanout 2, the default with quorum 2) with its own monitors, projections and ledger; a worker is banned
+    (check_fanout 2, the default with quorum 2) with its own monitors and ledger; a worker is banned
     swarm-wide (and routed around) at the step the quorum's last validator bans it."""
     settings = ((1, 1), (2, 1), (2, 2))
     runs = {(q, f): Mesh(tiny(attack="zeros", seed=1, validators=2, ban_quorum=q, check_fanout=f), corpus)
@@ -106,7 +106,7 @@ def test_several_validators_split_the_checks_and_ban_by_quorum(corpus):
         assert all(n > 0 for n in seen), seen  # both learnt
         if f == 2:  # both saw every tensor
             assert seen[0] == seen[1]
-            assert all(set(mesh.malicious) <= set(v.ledger.banned()) for v in (a, b))  # both saw enough to ban
+            assert a.ledger.state_dict() == b.ledger.state_dict()  # the same evidence, the same judgement
         rep = reports[(q, f)]
         assert rep["config"]["validators"] == 2 and rep["config"]["ban_quorum"] == q
         assert rep["banned"] == rep["malicious"] and rep["false_bans"] == []

@@ -55,8 +55,9 @@ def trainer_verdict(signer, h, step=0, mb=0):
 
 
 def test_each_validator_projects_on_directions_of_its_own_that_the_manifest_does_not_reveal():
-    """The sliced-Wasserstein directions are seeded from the validator's private key, not the manifest's public
-    seed: different for two validators, the same for one validator restarted, the manifest's when turned off."""
+    """With private_projections the sliced-Wasserstein directions are seeded from the validator's private key, not
+    the manifest's public seed: different for two validators, the same for one validator restarted; without it (the
+    default) the manifest's."""
     other = Identity.generate()
     manifest = Manifest(RUN, "tiny", 2, [(0, 2), (2, 4)], {}, [VALIDATOR.public_key, other.public_key],
                         [TRAINER.public_key], 1, 1.0, AUTHORITY.public_key)  # fmt: skip
@@ -70,10 +71,10 @@ def test_each_validator_projects_on_directions_of_its_own_that_the_manifest_does
             service._executor.shutdown()
             service._publisher.shutdown()
 
-    seed_a, a = directions(VALIDATOR)
-    seed_b, b = directions(other)
-    seed_again, again = directions(VALIDATOR)
-    seed_public, public = directions(VALIDATOR, private_projections=False)
+    seed_a, a = directions(VALIDATOR, private_projections=True)
+    seed_b, b = directions(other, private_projections=True)
+    seed_again, again = directions(VALIDATOR, private_projections=True)
+    seed_public, public = directions(VALIDATOR)  # the default: the manifest's seed
     assert seed_a != seed_b and not torch.allclose(a, b)
     assert seed_a == seed_again and torch.equal(a, again)
     assert seed_public == 7 and seed_a != 7 and not torch.allclose(a, public)
@@ -91,7 +92,8 @@ def test_a_validator_state_learnt_on_other_projections_keeps_them(tmp_path, capl
         old.validator.check(x + 0.01 * step, boundary=1, direction="forward", sender="s", step=step, warmup=True)
     old.save_state()
     baseline = old.validator.monitor(1, "forward").baseline.quantiles.copy()
-    new = ValidatorService(ValidatorServiceConfig(state_path=str(state)), MANIFEST, VALIDATOR, sentinel)
+    new = ValidatorService(ValidatorServiceConfig(state_path=str(state), private_projections=True), MANIFEST,
+                           VALIDATOR, sentinel)  # fmt: skip
     assert new.validator.config.seed == 7 and "other projections" in caplog.text
     monitor = new.validator.monitor(1, "forward")
     assert np.array_equal(monitor.baseline.quantiles, baseline)
