@@ -36,7 +36,7 @@ import logging
 import math
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -136,6 +136,19 @@ def choose_replica(
         return None
     weights = throughput_weights([a.throughput for a in allowed])
     return allowed[int(rng.choice(len(allowed), p=weights / weights.sum()))]
+
+
+def preferring(first: str, pick: Callable[[set[str]], str | None]) -> Callable[[set[str]], str | None]:
+    """A ``pick`` for ``Trainer._with_retries`` that offers ``first`` (unless excluded, and only once), then defers
+    to ``pick``."""
+    pending = [first]
+
+    def choose(exclude: set[str]) -> str | None:
+        if pending and pending[0] not in exclude:
+            return pending.pop()
+        return pick(exclude)
+
+    return choose
 
 
 def throughput_weights(throughputs: Sequence[float]) -> np.ndarray:
@@ -360,14 +373,8 @@ class Trainer:
         if not chosen:
             raise NoRoute(f"no validator announced for boundary {boundary}")
 
-        async def one(peer: str) -> CheckReply:
-            first = [peer]
-
-            def pick(ex: set[str]) -> str | None:
-                if first and first[0] not in ex:
-                    return first.pop()
-                return self._pick_validator(boundary, ex | set(chosen))
-
+        async def one(peer: str) -> CheckReply:  # retries go to validators outside the K
+            pick = preferring(peer, lambda ex: self._pick_validator(boundary, ex | set(chosen)))
             return (await self._with_retries(pick, check))[1]
 
         results = await asyncio.gather(*(one(peer) for peer in chosen), return_exceptions=True)
@@ -444,13 +451,8 @@ class Trainer:
                 continue
             meta = {"run": self.run, "step": step, "mb": mb, "verdict": inp_verdict.to_tuple(),
                     "grad_verdict": g_verdict.to_tuple()}  # fmt: skip
-            first = [peer]
-
-            def pick(ex, k=k, first=first):
-                if first and first[0] not in ex:  # the replica that ran the forward first, then any other
-                    return first.pop()
-                return self._pick_stage(k, ex)
-
+            # the replica that ran the forward first, then any other
+            pick = preferring(peer, lambda ex, k=k: self._pick_stage(k, ex))
             sender, grad_in = await self._with_retries(
                 pick, lambda p, inp=inp, g=g, meta=meta: self._stage_call(p, "rpc_backward", [inp, g], meta)
             )
