@@ -49,7 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--taint-scope", default=d.taint_scope, choices=TAINT_SCOPES)
     p.add_argument("--validators", type=int, default=d.validators,
-                   help="validators, as in a swarm: each check goes to one at random, each keeps its own ledger")
+                   help="validators, as in a swarm: each keeps its own ledger (see --check-fanout)")
     p.add_argument("--ban-quorum", type=int, default=d.ban_quorum,
                    help="validators that must ban a worker before it is banned and routed around")
     p.add_argument("--check-fanout", type=int, default=d.check_fanout,

@@ -15,10 +15,10 @@ is checked at backward boundary ``k - 1`` (reference: the gradient stage ``k`` r
 output was replaced is bypassed on the way back (the replacement is its input plus a constant, so the gradient
 passes through unchanged) and is neither run nor blamed.
 
-Validators: one by default. With ``validators=N`` each check goes to one of N validators at random (as a swarm's
-trainer picks one per boundary and check), each learns and keeps strikes from its share of the traffic alone, and a
-worker is banned, and routed around, once ``ban_quorum`` of them have banned it (the manifest's quorum). Each
-check goes to ``check_fanout`` distinct validators (by default the quorum), and the tensor is tainted if any flags it.
+Validators: one by default. With ``validators=N`` each check goes to ``check_fanout`` of them, distinct and at random
+(by default the ban quorum, as a swarm's trainer does), and the tensor is tainted if any flags it; each validator
+learns and keeps strikes from the traffic it was sent, and a worker is banned, and routed around, once ``ban_quorum``
+of them have banned it (the manifest's quorum).
 
 Checkpoints: ``Mesh.run(checkpoint=path)`` writes the whole state (parameters, optimizer, validator, attackers, every
 RNG, history, events) every few steps, at the end and on Ctrl-C; ``resume=True`` continues from it, and a resumed
@@ -105,8 +105,8 @@ class MeshConfig:
     data: str | None = None  # None: the Python standard library's source text
     device: str = "auto"
     taint_scope: str = "microbatch"  # which later checks of a flagged micro-batch skip blame (see module docstring)
-    # validators, as in a swarm: each check goes to one of them at random, each keeps its own monitors and ledger, and
-    # a worker is banned (and routed around) once ban_quorum of them have banned it
+    # validators, as in a swarm: each keeps its own monitors and ledger, and a worker is banned (and routed around)
+    # once ban_quorum of them have banned it
     validators: int = 1
     ban_quorum: int = 1
     check_fanout: int = 0  # validators (distinct, at random) that check each tensor; tainted if any flags it (0: the
