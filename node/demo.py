@@ -24,7 +24,8 @@ from pathlib import Path
 
 import psutil
 
-from node.common import CommandError, say, write_json_atomic
+from node.common import CommandError, parse_overrides, replace_sentinel, say, write_json_atomic
+from sentinel.config import SentinelConfig
 from swarm.model import PRESETS
 
 STOP_TIMEOUT = 20.0  # seconds a child gets to shut down cleanly before its process group is killed
@@ -75,6 +76,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="micro-batches the trainer keeps in flight (default 1: the demo is reproducible; more is "
                         "faster, but then the order in which the validator learns depends on timing, and on this "
                         "tiny 2 x 2 swarm one run of two with 4 in flight banned 2 honest peers)")
+    p.add_argument("--sentinel", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="more sentinel settings for the swarm's manifest, after the demo's own (drift_senders, "
+                        "drift_active_majority, drift_peer, ban_level), e.g. seed=7 fit_every=1")
+    p.add_argument("--private-projections", action="store_true",
+                   help="validators draw their projections from their own keys (join --private-projections)")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--data", default=None, help="text file or folder (default: the Python standard library)")
     p.add_argument("--report", metavar="PATH", default=None, help="write the JSON summary here")
@@ -116,6 +122,7 @@ def _check(args) -> None:
         raise CommandError("--check-fanout must be in 0..--validators (0: --ban-quorum)")
     if not 1 <= args.ban_quorum <= args.validators:
         raise CommandError("--ban-quorum must be in 1..--validators")
+    replace_sentinel(SentinelConfig(), parse_overrides(args.sentinel))  # a bad setting fails here, not in a child
     if args.attackers:
         from sentinel.attacks import make_attack, parse_params
 
@@ -325,15 +332,16 @@ def run(args: argparse.Namespace) -> int:
             "--ban-quorum", str(args.ban_quorum), "--authority-key", str(keys / "authority.key"),
             "--port", str(_free_port()), "--p2p-identity", str(keys / "bootstrap.p2p"),
             "--sentinel", f"drift_senders={drift}", "drift_active_majority=true", "drift_peer=true",
-            f"ban_level={args.ban_level}",
+            f"ban_level={args.ban_level}", *args.sentinel,
             "--ready-file", str(ready_file),
         ])  # fmt: skip
         ready = _wait_file(ready_file, boot, swarm, 90)
         common = ["--initial-peers", *ready["maddrs"], "--run-id", run_id, "--authority", ready["authority"],
                   "--manifest-digest", ready["digest"], "--threads", str(args.threads),
                   "--lr", str(args.lr)]  # fmt: skip
+        private = ["--private-projections"] if args.private_projections else []
         for i in range(args.validators):
-            swarm.start(f"validator{i}", ["join", "--role", "validator", *common, "--identity",
+            swarm.start(f"validator{i}", ["join", "--role", "validator", *common, *private, "--identity",
                                           str(keys / f"validator{i}.key"), "--checkpoint-dir", str(workdir / "state"),
                                           "--stats", str(workdir / f"validator{i}.json"),
                                           "--check-log", str(swarm.logs / f"validator{i}-checks.jsonl")])  # fmt: skip

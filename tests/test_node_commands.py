@@ -143,6 +143,9 @@ def test_key_and_override_parsing():
         (["demo", "--validators", "1", "--ban-quorum", "2"], "--ban-quorum"),
         (["demo", "--attack", "no_such_attack"], "unknown attack"),
         (["demo", "--steps", "3"], "warm-up"),
+        (["demo", "--sentinel", "no_such_setting=1"], "unknown --sentinel"),
+        (["demo", "--sentinel", "seed=1", "--sentinel", "fit_max_fence=-1"], "fit_max_fence"),
+        (["demo", "--sentinel", "seed"], "KEY=VALUE"),
     ],
 )  # fmt: skip
 def test_argument_errors_are_clear_and_start_nothing(argv, message, tmp_path, capsys):
