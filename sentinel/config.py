@@ -61,6 +61,10 @@ class SentinelConfig:
     fit_decay: float = 0.9
     fit_refit: int = 4
     fit_ridge: float = 1e-3  # x the mean diagonal of the Gram matrix
+    fit_max_fence: float = 0.5  # fit flags nothing while its fence (widened) is above this: honest fits that shift
+    # by half the projections' variance from one tensor to the next mean the linear map does not describe the stage
+    # (a model learning fast: the demo's tiny at lr 3e-3 had fit fences of 1-70), and its flags there were noise; the
+    # attacks fit is for shift it by 0.3-0.6, against fences of 0.15-0.42 on small 8 x 4 (README, "fit"). 0: no limit
     fit_fence_scale: float = 1.5  # fit's Tukey fence is widened by this factor: on honest drift fit rose with l2 by
     # 1.0-1.4x its plain fence and, as the second distance over, tainted honest micro-batches (README, "fit")
     n_projections: int = 16  # sliced-Wasserstein random directions, private to each validator
@@ -142,6 +146,8 @@ class SentinelConfig:
             raise ConfigError(f"drift_min_fraction must be in [0, 1], got {self.drift_min_fraction}")
         if self.fit_every < 1 or self.fit_tokens < 1 or self.fit_refit < 1 or not 0.0 <= self.fit_decay < 1.0:
             raise ConfigError("need fit_every, fit_tokens, fit_refit >= 1 and fit_decay in [0, 1)")
+        if not self.fit_max_fence >= 0:
+            raise ConfigError(f"fit_max_fence must be >= 0 (0: no limit), got {self.fit_max_fence}")
         if self.fit_ridge <= 0 or self.fit_fence_scale < 1:
             raise ConfigError("fit_ridge must be positive and fit_fence_scale >= 1")
         if self.min_iqr_fraction < 0:

@@ -216,7 +216,12 @@ class BoundaryMonitor:
         fence = self.fences[metric]
         if len(fence) < self.config.min_window - 1:
             return math.inf
-        return fence.fence() * self.config.fit_fence_scale if metric == "fit" else fence.fence()
+        if metric != "fit":
+            return fence.fence()
+        value = fence.fence() * self.config.fit_fence_scale
+        # a fit fence this wide says the predictor does not explain the honest traffic (it shifts by more than
+        # fit_max_fence of its variance between tensors): no fence, until the window says otherwise
+        return math.inf if self.config.fit_max_fence and value > self.config.fit_max_fence else value
 
     def _accept(
         self, summary: Summary, scores: dict[str, float] | None, x: torch.Tensor, reference: torch.Tensor | None

@@ -173,6 +173,38 @@ def test_fit_joins_once_there_is_a_predictor_and_flags_only_after_a_window():
     assert no_fit.predictor is None and "fit" not in no_fit.state_dict()["fences"]
 
 
+def churning(seed: int, n: int = 64):
+    """A stage whose map changes from one tensor to the next (a model learning fast): its output is its input
+    scaled by a random factor of either sign, so no linear map learnt from earlier tensors predicts the next."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        ref = torch.randn(4, 8, D, generator=g) + torch.linspace(-1, 1, D)
+        sign = 1 if torch.rand((), generator=g) < 0.5 else -1
+        scale = float(torch.empty(()).uniform_(0.2, 3.0, generator=g))
+        yield sign * scale * ref + 0.1 * torch.randn(4, 8, D, generator=g), ref
+
+
+def test_fit_has_no_fence_while_its_honest_shifts_exceed_the_whole_variance():
+    """fit_max_fence: a fit fence wider than 1 (honest fits shifting by more than the projections' whole variance)
+    is no fence: fit flags nothing there, whatever it measures, while the other distances keep theirs. A stage that
+    a linear map describes keeps its fit fence (well under 1), and so does the churning stage with no limit."""
+    churn = BoundaryMonitor(SentinelConfig(), "forward", 1)
+    for out, ref in churning(0, 40):
+        churn.observe(out, ref, detect=False)
+    assert churn.fences["fit"].fence() * SentinelConfig().fit_fence_scale > 1.0
+    assert churn.fence("fit") == float("inf") and churn.fence("l2") < float("inf")
+    out, ref = next(churning(1, 1))
+    obs = churn.observe(out, ref)
+    assert obs.scores["fit"] > 0 and "fit" not in obs.reason
+    unlimited = BoundaryMonitor(SentinelConfig(fit_max_fence=0), "forward", 1)
+    for out, ref in churning(0, 40):
+        unlimited.observe(out, ref, detect=False)
+    assert 1.0 < unlimited.fence("fit") < float("inf")
+    assert warmed().fence("fit") < 0.5
+    with pytest.raises(ConfigError):
+        SentinelConfig(fit_max_fence=-1)
+
+
 def gradients(seed: int, n: int = 64):
     """Gradient-like traffic: heavy-tailed token norms (log-normal scales, some tokens 4-10x the median), the
     reference's per-token scale inherited by the checked tensor."""
