@@ -2,9 +2,10 @@
 
 Each run is a whole `sentinel-node demo` (separate processes on loopback), with the manifest's sentinel `seed` set to
 one of the given seeds: the validators' random projections (the sliced-Wasserstein and `fit` directions) are drawn
-from it, as a validator's own key draws them with `--private-projections`. Every variant runs on every seed, one
-after the other (the runs are paired: the same draws, the same machine load). A variant is a JSON list of extra demo
-arguments, e.g. `["--sentinel", "fit_step_refit=false"]`.
+from it (with private projections, the default, together with each validator's key, new in every demo run; with
+`--no-private-projections` from it alone). Every variant runs on every seed, one after the other (the runs are
+paired: the same seeds, the same machine load). A variant is a JSON list of extra demo arguments, e.g.
+`["--sentinel", "fit_max_fence=0"]`.
 
 Per run, from the demo's report and the validator's check log: the honest peers banned, the attackers banned, the
 validation loss, the honest senders' tainted checks (not screens of an already tainted micro-batch), how many of
@@ -12,7 +13,7 @@ those had `fit` among the distances over their fences, and the most strikes an h
 (the ban level is 3).
 
     python benchmarks/demo_draws.py --seeds 1-20                          # the demo test's swarm, defaults
-    python benchmarks/demo_draws.py --seeds 1-20 --variants '[[], ["--sentinel", "fit_step_refit=false"]]'
+    python benchmarks/demo_draws.py --seeds 1-20 --variants '[[], ["--sentinel", "fit_max_fence=0"]]'
     python benchmarks/demo_draws.py --demo-args "--stages 2 --replicas 3 --attackers 2 --attack A7" --seeds 1-8
 """
 

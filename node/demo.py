@@ -79,8 +79,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sentinel", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="more sentinel settings for the swarm's manifest, after the demo's own (drift_senders, "
                         "drift_active_majority, drift_peer, ban_level), e.g. seed=7 fit_every=1")
-    p.add_argument("--private-projections", action="store_true",
-                   help="validators draw their projections from their own keys (join --private-projections)")
+    p.add_argument("--private-projections", action=argparse.BooleanOptionalAction, default=True,
+                   help="validators draw their projections from their own keys (the default), or with "
+                        "--no-private-projections all from the manifest's seed (join --no-private-projections)")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--data", default=None, help="text file or folder (default: the Python standard library)")
     p.add_argument("--report", metavar="PATH", default=None, help="write the JSON summary here")
@@ -339,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
         common = ["--initial-peers", *ready["maddrs"], "--run-id", run_id, "--authority", ready["authority"],
                   "--manifest-digest", ready["digest"], "--threads", str(args.threads),
                   "--lr", str(args.lr)]  # fmt: skip
-        private = ["--private-projections"] if args.private_projections else []
+        private = ["--private-projections" if args.private_projections else "--no-private-projections"]
         for i in range(args.validators):
             swarm.start(f"validator{i}", ["join", "--role", "validator", *common, *private, "--identity",
                                           str(keys / f"validator{i}.key"), "--checkpoint-dir", str(workdir / "state"),

@@ -100,9 +100,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "parameters in their averaging rounds (a poisoner the validators cannot see; 0: honest)")
     g = p.add_argument_group("validator")
     g.add_argument("--boundaries", default="all", help="boundaries to check: 'all' or e.g. '0,1,2'")
-    g.add_argument("--private-projections", action="store_true",
-                   help="seed the monitors' random projections from this validator's own key instead of the "
-                        "manifest's public seed (off by default: README, \"Summary and distances\")")
+    g.add_argument("--private-projections", action=argparse.BooleanOptionalAction, default=True,
+                   help="seed the monitors' random projections from this validator's own key (the default), or with "
+                        "--no-private-projections from the manifest's seed, which every peer can read (README, "
+                        "\"Private projections\")")
     g.add_argument("--check-log", metavar="PATH", default=None,
                    help="append one JSON line per check to PATH: step, micro-batch, boundary, direction, sender, "
                         "every distance and its fence, the verdict, and the strikes of each step settled")  # fmt: skip

@@ -210,7 +210,8 @@ class Mesh:
                 )
         # drift needs a majority of a stage's replicas to agree (attackers are a minority of every stage)
         sentinel = replace(config.sentinel, drift_senders=max(2, config.replicas // 2 + 1))
-        # all on the config's projections, as a swarm's validators on the manifest's seed (private_projections off)
+        # all on the config's projections, as a swarm's validators on the manifest's seed (--no-private-projections);
+        # a swarm's validators now draw their own by default, which quorum.md measured in the mesh as seed + i
         self.validators = [Validator(sentinel) for _ in range(config.validators)] if config.defense else []
         self.route_rng = np.random.default_rng([config.seed, 11])
         self.validator_rng = np.random.default_rng([config.seed, 13])  # which validator checks what (if several)

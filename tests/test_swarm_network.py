@@ -55,9 +55,9 @@ def trainer_verdict(signer, h, step=0, mb=0):
 
 
 def test_each_validator_projects_on_directions_of_its_own_that_the_manifest_does_not_reveal():
-    """With private_projections the sliced-Wasserstein directions are seeded from the validator's private key, not
-    the manifest's public seed: different for two validators, the same for one validator restarted; without it (the
-    default) the manifest's."""
+    """With private_projections (the default) the sliced-Wasserstein directions are seeded from the validator's
+    private key, not the manifest's public seed: different for two validators, the same for one validator restarted;
+    without it the manifest's."""
     other = Identity.generate()
     manifest = Manifest(RUN, "tiny", 2, [(0, 2), (2, 4)], {}, [VALIDATOR.public_key, other.public_key],
                         [TRAINER.public_key], 1, 1.0, AUTHORITY.public_key)  # fmt: skip
@@ -74,7 +74,9 @@ def test_each_validator_projects_on_directions_of_its_own_that_the_manifest_does
     seed_a, a = directions(VALIDATOR, private_projections=True)
     seed_b, b = directions(other, private_projections=True)
     seed_again, again = directions(VALIDATOR, private_projections=True)
-    seed_public, public = directions(VALIDATOR)  # the default: the manifest's seed
+    seed_default, default = directions(VALIDATOR)  # the default: private
+    seed_public, public = directions(VALIDATOR, private_projections=False)  # the manifest's seed
+    assert seed_default == seed_a and torch.equal(default, a)
     assert seed_a != seed_b and not torch.allclose(a, b)
     assert seed_a == seed_again and torch.equal(a, again)
     assert seed_public == 7 and seed_a != 7 and not torch.allclose(a, public)
