@@ -185,9 +185,9 @@ def churning(seed: int, n: int = 64):
 
 
 def test_fit_has_no_fence_while_its_honest_shifts_exceed_the_whole_variance():
-    """fit_max_fence: a fit fence wider than 1 (honest fits shifting by more than the projections' whole variance)
-    is no fence: fit flags nothing there, whatever it measures, while the other distances keep theirs. A stage that
-    a linear map describes keeps its fit fence (well under 1), and so does the churning stage with no limit."""
+    """fit_max_fence (0.5): a wider fit fence (here above 1: honest fits shifting by more than the projections' whole
+    variance) is no fence: fit flags nothing there, whatever it measures, while the other distances keep theirs. A
+    stage that a linear map describes keeps its fit fence (under 0.5), and so does the churning stage with no limit."""
     churn = BoundaryMonitor(SentinelConfig(), "forward", 1)
     for out, ref in churning(0, 40):
         churn.observe(out, ref, detect=False)
