@@ -25,6 +25,10 @@ class SentinelConfig:
     beta_forward: float = 0.9  # EMA decay of the activation baseline (paper: beta_h = 0.9)
     beta_backward: float = 0.8  # EMA decay of the gradient baseline (paper: beta_g = 0.8)
     metrics: tuple[str, ...] = ALL_METRICS  # which distances are computed and fenced
+    sign_flip_backward: bool = False  # also measure sign_flip on gradients. Off: gradients rarely have sign-stable
+    # features (none in honest small 4 x 2 meshes; 0.1 a check in the demo's tiny 2 x 2), and when a fast-learning
+    # tiny stage's input gradient had 4-32 of them they flipped together, honestly, at 3-3.5x the fence: gross,
+    # struck at once. Activations have many (57 of 64 on tiny) and honest flips stay under 0.25 (README, "sign_flip")
     combine: str = "any"  # "any": flag if any distance crosses its fence (but see solo_excess_*); "mean": mean of
     # distance/fence > 1
     # with combine="any": a distance that crosses its fence ALONE flags only beyond solo_excess x its fence; two or
@@ -118,6 +122,9 @@ class SentinelConfig:
         unknown = [m for m in self.metrics if m not in ALL_METRICS]
         if unknown or not self.metrics:
             raise ConfigError(f"metrics must be a non-empty subset of {ALL_METRICS}, got {self.metrics}")
+        if not self.metrics_for("backward"):
+            raise ConfigError("metrics must name a distance besides sign_flip, or set sign_flip_backward: gradients "
+                              "would go unchecked")
         if self.combine not in COMBINE_MODES:
             raise ConfigError(f"combine must be one of {COMBINE_MODES}, got {self.combine!r}")
         if self.replacement not in REPLACEMENT_MODES:
@@ -159,6 +166,14 @@ class SentinelConfig:
         if direction == "backward":
             return self.beta_backward
         raise ConfigError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+
+    def metrics_for(self, direction: str) -> tuple[str, ...]:
+        """The distances measured on ``direction``'s tensors: ``metrics``, without ``sign_flip`` on gradients unless
+        ``sign_flip_backward``."""
+        self.beta(direction)  # validates the direction
+        if direction == "backward" and not self.sign_flip_backward:
+            return tuple(m for m in self.metrics if m != "sign_flip")
+        return self.metrics
 
     def solo_excess(self, direction: str) -> float:
         """How far (x its fence) one distance must go to flag on its own, for ``direction``."""

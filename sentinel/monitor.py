@@ -132,10 +132,11 @@ class BoundaryMonitor:
         self.boundary = boundary
         self.beta = config.beta(direction)
         self.token_clip = config.token_clip(direction)
+        self.metrics = config.metrics_for(direction)  # the distances measured and fenced here
         self.baseline: Summary | None = None  # its ``residual`` (EMA of mean(x - reference)) shapes replacements
         self.fences = {
             m: TukeyFence(config.window, config.fence_k, config.min_iqr_fraction, config.fence_floor(m))
-            for m in config.metrics
+            for m in self.metrics
         }
         self.n_accepted = 0
         self._projections: torch.Tensor | None = None
@@ -189,7 +190,7 @@ class BoundaryMonitor:
             return Observation(False, "", summary=summary)
         if self.baseline.mean.shape != summary.mean.shape:
             return Observation(True, "shape")
-        scores = distances(summary, self.baseline, self.config.metrics)
+        scores = distances(summary, self.baseline, self.metrics)
         fences = {m: self.fence(m) for m in scores}
         flagged, reason = False, ""
         if detect and self.ready:

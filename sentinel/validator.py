@@ -209,13 +209,13 @@ class Validator:
         if obs.summary is None:
             return False
         monitor = self.monitors[key]
-        fences = {m: monitor.fence(m) for m in self.config.metrics}
+        fences = {m: monitor.fence(m) for m in monitor.metrics}
         for peer, (seen, summary) in self.last_accepted.get(key, {}).items():
             if peer == sender or seen <= step - self.config.drift_steps or self.ledger.is_banned(peer):
                 continue
             if summary.mean.shape != obs.summary.mean.shape:
                 continue
-            if not monitor.decide(distances(obs.summary, summary, self.config.metrics), fences)[0]:
+            if not monitor.decide(distances(obs.summary, summary, monitor.metrics), fences)[0]:
                 return True
         return False
 
@@ -247,10 +247,10 @@ class Validator:
         if len({sender for _, sender, _ in window}) < threshold:
             return flags
         monitor = self.monitors[key]
-        fences = {m: max(monitor.fence(m), 1e-12) for m in self.config.metrics}
+        fences = {m: max(monitor.fence(m), 1e-12) for m in monitor.metrics}
 
         def excess(s: Summary, anchor: Summary) -> float:
-            scores = distances(s, anchor, self.config.metrics)
+            scores = distances(s, anchor, monitor.metrics)
             return max(scores[m] / fences[m] for m in scores)
 
         best: tuple[int, float, Summary, set[int]] | None = None  # (senders, total excess, anchor, ids within)

@@ -130,6 +130,37 @@ def test_config_validation():
     assert SentinelConfig.from_dict(SentinelConfig().to_dict()) == SentinelConfig()
 
 
+def test_sign_flip_is_measured_on_gradients_only_when_asked():
+    """A gradient stream with a strong common mean (every feature sign-stable) whose mean then flips, watched by l2
+    (blind to means) and sign_flip: flagged on sign_flip when it is measured on gradients (``sign_flip_backward``),
+    accepted by default, where gradients have no sign_flip; activations keep theirs."""
+    g = torch.Generator().manual_seed(0)
+    direction = torch.linspace(0.5, 1.5, D) * torch.where(torch.arange(D) % 2 == 0, 1.0, -1.0)
+
+    def grad(sign: float) -> torch.Tensor:
+        return sign * direction + 0.5 * torch.randn(4, 8, D, generator=g)
+
+    for sign_flip_backward, expect in ((True, True), (False, False)):
+        config = SentinelConfig(metrics=("l2", "sign_flip"), sign_flip_backward=sign_flip_backward)
+        mon = BoundaryMonitor(config, "backward", boundary=1)
+        assert ("sign_flip" in mon.fences) is sign_flip_backward
+        for _ in range(40):
+            assert not mon.observe(grad(1.0), detect=False).flagged
+        assert not any(mon.observe(grad(1.0)).flagged for _ in range(8))
+        flipped = mon.observe(-direction + 0.5 * torch.randn(4, 8, D, generator=g))
+        assert ("sign_flip" in flipped.scores) is sign_flip_backward
+        assert flipped.flagged is expect
+        if expect:
+            assert flipped.reason == "distance:sign_flip" and flipped.scores["sign_flip"] == 1.0
+    assert "sign_flip" in BoundaryMonitor(SentinelConfig(), "forward", boundary=1).fences
+    restored = BoundaryMonitor(SentinelConfig(metrics=("l2", "sign_flip")), "backward", boundary=1)
+    restored.load_state_dict(mon.state_dict())  # a state saved with gradient sign_flip (the loop's last monitor)
+    assert set(restored.fences) == {"l2"} and len(restored.fences["l2"]) == len(mon.fences["l2"])
+    with pytest.raises(ConfigError):  # would leave gradients with no distance at all
+        SentinelConfig(metrics=("sign_flip",))
+    assert SentinelConfig(metrics=("sign_flip",), sign_flip_backward=True).metrics_for("backward") == ("sign_flip",)
+
+
 def test_a_lone_distance_flags_only_beyond_solo_excess():
     """With combine="any": two distances over their fences flag; one alone flags only beyond solo_excess x fence."""
     mon = BoundaryMonitor(SentinelConfig(solo_excess_backward=2.5), "backward", boundary=1)
