@@ -65,10 +65,13 @@ class SentinelConfig:
     fit_decay: float = 0.9
     fit_refit: int = 4
     fit_ridge: float = 1e-3  # x the mean diagonal of the Gram matrix
-    fit_max_fence: float = 0.5  # fit flags nothing while its fence (widened) is above this: honest fits that shift
-    # by half the projections' variance from one tensor to the next mean the linear map does not describe the stage
-    # (a model learning fast: the demo's tiny at lr 3e-3 had fit fences of 1-70), and its flags there were noise; the
-    # attacks fit is for shift it by 0.3-0.6, against fences of 0.15-0.42 on small 8 x 4 (README, "fit"). 0: no limit
+    fit_max_fence: float = 0.5  # a fit fence (widened) above this is widened fit_wide_scale times more: honest fits
+    # that shift by half the projections' variance from one tensor to the next mean the linear map describes the
+    # stage poorly (a model learning fast: the demo's tiny at lr 3e-3 had fit fences of 1-70), and the fence's tail
+    # tainted honest tensors at 1.1-2.8x it; a replayed tensor (delay) still lands at 3.9-4.4x. The attacks fit is for
+    # on small 8 x 4 shift it by 0.3-0.6, against fences of 0.15-0.42 there (README, "fit"). 0: no limit
+    fit_wide_scale: float = 2.0  # see fit_max_fence; 0: no fence at all there (fit flags nothing), which let delay
+    # attackers through in tiny 3 x 3 meshes (README, "Where fit's fence is wide")
     fit_fence_scale: float = 1.5  # fit's Tukey fence is widened by this factor: on honest drift fit rose with l2 by
     # 1.0-1.4x its plain fence and, as the second distance over, tainted honest micro-batches (README, "fit")
     n_projections: int = 16  # sliced-Wasserstein random directions, private to each validator
@@ -155,6 +158,8 @@ class SentinelConfig:
             raise ConfigError("need fit_every, fit_tokens, fit_refit >= 1 and fit_decay in [0, 1)")
         if not self.fit_max_fence >= 0:
             raise ConfigError(f"fit_max_fence must be >= 0 (0: no limit), got {self.fit_max_fence}")
+        if self.fit_wide_scale != 0 and not self.fit_wide_scale >= 1:  # also refuses NaN
+            raise ConfigError(f"fit_wide_scale must be 0 (no fence) or >= 1, got {self.fit_wide_scale}")
         if self.fit_ridge <= 0 or self.fit_fence_scale < 1:
             raise ConfigError("fit_ridge must be positive and fit_fence_scale >= 1")
         if self.min_iqr_fraction < 0:

@@ -211,18 +211,20 @@ class BoundaryMonitor:
         return flagged, ("distance:" + ",".join(over) if flagged else "")
 
     def fence(self, metric: str) -> float:
-        """``metric``'s fence (``fit``'s widened by ``fit_fence_scale``); infinite until its window holds
-        ``min_window - 1`` distances (every distance has as many once the monitor is ``ready``, except ``fit``, which
-        starts with the predictor)."""
+        """``metric``'s fence (``fit``'s widened by ``fit_fence_scale``, and by ``fit_wide_scale`` more above
+        ``fit_max_fence``); infinite until its window holds ``min_window - 1`` distances (every distance has as many
+        once the monitor is ``ready``, except ``fit``, which starts with the predictor)."""
         fence = self.fences[metric]
         if len(fence) < self.config.min_window - 1:
             return math.inf
         if metric != "fit":
             return fence.fence()
         value = fence.fence() * self.config.fit_fence_scale
-        # a fit fence this wide says the predictor does not explain the honest traffic (it shifts by more than
-        # fit_max_fence of its variance between tensors): no fence, until the window says otherwise
-        return math.inf if self.config.fit_max_fence and value > self.config.fit_max_fence else value
+        # a fit fence this wide says the predictor describes the honest traffic poorly (it shifts by more than
+        # fit_max_fence of its variance between tensors): fit flags only far beyond it, until the window narrows
+        if self.config.fit_max_fence and value > self.config.fit_max_fence:
+            return value * self.config.fit_wide_scale if self.config.fit_wide_scale else math.inf
+        return value
 
     def _accept(
         self, summary: Summary, scores: dict[str, float] | None, x: torch.Tensor, reference: torch.Tensor | None

@@ -215,25 +215,33 @@ def churning(seed: int, n: int = 64):
         yield sign * scale * ref + 0.1 * torch.randn(4, 8, D, generator=g), ref
 
 
-def test_fit_has_no_fence_while_its_honest_shifts_exceed_the_whole_variance():
+def test_a_wide_fit_fence_is_widened_more():
     """fit_max_fence (0.5): a wider fit fence (here above 1: honest fits shifting by more than the projections' whole
-    variance) is no fence: fit flags nothing there, whatever it measures, while the other distances keep theirs. A
-    stage that a linear map describes keeps its fit fence (under 0.5), and so does the churning stage with no limit."""
-    churn = BoundaryMonitor(SentinelConfig(), "forward", 1)
-    for out, ref in churning(0, 40):
-        churn.observe(out, ref, detect=False)
-    assert churn.fences["fit"].fence() * SentinelConfig().fit_fence_scale > 1.0
-    assert churn.fence("fit") == float("inf") and churn.fence("l2") < float("inf")
+    variance) is widened fit_wide_scale (2) times more, so fit flags only far beyond it; with fit_wide_scale 0 it is
+    no fence at all, while the other distances keep theirs. A stage that a linear map describes keeps its fit fence
+    (under 0.5), and so does the churning stage with no limit."""
+
+    def churned(**overrides) -> BoundaryMonitor:
+        mon = BoundaryMonitor(SentinelConfig(**overrides), "forward", 1)
+        for out, ref in churning(0, 40):
+            mon.observe(out, ref, detect=False)
+        return mon
+
+    unlimited = churned(fit_max_fence=0)
+    plain = unlimited.fence("fit")
+    assert 1.0 < plain < float("inf")
+    assert churned().fence("fit") == pytest.approx(2 * plain)
+    assert churned(fit_wide_scale=3).fence("fit") == pytest.approx(3 * plain)
+    none = churned(fit_wide_scale=0)
+    assert none.fence("fit") == float("inf") and none.fence("l2") < float("inf")
     out, ref = next(churning(1, 1))
-    obs = churn.observe(out, ref)
+    obs = none.observe(out, ref)
     assert obs.scores["fit"] > 0 and "fit" not in obs.reason
-    unlimited = BoundaryMonitor(SentinelConfig(fit_max_fence=0), "forward", 1)
-    for out, ref in churning(0, 40):
-        unlimited.observe(out, ref, detect=False)
-    assert 1.0 < unlimited.fence("fit") < float("inf")
-    assert warmed().fence("fit") < 0.5
-    with pytest.raises(ConfigError):
-        SentinelConfig(fit_max_fence=-1)
+    steady = warmed().fence("fit")
+    assert steady < 0.5 and steady == pytest.approx(warmed(SentinelConfig(fit_max_fence=0)).fence("fit"))
+    for bad in ({"fit_max_fence": -1}, {"fit_wide_scale": 0.5}, {"fit_wide_scale": float("nan")}):
+        with pytest.raises(ConfigError):
+            SentinelConfig(**bad)
 
 
 def gradients(seed: int, n: int = 64):
