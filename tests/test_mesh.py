@@ -5,6 +5,7 @@ import math
 import pytest
 
 from sentinel.attacks import STRONGEST
+from sentinel.config import SentinelConfig
 from swarm.data import load_corpus
 from swarm.mesh import Mesh, MeshConfig, MeshConfigError, choose_malicious
 
@@ -37,6 +38,21 @@ def test_every_group_a_attack_is_flagged_and_banned(attack, direction, corpus):
     assert rep["f1"] == 1.0
     assert any(e.kind == "flag" and e.worker in rep["malicious"] for e in result.events)
     assert math.isfinite(rep["val_loss"])
+
+
+@pytest.mark.parametrize("seed", [2, 3])
+def test_a_replay_is_banned_where_fit_fences_are_wide(seed, corpus):
+    """The demo's 3 x 3 shape (benchmarks/quorum.py): stage 1's fit fence is about 9 (its window still holds the
+    first predictors' distances), far above fit_max_fence, and only fit sees the delay attacker's replays there (at
+    about 4x). Widened 2x more they are still flagged and the attacker banned; with no fence (fit_wide_scale 0, the
+    rule of the thirteenth session) its replays went on and honest workers after it were banned instead."""
+    shape = dict(preset="tiny", stages=3, replicas=3, malicious_fraction=0.23, microbatches=4, batch_size=4, lr=3e-3,
+                 warmup=12, steps=30, eval_every=0, attack="delay", seed=seed)  # fmt: skip
+    rep = Mesh(MeshConfig(**shape), corpus).run().report
+    assert len(rep["malicious"]) == 2 and "s1r2" in rep["malicious"]
+    assert sorted(rep["banned"]) == sorted(rep["malicious"]) and rep["false_bans"] == []
+    dropped = Mesh(MeshConfig(**shape, sentinel=SentinelConfig(fit_wide_scale=0)), corpus).run().report
+    assert "s1r2" not in dropped["banned"] and dropped["false_bans"]
 
 
 @pytest.mark.parametrize("seed", [0, 1])
