@@ -27,7 +27,7 @@ class SentinelConfig:
     metrics: tuple[str, ...] = ALL_METRICS  # which distances are computed and fenced
     sign_flip_backward: bool = False  # also measure sign_flip on gradients. Off: gradients rarely have sign-stable
     # features (none after the warm-up in honest small 4 x 2 meshes; 0.1 a check in the demo's tiny 2 x 2), and when
-    # a fast-learning tiny stage's input gradient had 4-32 of them they flipped together, honestly, at 3-3.5x the
+    # a fast-learning tiny stage's input gradient had 4-32 of them they flipped together, honestly, at 3-4x the
     # fence: gross, struck at once. Activations have many (57 of 64 on tiny) and honest flips stay under 0.25
     # (README, "sign_flip on activations only")
     combine: str = "any"  # "any": flag if any distance crosses its fence (but see solo_excess_*); "mean": mean of
