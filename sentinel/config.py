@@ -69,8 +69,8 @@ class SentinelConfig:
     fit_max_fence: float = 0.5  # a fit fence (widened) above this is widened fit_wide_scale times more: honest fits
     # that shift by half the projections' variance from one tensor to the next mean the linear map describes the
     # stage poorly (a model learning fast: the demo's tiny at lr 3e-3 had fit fences of 1-70), and the fence's tail
-    # tainted honest tensors at 1.1-2.8x it; a replayed tensor (delay) still lands at 3.9-4.4x. The attacks fit is for
-    # on small 8 x 4 shift it by 0.3-0.6, against fences of 0.15-0.42 there (README, "fit"). 0: no limit
+    # tainted honest tensors at 1.0-2.8x it; a replayed tensor (delay) still lands at 3.9-4.4x. On small 8 x 4 the
+    # attacks fit is for shift it by 0.3-0.6, against fences of 0.15-0.42 (README, "fit"). 0: no limit
     fit_wide_scale: float = 2.0  # see fit_max_fence; 0: no fence at all there (fit flags nothing), which let delay
     # attackers through in tiny 3 x 3 meshes (README, "Where fit's fence is wide")
     fit_fence_scale: float = 1.5  # fit's Tukey fence is widened by this factor: on honest drift fit rose with l2 by
