@@ -42,6 +42,11 @@ def seeds_of(text: str) -> list[int]:
     return out
 
 
+def label(variant: list[str]) -> str:
+    """A variant as the tables and the progress lines name it."""
+    return shlex.join(variant) or "defaults"
+
+
 def honest_checks(log_path: Path, honest: set[str]) -> tuple[int, int, int]:
     """(tainted checks, of them flagged on fit) of the honest senders' checks after the warm-up, screens left out,
     and the most strikes an honest sender held when a step was settled."""
@@ -88,10 +93,10 @@ def table(variants: list[list[str]], results: dict[int, list[dict]], demo_args: 
         ok = [r for r in results[i] if "error" not in r]
         failed = len(results[i]) - len(ok)
         if not ok:
-            lines.append(f"| `{shlex.join(variant) or 'defaults'}` | 0 | - | - | - | - | - | - | - | {failed} |")
+            lines.append(f"| `{label(variant)}` | 0 | - | - | - | - | - | - | - | {failed} |")
             continue
         lines.append(
-            f"| `{shlex.join(variant) or 'defaults'}` | {len(ok)} | {sum(r['false_bans'] > 0 for r in ok)} | "
+            f"| `{label(variant)}` | {len(ok)} | {sum(r['false_bans'] > 0 for r in ok)} | "
             f"{sum(r['false_bans'] for r in ok)} | {sum(r['caught'] for r in ok)} of "
             f"{sum(r['attackers'] for r in ok)} | {statistics.mean(r['honest_tainted'] for r in ok):.2f} | "
             f"{sum(r['honest_fit_flags'] for r in ok)} | {sum(r['honest_strikes'] >= 2 for r in ok)} | "
@@ -134,7 +139,7 @@ def main() -> None:
                     f"honest bans {res['false_bans']}, attackers {res['caught']}/{res['attackers']}, honest tainted "
                     f"{res['honest_tainted']}, on fit {res['honest_fit_flags']}, honest strikes "
                     f"{res['honest_strikes']}, val {res['val_loss']:.3f}")
-                print(f"[{n}/{len(seeds)}] seed {seed} {shlex.join(variant) or 'defaults'}: {summary} "
+                print(f"[{n}/{len(seeds)}] seed {seed} {label(variant)}: {summary} "
                       f"({res['seconds']:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
     out = table(variants, results, args.demo_args, seeds)
     print(out)

@@ -109,10 +109,10 @@ class ValidatorServiceConfig:
     # seed the monitors' random projections (the sliced-Wasserstein and fit directions) from this validator's own
     # private key and the run, not from the manifest's seed, which every peer, attackers included, can read: an
     # attacker who knows the directions can shape a tensor whose projected quantiles look normal. Stable across
-    # restarts (the same key), different for every validator. On by default since fit_max_fence (a wide fit fence
-    # widened further): over 20 private draws of the demo test's swarm no honest peer was struck (before it, 2 of 25
-    # runs banned one on fit flags);
-    # README, "Private projections". False: the manifest's seed, which every validator then shares
+    # restarts (the same key), different for every validator. On by default since fit_max_fence: private draws of
+    # the demo test's swarm struck no honest peer (20 with a wide fit fence dropped, 12 with it widened 2x; before
+    # the limit, 2 of 25 runs banned one on fit flags). README, "Private projections". False: the manifest's seed,
+    # which every validator then shares
     private_projections: bool = True
     check_log: str | None = None  # append one JSON line per check here (an audit trail: who sent what, each
     # distance against its fence, the verdict) and one per settled step (the strikes of the senders it touched); the
