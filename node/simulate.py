@@ -87,6 +87,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--small-stage-senders", type=int, default=s.small_stage_senders, metavar="N",
                    help="at a monitor with at most N senders, --drift-peer and the active-majority drift rule apply "
                         "whatever their settings (0: never)")
+    g.add_argument("--input-explains", type=float, default=s.input_explains, metavar="X",
+                   help="do not strike a flag whose reference (the stage's input, or the gradient it received) was at "
+                        "least X of its own fences from the references seen before, unless the flag goes well beyond "
+                        "that (README, \"Input explains\"; still replaced; 0: off)")
     g.add_argument("--replacement", default=s.replacement, choices=["baseline", "drop"])
     c = p.add_argument_group("checkpoints (with --compare: of the main run only; the comparison runs start over)")
     c.add_argument("--checkpoint", metavar="PATH",
@@ -122,6 +126,7 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
         drift_min_fraction=args.drift_min_fraction,
         drift_peer=args.drift_peer,
         small_stage_senders=args.small_stage_senders,
+        input_explains=args.input_explains,
         seed=args.seed,
     )
     return MeshConfig(

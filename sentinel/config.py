@@ -115,6 +115,12 @@ class SentinelConfig:
     # ones included) number at most this, drift_active_majority and drift_peer apply whatever their settings: a stage
     # of 1-3 replicas drifts with too few senders for a majority to show, and honest tiny meshes banned 12 of 16
     # replicas in 200 steps without them (README, "Drift guard"). Stages of more replicas keep the settings. 0: never
+    input_explains: float = 0.75  # a flag is not struck (the tensor is still replaced) when the tensor's reference,
+    # the stage's input or the gradient it received, was itself at least this fraction of its own fences from its
+    # stream's baseline (l1 or l2, ``Observation.input_excess``), and every distance of the flag is below
+    # drift_max_excess x its fence, times that excess where it is above 1: an unusual micro-batch makes every honest
+    # stage's output unusual, and the sender is blamed only for what its input does not explain (README, "Input
+    # explains"). 0: off
     replacement: str = "baseline"  # tainted tensor: "baseline" replacement or "drop" the micro-batch
     seed: int = 0  # seeds the validator-private projections
 
@@ -161,6 +167,8 @@ class SentinelConfig:
             raise ConfigError(f"fit_max_fence must be >= 0 (0: no limit), got {self.fit_max_fence}")
         if self.fit_wide_scale != 0 and not self.fit_wide_scale >= 1:  # also refuses NaN
             raise ConfigError(f"fit_wide_scale must be 0 (no fence) or >= 1, got {self.fit_wide_scale}")
+        if not self.input_explains >= 0:
+            raise ConfigError(f"input_explains must be >= 0 (0: off), got {self.input_explains}")
         if self.fit_ridge <= 0 or self.fit_fence_scale < 1:
             raise ConfigError("fit_ridge must be positive and fit_fence_scale >= 1")
         if self.min_iqr_fraction < 0:

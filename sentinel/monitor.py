@@ -14,6 +14,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from sentinel.config import SentinelConfig
@@ -26,6 +27,9 @@ from sentinel.stats import (
     make_projections,
     summarize,
 )
+
+INPUT_METRICS = ("l1", "l2")  # what a reference's distance from its own stream is measured on (input_excess)
+_NO_QUANTILES = np.zeros((0, 0), dtype=np.float32)
 
 
 def _percentile(ordered: list[float], q: float) -> float:
@@ -121,6 +125,9 @@ class Observation:
     scores: dict[str, float] = field(default_factory=dict)
     fences: dict[str, float] = field(default_factory=dict)
     summary: Summary | None = None
+    # how far the reference (the stage's input, or the gradient it received) was from its own stream's baseline: the
+    # larger of its l1 and l2 distances, each over its fence (None until the monitor has fences for its references)
+    input_excess: float | None = None
 
 
 class BoundaryMonitor:
@@ -139,6 +146,13 @@ class BoundaryMonitor:
             for m in self.metrics
         }
         self.n_accepted = 0
+        # the references' own stream (input_excess): an EMA of their per-feature mean and std, and fences over their
+        # l1 and l2 distances to it. Learnt from every reference of a check that learns (an honest sender's output,
+        # or the trusted trainer's), whether or not the checked tensor was flagged
+        self.input_baseline: Summary | None = None
+        self.input_fences = {
+            m: TukeyFence(config.window, config.fence_k, config.min_iqr_fraction) for m in INPUT_METRICS
+        }
         self._projections: torch.Tensor | None = None
         c = config
         self.predictor = (LinearPredictor(c.fit_every, c.fit_refit, c.fit_decay, c.fit_tokens, c.fit_ridge)
@@ -167,7 +181,8 @@ class BoundaryMonitor:
         ``detect=False`` is the honest warm-up (and the taint skip): distances are measured but nothing is flagged
         on distance. Non-finite or malformed tensors are always flagged: no baseline is needed to reject a NaN.
         With a token clip for this direction (``SentinelConfig.token_clip``), the summary and the predictor see ``x``
-        and ``reference`` through ``clip_tokens``; ``x`` itself is not changed.
+        and ``reference`` through ``clip_tokens``; ``x`` itself is not changed. With a reference, ``input_excess``
+        measures the reference against the references seen before (``_input_excess``), whatever ``x`` does.
         """
         if not x.is_floating_point():
             raise InvalidTensor(f"expected a floating-point tensor, got {x.dtype}")
@@ -195,9 +210,36 @@ class BoundaryMonitor:
         flagged, reason = False, ""
         if detect and self.ready:
             flagged, reason = self.decide(scores, fences)
+        input_excess = self._input_excess(summary, learn)
         if not flagged and learn:
             self._accept(summary, scores, x, reference)
-        return Observation(flagged, reason, scores, fences, summary)
+        return Observation(flagged, reason, scores, fences, summary, input_excess)
+
+    def _input_excess(self, summary: Summary, learn: bool) -> float | None:
+        """The reference's distance from its stream's baseline over the fences (``Observation.input_excess``); with
+        ``learn``, the reference is then folded into that stream."""
+        if summary.ref_mean is None or summary.ref_std is None:
+            return None
+        excess = None
+        base = self.input_baseline
+        if base is not None and base.mean.shape != summary.ref_mean.shape:
+            base = self.input_baseline = None  # another width: start over
+            for fence in self.input_fences.values():
+                fence.load([])
+        if base is not None:
+            scores = distances(Summary(summary.ref_mean, summary.ref_std, _NO_QUANTILES), base, INPUT_METRICS)
+            if all(len(f) >= self.config.min_window - 1 for f in self.input_fences.values()):
+                excess = max(scores[m] / max(self.input_fences[m].fence(), 1e-12) for m in INPUT_METRICS)
+            if learn:
+                for m, value in scores.items():
+                    self.input_fences[m].add(value)
+        if learn:
+            if base is None:
+                self.input_baseline = Summary(summary.ref_mean.copy(), summary.ref_std.copy(), _NO_QUANTILES)
+            else:
+                base.mean += np.float32(1.0 - self.beta) * (summary.ref_mean - base.mean)
+                base.std += np.float32(1.0 - self.beta) * (summary.ref_std - base.std)
+        return excess
 
     def decide(self, scores: dict[str, float], fences: dict[str, float]) -> tuple[bool, str]:
         """Whether ``scores`` (distances to the baseline) flag against ``fences``, and the reason."""
@@ -282,6 +324,11 @@ class BoundaryMonitor:
             "fence_cache": {m: {"cached": f._cached, "stale": f._stale} for m, f in self.fences.items()},
             "n_accepted": self.n_accepted,
             "predictor": None if self.predictor is None else self.predictor.state_dict(),
+            "input_baseline": None if self.input_baseline is None else {
+                "mean": torch.from_numpy(self.input_baseline.mean.copy()),
+                "std": torch.from_numpy(self.input_baseline.std.copy()),
+            },
+            "input_fences": {m: f.state_dict() for m, f in self.input_fences.items()},
         }
 
     def load_state_dict(self, d: dict) -> None:
@@ -300,6 +347,16 @@ class BoundaryMonitor:
         self.n_accepted = int(d["n_accepted"])
         if self.predictor is not None and d.get("predictor") is not None:
             self.predictor.load_state_dict(d["predictor"])
+        base = d.get("input_baseline")  # absent from older states: the input stream starts over
+        self.input_baseline = (
+            None if base is None else Summary(host_array(base["mean"]), host_array(base["std"]), _NO_QUANTILES)
+        )
+        for m, fence in self.input_fences.items():
+            state = d.get("input_fences", {}).get(m)
+            if state is not None:
+                fence.load_state_dict(state)
+            else:
+                fence.load([])
 
     def __repr__(self) -> str:
         return (

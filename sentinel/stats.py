@@ -52,6 +52,10 @@ class Summary:
     residual: np.ndarray | None = None  # [D] per-feature mean of (x - reference), when a reference was given
     fit: float | None = None  # unexplained fraction of x's projected variance under the monitor's linear predictor
     # from the reference (when it has one): see ``summarize``
+    # the reference's own per-feature mean and std ([D] each), for the monitor's input baseline (``input_excess``).
+    # Of this one tensor only: an EMA, a clone and a saved state leave them out
+    ref_mean: np.ndarray | None = None
+    ref_std: np.ndarray | None = None
 
     def lerp_(self, other: Summary, weight: float) -> None:
         """EMA update in place: ``self = (1 - weight) * self + weight * other``."""
@@ -245,6 +249,7 @@ def _summarize_host(x, projections, n_quantiles, reference, predictor) -> Summar
         rt = _rows(reference)
         xs, rs = xt.numpy(), rt.numpy()
         ref_mean = torch.mm(ones, rt).numpy()[0] / np.float32(n_tokens)
+        ref_sq_mean = torch.mm(ones, rt * rt).numpy()[0].astype(np.float64) / n_tokens
         sq_x = torch.mm(squares, _ones(dim, True)).numpy()[:, 0]
         sq_r = np.einsum("ij,ij->i", rs, rs)
         dots = np.einsum("ij,ij->i", xs, rs)
@@ -254,25 +259,28 @@ def _summarize_host(x, projections, n_quantiles, reference, predictor) -> Summar
             miss -= predictor[-1].numpy()[:, None]
             centred = proj_t - proj_t.mean(axis=1, keepdims=True)
             fit_sums = float(np.einsum("ij,ij->", miss, miss)), float(np.einsum("ij,ij->", centred, centred))
-        return _assemble(mean, sq_mean, _sorted_quantiles(proj_t, n_quantiles), (ref_mean, sq_x, sq_r, dots, fit_sums))
+        coupling = (ref_mean, ref_sq_mean, sq_x, sq_r, dots, fit_sums)
+        return _assemble(mean, sq_mean, _sorted_quantiles(proj_t, n_quantiles), coupling)
 
 
 def _assemble(mean: np.ndarray, sq_mean: np.ndarray, quantiles: np.ndarray, coupling: tuple | None = None) -> Summary:
     """The summary from the reductions that both implementations compute: per-feature ``mean`` and mean square
     (``sq_mean``, float64: the variance is one-pass), the projections' ``quantiles`` and, with a reference,
-    ``coupling`` = (the reference's per-feature mean, per-token squared norms of x and of the reference, per-token dot
-    products, and (missed, total) projected variance under the predictor, or None)."""
+    ``coupling`` = (the reference's per-feature mean and mean square, per-token squared norms of x and of the
+    reference, per-token dot products, and (missed, total) projected variance under the predictor, or None)."""
     with np.errstate(all="ignore"):  # a non-finite or overflowing x gives inf/nan here: Summary.finite() says so
         var = sq_mean - np.square(mean, dtype=np.float64)
         std = np.sqrt(np.maximum(var, 0.0)).astype(np.float32)
         if coupling is None:
             return Summary(mean=mean, std=std, quantiles=quantiles)
-        ref_mean, sq_x, sq_r, dots, fit_sums = coupling
+        ref_mean, ref_sq_mean, sq_x, sq_r, dots, fit_sums = coupling
+        ref_var = ref_sq_mean - np.square(ref_mean, dtype=np.float64)
+        ref_std = np.sqrt(np.maximum(ref_var, 0.0)).astype(np.float32)
         cosine = float((dots / np.sqrt(np.maximum(sq_x * sq_r, _EPS * _EPS))).sum()) / dots.shape[0]
         gain = math.log((float(sq_x.sum()) + _EPS) / (float(sq_r.sum()) + _EPS)) / 2
         fit = None if fit_sums is None else fit_sums[0] / max(fit_sums[1], _EPS)
         return Summary(mean=mean, std=std, quantiles=quantiles, cosine=cosine, gain=gain, residual=mean - ref_mean,
-                       fit=fit)  # fmt: skip
+                       fit=fit, ref_mean=ref_mean, ref_std=ref_std)  # fmt: skip
 
 
 def _sorted_quantiles(rows: np.ndarray, n_quantiles: int) -> np.ndarray:
@@ -289,7 +297,8 @@ def _summarize_device(x, projections, n_quantiles, reference, predictor) -> Summ
     proj = flat @ projections.to(flat.device)
     if reference is not None:
         ref = _rows(reference)
-        parts += [ref.mean(dim=0), squares.sum(dim=1), torch.linalg.vecdot(ref, ref), torch.linalg.vecdot(flat, ref)]
+        parts += [ref.mean(dim=0), (ref * ref).mean(dim=0), squares.sum(dim=1), torch.linalg.vecdot(ref, ref),
+                  torch.linalg.vecdot(flat, ref)]  # fmt: skip
         if predictor is not None:
             miss = proj - torch.addmm(predictor[-1], ref, predictor[:-1])
             centred = proj - proj.mean(dim=0)
@@ -302,9 +311,10 @@ def _summarize_device(x, projections, n_quantiles, reference, predictor) -> Summ
     mean, sq_mean = host[:dim], host[dim : 2 * dim].astype(np.float64)
     if reference is None:
         return _assemble(mean, sq_mean, quantiles)
-    sq_x, sq_r, dots = (host[3 * dim + i * n_tokens : 3 * dim + (i + 1) * n_tokens] for i in range(3))
+    sq_x, sq_r, dots = (host[4 * dim + i * n_tokens : 4 * dim + (i + 1) * n_tokens] for i in range(3))
     fit_sums = tuple(host[-2:].tolist()) if predictor is not None else None
-    return _assemble(mean, sq_mean, quantiles, (host[2 * dim : 3 * dim], sq_x, sq_r, dots, fit_sums))
+    ref_mean, ref_sq_mean = host[2 * dim : 3 * dim], host[3 * dim : 4 * dim].astype(np.float64)
+    return _assemble(mean, sq_mean, quantiles, (ref_mean, ref_sq_mean, sq_x, sq_r, dots, fit_sums))
 
 
 def _joint(gram: torch.Tensor, cross: torch.Tensor, second: torch.Tensor) -> torch.Tensor:

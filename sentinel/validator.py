@@ -24,6 +24,11 @@ Otherwise every flag becomes a strike. A banned sender's flagged tensors are nev
 Taint and replacement are immediate either way; only blame waits for the end of the step. The window of several
 steps matters: a slow honest drift flags one or two replicas per step, never a majority in any single step, yet all
 of them within a few steps.
+
+Input explains (``input_explains``): a flag whose reference (the stage's input, or the gradient it received) was
+itself far from the references seen before is not struck, unless the flag goes well beyond what that explains: an
+unusual micro-batch makes every honest stage's output unusual, and the sender is blamed only for what its input does
+not explain. The tensor is replaced either way.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ class CheckResult:
     fences: dict[str, float] = field(default_factory=dict)
     blamed: bool = False  # the sender is to get a strike when the step's blame is settled (``end_step``)
     seconds: float = 0.0  # CPU/GPU time the check took
+    input_excess: float | None = None  # the reference's distance from its own stream, over its fences (input_explains)
 
 
 class Validator:
@@ -78,6 +84,7 @@ class Validator:
         # drift_peer: monitor -> sender -> (step, summary) of its latest tensor accepted there
         self.last_accepted: dict[tuple[int, str], dict[str, tuple[int, Summary]]] = {}
         self.peer_forgiven = 0  # mild flags that drift_peer did not strike
+        self.input_forgiven = 0  # flags that input_explains did not strike
 
     def monitor(self, boundary: int, direction: str) -> BoundaryMonitor:
         key = (boundary, direction)
@@ -123,7 +130,7 @@ class Validator:
         if obs.flagged:
             out = None if self.config.replacement == "drop" else mon.replacement(tensor, reference)
         elapsed = time.perf_counter() - start
-        return CheckResult(obs.flagged, out, obs.reason, obs.scores, obs.fences, blamed, elapsed)
+        return CheckResult(obs.flagged, out, obs.reason, obs.scores, obs.fences, blamed, elapsed, obs.input_excess)
 
     def end_step(self, step: int) -> list[str]:
         """Settle the blame of the step's flags (see the drift guard above). Returns the workers banned now.
@@ -172,6 +179,9 @@ class Validator:
             elif self.config.drift_agreement and bulk:
                 flags = self._agreed_drift(key, step, flags, self._agreement_threshold(key, threshold))
             for sender, excess, obs in flags:
+                if self._input_explains(obs, excess):
+                    self.input_forgiven += 1
+                    continue
                 mild_flag = self._mild(obs, excess)
                 if mild_flag and (self.config.drift_peer or small) and self._peer_agrees(key, step, sender, obs):
                     self.peer_forgiven += 1
@@ -198,6 +208,13 @@ class Validator:
     def _mild(self, obs: Observation, excess: float) -> bool:
         """A distance flag that honest drift could explain: every distance under ``drift_max_excess`` x its fence."""
         return obs.reason.startswith("distance:") and excess < self.config.drift_max_excess
+
+    def _input_explains(self, obs: Observation, excess: float) -> bool:
+        """``input_explains``: whether the flag's reference was unusual enough to explain it (see the config)."""
+        level, within = self.config.input_explains, obs.input_excess
+        if not level or within is None or within < level or not obs.reason.startswith("distance:"):
+            return False
+        return excess < self.config.drift_max_excess * max(1.0, within)
 
     def _peer_agrees(self, key: tuple[int, str], step: int, sender: str, obs: Observation) -> bool:
         """``drift_peer``: whether the flagged tensor (its summary in ``obs``) would pass the monitor's fences with the
@@ -331,6 +348,7 @@ class Validator:
                 for (b, d), peers in self.last_accepted.items()
             },
             "peer_forgiven": self.peer_forgiven,
+            "input_forgiven": self.input_forgiven,
             "window_counts": {
                 f"{b}/{d}": [[step, *c] for step, c in counts.items()] for (b, d), counts in self.window_counts.items()
             },
@@ -349,6 +367,7 @@ class Validator:
                     "scores": dict(obs.scores),
                     "fences": dict(obs.fences),
                     "summary": None if obs.summary is None else obs.summary.state_dict(),
+                    "input_excess": obs.input_excess,
                 }
                 for boundary, direction, sender, excess, obs in self.pending
             ],
@@ -382,6 +401,7 @@ class Validator:
             for key, peers in d.get("last_accepted", {}).items()
         }
         self.peer_forgiven = int(d.get("peer_forgiven", 0))
+        self.input_forgiven = int(d.get("input_forgiven", 0))
         self.window_counts = {
             _monitor_key(key): {int(step): [int(checked), int(flagged)] for step, checked, flagged in rows}
             for key, rows in d.get("window_counts", {}).items()
@@ -389,7 +409,9 @@ class Validator:
         self.pending = []
         for p in d.get("pending", []):
             summary = None if p["summary"] is None else Summary.from_state_dict(p["summary"])
-            obs = Observation(bool(p["flagged"]), str(p["reason"]), dict(p["scores"]), dict(p["fences"]), summary)
+            within = p.get("input_excess")
+            obs = Observation(bool(p["flagged"]), str(p["reason"]), dict(p["scores"]), dict(p["fences"]), summary,
+                              None if within is None else float(within))  # fmt: skip
             self.pending.append((int(p["boundary"]), str(p["direction"]), str(p["sender"]), float(p["excess"]), obs))
 
 

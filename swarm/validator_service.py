@@ -333,10 +333,11 @@ class ValidatorService(ServicerBase):
         if settled:
             self._settled(settled, settled_step)
         if self._check_log is not None:
+            within = res.input_excess
             self._log({"step": step, "mb": mb, "boundary": boundary, "direction": name, "sender": sender,
                        "upstream_tainted": tainted, "warmup": warmup, "tainted": res.tainted, "blamed": res.blamed,
-                       "reason": res.reason, "scores": _finite(res.scores),
-                       "fences": _finite(res.fences)})  # fmt: skip
+                       "reason": res.reason, "scores": _finite(res.scores), "fences": _finite(res.fences),
+                       "input_excess": within if within is not None and math.isfinite(within) else None})  # fmt: skip
         self.n_checks += 1
         self.seconds += res.seconds
 

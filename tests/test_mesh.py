@@ -55,6 +55,19 @@ def test_a_replay_is_banned_where_fit_fences_are_wide(seed, corpus):
     assert "s1r2" not in dropped["banned"] and dropped["false_bans"]
 
 
+@pytest.mark.parametrize("seed, steps", [(3, 13), (7, 34)])
+def test_an_unusual_input_does_not_ban_an_honest_replica(seed, steps):
+    """Honest `tiny` 2 x 2 meshes as benchmarks/honest_small.py runs them (lr 1e-3, 8 micro-batches, warm-up 5).
+    Without input_explains a replica of the last stage was banned: seed 3 for its output's l2 at steps 11-12, seed 7
+    for its input gradient's gain and l2 at steps 27-33, flags that came with unusual micro-batches (inputs, or
+    gradients from the head, far from their own stream). With it nobody is banned; the same tensors are replaced."""
+    shape = dict(preset="tiny", stages=2, replicas=2, steps=steps, warmup=5, seed=seed, eval_every=0)
+    rep = Mesh(MeshConfig(**shape)).run().report
+    assert rep["false_bans"] == [] and rep["malicious"] == []
+    off = Mesh(MeshConfig(**shape, sentinel=SentinelConfig(input_explains=0))).run().report
+    assert off["false_bans"] and off["tainted_microbatches"] == rep["tainted_microbatches"]
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_honest_runs_ban_nobody(seed):
     # exactly the benchmark's honest setting (small, 8 stages x 4 replicas, 30 warm-up steps of 60, the default

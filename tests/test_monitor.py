@@ -115,6 +115,29 @@ def test_state_round_trip():
         assert a.flagged == b.flagged and a.scores == pytest.approx(b.scores)
 
 
+def test_input_excess_measures_the_reference_against_its_own_stream():
+    """Every check with a reference also measures how far that reference (the stage's input) is from the references
+    seen before (l1 and l2, over their own fences): ordinary inputs stay under 1, an input whose spread doubled (or
+    whose features all shifted) is far over, whatever the checked tensor does. It survives a state round trip, and a
+    state without it (older format) starts the input stream over."""
+    mon = warmed()
+    typical = [mon.observe(out, ref).input_excess for out, ref in stream(7, 20)]
+    assert all(e is not None and e < 1 for e in typical)
+    out, ref = next(stream(8, 1))
+    wide = mon.observe(2 * out, 2 * ref)  # the stage did its ordinary work on an unusual input
+    assert wide.input_excess > 2
+    shifted = mon.observe(out + 1.0, ref + 1.0)
+    assert shifted.input_excess > 2
+    assert mon.observe(out, None).input_excess is None  # no reference, nothing to measure
+    clone = BoundaryMonitor(SentinelConfig(), "forward", 1)
+    clone.load_state_dict(mon.state_dict())
+    assert clone.observe(2 * out, 2 * ref).input_excess == pytest.approx(mon.observe(2 * out, 2 * ref).input_excess)
+    old = {k: v for k, v in mon.state_dict().items() if not k.startswith("input_")}
+    fresh = BoundaryMonitor(SentinelConfig(), "forward", 1)
+    fresh.load_state_dict(old)
+    assert fresh.observe(out, ref).input_excess is None and fresh.input_baseline is not None
+
+
 def test_config_validation():
     with pytest.raises(ConfigError):
         SentinelConfig(beta_forward=1.0)
@@ -124,7 +147,8 @@ def test_config_validation():
         SentinelConfig(combine="vote")
     with pytest.raises(ConfigError):
         SentinelConfig.from_dict({"fence": 3})
-    for bad in ({"fit_every": 0}, {"fit_decay": 1.0}, {"fit_ridge": 0.0}, {"fit_tokens": 0}, {"fit_refit": 0}):
+    for bad in ({"fit_every": 0}, {"fit_decay": 1.0}, {"fit_ridge": 0.0}, {"fit_tokens": 0}, {"fit_refit": 0},
+                {"input_explains": -0.5}):
         with pytest.raises(ConfigError):
             SentinelConfig(**bad)
     assert SentinelConfig.from_dict(SentinelConfig().to_dict()) == SentinelConfig()

@@ -66,6 +66,8 @@ def test_demo_bans_the_attacker_and_leaves_no_process_behind(tmp_path):
     log = [json.loads(line) for line in log_path.read_text().splitlines()]
     checks = [e for e in log if "sender" in e]
     assert len(checks) >= 10 * 4 and any(e["tainted"] and e["sender"] == bad for e in checks)
+    # every check has a reference (the stage's input, or the gradient it received): its own excess, once warmed
+    assert all("input_excess" in e for e in checks) and sum(e["input_excess"] is not None for e in checks) >= 20
     assert any(e.get("strikes", {}).get(bad, [0, False])[1] for e in log if "settled" in e)  # its ban, as settled
     status = data["status"]  # `sentinel-node status --json`, run by the demo against the live swarm
     assert status["banned"] == data["malicious"] and status["manifest"]["n_stages"] == 1

@@ -151,7 +151,7 @@ def test_host_and_device_summaries_agree(proj, where):
     m = 0.1 * torch.randn(D + 1, proj.shape[1], generator=g)
     for args in ((None, None), (ref, None), (ref, m)):
         host, device = _summarize_host(x, proj, 16, *args), on_device(x, proj, 16, *args)
-        for name in ("mean", "std", "quantiles", "residual"):
+        for name in ("mean", "std", "quantiles", "residual", "ref_mean", "ref_std"):
             a, b = getattr(host, name), getattr(device, name)
             assert (a is None) == (b is None), name
             if a is not None:
@@ -161,6 +161,10 @@ def test_host_and_device_summaries_agree(proj, where):
         for name in ("cosine", "gain", "fit"):
             a, b = getattr(host, name), getattr(device, name)
             assert a == (None if b is None else pytest.approx(b, rel=1e-4, abs=1e-6)), name
+    flat = ref.reshape(-1, D)  # the reference's own statistics, for the monitor's input stream
+    assert torch.allclose(torch.from_numpy(host.ref_mean), flat.mean(0), atol=1e-5)
+    assert torch.allclose(torch.from_numpy(host.ref_std), flat.std(0, correction=0), rtol=1e-4, atol=1e-5)
+    assert host.clone().ref_mean is None and "ref_mean" not in host.state_dict()  # of one tensor only
     poisoned = x.clone()
     poisoned[1, 5, 3] = float("nan")
     for impl in (_summarize_host, on_device):

@@ -487,3 +487,57 @@ def test_a_lone_sender_never_re_anchors_the_baseline_on_its_own_gross_traffic():
         assert v.check(out * 0, boundary=1, direction="forward", sender="only", step=1, reference=ref).tainted
     assert v.end_step(1) == ["only"]
     assert v.reanchors == 0
+
+
+def _wide_input(v: Validator, factor: float, step: int = 1, sender: str = "w1"):
+    """``sender`` does a stage's ordinary work (its input plus the usual update) on an input ``factor`` times wider
+    than the stream's inputs: an unusual micro-batch, not an unusual stage."""
+    ((out, ref),) = pairs(5, 1)
+    return v.check(factor * ref + (out - ref), boundary=1, direction="forward", sender=sender, step=step,
+                   reference=factor * ref)  # fmt: skip
+
+
+@pytest.mark.parametrize("level", [0.0, 0.75])
+def test_input_explains_does_not_strike_a_flag_whose_input_was_as_unusual(level):
+    """An input 2-3x wider than usual makes the output of an honest stage flag (over 3x its fences at 3x); the input
+    itself was as far from its own stream, so with input_explains the tensor is replaced but nobody is struck."""
+    for factor in (2.0, 3.0):
+        v = warmed(input_explains=level)
+        res = _wide_input(v, factor)
+        assert res.tainted and res.tensor is not None and res.blamed
+        assert res.input_excess > 1.5
+        v.end_step(1)
+        assert v.ledger.strikes("w1") == (1 if not level else 0)
+        assert v.input_forgiven == (1 if level else 0)
+
+
+def test_input_explains_strikes_what_the_input_does_not_explain():
+    """With a typical input, a mild flag (an update 2.2x its usual size) and a gross one (the output doubled) are
+    struck. An unusual input does not excuse an output far beyond what it explains (zeros), nor a malformed one."""
+    v = warmed()
+    mild = _sibling_step(v, 1.0, 2.2)
+    assert mild.tainted and mild.input_excess < v.config.input_explains
+    assert max(mild.scores[m] / mild.fences[m] for m in mild.scores) < v.config.drift_max_excess
+    (out, ref), (out1, ref1) = pairs(5, 2)
+    assert v.check(2 * out, boundary=1, direction="forward", sender="w2", step=1, reference=ref).tainted
+    v.end_step(1)
+    assert v.ledger.strikes("w1") == 1 and v.ledger.strikes("w2") == 1 and v.input_forgiven == 0
+    v = warmed()
+    res = v.check(0 * out, boundary=1, direction="forward", sender="w1", step=1, reference=2 * ref)
+    assert res.tainted and res.input_excess > 1.5
+    assert max(res.scores[m] / res.fences[m] for m in res.scores) > v.config.drift_max_excess * res.input_excess
+    nan = out1.clone()
+    nan[0, 0, 0] = float("nan")
+    assert v.check(nan, boundary=1, direction="forward", sender="w2", step=1, reference=2 * ref1).tainted
+    v.end_step(1)
+    assert v.ledger.strikes("w1") == 1 and v.ledger.strikes("w2") == 1 and v.input_forgiven == 0
+
+
+def test_input_excess_of_an_unsettled_flag_survives_a_state_round_trip():
+    v = warmed()
+    res = _wide_input(v, 2.0)
+    clone = Validator(v.config)
+    clone.load_state_dict(v.state_dict())
+    assert clone.pending[0][4].input_excess == pytest.approx(res.input_excess)
+    clone.end_step(1)
+    assert clone.ledger.strikes("w1") == 0 and clone.input_forgiven == 1
