@@ -217,28 +217,36 @@ class BoundaryMonitor:
 
     def _input_excess(self, summary: Summary, learn: bool) -> float | None:
         """The reference's distance from its stream's baseline over the fences (``Observation.input_excess``); with
-        ``learn``, the reference is then folded into that stream."""
+        ``learn``, the reference is then folded into that stream. The distances are ``l1_distance`` and
+        ``l2_distance`` of the reference's mean and std, written out here on the differences that the EMA reuses
+        (the distances' own calls cost as much again, on every check)."""
         if summary.ref_mean is None or summary.ref_std is None:
             return None
-        excess = None
         base = self.input_baseline
         if base is not None and base.mean.shape != summary.ref_mean.shape:
             base = self.input_baseline = None  # another width: start over
             for fence in self.input_fences.values():
                 fence.load([])
-        if base is not None:
-            scores = distances(Summary(summary.ref_mean, summary.ref_std, _NO_QUANTILES), base, INPUT_METRICS)
-            if all(len(f) >= self.config.min_window - 1 for f in self.input_fences.values()):
-                excess = max(scores[m] / max(self.input_fences[m].fence(), 1e-12) for m in INPUT_METRICS)
+        if base is None:
             if learn:
-                for m, value in scores.items():
-                    self.input_fences[m].add(value)
-        if learn:
-            if base is None:
                 self.input_baseline = Summary(summary.ref_mean.copy(), summary.ref_std.copy(), _NO_QUANTILES)
-            else:
-                base.mean += np.float32(1.0 - self.beta) * (summary.ref_mean - base.mean)
-                base.std += np.float32(1.0 - self.beta) * (summary.ref_std - base.std)
+            return None
+        shift, spread = summary.ref_mean - base.mean, summary.ref_std - base.std
+        scale = float(base.std.sum())
+        scores = {
+            "l1": float(np.abs(shift).sum()) / max(scale, 1e-12),
+            "l2": math.sqrt(float(spread @ spread) / max(float(base.std @ base.std), 1e-12)),
+        }
+        fences = self.input_fences
+        excess = None
+        if all(len(f) >= self.config.min_window - 1 for f in fences.values()):
+            excess = max(scores[m] / max(fences[m].fence(), 1e-12) for m in INPUT_METRICS)
+        if learn:
+            for m, value in scores.items():
+                fences[m].add(value)
+            weight = np.float32(1.0 - self.beta)
+            base.mean += weight * shift
+            base.std += weight * spread
         return excess
 
     def decide(self, scores: dict[str, float], fences: dict[str, float]) -> tuple[bool, str]:
