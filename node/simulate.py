@@ -84,6 +84,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--drift-peer", action=argparse.BooleanOptionalAction, default=s.drift_peer,
                    help="do not strike a mild flag whose tensor is within the fences of another sender's latest "
                         "accepted tensor at the same monitor (it drifted as an honest sibling did; still replaced)")
+    g.add_argument("--drift-peer-margin", type=float, default=s.drift_peer_margin, metavar="X",
+                   help="--drift-peer forgives a flag only within X of the fences of the sibling's tensor (1: the "
+                        "fences themselves)")
     g.add_argument("--small-stage-senders", type=int, default=s.small_stage_senders, metavar="N",
                    help="at a monitor with at most N senders, --drift-peer and the active-majority drift rule apply "
                         "whatever their settings (0: never)")
@@ -125,6 +128,7 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
         drift_defer=args.drift_defer,
         drift_min_fraction=args.drift_min_fraction,
         drift_peer=args.drift_peer,
+        drift_peer_margin=args.drift_peer_margin,
         small_stage_senders=args.small_stage_senders,
         input_explains=args.input_explains,
         seed=args.seed,

@@ -111,6 +111,10 @@ class SentinelConfig:
     # flags a majority of them within drift_steps steps (README, "Drift guard"). The tensor is replaced all the same.
     # Off by default: a mild attack can also fall within an honest sibling's fences, and on small 8 x 4 it let more
     # weak attackers go unbanned (on in the demo)
+    drift_peer_margin: float = 0.7  # drift_peer forgives a flag only when the tensor lies within this fraction of
+    # the fences of the sibling's tensor: one tensor compared with another carries the noise of both, and within the
+    # whole fences let mild attacks pass as drift (noise in the demo's 3 x 3 mesh: 9 of 24 attackers banned at 1.0,
+    # 14 at 0.7; README, "Drift guard"). 1: the fences themselves
     small_stage_senders: int = 3  # at a monitor whose senders (seen within the last 4 x drift_steps steps, banned
     # ones included) number at most this, drift_active_majority and drift_peer apply whatever their settings: a stage
     # of 1-3 replicas drifts with too few senders for a majority to show, and honest tiny meshes banned 12 of 16
@@ -167,6 +171,8 @@ class SentinelConfig:
             raise ConfigError(f"fit_max_fence must be >= 0 (0: no limit), got {self.fit_max_fence}")
         if self.fit_wide_scale != 0 and not self.fit_wide_scale >= 1:  # also refuses NaN
             raise ConfigError(f"fit_wide_scale must be 0 (no fence) or >= 1, got {self.fit_wide_scale}")
+        if not 0 < self.drift_peer_margin <= 1:
+            raise ConfigError(f"drift_peer_margin must be in (0, 1], got {self.drift_peer_margin}")
         if not self.input_explains >= 0:
             raise ConfigError(f"input_explains must be >= 0 (0: off), got {self.input_explains}")
         if self.fit_ridge <= 0 or self.fit_fence_scale < 1:

@@ -217,8 +217,9 @@ class Validator:
         return excess < self.config.drift_max_excess * max(1.0, within)
 
     def _peer_agrees(self, key: tuple[int, str], step: int, sender: str, obs: Observation) -> bool:
-        """``drift_peer``: whether the flagged tensor (its summary in ``obs``) would pass the monitor's fences with the
-        latest accepted tensor of another non-banned sender, from the last ``drift_steps`` steps, as the baseline.
+        """``drift_peer``: whether the flagged tensor (its summary in ``obs``) would pass the monitor's fences,
+        narrowed to ``drift_peer_margin`` of them, with the latest accepted tensor of another non-banned sender, from
+        the last ``drift_steps`` steps, as the baseline.
 
         A lone honest replica can cross a fence first while its stage drifts: its siblings' traffic moved as well,
         but stayed just inside. An attack is as far from a sibling's honest tensor as from the baseline, so it stays
@@ -226,7 +227,7 @@ class Validator:
         if obs.summary is None:
             return False
         monitor = self.monitors[key]
-        fences = {m: monitor.fence(m) for m in monitor.metrics}
+        fences = {m: monitor.fence(m) * self.config.drift_peer_margin for m in monitor.metrics}
         for peer, (seen, summary) in self.last_accepted.get(key, {}).items():
             if peer == sender or seen <= step - self.config.drift_steps or self.ledger.is_banned(peer):
                 continue

@@ -148,7 +148,7 @@ def test_config_validation():
     with pytest.raises(ConfigError):
         SentinelConfig.from_dict({"fence": 3})
     for bad in ({"fit_every": 0}, {"fit_decay": 1.0}, {"fit_ridge": 0.0}, {"fit_tokens": 0}, {"fit_refit": 0},
-                {"input_explains": -0.5}):
+                {"input_explains": -0.5}, {"drift_peer_margin": 0.0}, {"drift_peer_margin": 1.5}):
         with pytest.raises(ConfigError):
             SentinelConfig(**bad)
     assert SentinelConfig.from_dict(SentinelConfig().to_dict()) == SentinelConfig()
