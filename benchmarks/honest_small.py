@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -22,6 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from benchmarks.common import add_variant_options, emit  # noqa: E402
+from benchmarks.common import variants as variants_of  # noqa: E402
 from sentinel.config import SentinelConfig  # noqa: E402
 from swarm.mesh import Mesh, MeshConfig  # noqa: E402
 
@@ -45,13 +46,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--compare", default=None, metavar="JSON", help="also run with these SentinelConfig overrides")
-    p.add_argument("--jobs", type=int, default=max(1, os.cpu_count() or 1))
-    p.add_argument("--out", default=None, metavar="PATH", help="also write the table (markdown) here")
+    add_variant_options(p)
     args = p.parse_args()
-    variants = ["{}"] + ([args.compare] if args.compare else [])
-    for v in variants:
-        SentinelConfig.from_dict(json.loads(v))  # a bad override fails here, not in a worker
+    variants = variants_of(args)
     sizes = [int(r) for r in args.replicas.split(",")]
     jobs = [(args.stages, r, seed, args.steps, args.warmup, v) for v in variants for r in sizes
             for seed in range(args.seeds)]  # fmt: skip
@@ -73,10 +70,7 @@ def main() -> None:
             hit = sum(1 for x in runs if x["false_bans"])
             cells.append(f"{banned} of {len(runs) * r * args.stages} ({hit} of {len(runs)} runs)")
         lines.append(f"| {r} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

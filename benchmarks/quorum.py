@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -26,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from benchmarks.common import add_variant_options, emit  # noqa: E402
+from benchmarks.common import variants as variants_of  # noqa: E402
 from sentinel.config import SentinelConfig  # noqa: E402
 from swarm.mesh import Mesh, MeshConfig  # noqa: E402
 
@@ -56,13 +57,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=6)
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=SHAPE["steps"])
-    p.add_argument("--compare", default=None, metavar="JSON", help="also run with these SentinelConfig overrides")
-    p.add_argument("--jobs", type=int, default=max(1, os.cpu_count() or 1))
-    p.add_argument("--out", default=None, metavar="PATH", help="also write the table (markdown) here")
+    add_variant_options(p)
     args = p.parse_args()
-    variants = ["{}"] + ([args.compare] if args.compare else [])
-    for v in variants:
-        SentinelConfig.from_dict(json.loads(v))  # a bad override fails here, not in a worker
+    variants = variants_of(args)
     settings = []
     for setting in args.settings.split(","):
         parts = [int(x) for x in setting.split("/")]
@@ -101,10 +98,7 @@ def main() -> None:
                 label = "defaults" if o == "{}" else f"`{o}`"
                 lines.append(f"| {attack} | {v} / {q} / {f} | {label} | {caught} of {total} | {honest} ({hit} of "
                              f"{len(runs)}) | {median} | {loss:.3f} |")  # fmt: skip
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -23,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from benchmarks.common import add_variant_options, emit  # noqa: E402
+from benchmarks.common import variants as variants_of  # noqa: E402
 from sentinel.attacks import STRONGEST, WEAKEST  # noqa: E402
 from sentinel.config import SentinelConfig  # noqa: E402
 from swarm.mesh import Mesh, MeshConfig  # noqa: E402
@@ -50,13 +51,9 @@ def main() -> None:
     p.add_argument("--backward", default="scaling,random_sign,bias,noise", help="attacks on gradients")
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--compare", default=None, metavar="JSON", help="also run with these SentinelConfig overrides")
-    p.add_argument("--jobs", type=int, default=max(1, os.cpu_count() or 1))
-    p.add_argument("--out", default=None, metavar="PATH", help="also write the table (markdown) here")
+    add_variant_options(p)
     args = p.parse_args()
-    variants = ["{}"] + ([args.compare] if args.compare else [])
-    for v in variants:
-        SentinelConfig.from_dict(json.loads(v))  # a bad override fails here, not in a worker
+    variants = variants_of(args)
     cases = []
     for direction, names in (("forward", args.forward), ("backward", args.backward)):
         for name in filter(None, names.split(",")):
@@ -88,10 +85,7 @@ def main() -> None:
                          f"{sum(r['caught'] for r in rows)} of {sum(r['malicious'] for r in rows)} | "
                          f"{sum(r['false'] for r in rows)} | {statistics.median(steps) if steps else '-'} | "
                          f"{statistics.mean(r['val'] for r in rows):.3f} |")  # fmt: skip
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":
