@@ -25,11 +25,12 @@ from sentinel.stats import (
     distances,
     host_array,
     make_projections,
+    mean_shift,
+    spread_shift,
     summarize,
 )
 
 INPUT_METRICS = ("l1", "l2")  # what a reference's distance from its own stream is measured on (input_excess)
-_NO_QUANTILES = np.zeros((0, 0), dtype=np.float32)
 
 
 def _percentile(ordered: list[float], q: float) -> float:
@@ -149,7 +150,7 @@ class BoundaryMonitor:
         # the references' own stream (input_excess): an EMA of their per-feature mean and std, and fences over their
         # l1 and l2 distances to it. Learnt from every reference of a check that learns (an honest sender's output,
         # or the trusted trainer's), whether or not the checked tensor was flagged
-        self.input_baseline: Summary | None = None
+        self.input_baseline: tuple[np.ndarray, np.ndarray] | None = None  # (mean, std)
         self.input_fences = {
             m: TukeyFence(config.window, config.fence_k, config.min_iqr_fraction) for m in INPUT_METRICS
         }
@@ -217,26 +218,21 @@ class BoundaryMonitor:
 
     def _input_excess(self, summary: Summary, learn: bool) -> float | None:
         """The reference's distance from its stream's baseline over the fences (``Observation.input_excess``); with
-        ``learn``, the reference is then folded into that stream. The distances are ``l1_distance`` and
-        ``l2_distance`` of the reference's mean and std, written out here on the differences that the EMA reuses
-        (the distances' own calls cost as much again, on every check)."""
+        ``learn``, the reference is then folded into that stream. Its ``l1`` and ``l2`` distances are taken on the
+        differences that the EMA update then reuses."""
         if summary.ref_mean is None or summary.ref_std is None:
             return None
-        base = self.input_baseline
-        if base is not None and base.mean.shape != summary.ref_mean.shape:
-            base = self.input_baseline = None  # another width: start over
+        if self.input_baseline is not None and self.input_baseline[0].shape != summary.ref_mean.shape:
+            self.input_baseline = None  # another width: start over
             for fence in self.input_fences.values():
                 fence.load([])
-        if base is None:
+        if self.input_baseline is None:
             if learn:
-                self.input_baseline = Summary(summary.ref_mean.copy(), summary.ref_std.copy(), _NO_QUANTILES)
+                self.input_baseline = (summary.ref_mean.copy(), summary.ref_std.copy())
             return None
-        shift, spread = summary.ref_mean - base.mean, summary.ref_std - base.std
-        scale = float(base.std.sum())
-        scores = {
-            "l1": float(np.abs(shift).sum()) / max(scale, 1e-12),
-            "l2": math.sqrt(float(spread @ spread) / max(float(base.std @ base.std), 1e-12)),
-        }
+        mean, std = self.input_baseline
+        shift, spread = summary.ref_mean - mean, summary.ref_std - std
+        scores = {"l1": mean_shift(shift, std), "l2": spread_shift(spread, std)}
         fences = self.input_fences
         excess = None
         if all(len(f) >= self.config.min_window - 1 for f in fences.values()):
@@ -245,8 +241,8 @@ class BoundaryMonitor:
             for m, value in scores.items():
                 fences[m].add(value)
             weight = np.float32(1.0 - self.beta)
-            base.mean += weight * shift
-            base.std += weight * spread
+            mean += weight * shift
+            std += weight * spread
         return excess
 
     def decide(self, scores: dict[str, float], fences: dict[str, float]) -> tuple[bool, str]:
@@ -333,8 +329,8 @@ class BoundaryMonitor:
             "n_accepted": self.n_accepted,
             "predictor": None if self.predictor is None else self.predictor.state_dict(),
             "input_baseline": None if self.input_baseline is None else {
-                "mean": torch.from_numpy(self.input_baseline.mean.copy()),
-                "std": torch.from_numpy(self.input_baseline.std.copy()),
+                "mean": torch.from_numpy(self.input_baseline[0].copy()),
+                "std": torch.from_numpy(self.input_baseline[1].copy()),
             },
             "input_fences": {m: f.state_dict() for m, f in self.input_fences.items()},
         }
@@ -356,9 +352,7 @@ class BoundaryMonitor:
         if self.predictor is not None and d.get("predictor") is not None:
             self.predictor.load_state_dict(d["predictor"])
         base = d.get("input_baseline")  # absent from older states: the input stream starts over
-        self.input_baseline = (
-            None if base is None else Summary(host_array(base["mean"]), host_array(base["std"]), _NO_QUANTILES)
-        )
+        self.input_baseline = None if base is None else (host_array(base["mean"]), host_array(base["std"]))
         for m, fence in self.input_fences.items():
             state = d.get("input_fences", {}).get(m)
             if state is not None:

@@ -269,18 +269,21 @@ def _assemble(mean: np.ndarray, sq_mean: np.ndarray, quantiles: np.ndarray, coup
     ``coupling`` = (the reference's per-feature mean and mean square, per-token squared norms of x and of the
     reference, per-token dot products, and (missed, total) projected variance under the predictor, or None)."""
     with np.errstate(all="ignore"):  # a non-finite or overflowing x gives inf/nan here: Summary.finite() says so
-        var = sq_mean - np.square(mean, dtype=np.float64)
-        std = np.sqrt(np.maximum(var, 0.0)).astype(np.float32)
+        std = _std(mean, sq_mean)
         if coupling is None:
             return Summary(mean=mean, std=std, quantiles=quantiles)
         ref_mean, ref_sq_mean, sq_x, sq_r, dots, fit_sums = coupling
-        ref_var = ref_sq_mean - np.square(ref_mean, dtype=np.float64)
-        ref_std = np.sqrt(np.maximum(ref_var, 0.0)).astype(np.float32)
+        ref_std = _std(ref_mean, ref_sq_mean)
         cosine = float((dots / np.sqrt(np.maximum(sq_x * sq_r, _EPS * _EPS))).sum()) / dots.shape[0]
         gain = math.log((float(sq_x.sum()) + _EPS) / (float(sq_r.sum()) + _EPS)) / 2
         fit = None if fit_sums is None else fit_sums[0] / max(fit_sums[1], _EPS)
         return Summary(mean=mean, std=std, quantiles=quantiles, cosine=cosine, gain=gain, residual=mean - ref_mean,
                        fit=fit, ref_mean=ref_mean, ref_std=ref_std)  # fmt: skip
+
+
+def _std(mean: np.ndarray, sq_mean: np.ndarray) -> np.ndarray:
+    """Per-feature std (float32) from the mean and the mean square (float64): one-pass, clipped at 0."""
+    return np.sqrt(np.maximum(sq_mean - np.square(mean, dtype=np.float64), 0.0)).astype(np.float32)
 
 
 def _sorted_quantiles(rows: np.ndarray, n_quantiles: int) -> np.ndarray:
@@ -476,7 +479,13 @@ def l1_distance(s: Summary, b: Summary) -> float:
 
     Sees shifts of location: zeros, constants, biases, replays of another distribution.
     """
-    return float(np.abs(s.mean - b.mean).sum()) / max(float(b.std.sum()), _EPS)  # the 1/D of both means cancels
+    return mean_shift(s.mean - b.mean, b.std)
+
+
+def mean_shift(shift: np.ndarray, std: np.ndarray) -> float:
+    """``l1_distance`` from the difference of the means, ``shift``, and the baseline's ``std`` (for callers that
+    keep the difference: the monitor's input stream updates its EMA with it)."""
+    return float(np.abs(shift).sum()) / max(float(std.sum()), _EPS)  # the 1/D of both means cancels
 
 
 def l2_distance(s: Summary, b: Summary) -> float:
@@ -486,8 +495,12 @@ def l2_distance(s: Summary, b: Summary) -> float:
     the means on purpose: in a residual stream the feature means are large and vary from batch to batch, and
     folding them into one vector would drown a doubling of the variance.
     """
-    diff = s.std - b.std
-    return math.sqrt(float(diff @ diff) / max(float(b.std @ b.std), _EPS))
+    return spread_shift(s.std - b.std, b.std)
+
+
+def spread_shift(spread: np.ndarray, std: np.ndarray) -> float:
+    """``l2_distance`` from the difference of the stds, ``spread``, and the baseline's ``std``."""
+    return math.sqrt(float(spread @ spread) / max(float(std @ std), _EPS))
 
 
 def sign_flip_ratio(s: Summary, b: Summary) -> float:
