@@ -81,6 +81,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--drift-min-fraction", type=float, default=s.drift_min_fraction,
                    help="drift also needs the flagged tensors to be at least this fraction of those checked at the "
                         "monitor within the drift window (rare outliers are not drift; 0: off)")
+    g.add_argument("--drift-active-majority", action=argparse.BooleanOptionalAction, default=s.drift_active_majority,
+                   help="call it drift when a majority of the senders still active at the monitor (not banned) "
+                        "flag mildly, instead of a majority of all seen there, the banned included")
     g.add_argument("--drift-peer", action=argparse.BooleanOptionalAction, default=s.drift_peer,
                    help="do not strike a mild flag whose tensor is within the fences of another sender's latest "
                         "accepted tensor at the same monitor (it drifted as an honest sibling did; still replaced)")
@@ -127,6 +130,7 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
         drift_agreement=args.drift_agreement,
         drift_defer=args.drift_defer,
         drift_min_fraction=args.drift_min_fraction,
+        drift_active_majority=args.drift_active_majority,
         drift_peer=args.drift_peer,
         drift_peer_margin=args.drift_peer_margin,
         small_stage_senders=args.small_stage_senders,

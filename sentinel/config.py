@@ -87,10 +87,11 @@ class SentinelConfig:
     # a validator in a swarm does not know a stage's size in advance, and sizes change. The mesh, which knows it,
     # sets replicas // 2 + 1 (at least 2), the same number once every replica has been seen
     drift_steps: int = 4
-    drift_active_majority: bool = False  # lower drift_senders to a majority of the senders still active at a monitor
+    drift_active_majority: bool = True  # lower drift_senders to a majority of the senders still active at a monitor
     # (checked within the last 4 x drift_steps steps and not banned): once a stage's attackers are banned, its honest
-    # remainder can still be recognised as drifting. Off by default (measured worse on small 8x4: README, "Drift
-    # guard"); the demo's 2-replica stages need it
+    # remainder can still be recognised as drifting (attackers stay a minority of what is left). Without it, a stage of
+    # 11 with 5 attackers banned needed all 6 honest replicas flagged within drift_steps steps: at the paper's 16 x 11
+    # with 8 micro-batches a step, every honest replica of one stage was banned (README, "Drift guard")
     drift_max_excess: float = 3.0  # only flags with every distance below this multiple of its fence can be drift
     drift_agreement: bool = True  # also call it drift when the flagged tensors of drift_senders distinct senders
     # (within drift_steps steps, however far from the baseline) agree with ONE of them: each within drift_max_excess x

@@ -66,6 +66,7 @@ def test_simulate_passes_the_drift_options_to_the_sentinel_config():
     assert sentinel("--drift-defer").drift_defer and not sentinel("--no-drift-agreement").drift_agreement
     assert sentinel().input_explains == 0.75 and sentinel("--input-explains", "0").input_explains == 0
     assert sentinel("--drift-peer-margin", "1").drift_peer_margin == 1.0
+    assert sentinel().drift_active_majority and not sentinel("--no-drift-active-majority").drift_active_majority
 
 
 def test_simulate_warns_when_the_attack_never_starts(capsys):

@@ -143,11 +143,34 @@ def test_drift_active_majority_counts_only_senders_still_active(active_majority)
     assert v.reanchors == (1 if active_majority else 0)
 
 
+@pytest.mark.parametrize("active_majority", [False, True])
+def test_a_stage_whose_attackers_were_banned_can_still_drift_by_default(active_majority):
+    """A stage of 5 replicas (not small) whose 2 attackers were banned: its 3 honest replicas are what is left, and 2
+    of them drifting mildly are a majority of them (drift_active_majority, the default). Counting the banned among
+    the senders, drift would need 3 of 5, all 3 honest replicas within drift_steps steps; at the paper's 16 x 11
+    with 8 micro-batches a step that banned every honest replica of a stage whose 5 attackers were out."""
+    v = Validator(SentinelConfig(ban_level=1, drift_active_majority=active_majority))
+    for i, (out, ref) in enumerate(pairs(0, 40)):
+        v.check(out, boundary=1, direction="forward", sender=f"w{i % 5}", step=0, reference=ref, warmup=True)
+    v.end_step(0)
+    key = (1, "forward")
+    out, ref = next(pairs(1, 1))
+    for bad in ("w3", "w4"):
+        assert v.check(out * 0, boundary=1, direction="forward", sender=bad, step=1, reference=ref).tainted
+    assert sorted(v.end_step(1)) == ["w3", "w4"]
+    assert not v._small_stage(key, 2) and v._drift_threshold(key, 2) == (2 if active_majority else 3)
+    for sender, (out, ref) in zip(("w0", "w1"), pairs(10, 2)):
+        res = v.check(ref + 2.2 * (out - ref), boundary=1, direction="forward", sender=sender, step=2, reference=ref)
+        assert res.tainted and max(res.scores[m] / res.fences[m] for m in res.scores) < v.config.drift_max_excess
+    assert v.end_step(2) == ([] if active_majority else ["w0", "w1"])
+    assert v.reanchors == (1 if active_majority else 0)
+
+
 @pytest.mark.parametrize("drift_senders", [0, 3])
 def test_auto_drift_senders_is_a_majority_of_the_senders_seen(drift_senders):
     """A stage of 2 replicas, both drifting mildly: with drift_senders 0 (auto, the default) a majority of the 2
     senders seen is 2, so it is drift; a fixed 3 can never be reached by 2 replicas, and both are struck."""
-    v = Validator(SentinelConfig(drift_senders=drift_senders, small_stage_senders=0))
+    v = Validator(SentinelConfig(drift_senders=drift_senders, small_stage_senders=0, drift_active_majority=False))
     for i, (out, ref) in enumerate(pairs(0, 40)):
         v.check(out, boundary=1, direction="forward", sender=f"r{i % 2}", step=0, reference=ref, warmup=True)
     v.end_step(0)
@@ -165,7 +188,7 @@ def test_auto_drift_senders_is_a_majority_of_the_senders_seen(drift_senders):
 
 
 def test_auto_drift_senders_counts_recent_and_banned_senders():
-    v = warmed(ban_level=1, small_stage_senders=0)  # w0..w3 seen at step 0; the auto threshold alone
+    v = warmed(ban_level=1, small_stage_senders=0, drift_active_majority=False)  # the auto threshold alone
     key = (1, "forward")
     assert v._drift_threshold(key, 1) == 3  # 4 seen: 4 // 2 + 1
     assert v._drift_threshold(key, 100) == 2  # none seen within the last 16 steps: at least 2
@@ -443,9 +466,10 @@ def _two_senders(**kw) -> Validator:
 @pytest.mark.parametrize("small", [0, 3])
 def test_small_stage_applies_drift_peer_and_active_majority_by_default(small):
     """At a monitor with at most small_stage_senders senders (3 by default), drift_peer applies although it is off:
-    w1's lone mild flag, which its sibling w0's accepted tensor shares, is not struck. With 0 it is."""
-    v = _two_senders(small_stage_senders=small)
-    assert not v.config.drift_peer and not v.config.drift_active_majority
+    w1's lone mild flag, which its sibling w0's accepted tensor shares, is not struck. With 0 it is. The same for
+    drift_active_majority, turned off here."""
+    v = _two_senders(small_stage_senders=small, drift_active_majority=False)
+    assert not v.config.drift_peer
     assert v._small_stage((1, "forward"), 1) is bool(small)
     res = _sibling_step(v, 1.8, 2.2)
     assert res.tainted and res.blamed and res.tensor is not None  # replaced either way
