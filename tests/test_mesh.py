@@ -81,6 +81,22 @@ def test_honest_runs_ban_nobody(seed):
     assert rep["tainted_microbatches"] < 0.01 * rep["microbatches"]
 
 
+def test_the_paper_scale_ban_front_passes_a_stage_whose_attackers_were_banned():
+    """The paper's 16 x 11, 37.5% `mixed` attackers, 8 micro-batches a step (benchmarks/results/paper_scale_176.md,
+    about 25 s). Stage 6's 4 attackers are banned at steps 38-42; drift is then judged among the replicas left
+    (drift_active_majority). Counting the banned among the senders, as before, every honest replica of stage 6 was
+    banned, the stage then tainted every micro-batch, and no attacker behind it was banned (F1 0.51)."""
+    cfg = MeshConfig(preset="tiny", stages=16, replicas=11, malicious_fraction=0.375, attack="mixed", steps=60,
+                     warmup=30, seed=0, eval_every=0)  # fmt: skip
+    rep = Mesh(cfg).run().report
+    banned, malicious = set(rep["banned"]), set(rep["malicious"])
+    for stage in range(1, 17):
+        honest = {f"s{stage}r{r}" for r in range(11)} - malicious
+        assert honest - banned, f"every honest replica of stage {stage} banned"
+    assert max(int(w[1:].split("r")[0]) for w in banned & malicious) >= 10  # the ban front got past stage 6
+    assert len(rep["false_bans"]) <= 2 and rep["f1"] >= 0.75, rep["false_bans"]
+
+
 def test_nan_attack_never_makes_the_loss_non_finite(corpus):
     cfg = tiny(attack="nonfinite", attack_direction="both", malicious_fraction=0.34, seed=2)
     result = Mesh(cfg, corpus).run()
