@@ -97,6 +97,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="do not strike a flag whose reference (the stage's input, or the gradient it received) was at "
                         "least X of its own fences from the references seen before, unless the flag goes well beyond "
                         "that (README, \"Input explains\"; still replaced; 0: off)")
+    g.add_argument("--learn-tainted", action=argparse.BooleanOptionalAction, default=s.learn_tainted,
+                   help="learn from a tensor of a micro-batch tainted upstream when it passes the screen (it is "
+                        "never blamed either way)")
     g.add_argument("--replacement", default=s.replacement, choices=["baseline", "drop"])
     c = p.add_argument_group("checkpoints (with --compare: of the main run only; the comparison runs start over)")
     c.add_argument("--checkpoint", metavar="PATH",
@@ -135,6 +138,7 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
         drift_peer_margin=args.drift_peer_margin,
         small_stage_senders=args.small_stage_senders,
         input_explains=args.input_explains,
+        learn_tainted=args.learn_tainted,
         seed=args.seed,
     )
     return MeshConfig(

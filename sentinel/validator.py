@@ -7,8 +7,10 @@ sent by stage ``b``; backward traffic at boundary ``b`` (the gradient of stage `
 
 Taint: once a micro-batch was flagged anywhere, every later check of it is a *screen*, not a detection. The tensor
 is still compared with the baseline and replaced when it crosses a fence (so a second attacker on the same path
-gets no free pass), but nobody is blamed and the baselines learn nothing from it: what comes after a poisoned or
-replaced tensor can look anomalous through no fault of its honest sender (the cascade).
+gets no free pass), but nobody is blamed: what comes after a poisoned or replaced tensor can look anomalous through
+no fault of its honest sender (the cascade). Nor do the baselines learn from it, unless ``learn_tainted`` is set:
+then a screened tensor that passes is learnt from, so that a deep stage's baseline keeps up with the model while
+most micro-batches reaching it are tainted.
 
 Drift guard: flagged tensors never update the baseline, so if the honest traffic itself jumps (every optimizer step
 changes every replica's weights at once), every tensor would be flagged from then on and the whole honest population
@@ -106,13 +108,15 @@ class Validator:
     ) -> CheckResult:
         """Check one tensor sent by ``sender`` across ``boundary``.
 
-        ``tainted``: the micro-batch was already flagged upstream (screen only, no blame, no learning).
+        ``tainted``: the micro-batch was already flagged upstream: screen only, no blame, and learnt from only if it
+        passes and ``learn_tainted`` is set.
         ``warmup``: honest warm-up, learn only; non-finite tensors are still replaced but not blamed.
         """
         start = time.perf_counter()
         mon = self.monitor(boundary, direction)
         self.last_seen.setdefault((boundary, direction), {})[sender] = step
-        obs: Observation = mon.observe(tensor, reference, detect=not warmup, learn=not tainted)
+        learn = not tainted or self.config.learn_tainted
+        obs: Observation = mon.observe(tensor, reference, detect=not warmup, learn=learn)
         blamed = False
         if not tainted and not warmup:
             counts = self.window_counts.setdefault((boundary, direction), {}).setdefault(step, [0, 0])

@@ -1,5 +1,6 @@
 """The validator: blame goes to the sender, taint screens without blame, drift is not blamed, state survives."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -47,6 +48,23 @@ def test_tainted_microbatch_is_screened_not_blamed():
     res = v.check(out * 0, boundary=1, direction="forward", sender="victim", step=1, reference=ref, tainted=True)
     assert res.tainted and not res.blamed  # still replaced, nobody blamed
     assert v.end_step(1) == [] and v.ledger.strikes("victim") == 0
+
+
+@pytest.mark.parametrize("learn", [False, True])
+def test_a_tainted_microbatch_that_passes_is_learnt_from_with_learn_tainted(learn):
+    """A screened tensor that passes the fences updates the baseline with learn_tainted (off by default); one that
+    crosses them does not, and neither is ever blamed."""
+    v = warmed(learn_tainted=learn)
+    mon = v.monitor(1, "forward")
+    before = mon.baseline.mean.copy()
+    out, ref = next(pairs(2, 1))
+    res = v.check(out, boundary=1, direction="forward", sender="w0", step=1, reference=ref, tainted=True)
+    assert not res.tainted and not res.blamed
+    assert (not np.array_equal(mon.baseline.mean, before)) is learn
+    after = mon.baseline.mean.copy()
+    res = v.check(out * 0, boundary=1, direction="forward", sender="w0", step=1, reference=ref, tainted=True)
+    assert res.tainted and not res.blamed and np.array_equal(mon.baseline.mean, after)
+    assert v.end_step(1) == [] and v.ledger.strikes("w0") == 0
 
 
 def test_warmup_never_blames_but_still_replaces_nan():
