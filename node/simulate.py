@@ -97,9 +97,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="do not strike a flag whose reference (the stage's input, or the gradient it received) was at "
                         "least X of its own fences from the references seen before, unless the flag goes well beyond "
                         "that (README, \"Input explains\"; still replaced; 0: off)")
-    g.add_argument("--learn-tainted", action=argparse.BooleanOptionalAction, default=s.learn_tainted,
-                   help="learn from a tensor of a micro-batch tainted upstream when it passes the screen (it is "
-                        "never blamed either way)")
+    g.add_argument("--learn-tainted", type=float, default=s.learn_tainted, metavar="X",
+                   help="learn from a tensor of a micro-batch tainted upstream when it passes the screen, at a "
+                        "monitor whose clean checks within the drift window were fewer than X of all (1: at every "
+                        "monitor; 0: never; never blamed either way)")
     g.add_argument("--replacement", default=s.replacement, choices=["baseline", "drop"])
     c = p.add_argument_group("checkpoints (with --compare: of the main run only; the comparison runs start over)")
     c.add_argument("--checkpoint", metavar="PATH",

@@ -126,13 +126,13 @@ class SentinelConfig:
     # drift_max_excess x its fence, times that excess where it is above 1: an unusual micro-batch makes every honest
     # stage's output unusual, and the sender is blamed only for what its input does not explain (README, "Input
     # explains"). 0: off
-    learn_tainted: bool = False  # a tensor of a micro-batch already tainted upstream is still only screened (never
-    # blamed), but when it passes the fences it is learnt from like any accepted tensor. The paper learns nothing from
-    # tainted micro-batches; where most of them are tainted (16 x 11, 37.5% attackers, 8 micro-batches a step) a deep
-    # stage's baseline then stops learning while the model trains, and its honest traffic drifts out of it: there
-    # this takes F1 from 0.75-0.97 to 0.98 with no honest ban. Off by default: in the demo's 2 x 2 shape, whose clean
-    # traffic is plenty, learning what follows a replacement cost an honest ban in 1 seed of 8 in most forward attacks
-    # (README, "Taint scope")
+    learn_tainted: float = 0.0  # learn from a tensor of a micro-batch already tainted upstream (still only screened,
+    # never blamed) when it passes the fences and the monitor is starved of clean traffic: the tensors it checked for
+    # blame within the last drift_steps steps are fewer than this fraction of all it checked there (1: at every
+    # monitor; 0: never, the paper's rule). Where most micro-batches are tainted (16 x 11, 37.5% attackers, 8
+    # micro-batches a step) a deep stage's baseline otherwise stops learning while the model trains and its honest
+    # traffic drifts out of it. Off by default until measured in full: 0.25 was measured on the paper's scale, the
+    # demo's 2 x 2 in the mesh and parts of small 8 x 4; 1 costs the demo's shape honest bans (README, "Taint scope")
     replacement: str = "baseline"  # tainted tensor: "baseline" replacement or "drop" the micro-batch
     seed: int = 0  # seeds the validator-private projections
 
@@ -169,6 +169,8 @@ class SentinelConfig:
             raise ConfigError("need ban_level >= 1 and forgive_after >= 1")
         if self.drift_senders == 1 or self.drift_senders < 0 or self.drift_steps < 1 or self.drift_max_excess <= 1:
             raise ConfigError("need drift_senders 0 (auto) or >= 2, drift_steps >= 1 and drift_max_excess > 1")
+        if not 0.0 <= self.learn_tainted <= 1.0:
+            raise ConfigError(f"learn_tainted must be within [0, 1] (0: never), got {self.learn_tainted}")
         if self.small_stage_senders < 0:
             raise ConfigError(f"small_stage_senders must be >= 0 (0: never), got {self.small_stage_senders}")
         if not 0.0 <= self.drift_min_fraction <= 1.0:

@@ -8,9 +8,9 @@ sent by stage ``b``; backward traffic at boundary ``b`` (the gradient of stage `
 Taint: once a micro-batch was flagged anywhere, every later check of it is a *screen*, not a detection. The tensor
 is still compared with the baseline and replaced when it crosses a fence (so a second attacker on the same path
 gets no free pass), but nobody is blamed: what comes after a poisoned or replaced tensor can look anomalous through
-no fault of its honest sender (the cascade). Nor do the baselines learn from it, unless ``learn_tainted`` is set:
-then a screened tensor that passes is learnt from, so that a deep stage's baseline keeps up with the model while
-most micro-batches reaching it are tainted.
+no fault of its honest sender (the cascade). Nor do the baselines learn from it, unless ``learn_tainted`` is set
+and the monitor is starved of clean traffic: then a screened tensor that passes is learnt from, so that a deep stage's
+baseline keeps up with the model while most micro-batches reaching it are tainted.
 
 Drift guard: flagged tensors never update the baseline, so if the honest traffic itself jumps (every optimizer step
 changes every replica's weights at once), every tensor would be flagged from then on and the whole honest population
@@ -82,6 +82,8 @@ class Validator:
         self.deferred: list[tuple[int, int, str, str]] = []
         # drift_min_fraction: monitor -> step -> [tensors checked for blame, of them flagged], within the drift window
         self.window_counts: dict[tuple[int, str], dict[int, list[int]]] = {}
+        # learn_tainted: monitor -> step -> tensors of tainted micro-batches screened there, within the drift window
+        self.taint_counts: dict[tuple[int, str], dict[int, int]] = {}
         self.touched: set[str] = set()  # senders whose ledger the last end_step changed or may have changed
         # drift_peer: monitor -> sender -> (step, summary) of its latest tensor accepted there
         self.last_accepted: dict[tuple[int, str], dict[str, tuple[int, Summary]]] = {}
@@ -109,13 +111,17 @@ class Validator:
         """Check one tensor sent by ``sender`` across ``boundary``.
 
         ``tainted``: the micro-batch was already flagged upstream: screen only, no blame, and learnt from only if it
-        passes and ``learn_tainted`` is set.
+        passes at a monitor starved of clean traffic (``learn_tainted``).
         ``warmup``: honest warm-up, learn only; non-finite tensors are still replaced but not blamed.
         """
         start = time.perf_counter()
         mon = self.monitor(boundary, direction)
         self.last_seen.setdefault((boundary, direction), {})[sender] = step
-        learn = not tainted or self.config.learn_tainted
+        learn = not tainted
+        if tainted and not warmup:
+            screened = self.taint_counts.setdefault((boundary, direction), {})
+            screened[step] = screened.get(step, 0) + 1
+            learn = self._starved((boundary, direction), step)
         obs: Observation = mon.observe(tensor, reference, detect=not warmup, learn=learn)
         blamed = False
         if not tainted and not warmup:
@@ -162,6 +168,8 @@ class Validator:
         for key in list(self.window_counts):
             counts = {s: c for s, c in self.window_counts[key].items() if s > step - self.config.drift_steps}
             self.window_counts[key] = counts
+        for key, screened in self.taint_counts.items():
+            self.taint_counts[key] = {s: c for s, c in screened.items() if s > step - self.config.drift_steps}
         for key, flags in by_monitor.items():
             # only mild distance flags can be drift: NaN, wrong shapes and gross outliers are never forgiven here
             mild = [f for f in flags if self._mild(f[2], f[1])]
@@ -208,6 +216,17 @@ class Validator:
         counts = self.window_counts.get(key, {}).values()
         checked, flagged = sum(c for c, _ in counts), sum(f for _, f in counts)
         return flagged >= self.config.drift_min_fraction * checked
+
+    def _starved(self, key: tuple[int, str], step: int) -> bool:
+        """``learn_tainted``: whether monitor ``key`` saw too little clean traffic within the drift window to keep its
+        baseline up to date: the tensors it checked for blame are fewer than ``learn_tainted`` of all it checked."""
+        level = self.config.learn_tainted
+        if not level:
+            return False
+        recent = step - self.config.drift_steps
+        clean = sum(c[0] for s, c in self.window_counts.get(key, {}).items() if s > recent)
+        screened = sum(c for s, c in self.taint_counts.get(key, {}).items() if s > recent)
+        return clean < level * (clean + screened)
 
     def _mild(self, obs: Observation, excess: float) -> bool:
         """A distance flag that honest drift could explain: every distance under ``drift_max_excess`` x its fence."""
@@ -357,6 +376,9 @@ class Validator:
             "window_counts": {
                 f"{b}/{d}": [[step, *c] for step, c in counts.items()] for (b, d), counts in self.window_counts.items()
             },
+            "taint_counts": {
+                f"{b}/{d}": [[step, c] for step, c in counts.items()] for (b, d), counts in self.taint_counts.items()
+            },
             "recent_summaries": {
                 f"{b}/{d}": [[step, sender, summary.state_dict()] for step, sender, summary in entries]
                 for (b, d), entries in self.recent_summaries.items()
@@ -410,6 +432,10 @@ class Validator:
         self.window_counts = {
             _monitor_key(key): {int(step): [int(checked), int(flagged)] for step, checked, flagged in rows}
             for key, rows in d.get("window_counts", {}).items()
+        }
+        self.taint_counts = {
+            _monitor_key(key): {int(step): int(c) for step, c in rows}
+            for key, rows in d.get("taint_counts", {}).items()
         }
         self.pending = []
         for p in d.get("pending", []):

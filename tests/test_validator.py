@@ -50,21 +50,48 @@ def test_tainted_microbatch_is_screened_not_blamed():
     assert v.end_step(1) == [] and v.ledger.strikes("victim") == 0
 
 
-@pytest.mark.parametrize("learn", [False, True])
-def test_a_tainted_microbatch_that_passes_is_learnt_from_with_learn_tainted(learn):
-    """A screened tensor that passes the fences updates the baseline with learn_tainted (off by default); one that
-    crosses them does not, and neither is ever blamed."""
-    v = warmed(learn_tainted=learn)
+@pytest.mark.parametrize("level", [0.0, 1.0])
+def test_a_tainted_microbatch_that_passes_is_learnt_from_with_learn_tainted(level):
+    """A screened tensor that passes the fences updates the baseline with learn_tainted (0, off, by default) at a
+    monitor with no clean traffic since the warm-up; one that crosses them does not, and neither is ever blamed."""
+    v = warmed(learn_tainted=level)
     mon = v.monitor(1, "forward")
     before = mon.baseline.mean.copy()
     out, ref = next(pairs(2, 1))
     res = v.check(out, boundary=1, direction="forward", sender="w0", step=1, reference=ref, tainted=True)
     assert not res.tainted and not res.blamed
-    assert (not np.array_equal(mon.baseline.mean, before)) is learn
+    assert (not np.array_equal(mon.baseline.mean, before)) is bool(level)
     after = mon.baseline.mean.copy()
     res = v.check(out * 0, boundary=1, direction="forward", sender="w0", step=1, reference=ref, tainted=True)
     assert res.tainted and not res.blamed and np.array_equal(mon.baseline.mean, after)
     assert v.end_step(1) == [] and v.ledger.strikes("w0") == 0
+
+
+def test_learn_tainted_learns_only_at_a_monitor_starved_of_clean_traffic():
+    """At 0.25: with 3 clean checks and 2 screened in the drift window (clean 3 of 5) a screened tensor is not learnt
+    from; once the clean ones have left the window and screened ones make up the traffic, it is. The counts survive
+    a state round trip."""
+    v = warmed(learn_tainted=0.25)
+    mon = v.monitor(1, "forward")
+    key = (1, "forward")
+    items = list(pairs(3, 12))
+    for out, ref in items[:3]:
+        assert not v.check(out, boundary=1, direction="forward", sender="w1", step=1, reference=ref).tainted
+    v.end_step(1)
+    before = mon.baseline.mean.copy()
+    for out, ref in items[3:5]:
+        v.check(out, boundary=1, direction="forward", sender="w2", step=2, reference=ref, tainted=True)
+    assert np.array_equal(mon.baseline.mean, before) and not v._starved(key, 2)
+    v.end_step(2)
+    w = Validator(v.config)
+    w.load_state_dict(v.state_dict())
+    assert w.taint_counts == v.taint_counts == {key: {2: 2}}
+    step = 1 + v.config.drift_steps  # step 1's clean checks have left the window
+    for out, ref in items[5:7]:
+        w.check(out, boundary=1, direction="forward", sender="w2", step=step, reference=ref, tainted=True)
+    assert w._starved(key, step) and not np.array_equal(w.monitor(1, "forward").baseline.mean, before)
+    with pytest.raises(ConfigError):
+        SentinelConfig(learn_tainted=1.5)
 
 
 def test_warmup_never_blames_but_still_replaces_nan():
