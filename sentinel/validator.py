@@ -80,10 +80,9 @@ class Validator:
         self.recent_summaries: dict[tuple[int, str], list[tuple[int, str, Summary]]] = {}
         # drift_defer: mild flags not yet struck, (step, boundary, direction, sender)
         self.deferred: list[tuple[int, int, str, str]] = []
-        # drift_min_fraction: monitor -> step -> [tensors checked for blame, of them flagged], within the drift window
+        # monitor -> step -> [tensors checked for blame, of them flagged (drift_min_fraction), tensors of tainted
+        # micro-batches screened (learn_tainted)], within the drift window
         self.window_counts: dict[tuple[int, str], dict[int, list[int]]] = {}
-        # learn_tainted: monitor -> step -> tensors of tainted micro-batches screened there, within the drift window
-        self.taint_counts: dict[tuple[int, str], dict[int, int]] = {}
         self.touched: set[str] = set()  # senders whose ledger the last end_step changed or may have changed
         # drift_peer: monitor -> sender -> (step, summary) of its latest tensor accepted there
         self.last_accepted: dict[tuple[int, str], dict[str, tuple[int, Summary]]] = {}
@@ -117,15 +116,15 @@ class Validator:
         start = time.perf_counter()
         mon = self.monitor(boundary, direction)
         self.last_seen.setdefault((boundary, direction), {})[sender] = step
+        window = self.window_counts.setdefault((boundary, direction), {})
+        counts = [0, 0, 0] if warmup else window.setdefault(step, [0, 0, 0])  # checked, flagged, screened
         learn = not tainted
         if tainted and not warmup:
-            screened = self.taint_counts.setdefault((boundary, direction), {})
-            screened[step] = screened.get(step, 0) + 1
+            counts[2] += 1
             learn = self._starved((boundary, direction), step)
         obs: Observation = mon.observe(tensor, reference, detect=not warmup, learn=learn)
         blamed = False
         if not tainted and not warmup:
-            counts = self.window_counts.setdefault((boundary, direction), {}).setdefault(step, [0, 0])
             counts[0] += 1
             counts[1] += obs.flagged
             if obs.flagged:
@@ -168,8 +167,6 @@ class Validator:
         for key in list(self.window_counts):
             counts = {s: c for s, c in self.window_counts[key].items() if s > step - self.config.drift_steps}
             self.window_counts[key] = counts
-        for key, screened in self.taint_counts.items():
-            self.taint_counts[key] = {s: c for s, c in screened.items() if s > step - self.config.drift_steps}
         for key, flags in by_monitor.items():
             # only mild distance flags can be drift: NaN, wrong shapes and gross outliers are never forgiven here
             mild = [f for f in flags if self._mild(f[2], f[1])]
@@ -214,7 +211,7 @@ class Validator:
         """Whether the tensors flagged at monitor ``key`` within the drift window are at least ``drift_min_fraction``
         of those checked there for blame (honest drift moves the bulk of the traffic; outliers are rare)."""
         counts = self.window_counts.get(key, {}).values()
-        checked, flagged = sum(c for c, _ in counts), sum(f for _, f in counts)
+        checked, flagged = sum(c[0] for c in counts), sum(c[1] for c in counts)
         return flagged >= self.config.drift_min_fraction * checked
 
     def _starved(self, key: tuple[int, str], step: int) -> bool:
@@ -224,8 +221,8 @@ class Validator:
         if not level:
             return False
         recent = step - self.config.drift_steps
-        clean = sum(c[0] for s, c in self.window_counts.get(key, {}).items() if s > recent)
-        screened = sum(c for s, c in self.taint_counts.get(key, {}).items() if s > recent)
+        counts = [c for s, c in self.window_counts.get(key, {}).items() if s > recent]
+        clean, screened = sum(c[0] for c in counts), sum(c[2] for c in counts)
         return clean < level * (clean + screened)
 
     def _mild(self, obs: Observation, excess: float) -> bool:
@@ -376,9 +373,6 @@ class Validator:
             "window_counts": {
                 f"{b}/{d}": [[step, *c] for step, c in counts.items()] for (b, d), counts in self.window_counts.items()
             },
-            "taint_counts": {
-                f"{b}/{d}": [[step, c] for step, c in counts.items()] for (b, d), counts in self.taint_counts.items()
-            },
             "recent_summaries": {
                 f"{b}/{d}": [[step, sender, summary.state_dict()] for step, sender, summary in entries]
                 for (b, d), entries in self.recent_summaries.items()
@@ -430,12 +424,8 @@ class Validator:
         self.peer_forgiven = int(d.get("peer_forgiven", 0))
         self.input_forgiven = int(d.get("input_forgiven", 0))
         self.window_counts = {
-            _monitor_key(key): {int(step): [int(checked), int(flagged)] for step, checked, flagged in rows}
-            for key, rows in d.get("window_counts", {}).items()
-        }
-        self.taint_counts = {
-            _monitor_key(key): {int(step): int(c) for step, c in rows}
-            for key, rows in d.get("taint_counts", {}).items()
+            _monitor_key(key): {int(row[0]): [int(c) for c in (*row[1:], 0, 0)[:3]] for row in rows}
+            for key, rows in d.get("window_counts", {}).items()  # rows of older states have no screened count
         }
         self.pending = []
         for p in d.get("pending", []):

@@ -85,7 +85,7 @@ def test_learn_tainted_learns_only_at_a_monitor_starved_of_clean_traffic():
     v.end_step(2)
     w = Validator(v.config)
     w.load_state_dict(v.state_dict())
-    assert w.taint_counts == v.taint_counts == {key: {2: 2}}
+    assert w.window_counts[key] == v.window_counts[key] == {1: [3, 0, 0], 2: [0, 0, 2]}
     step = 1 + v.config.drift_steps  # step 1's clean checks have left the window
     for out, ref in items[5:7]:
         w.check(out, boundary=1, direction="forward", sender="w2", step=step, reference=ref, tainted=True)
