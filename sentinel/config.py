@@ -126,13 +126,13 @@ class SentinelConfig:
     # drift_max_excess x its fence, times that excess where it is above 1: an unusual micro-batch makes every honest
     # stage's output unusual, and the sender is blamed only for what its input does not explain (README, "Input
     # explains"). 0: off
-    learn_tainted: float = 0.0  # learn from a tensor of a micro-batch already tainted upstream (still only screened,
+    learn_tainted: float = 0.25  # learn from a tensor of a micro-batch already tainted upstream (still only screened,
     # never blamed) when it passes the fences and the monitor is starved of clean traffic: the tensors it checked for
     # blame within the last drift_steps steps are fewer than this fraction of all it checked there (1: at every
     # monitor; 0: never, the paper's rule). Where most micro-batches are tainted (16 x 11, 37.5% attackers, 8
     # micro-batches a step) a deep stage's baseline otherwise stops learning while the model trains and its honest
-    # traffic drifts out of it. Off by default until measured in full: 0.25 was measured on the paper's scale, the
-    # demo's 2 x 2 in the mesh and parts of small 8 x 4; 1 costs the demo's shape honest bans (README, "Taint scope")
+    # traffic drifts out of it. 0.25 was measured on the paper's scale, small 8 x 4 (strong, weak, honest), the
+    # demo's shapes in the mesh and the demo swarm itself; 1 costs the demo's shape honest bans (README, "Taint scope")
     replacement: str = "baseline"  # tainted tensor: "baseline" replacement or "drop" the micro-batch
     seed: int = 0  # seeds the validator-private projections
 

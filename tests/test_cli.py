@@ -67,7 +67,7 @@ def test_simulate_passes_the_drift_options_to_the_sentinel_config():
     assert sentinel().input_explains == 0.75 and sentinel("--input-explains", "0").input_explains == 0
     assert sentinel("--drift-peer-margin", "1").drift_peer_margin == 1.0
     assert sentinel().drift_active_majority and not sentinel("--no-drift-active-majority").drift_active_majority
-    assert sentinel().learn_tainted == 0 and sentinel("--learn-tainted", "0.25").learn_tainted == 0.25
+    assert sentinel().learn_tainted == 0.25 and sentinel("--learn-tainted", "0").learn_tainted == 0
 
 
 def test_simulate_warns_when_the_attack_never_starts(capsys):

@@ -81,20 +81,29 @@ def test_honest_runs_ban_nobody(seed):
     assert rep["tainted_microbatches"] < 0.01 * rep["microbatches"]
 
 
-def test_the_paper_scale_ban_front_passes_a_stage_whose_attackers_were_banned():
+@pytest.mark.parametrize("learn_tainted", [0.0, None])
+def test_the_paper_scale_ban_front_passes_a_stage_whose_attackers_were_banned(learn_tainted):
     """The paper's 16 x 11, 37.5% `mixed` attackers, 8 micro-batches a step (benchmarks/results/paper_scale_176.md,
     about 25 s). Stage 6's 4 attackers are banned at steps 38-42; drift is then judged among the replicas left
     (drift_active_majority). Counting the banned among the senders, as before, every honest replica of stage 6 was
-    banned, the stage then tainted every micro-batch, and no attacker behind it was banned (F1 0.51)."""
+    banned, the stage then tainted every micro-batch, and no attacker behind it was banned (F1 0.51). With
+    learn_tainted 0 (the paper's rule) this guards drift_active_majority alone: 1 honest ban, F1 0.83; with the
+    default (0.25) the starved deep stages keep learning and nobody honest is banned (F1 0.97)."""
+    from sentinel.config import SentinelConfig
+
+    sentinel = SentinelConfig() if learn_tainted is None else SentinelConfig(learn_tainted=learn_tainted)
     cfg = MeshConfig(preset="tiny", stages=16, replicas=11, malicious_fraction=0.375, attack="mixed", steps=60,
-                     warmup=30, seed=0, eval_every=0)  # fmt: skip
+                     warmup=30, seed=0, eval_every=0, sentinel=sentinel)  # fmt: skip
     rep = Mesh(cfg).run().report
     banned, malicious = set(rep["banned"]), set(rep["malicious"])
     for stage in range(1, 17):
         honest = {f"s{stage}r{r}" for r in range(11)} - malicious
         assert honest - banned, f"every honest replica of stage {stage} banned"
     assert max(int(w[1:].split("r")[0]) for w in banned & malicious) >= 10  # the ban front got past stage 6
-    assert len(rep["false_bans"]) <= 2 and rep["f1"] >= 0.75, rep["false_bans"]
+    if learn_tainted is None:
+        assert rep["false_bans"] == [] and rep["f1"] >= 0.9, (rep["false_bans"], rep["f1"])
+    else:
+        assert len(rep["false_bans"]) <= 2 and rep["f1"] >= 0.75, rep["false_bans"]
 
 
 def test_nan_attack_never_makes_the_loss_non_finite(corpus):

@@ -52,7 +52,7 @@ def test_tainted_microbatch_is_screened_not_blamed():
 
 @pytest.mark.parametrize("level", [0.0, 1.0])
 def test_a_tainted_microbatch_that_passes_is_learnt_from_with_learn_tainted(level):
-    """A screened tensor that passes the fences updates the baseline with learn_tainted (0, off, by default) at a
+    """A screened tensor that passes the fences updates the baseline with learn_tainted (0.25 by default, 0 off) at a
     monitor with no clean traffic since the warm-up; one that crosses them does not, and neither is ever blamed."""
     v = warmed(learn_tainted=level)
     mon = v.monitor(1, "forward")
