@@ -229,24 +229,31 @@ def test_replicas_pull_average_over_p2p_and_bound_a_poisoner():
 
 
 @pytest.mark.forked
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 def test_replicas_average_in_the_background_while_training():
-    """1 stage x 2 replicas averaging every optimizer step: rounds run in the background during training, and a
-    replica alone in its stage skips rounds instead of waiting for a group."""
+    """1 stage x 2 replicas averaging every optimizer step: rounds run in the background during training (a replica
+    alone in its stage skips them: tests/test_swarm_resilience.py). A round that fails on a loaded machine (its peer
+    not yet announced, or past average_timeout) is counted and training goes on; the test then trains a few more steps
+    to see a round succeed, rather than depend on the first ones' timing."""
     stage_config = {"average_every": 1, "average_timeout": 10.0, "accumulate": 2}
     swarm = LocalSwarm((2,), stage_config=stage_config)
 
     async def body(swarm: LocalSwarm):
         servers = list(swarm.servers.values())
-        for step in range(4):
-            await swarm.trainer.step(step)
-        assert all(s.optimizer_steps >= 1 for s in servers)
-        pending = [s._averaging for s in servers if s._averaging is not None]
-        await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 30)
+        steps = 0
+        while True:
+            for _ in range(4 if steps == 0 else 1):
+                await swarm.trainer.step(steps)
+                steps += 1
+            assert all(s.optimizer_steps >= 1 for s in servers)
+            pending = [s._averaging for s in servers if s._averaging is not None]
+            await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 30)
+            if all(s.averaging["rounds"] >= 1 for s in servers) or steps >= 8:
+                break
         assert all(s.averaging["rounds"] >= 1 for s in servers), [s.averaging for s in servers]
         assert all(s.averaging["clipped"] == 0 for s in servers), [s.averaging for s in servers]  # honest rounds
         assert all(s.averaging["rejected"] == 0 for s in servers), [s.averaging for s in servers]
-        assert swarm.trainer.metrics.step_completed == [4] * 4
+        assert swarm.trainer.metrics.step_completed == [4] * steps
         # the replicas ended close: each round pulls them to their mean
         first, second = ([p.detach() for p in s.module.parameters()] for s in servers)
         gap = max(float((x - y).abs().max()) for x, y in zip(first, second))
