@@ -8,9 +8,10 @@ sent by stage ``b``; backward traffic at boundary ``b`` (the gradient of stage `
 Taint: once a micro-batch was flagged anywhere, every later check of it is a *screen*, not a detection. The tensor
 is still compared with the baseline and replaced when it crosses a fence (so a second attacker on the same path
 gets no free pass), but nobody is blamed: what comes after a poisoned or replaced tensor can look anomalous through
-no fault of its honest sender (the cascade). Nor do the baselines learn from it, unless ``learn_tainted`` is set
-and the monitor is starved of clean traffic: then a screened tensor that passes is learnt from, so that a deep stage's
-baseline keeps up with the model while most micro-batches reaching it are tainted.
+no fault of its honest sender (the cascade). Nor do the baselines learn from it (the paper's rule), unless the
+monitor is starved of clean traffic (``learn_tainted``, 0.25 by default; 0 is the paper's rule): then a screened tensor
+that passes is learnt from, so that a deep stage's baseline keeps up with the model while most micro-batches reaching
+it are tainted.
 
 Drift guard: flagged tensors never update the baseline, so if the honest traffic itself jumps (every optimizer step
 changes every replica's weights at once), every tensor would be flagged from then on and the whole honest population
