@@ -1,0 +1,223 @@
+"""Untrusted input, fuzzed: mutated record tuples, verdicts, signed DHT values, RPC metadata and tensor headers from a
+peer never raise anything but the typed errors the callers handle (RecordError, InputRejected, BadRequest). Seeded
+and bounded (a few thousand cases, about a second); a failure prints the seed and the input that escaped."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import msgpack
+import pytest
+import torch
+from hivemind.dht.validation import DHTRecord
+from hivemind.utils import MSGPackSerializer
+
+from swarm.dht_schema import SentinelRecordValidator, dht_key_id, make_subkey, stage_key, strikes_key
+from swarm.identity import Identity
+from swarm.protocol import BadRequest, TensorSpec, decode_hidden, encode_tensor, meta_bool, meta_int, unpack_meta
+from swarm.records import (
+    Direction,
+    InputRejected,
+    Manifest,
+    RecordError,
+    StageAnnouncement,
+    StageState,
+    StrikeRecord,
+    TaintNotice,
+    ValidatorAnnouncement,
+    Verdict,
+    check_verdict,
+    parse_record,
+    sign_verdict,
+)
+
+AUTHORITY, VALIDATOR, TRAINER = (Identity.generate() for _ in range(3))
+RUN = "fuzz"
+DIGEST = bytes(range(32))
+MANIFEST = Manifest(RUN, "tiny", 2, [(0, 2), (2, 4)], {"beta_forward": 0.9, "ban_level": 3}, [VALIDATOR.public_key],
+                    [TRAINER.public_key], 1, 1.0, AUTHORITY.public_key)  # fmt: skip
+
+# values a hostile peer may put anywhere: wrong types, extremes, non-finite floats, oversized strings and bytes
+POOL = [None, True, False, 0, -1, 1, 7, 2**31, 2**63 - 1, 2**64, -(2**63), 0.0, -0.0, 1.5, 1e308, float("nan"),
+        float("inf"), float("-inf"), "", "x", "x" * 5000, "\x00", "\u00e9", b"", b"\x00", bytes(32), bytes(33),
+        b"\xff" * 64, bytes(5000), [], [1], [[1, 2]], [["a", 1]], [["a", float("nan")]], {}, {"a": 1}, {1: 2},
+        [None] * 40]  # fmt: skip
+
+
+def records() -> list:
+    v = VALIDATOR.public_key
+    verdict = sign_verdict(VALIDATOR, run_id=RUN, step=3, microbatch=1, boundary=1, direction=Direction.FORWARD,
+                           verdict=Verdict.ACCEPT, digest=DIGEST)  # fmt: skip
+    return [
+        MANIFEST,
+        MANIFEST.sign(AUTHORITY),
+        StageAnnouncement(RUN, 1, "QmPeer", StageState.ONLINE, (2, 4), 3.5, TRAINER.public_key),
+        ValidatorAnnouncement(RUN, 1, "QmValidator", 10.0, v),
+        TaintNotice(RUN, 7, 3, 1, Direction.BACKWARD, "QmPeer", DIGEST, {"l1": 1.5}, "fence", v),
+        StrikeRecord(RUN, "QmPeer", 2, False, [DIGEST], 7, v),
+        verdict,
+    ]
+
+
+def mutate(rng: random.Random, wire: list) -> list:
+    """One structural mutation of a wire tuple: a field or a nested element replaced, a field dropped, added or
+    swapped; sometimes twice."""
+    items = list(wire)
+    for _ in range(rng.choice((1, 1, 2))):
+        if not items:
+            return [rng.choice(POOL)]
+        i = rng.randrange(len(items))
+        op = rng.randrange(5)
+        if op == 0:
+            items[i] = rng.choice(POOL)
+        elif op == 1 and isinstance(items[i], (list, tuple)) and items[i]:
+            inner = list(items[i])
+            j = rng.randrange(len(inner))
+            inner[j] = mutate(rng, inner[j]) if isinstance(inner[j], (list, tuple)) and rng.random() < 0.5 \
+                else rng.choice(POOL)  # fmt: skip
+            items[i] = inner
+        elif op == 2:
+            del items[i]
+        elif op == 3:
+            items.insert(i, rng.choice(POOL))
+        else:
+            j = rng.randrange(len(items))
+            items[i], items[j] = items[j], items[i]
+    return items
+
+
+def flip_bytes(rng: random.Random, data: bytes) -> bytes:
+    data = bytearray(data)
+    op = rng.randrange(3)
+    if op == 0 and data:
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+    elif op == 1 and data:
+        del data[rng.randrange(len(data)):]
+    else:
+        data[rng.randrange(len(data) + 1):rng.randrange(len(data) + 1)] = rng.randbytes(rng.randint(1, 16))
+    return bytes(data)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_mutated_record_tuples_raise_only_record_error(seed):
+    rng = random.Random(seed)
+    for record in records():
+        wire = list(record.to_tuple())
+        for _ in range(150):
+            bad = mutate(rng, wire)
+            candidates = [bad]
+            try:  # as it arrives: msgpack'd (a map with int keys does not decode; the DHT path refuses it earlier)
+                candidates.append(MSGPackSerializer.loads(MSGPackSerializer.dumps(bad)))
+            except (ValueError, OverflowError):  # nor does an int past 64 bits pack
+                pass
+            for candidate in candidates:
+                try:
+                    parsed = parse_record(candidate)
+                except RecordError:
+                    continue
+                except Exception as e:  # pragma: no cover - the failure this test exists to show
+                    pytest.fail(f"seed {seed}: {type(e).__name__}: {e} from {candidate!r:.300}")
+                assert type(parsed) is type(record)  # a mutation that still parses is a valid record of its kind
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_mutated_verdicts_are_rejected_with_a_typed_error(seed):
+    rng = random.Random(seed)
+    verdict = records()[-1]
+    where = dict(manifest=MANIFEST, run_id=RUN, step=3, microbatch=1, boundary=1, direction=Direction.FORWARD,
+                 digest=DIGEST, allow_trainer=False)  # fmt: skip
+    check_verdict(verdict.to_tuple(), **where)  # the genuine one passes
+    for _ in range(300):
+        bad = mutate(rng, list(verdict.to_tuple()))
+        try:
+            check_verdict(bad, **where)
+        except InputRejected:
+            continue
+        except Exception as e:  # pragma: no cover
+            pytest.fail(f"seed {seed}: {type(e).__name__}: {e} from {bad!r:.300}")
+        # it passed: then it must be the genuine verdict (a mutation that changed nothing the signature covers)
+        assert bad[2:] == list(verdict.to_tuple())[2:], bad
+
+
+def signed(writer: Identity, key: str, item) -> DHTRecord:
+    record = DHTRecord(dht_key_id(key), MSGPackSerializer.dumps(make_subkey(writer.public_key, b"")),
+                       MSGPackSerializer.dumps(item.to_tuple()), 2_000_000_000.0)  # fmt: skip
+    policy = SentinelRecordValidator.from_manifest(MANIFEST, writer)
+    return dataclasses.replace(record, value=policy.sign_value(record))
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_corrupted_signed_dht_values_raise_only_record_error(seed):
+    """What a DHT node receives from a peer: the signed value, the subkey and the key, with bytes flipped, cut or
+    inserted. The validator's policy (``_validate``, under ``validate``'s catch-all) refuses with RecordError."""
+    rng = random.Random(seed)
+    genuine = [
+        signed(VALIDATOR, strikes_key(RUN, "QmBad"), StrikeRecord(RUN, "QmBad", 3, True, [DIGEST], 5,
+                                                                   VALIDATOR.public_key)),
+        signed(TRAINER, stage_key(RUN, 1), StageAnnouncement(RUN, 1, "QmPeer", StageState.ONLINE, (2, 4), 1.0,
+                                                               TRAINER.public_key)),
+    ]  # fmt: skip
+    for record in genuine:
+        policy = SentinelRecordValidator.from_manifest(MANIFEST)
+        assert policy.validate(record)
+        for _ in range(200):
+            field = rng.choice(("value", "subkey", "key"))
+            bad = dataclasses.replace(record, **{field: flip_bytes(rng, getattr(record, field))})
+            try:
+                SentinelRecordValidator.from_manifest(MANIFEST)._validate(bad)
+            except RecordError:
+                continue
+            except Exception as e:  # pragma: no cover
+                pytest.fail(f"seed {seed}: {type(e).__name__}: {e} from {field} {getattr(bad, field)!r:.300}")
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_garbage_rpc_metadata_raises_only_bad_request(seed):
+    rng = random.Random(seed)
+    genuine = msgpack.packb({"run": RUN, "step": 3, "microbatch": 1, "tainted": False}, use_bin_type=True)
+    for _ in range(400):
+        raw = flip_bytes(rng, genuine) if rng.random() < 0.7 else rng.randbytes(rng.randint(0, 64))
+        try:
+            meta = unpack_meta(raw)
+            meta_int(meta, "step")
+            meta_bool(meta, "tainted")
+        except BadRequest:
+            continue
+        except Exception as e:  # pragma: no cover
+            pytest.fail(f"seed {seed}: {type(e).__name__}: {e} from {raw!r:.300}")
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_hostile_tensor_headers_raise_only_bad_request(seed):
+    """A tensor proto whose dtype, shape, compression or buffer lie: refused before anything is allocated for it."""
+    rng = random.Random(seed)
+    spec = TensorSpec(d_model=8, seq_len=16, max_batch=4)
+    genuine = encode_tensor(torch.randn(2, 5, 8))
+    decode_hidden(genuine, spec, "hidden")
+    sizes = [[2, 5, 8], [], [0, 5, 8], [2**32 - 1, 5, 8], [2**30, 2**30, 8], [2**31 - 1, 1, 8], [2, 5, 8, 1],
+             [5, 2, 8], [2, 5, 7], [4, 16, 8]]  # fmt: skip
+    for _ in range(300):
+        proto = type(genuine)()
+        proto.CopyFrom(genuine)
+        for _ in range(rng.randint(1, 3)):
+            op = rng.randrange(4)
+            if op == 0:
+                dtypes = ["float32", "float16", "bfloat16", "int64", "bool", "", "float32\x00", "x" * 300]
+                proto.dtype = rng.choice(dtypes)
+            elif op == 1:
+                del proto.size[:]
+                proto.size.extend(rng.choice(sizes))
+            elif op == 2:
+                proto.compression = rng.choice([0, 1, 2, 3, 4, 99])
+            else:
+                proto.buffer = flip_bytes(rng, proto.buffer)
+        try:
+            tensor = decode_hidden(proto, spec, "hidden")
+        except BadRequest:
+            continue
+        except Exception as e:  # pragma: no cover
+            pytest.fail(f"seed {seed}: {type(e).__name__}: {e} from dtype {proto.dtype!r:.40} size {list(proto.size)} "
+                        f"compression {proto.compression} buffer {len(proto.buffer)} bytes")  # fmt: skip
+        assert tensor.shape[2] == 8 and tensor.is_floating_point() and bool(torch.isfinite(tensor).all())
