@@ -221,3 +221,146 @@ def test_hostile_tensor_headers_raise_only_bad_request(seed):
             pytest.fail(f"seed {seed}: {type(e).__name__}: {e} from dtype {proto.dtype!r:.40} size {list(proto.size)} "
                         f"compression {proto.compression} buffer {len(proto.buffer)} bytes")  # fmt: skip
         assert tensor.shape[2] == 8 and tensor.is_floating_point() and bool(torch.isfinite(tensor).all())
+
+
+def test_the_validator_service_answers_hostile_check_requests_with_typed_errors():
+    """The whole check handler (``ValidatorService._serve``, no network): a genuine signed request gets a verdict;
+    requests with metadata fields replaced, dropped or added, and tensors dropped, added or with lying headers, get a
+    typed error reply, never the catch-all ``internal`` one that an unexpected exception would produce."""
+    import asyncio
+
+    from hivemind.proto import runtime_pb2
+
+    from sentinel.config import SentinelConfig
+    from swarm.protocol import pack_meta, sign_check
+    from swarm.records import tensor_digest
+    from swarm.stage_server import manifest_model_config
+    from swarm.validator_service import ValidatorService, ValidatorServiceConfig
+
+    rng = random.Random(0)
+    service = ValidatorService(ValidatorServiceConfig(), MANIFEST, VALIDATOR, SentinelConfig())
+    d_model = manifest_model_config(MANIFEST).d_model
+    x, ref = torch.randn(2, 5, d_model), torch.randn(2, 5, d_model)
+    fields = dict(run_id=RUN, step=3, microbatch=1, boundary=1, direction=Direction.FORWARD, sender="QmPeer",
+                  tainted=False, warmup=True, digest=tensor_digest(x),
+                  reference_digest=tensor_digest(ref))  # fmt: skip
+    meta = {"run": RUN, "step": 3, "mb": 1, "boundary": 1, "direction": 0, "sender": "QmPeer", "tainted": False,
+            "warmup": True, "trainer": TRAINER.public_key, "signature": sign_check(TRAINER, **fields)}  # fmt: skip
+    tensors = [encode_tensor(x), encode_tensor(ref)]
+
+    def request(meta: dict, tensors: list) -> runtime_pb2.ExpertRequest:
+        return runtime_pb2.ExpertRequest(metadata=pack_meta(meta), tensors=tensors)
+
+    async def main() -> list[tuple[str, str]]:
+        genuine = unpack_meta((await service._serve(request(meta, tensors))).metadata)
+        assert "error" not in genuine and genuine.get("verdict") is not None, genuine
+        internal = []
+        for _ in range(300):
+            bad_meta, bad_tensors = dict(meta), list(tensors)
+            if rng.random() < 0.6:
+                key = rng.choice([*meta, "reference_digest", "extra"])
+                if rng.random() < 0.2:
+                    bad_meta.pop(key, None)
+                else:
+                    bad_meta[key] = rng.choice(POOL)
+            else:
+                op = rng.randrange(3)
+                if op == 0:
+                    bad_tensors = bad_tensors[: rng.randrange(len(bad_tensors))]
+                elif op == 1:
+                    bad_tensors.append(encode_tensor(torch.randn(2, 5, d_model)))
+                else:
+                    i = rng.randrange(len(bad_tensors))
+                    proto = type(bad_tensors[i])()
+                    proto.CopyFrom(bad_tensors[i])
+                    proto.size[0] = rng.choice([0, 1, 3, 2**20])
+                    proto.buffer = flip_bytes(rng, proto.buffer)
+                    bad_tensors[i] = proto
+            try:
+                reply = unpack_meta((await service._serve(request(bad_meta, bad_tensors))).metadata)
+            except (ValueError, OverflowError, TypeError):  # the metadata itself does not pack: it cannot be sent
+                continue
+            if reply.get("error") == "internal":
+                internal.append((reply.get("message"), repr(bad_meta)[:300]))
+        return internal
+
+    try:
+        internal = asyncio.run(main())
+    finally:
+        service._executor.shutdown(wait=True)
+        service._publisher.shutdown(wait=True)
+    assert not internal, internal[:3]
+
+
+@pytest.mark.parametrize("kind", ["forward", "backward"])
+def test_the_stage_server_answers_hostile_requests_with_typed_errors(kind):
+    """The stage's request handler (``StageServer._serve``, no network), as above: a genuine request (stage 1, inputs
+    vouched for by the trainer, the gradient by the validator) is served; mutated ones get typed error replies."""
+    import asyncio
+
+    from hivemind.proto import runtime_pb2
+
+    from swarm.protocol import pack_meta
+    from swarm.records import tensor_digest
+    from swarm.stage_server import StageServer, StageServerConfig, manifest_model_config
+
+    rng = random.Random(1)
+    server = StageServer(StageServerConfig(stage=1, seed=0), MANIFEST, Identity.generate())
+    d_model = manifest_model_config(MANIFEST).d_model
+    h, g = torch.randn(2, 5, d_model), torch.randn(2, 5, d_model)
+
+    def verdict(signer: Identity, boundary: int, direction: Direction, tensor: torch.Tensor, mb: int) -> list:
+        return list(sign_verdict(signer, run_id=RUN, step=3, microbatch=mb, boundary=boundary, direction=direction,
+                                 verdict=Verdict.ACCEPT, digest=tensor_digest(tensor)).to_tuple())  # fmt: skip
+
+    def genuine(mb: int) -> tuple[dict, list]:
+        meta = {"run": RUN, "step": 3, "mb": mb, "verdict": verdict(TRAINER, 0, Direction.FORWARD, h, mb)}
+        if kind == "backward":
+            meta["grad_verdict"] = verdict(VALIDATOR, 1, Direction.BACKWARD, g, mb)
+            return meta, [encode_tensor(h), encode_tensor(g)]
+        return meta, [encode_tensor(h)]
+
+    async def serve(meta: dict, tensors: list) -> dict:
+        request = runtime_pb2.ExpertRequest(metadata=pack_meta(meta), tensors=tensors)
+        return unpack_meta((await server._serve(kind, request)).metadata)
+
+    async def main() -> list:
+        reply = await serve(*genuine(0))
+        assert "error" not in reply, reply
+        internal = []
+        for i in range(200):
+            meta, tensors = genuine(i + 1)  # a fresh micro-batch each time: a replayed backward is refused anyway
+            if rng.random() < 0.6:
+                key = rng.choice([*meta, "extra"])
+                if rng.random() < 0.2:
+                    meta.pop(key, None)
+                elif key in ("verdict", "grad_verdict") and rng.random() < 0.5:
+                    meta[key] = mutate(rng, meta[key])
+                else:
+                    meta[key] = rng.choice(POOL)
+            else:
+                op = rng.randrange(3)
+                if op == 0:
+                    tensors = tensors[: rng.randrange(len(tensors))]
+                elif op == 1:
+                    tensors.append(encode_tensor(torch.randn(2, 5, d_model)))
+                else:
+                    j = rng.randrange(len(tensors))
+                    proto = type(tensors[j])()
+                    proto.CopyFrom(tensors[j])
+                    proto.size[0] = rng.choice([0, 1, 3, 2**20])
+                    proto.buffer = flip_bytes(rng, proto.buffer)
+                    tensors[j] = proto
+            try:
+                reply = await serve(meta, tensors)
+            except (ValueError, OverflowError, TypeError):  # the metadata itself does not pack: it cannot be sent
+                continue
+            if reply.get("error") == "internal":
+                internal.append((reply.get("message"), repr(meta)[:300]))
+        return internal
+
+    try:
+        internal = asyncio.run(main())
+    finally:
+        server._executor.shutdown(wait=True)
+    assert not internal, internal[:3]
