@@ -364,3 +364,48 @@ def test_the_stage_server_answers_hostile_requests_with_typed_errors(kind):
     finally:
         server._executor.shutdown(wait=True)
     assert not internal, internal[:3]
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_hostile_replies_raise_only_typed_errors_at_the_caller(seed):
+    """What a trainer (or an averaging replica) reads back from a peer: the reply's metadata (an error code, a
+    verdict) and its tensor, each garbled. Only ProtocolError or InputRejected subclasses come out."""
+    from hivemind.proto import runtime_pb2
+
+    from swarm.protocol import ProtocolError, _checked_reply, decode_reply_tensor, pack_meta, verdict_from_meta
+
+    rng = random.Random(seed)
+    spec = TensorSpec(d_model=8, seq_len=16, max_batch=4)
+    verdict = list(records()[-1].to_tuple())
+    good = {"verdict": verdict, "tainted": False, "reason": ""}
+    tensor = encode_tensor(torch.randn(2, 5, 8))
+    for _ in range(300):
+        meta = dict(good)
+        op = rng.randrange(4)
+        if op == 0:
+            meta["error"], meta["message"] = rng.choice([*POOL, "bad_request", "forged_verdict", "internal"]), \
+                rng.choice(POOL)  # fmt: skip
+        elif op == 1:
+            meta["verdict"] = mutate(rng, verdict)
+        elif op == 2:
+            meta[rng.choice(["verdict", "tainted", "reason"])] = rng.choice(POOL)
+        try:
+            raw = pack_meta(meta)
+        except (ValueError, OverflowError, TypeError):
+            continue
+        if op == 3:
+            raw = flip_bytes(rng, raw)
+        proto = type(tensor)()
+        proto.CopyFrom(tensor)
+        if rng.random() < 0.5:
+            proto.buffer = flip_bytes(rng, proto.buffer)
+        response = runtime_pb2.ExpertResponse(metadata=raw, tensors=[proto] if rng.random() < 0.8 else [])
+        try:
+            checked = _checked_reply(response)
+            reply = unpack_meta(checked.metadata)
+            verdict_from_meta(reply, "verdict")
+            decode_reply_tensor(checked, spec)
+        except (ProtocolError, InputRejected):
+            continue
+        except Exception as e:  # pragma: no cover
+            pytest.fail(f"seed {seed}: {type(e).__name__}: {e} from {meta!r:.300}")
