@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 from node.common import (
@@ -373,11 +374,23 @@ async def _wait_for_swarm(trainer, manifest, min_replicas: int, timeout: float, 
         await asyncio.sleep(1.0)
 
 
+def _load_trainer_state(trainer, manifest, ckpt: Path, state: dict) -> int:
+    """Apply a trainer checkpoint (``_trainer`` writes it); the step it continues from."""
+    if state["run_id"] != manifest.run_id:
+        raise CommandError(f"{ckpt} is a checkpoint of another run")
+    trainer.embedding.load_state_dict(state["embedding"])
+    trainer.head.load_state_dict(state["head"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.sampler.load_state_dict(state["sampler"])
+    return int(state["step"])
+
+
 async def _trainer(args, dht, manifest, identity, stop: StopFlag) -> int:
     import numpy as np
     import torch
 
     from swarm.data import load_corpus, validation_batches
+    from swarm.state import load_state_file
     from swarm.trainer import Trainer, TrainerConfig
 
     corpus = load_corpus(args.data)
@@ -389,14 +402,9 @@ async def _trainer(args, dht, manifest, identity, stop: StopFlag) -> int:
     start_step = 0
     ckpt = _state_path(args, f"trainer-{identity.fingerprint}.pt")
     if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)  # our own file (sampler state holds numpy RNG state)
-        if state["run_id"] != manifest.run_id:
-            raise CommandError(f"{ckpt} is a checkpoint of another run")
-        trainer.embedding.load_state_dict(state["embedding"])
-        trainer.head.load_state_dict(state["head"])
-        trainer.optimizer.load_state_dict(state["optimizer"])
-        trainer.sampler.load_state_dict(state["sampler"])
-        start_step = int(state["step"])
+        # our own file (the sampler's state holds numpy's RNG state): the full unpickler
+        start_step = load_state_file(ckpt, "trainer checkpoint", partial(_load_trainer_state, trainer, manifest, ckpt),
+                                     weights_only=False)  # fmt: skip
         say(f"trainer: resumed from {ckpt} at step {start_step}")
     await trainer.start(dht)
     metrics = Path(args.metrics) if args.metrics else None

@@ -115,6 +115,7 @@ from swarm.records import (
     check_verdict,
     tensor_digest,
 )
+from swarm.state import load_state_file
 
 logger = logging.getLogger(__name__)
 
@@ -775,7 +776,9 @@ class StageServer(ServicerBase):
         tmp.replace(path)
 
     def load(self, path: str | Path) -> None:
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        """Load a checkpoint written by :meth:`save`; StateFileError if it is unreadable or not this stage's."""
+        load_state_file(path, f"stage {self.config.stage} checkpoint", self.load_state_dict, weights_only=True,
+                        map_location=self.device)  # fmt: skip
 
     def __repr__(self) -> str:
         return f"StageServer(stage={self.config.stage}, span={self.span}, steps={self.optimizer_steps})"

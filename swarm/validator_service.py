@@ -79,6 +79,7 @@ from swarm.records import (
     tensor_digest,
 )
 from swarm.stage_server import manifest_model_config, remove_rpc_handlers, rpc_namespace
+from swarm.state import load_state_file
 
 logger = logging.getLogger(__name__)
 
@@ -160,17 +161,20 @@ class ValidatorService(ServicerBase):
         self._announcer: asyncio.Task | None = None
         if config.state_path and Path(config.state_path).exists():
             # our own file, written by save_state below: its pickled deques and floats need the full unpickler
-            state = torch.load(config.state_path, weights_only=False)
-            saved_seed = state.get("config", {}).get("seed") if isinstance(state, dict) else None
-            if isinstance(saved_seed, int) and saved_seed != self.validator.config.seed:
-                # its baselines were learnt on other projections (a state saved before private_projections, or under
-                # another setting): new directions would make every tensor look far from them
-                logger.warning("this validator's saved state was learnt on other projections (another seed): keeping "
-                               "them; remove the state file to start afresh on this validator's own")  # fmt: skip
-                self.validator = Validator(replace(self.validator.config, seed=saved_seed))
-            self.validator.load_state_dict(state)
+            load_state_file(config.state_path, "validator state (baselines and strikes)", self._load_state,
+                            weights_only=False)  # fmt: skip
         if config.check_log:  # last: nothing above can fail and leave it open
             self._check_log = open(config.check_log, "a", buffering=1 << 16)  # noqa: SIM115 (closed on shutdown)
+
+    def _load_state(self, state: dict) -> None:
+        saved_seed = state.get("config", {}).get("seed") if isinstance(state, dict) else None
+        if isinstance(saved_seed, int) and saved_seed != self.validator.config.seed:
+            # its baselines were learnt on other projections (a state saved before private_projections, or under
+            # another setting): new directions would make every tensor look far from them
+            logger.warning("this validator's saved state was learnt on other projections (another seed): keeping "
+                           "them; remove the state file to start afresh on this validator's own")  # fmt: skip
+            self.validator = Validator(replace(self.validator.config, seed=saved_seed))
+        self.validator.load_state_dict(state)
 
     # ----------------------------------------------------------------------------------------------- lifecycle
     @property

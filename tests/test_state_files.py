@@ -1,0 +1,95 @@
+"""A node's saved state that cannot be used (damaged, malformed, or another node's) is refused with a StateFileError
+that names the file and the way out, and the file is left as it is; an intact one loads."""
+
+from __future__ import annotations
+
+from functools import partial
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from node.common import CommandError
+from node.join import _load_trainer_state
+from sentinel.config import SentinelConfig
+from swarm.identity import Identity
+from swarm.records import Manifest
+from swarm.stage_server import StageServer, StageServerConfig
+from swarm.state import StateFileError, load_state_file
+from swarm.validator_service import ValidatorService, ValidatorServiceConfig
+
+AUTHORITY, VALIDATOR, TRAINER, STAGE = (Identity.from_seed(bytes([i]) * 32) for i in (1, 2, 3, 4))
+MANIFEST = Manifest("state-files", "tiny", 2, [(0, 2), (2, 4)], {}, [VALIDATOR.public_key], [TRAINER.public_key], 1,
+                    1.0, AUTHORITY.public_key)  # fmt: skip
+
+
+def damaged(path, content: bytes | None = None):
+    """``path`` cut to half its length, or overwritten with ``content``."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if content is None else content)
+    return path.read_bytes()
+
+
+def test_a_damaged_or_malformed_validator_state_is_refused_and_kept(tmp_path):
+    path = tmp_path / "validator.pt"
+    good = ValidatorService(ValidatorServiceConfig(state_path=str(path)), MANIFEST, VALIDATOR, SentinelConfig())
+    good.validator.ledger.record("QmBad", True, 1)
+    good.save_state()
+    for shutdown in (good._executor, good._publisher):
+        shutdown.shutdown()
+    again = ValidatorService(ValidatorServiceConfig(state_path=str(path)), MANIFEST, VALIDATOR, SentinelConfig())
+    assert again.validator.ledger.strikes("QmBad") == 1  # intact: the strike survived
+    for shutdown in (again._executor, again._publisher):
+        shutdown.shutdown()
+
+    kept = damaged(path)
+    with pytest.raises(StateFileError, match="validator state .* cannot be read .*move it away") as info:
+        ValidatorService(ValidatorServiceConfig(state_path=str(path)), MANIFEST, VALIDATOR, SentinelConfig())
+    assert str(path) in str(info.value) and path.read_bytes() == kept  # named, and left as it was
+    torch.save({"not": "a validator state"}, path)
+    with pytest.raises(StateFileError, match="is malformed"):
+        ValidatorService(ValidatorServiceConfig(state_path=str(path)), MANIFEST, VALIDATOR, SentinelConfig())
+    assert isinstance(StateFileError("x"), ValueError)  # sentinel-node prints it as an error, exit status 2
+
+
+def test_a_damaged_or_foreign_stage_checkpoint_is_refused(tmp_path):
+    one = StageServer(StageServerConfig(stage=1), MANIFEST, STAGE)
+    two = StageServer(StageServerConfig(stage=2), MANIFEST, STAGE)
+    try:
+        first, second = tmp_path / "stage1.pt", tmp_path / "stage2.pt"
+        one.optimizer_steps = 7
+        one.save(first)
+        two.save(second)
+        fresh = StageServer(StageServerConfig(stage=1), MANIFEST, STAGE)
+        fresh.load(first)
+        assert fresh.optimizer_steps == 7
+        fresh._executor.shutdown()
+        with pytest.raises(StateFileError, match="stage 1 checkpoint .* does not fit this node"):
+            one.load(second)  # another stage's span
+        kept = damaged(first)
+        with pytest.raises(StateFileError, match="cannot be read"):
+            one.load(first)
+        assert first.read_bytes() == kept
+    finally:
+        one._executor.shutdown()
+        two._executor.shutdown()
+
+
+def test_a_damaged_or_foreign_trainer_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "trainer.pt"
+    path.write_bytes(b"\x80\x04garbage")
+    load = partial(load_state_file, path, "trainer checkpoint", weights_only=False)
+    with pytest.raises(StateFileError, match="trainer checkpoint .* cannot be read"):
+        load(partial(_load_trainer_state, None, MANIFEST, path))
+    torch.save({"run_id": "another-run"}, path)
+    with pytest.raises(CommandError, match="checkpoint of another run"):  # the caller's own error, unchanged
+        load(partial(_load_trainer_state, None, MANIFEST, path))
+    torch.save({"run_id": MANIFEST.run_id, "embedding": {"weight": torch.zeros(3, 2)}}, path)  # no head, wrong size
+    trainer = SimpleNamespace(embedding=torch.nn.Embedding(4, 2), head=torch.nn.Linear(2, 4))
+    with pytest.raises(StateFileError, match="is malformed .*RuntimeError"):
+        load(partial(_load_trainer_state, trainer, MANIFEST, path))
+    torch.save({"run_id": MANIFEST.run_id, "embedding": trainer.embedding.state_dict()}, path)
+    with pytest.raises(StateFileError, match="is malformed .*KeyError: 'head'"):
+        load(partial(_load_trainer_state, trainer, MANIFEST, path))
+    with pytest.raises(FileNotFoundError):
+        load_state_file(tmp_path / "none.pt", "trainer checkpoint", lambda state: state, weights_only=True)
