@@ -243,18 +243,32 @@ def format_command(argv: Sequence[str]) -> str:
 
 # --------------------------------------------------------------------------------------------- lifecycle
 class StopFlag:
-    """Set by SIGINT/SIGTERM (installed in the main thread); ``wait`` sleeps until set or timeout."""
+    """Set by SIGINT/SIGTERM (installed in the main thread); ``wait`` sleeps until set or timeout.
+
+    Only in the process that installed it: hivemind forks the DHT's process from this one, and a forked child inherits
+    the handler. There a SIGTERM (hivemind's own "terminate the hard way" after a shutdown's grace period, or a signal
+    to the whole process group, as Ctrl-C and service managers send) would only set the child's copy of the flag: the
+    child lived on and the node, waiting for it, never exited. In a child the handler restores the default action and
+    signals itself again."""
 
     def __init__(self) -> None:
         self.event = threading.Event()
         self.signal: int | None = None
+        self._pid = os.getpid()
 
     def install(self) -> StopFlag:
+        self._pid = os.getpid()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handler)
         return self
 
     def _handler(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a forked child (the DHT's process): not ours to stop gracefully
+            if signum == signal.SIGINT:
+                return  # Ctrl-C reaches the whole group: the node itself shuts its DHT down
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         self.signal = signum
         self.event.set()
 
