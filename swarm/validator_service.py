@@ -100,7 +100,8 @@ class ValidatorServiceConfig:
     compression: int = runtime_pb2.CompressionType.NONE
     announce_period: float = 10.0
     taint_ttl: float = 600.0  # seconds a taint notice stays in the DHT
-    strike_ttl: float = 3600.0
+    strike_ttl: float = 3600.0  # seconds a strike record stays in the DHT; the records of the peers this validator
+    # bans are published again every strike_ttl / 3 (and on start, from the saved state): a ban is for the whole run
     state_path: str | None = None
     save_every: int = 256  # checks between state saves (0: only on shutdown)
     publish: bool = True
@@ -159,6 +160,9 @@ class ValidatorService(ServicerBase):
         self._dht: DHT | None = None
         self._p2p: P2P | None = None
         self._announcer: asyncio.Task | None = None
+        self._republisher: asyncio.Task | None = None
+        self._published_step: dict[str, int] = {}  # peer -> the step of the latest strike record published for it
+        self._saved_step: int | None = None  # the highest step seen before a restart (for republish_bans only)
         if config.state_path and Path(config.state_path).exists():
             # our own file, written by save_state below: its pickled deques and floats need the full unpickler
             load_state_file(config.state_path, "validator state (baselines and strikes)", self._load_state,
@@ -175,6 +179,9 @@ class ValidatorService(ServicerBase):
                            "them; remove the state file to start afresh on this validator's own")  # fmt: skip
             self.validator = Validator(replace(self.validator.config, seed=saved_seed))
         self.validator.load_state_dict(state)
+        service = state.get("service", {})  # absent from states saved before bans were republished
+        self._saved_step = service.get("step")
+        self._published_step = dict(service.get("published_step", {}))
 
     # ----------------------------------------------------------------------------------------------- lifecycle
     @property
@@ -189,15 +196,18 @@ class ValidatorService(ServicerBase):
         await self.add_p2p_handlers(self._p2p, namespace=rpc_namespace(self.manifest.run_id))
         await self.announce()
         self._announcer = asyncio.create_task(self._announce_loop())
+        await self.republish_bans()  # a restarted validator's bans (from its saved state) are in force again at once
+        self._republisher = asyncio.create_task(self._republish_loop())
 
     async def shutdown(self) -> None:
         """Stop serving, settle and publish the last step's strikes, save the state. A second call does nothing."""
         if self._stopped:
             return
         self._stopped = True
-        if self._announcer is not None:
-            self._announcer.cancel()
-            self._announcer = None
+        for task in (self._announcer, self._republisher):
+            if task is not None:
+                task.cancel()
+        self._announcer = self._republisher = None
         await self.settle()
         await self.flush()
         if self._p2p is not None:
@@ -222,7 +232,10 @@ class ValidatorService(ServicerBase):
             return
         path = Path(self.config.state_path)
         tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(self.validator.state_dict(), tmp)
+        state = self.validator.state_dict()
+        seen = max((s for s in (self._step, self._saved_step) if s is not None), default=None)
+        state["service"] = {"step": seen, "published_step": dict(self._published_step)}
+        torch.save(state, tmp)
         tmp.replace(path)
 
     @property
@@ -239,6 +252,31 @@ class ValidatorService(ServicerBase):
                 self.manifest.run_id, b, self.peer_id, self.throughput, self.identity.public_key
             )
             await asyncio.to_thread(publish_validator, self._dht, self.identity, record, expiration)
+
+    async def republish_bans(self) -> int:
+        """Publish again the strike record of every peer this validator bans (bans last the whole run; a record
+        lasts ``strike_ttl`` in the DHT). Each goes out at the latest step this validator has seen, never older than
+        its last record for that peer (nodes refuse an older one as a replay). Returns how many."""
+        if self._dht is None or not self.config.publish:
+            return 0
+        ledger = self.validator.ledger
+        banned = ledger.banned()
+        expiration = get_dht_time() + self.config.strike_ttl
+        for peer, ban_step in sorted(banned.items()):
+            step = max(ban_step or 0, self._published_step.get(peer, 0), self._step or 0, self._saved_step or 0)
+            record = StrikeRecord(self.manifest.run_id, peer, ledger.strikes(peer), True, list(self.evidence[peer]),
+                                  step, self.identity.public_key)  # fmt: skip
+            self._published_step[peer] = step
+            self._spawn(publish_strike, self._dht, self.identity, record, expiration)
+        return len(banned)
+
+    async def _republish_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.strike_ttl / 3)
+            try:
+                await self.republish_bans()
+            except Exception as e:
+                logger.warning(f"validator: republishing bans failed: {type(e).__name__}: {e}")
 
     async def _announce_loop(self) -> None:
         while True:
@@ -436,6 +474,7 @@ class ValidatorService(ServicerBase):
         for sender, count, banned in settled:
             record = StrikeRecord(self.manifest.run_id, sender, count, banned, list(self.evidence[sender]), step,
                                   self.identity.public_key)  # fmt: skip
+            self._published_step[sender] = max(step, self._published_step.get(sender, step))
             self._spawn(publish_strike, self._dht, self.identity, record, expiration)
 
     def _spawn(self, fn, *args) -> None:

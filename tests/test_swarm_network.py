@@ -258,3 +258,54 @@ def test_forward_attacker_is_tainted_replaced_struck_and_banned(tmp_path):
     finally:
         for dht in reversed(dhts):
             dht.shutdown()
+
+
+@pytest.mark.forked
+@pytest.mark.timeout(120)
+def test_a_validator_keeps_its_bans_in_the_dht_past_the_strike_records_lifetime(tmp_path):
+    """A strike record lasts strike_ttl in the DHT, a ban the whole run: the validator publishes its bans again every
+    strike_ttl / 3, and on start from its saved state. Here strike_ttl is 3 s: the ban is still read 8 s after it was
+    published (a record that was not published again has expired by then), and a validator restarted from its state
+    publishes it at once, at a step no older than its last record (nodes refuse an older one as a replay)."""
+    validator_dht = reader_dht = None
+    state = tmp_path / "validator.pt"
+    config = ValidatorServiceConfig(strike_ttl=3.0, announce_period=1.0, state_path=str(state))
+    try:
+        validator_dht = start_dht(VALIDATOR)
+        reader_dht = start_dht(OUTSIDER, validator_dht.get_visible_maddrs())
+
+        def read() -> tuple[set[str], list]:
+            records = fetch_strikes(reader_dht, RUN, "QmBad") + fetch_strikes(reader_dht, RUN, "QmNotBanned")
+            return banned_peers(records, MANIFEST), records
+
+        async def main():
+            service = ValidatorService(config, MANIFEST, VALIDATOR, SentinelConfig(ban_level=1))
+            await service.start(validator_dht)
+            for peer, flagged in (("QmBad", True), ("QmNotBanned", False)):
+                service.validator.ledger.record(peer, flagged, 4)
+            service._step = 4
+            service._settled([("QmBad", 1, True), ("QmNotBanned", 0, False)], 4)  # as a settled step publishes them
+            await service.flush()
+            banned, _ = await asyncio.to_thread(read)
+            assert banned == {"QmBad"}
+            await asyncio.sleep(8)  # past the records' lifetime
+            banned, records = await asyncio.to_thread(read)
+            assert banned == {"QmBad"} and {r.peer for r in records} == {"QmBad"}, records  # the other one expired
+            assert all(r.step >= 4 and r.banned for r in records)
+            await service.shutdown()
+            await asyncio.sleep(4)  # nobody republishes now: the ban expires from the DHT
+            assert await asyncio.to_thread(read) == (set(), [])
+
+            again = ValidatorService(config, MANIFEST, VALIDATOR, SentinelConfig(ban_level=1))
+            assert again.validator.ledger.is_banned("QmBad") and again._published_step["QmBad"] >= 4
+            await again.start(validator_dht)  # publishes its bans at once
+            await again.flush()
+            banned, records = await asyncio.to_thread(read)
+            assert banned == {"QmBad"} and records[0].step >= 4
+            await again.shutdown()
+
+        asyncio.run(main())
+    finally:
+        for dht in (reader_dht, validator_dht):
+            if dht is not None:
+                dht.shutdown()
