@@ -214,7 +214,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------- routing
     async def refresh(self) -> None:
-        """Re-read stage and validator announcements and the strike records of every announced stage peer.
+        """Re-read stage and validator announcements and the strike records of every announced stage peer (a peer
+        once banned by the quorum stays banned for this trainer).
 
         Concurrent callers (micro-batches in flight) share one read."""
         if self._refreshing is None or self._refreshing.done():
@@ -230,7 +231,10 @@ class Trainer:
             peers = {a.peer for anns in stages.values() for a in anns}
             return stages, validators, fetch_banned(dht, self.manifest, peers)
 
-        self.stages, self.validators, self.banned = await asyncio.to_thread(read)
+        self.stages, self.validators, banned = await asyncio.to_thread(read)
+        # bans are for the whole run: one seen stays, whatever a later read misses (a DHT read that timed out, a
+        # record not yet published again, the peer's announcement gone for a while)
+        self.banned |= banned
         self._refreshed_at = time.monotonic()
 
     async def _maybe_refresh(self) -> None:

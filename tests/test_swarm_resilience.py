@@ -249,6 +249,23 @@ def test_nodes_whose_dht_died_still_shut_down_and_save_their_state(tmp_path):
     run_swarm(swarm, body)
 
 
+def test_a_ban_the_trainer_has_seen_stays_whatever_a_later_read_misses(monkeypatch):
+    """Bans are for the whole run: a peer once banned by the quorum stays out of the trainer's routing when a later
+    DHT read does not show it (a read that timed out, a record not yet published again)."""
+    import swarm.trainer as trainer_module
+
+    trainer_id = Identity.generate()
+    manifest = local_manifest(RUN, "tiny", 1, Identity.generate(), trainer_id, Identity.generate())
+    trainer = Trainer(TrainerConfig(seed=SEED), manifest, trainer_id, CORPUS)
+    reads = iter([{"QmBad"}, set(), {"QmWorse"}])
+    monkeypatch.setattr(trainer_module, "fetch_stages", lambda dht, run, k: [])
+    monkeypatch.setattr(trainer_module, "fetch_validators", lambda dht, run, b: [])
+    monkeypatch.setattr(trainer_module, "fetch_banned", lambda dht, manifest, peers: next(reads))
+    for expected in ({"QmBad"}, {"QmBad"}, {"QmBad", "QmWorse"}):
+        asyncio.run(trainer.refresh())
+        assert trainer.banned == expected
+
+
 def test_busy_peer_is_sidestepped_briefly_and_a_failed_one_for_longer():
     """A Busy answer (a healthy peer at its stream limit) costs that peer ``busy_backoff`` seconds of avoidance and
     no failure count; a transport failure costs ``failure_ban`` seconds, doubling."""
