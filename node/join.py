@@ -123,6 +123,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--data", default=None, help="text file or folder (default: the Python standard library)")
     g.add_argument("--metrics", metavar="PATH", default=None, help="append one JSON line per step here")
     g.add_argument("--eval-batches", type=int, default=4, help="validation batches at the end (0: none)")
+    g.add_argument("--checkpoint-every", type=int, default=10, metavar="N",
+                   help="with --checkpoint-dir, save the trainer's state every N steps as well as on exit, so that a "
+                        "crash loses at most N - 1 steps of it (0: only on exit)")
     g.add_argument("--min-replicas", type=int, default=1, help="wait until every stage has this many replicas")
     g.add_argument("--swarm-timeout", type=float, default=120.0, help="seconds to wait for stages and validators")
     g.add_argument("--taint-scope", default="microbatch", choices=["microbatch", "tensor"],
@@ -146,9 +149,9 @@ def _check_args(args) -> None:
     if args.role == "gpu-stage" and args.average_peers < 1:
         raise CommandError("--average-peers must be >= 1")
     if args.role == "trainer" and (min(args.steps, args.microbatches, args.batch_size, args.max_inflight) < 1
-                                   or args.check_fanout < 0):  # fmt: skip
-        raise CommandError("--steps, --microbatches, --batch-size and --max-inflight must be >= 1 and --check-fanout "
-                           ">= 0")  # fmt: skip
+                                   or min(args.check_fanout, args.checkpoint_every) < 0):  # fmt: skip
+        raise CommandError("--steps, --microbatches, --batch-size and --max-inflight must be >= 1, --check-fanout "
+                           "and --checkpoint-every >= 0")  # fmt: skip
     if args.role == "gpu-stage":
         from swarm.model import resolve_device
 
@@ -374,6 +377,18 @@ async def _wait_for_swarm(trainer, manifest, min_replicas: int, timeout: float, 
         await asyncio.sleep(1.0)
 
 
+def _save_trainer_state(trainer, manifest, ckpt: Path, step: int) -> None:
+    """Write the trainer's state after ``step`` completed steps, atomically (a temporary file, then a rename)."""
+    import torch
+
+    state = {"run_id": manifest.run_id, "step": step, "embedding": trainer.embedding.state_dict(),
+             "head": trainer.head.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+             "sampler": trainer.sampler.state_dict()}  # fmt: skip
+    tmp = ckpt.with_name(f".{ckpt.name}.tmp")
+    torch.save(state, tmp)
+    tmp.replace(ckpt)
+
+
 def _load_trainer_state(trainer, manifest, ckpt: Path, state: dict) -> int:
     """Apply a trainer checkpoint (``_trainer`` writes it); the step it continues from."""
     if state["run_id"] != manifest.run_id:
@@ -387,7 +402,6 @@ def _load_trainer_state(trainer, manifest, ckpt: Path, state: dict) -> int:
 
 async def _trainer(args, dht, manifest, identity, stop: StopFlag) -> int:
     import numpy as np
-    import torch
 
     from swarm.data import load_corpus, validation_batches
     from swarm.state import load_state_file
@@ -434,6 +448,8 @@ async def _trainer(args, dht, manifest, identity, stop: StopFlag) -> int:
             say(f"trainer: step {step}/{args.steps} loss {loss:.4f} tainted {trainer.metrics.tainted} banned "
                 f"{len(trainer.banned)} {[p[:12] + '...' for p in sorted(trainer.banned)]} "
                 f"{record['tokens_per_s']:.0f} tok/s")  # fmt: skip
+            if ckpt is not None and args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
+                await asyncio.to_thread(_save_trainer_state, trainer, manifest, ckpt, step)
         val_loss = math.nan
         if args.eval_batches > 0 and not stop.is_set():
             batches = validation_batches(corpus.val, args.batch_size, trainer.model_config.seq_len, args.eval_batches)
@@ -457,12 +473,7 @@ async def _trainer(args, dht, manifest, identity, stop: StopFlag) -> int:
     finally:
         await trainer.shutdown()
         if ckpt is not None:
-            state = {"run_id": manifest.run_id, "step": step, "embedding": trainer.embedding.state_dict(),
-                     "head": trainer.head.state_dict(), "optimizer": trainer.optimizer.state_dict(),
-                     "sampler": trainer.sampler.state_dict()}  # fmt: skip
-            tmp = ckpt.with_name(f".{ckpt.name}.tmp")
-            torch.save(state, tmp)
-            tmp.replace(ckpt)
+            _save_trainer_state(trainer, manifest, ckpt, step)
         if args.stats:
             write_json_atomic(args.stats, summary or {"role": "trainer", "steps": step, "stopped_early": True})
     return 0

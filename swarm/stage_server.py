@@ -155,7 +155,9 @@ class StageServerConfig:
     device: str = "cpu"  # or "auto" (CUDA when present), "cuda", "cuda:1", ...; `join` defaults to "auto"
     compression: int = runtime_pb2.CompressionType.NONE
     announce_period: float = 10.0  # seconds; the record expires after 2 periods
-    replay_window: int = 4096  # (step, micro-batch) pairs remembered to refuse a replayed backward
+    replay_window: int = 4096  # backward requests remembered to refuse a replay (the same step, micro-batch, input
+    # and gradient: applied twice, its update would count double). A trainer restarted from a checkpoint redoes its
+    # steps with other tensors under the same step and micro-batch numbers: those are not replays
     trust_trainer: bool = False  # accept a trainer's verdict on a forward input at every boundary (only for
     # benchmarks of a swarm without validators, TrainerConfig.validate=False; by default only stage 1 accepts it)
     average_every: int = 4  # optimizer steps between parameter-averaging rounds with the other replicas (0: off)
@@ -234,7 +236,7 @@ class StageServer(ServicerBase):
         self.stream_calls: Counter[str] = Counter()  # "forward" / "backward" requests that came streamed
         self.streams = StreamSlots(config.max_streams)
         self.seconds_ema: float | None = None  # seconds per forward+backward of one micro-batch
-        self._seen_backward: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self._seen_backward: OrderedDict[tuple[int, int, bytes, bytes], None] = OrderedDict()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{config.stage}")  # serial
         self._dht: DHT | None = None
         self._p2p: P2P | None = None
@@ -381,20 +383,21 @@ class StageServer(ServicerBase):
             return await self._forward(request, unary=unary)
         return await self._backward(request, unary=unary)
 
-    def _checked_input(self, meta: dict, proto: runtime_pb2.Tensor) -> tuple[str, int, int, torch.Tensor]:
+    def _checked_input(self, meta: dict, proto: runtime_pb2.Tensor) -> tuple[str, int, int, torch.Tensor, bytes]:
         run, step, mb = meta_str(meta, "run", max_len=64), meta_int(meta, "step"), meta_int(meta, "mb")
         h = decode_hidden(proto, self.spec, "input")
+        digest = tensor_digest(h)
         check_verdict(
             meta_verdict(meta, "verdict"), manifest=self.manifest, run_id=run, step=step, microbatch=mb,
-            boundary=self.config.stage - 1, direction=Direction.FORWARD, digest=tensor_digest(h),
+            boundary=self.config.stage - 1, direction=Direction.FORWARD, digest=digest,
             allow_trainer=self.config.stage == 1 or self.config.trust_trainer,
         )  # fmt: skip
-        return run, step, mb, h
+        return run, step, mb, h, digest
 
     async def _forward(self, request: runtime_pb2.ExpertRequest, *, unary: bool) -> runtime_pb2.ExpertResponse:
         meta = unpack_meta(request.metadata)
         (proto,) = request_tensors(request, 1)
-        _, step, mb, h = self._checked_input(meta, proto)
+        _, step, mb, h, _ = self._checked_input(meta, proto)
         if unary:
             check_unary_reply(h.numel(), self.config.compression)
         self.forward_calls += 1
@@ -405,19 +408,21 @@ class StageServer(ServicerBase):
     async def _backward(self, request: runtime_pb2.ExpertRequest, *, unary: bool) -> runtime_pb2.ExpertResponse:
         meta = unpack_meta(request.metadata)
         h_proto, g_proto = request_tensors(request, 2)
-        run, step, mb, h = self._checked_input(meta, h_proto)
+        run, step, mb, h, h_digest = self._checked_input(meta, h_proto)
         g = decode_hidden(g_proto, self.spec, "grad_output")
         if g.shape != h.shape:
             raise BadRequest("grad_output must have the input's shape")
         if unary:
             check_unary_reply(h.numel(), self.config.compression)
+        g_digest = tensor_digest(g)
         check_verdict(
             meta_verdict(meta, "grad_verdict"), manifest=self.manifest, run_id=run, step=step, microbatch=mb,
-            boundary=self.config.stage, direction=Direction.BACKWARD, digest=tensor_digest(g), allow_trainer=True,
+            boundary=self.config.stage, direction=Direction.BACKWARD, digest=g_digest, allow_trainer=True,
         )  # fmt: skip
-        if (step, mb) in self._seen_backward:  # a replayed (input, gradient) pair would apply its update twice
+        seen = (step, mb, h_digest, g_digest)
+        if seen in self._seen_backward:  # a replayed (input, gradient) pair would apply its update twice
             raise BadRequest("backward for this micro-batch was already applied")
-        self._seen_backward[(step, mb)] = None
+        self._seen_backward[seen] = None
         while len(self._seen_backward) > self.config.replay_window:
             self._seen_backward.popitem(last=False)
         grad_in = await self._run(self._compute_backward, h, g, step)

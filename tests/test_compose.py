@@ -87,6 +87,26 @@ def test_compose_commands_run_a_swarm_on_loopback(tmp_path):
         assert len(metrics) >= 3, metrics
         for name in ("validator", "stage1", "stage2"):
             assert procs[name].poll() is None, log(name)
+        # the trainer crashes (SIGKILL, its whole group) in the middle of a later run; restarted, it resumes from its
+        # last checkpoint (every 2 steps here: step 4) and redoes the steps after it on stages that applied them once
+        # already, under the same step and micro-batch numbers (their replay guard used to refuse those)
+        crashed = argv("trainer")
+        crashed[crashed.index("--steps") + 1] = "8"
+        crashed += ["--checkpoint-every", "2"]
+        with open(logs / "trainer-crashed.log", "w") as out:
+            doomed = subprocess.Popen(crashed, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while "step 5/8" not in (logs / "trainer-crashed.log").read_text():
+            assert doomed.poll() is None and time.monotonic() < deadline, (logs / "trainer-crashed.log").read_text()
+            time.sleep(0.02)
+        os.killpg(doomed.pid, signal.SIGKILL)
+        doomed.wait()
+        (checkpoint,) = (data / "trainer").glob("trainer-*.pt")
+        resumed_at = torch.load(checkpoint, weights_only=False)["step"]
+        assert resumed_at in (4, 6), resumed_at
+        again = subprocess.run(crashed, env=env, timeout=240, capture_output=True, text=True)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        assert f"resumed from {checkpoint}" in again.stdout and "trainer: done: 8 steps" in again.stdout, again.stdout
         status = subprocess.run(argv("status"), env=env, timeout=120, capture_output=True, text=True)
         assert status.returncode == 0, status.stdout[-3000:] + status.stderr[-3000:]
         assert "stage" in status.stdout.lower()

@@ -309,3 +309,40 @@ def test_a_validator_keeps_its_bans_in_the_dht_past_the_strike_records_lifetime(
         for dht in (reader_dht, validator_dht):
             if dht is not None:
                 dht.shutdown()
+
+
+def test_a_replayed_backward_is_refused_but_a_restarted_trainers_redo_is_served():
+    """The stage's replay guard (no network): the same signed (input, gradient) pair for a (step, micro-batch) is
+    applied once, its replay refused; a trainer restarted from a checkpoint redoes that step with other tensors under
+    the same numbers (its data and the stage's weights moved on), and that is served."""
+    server = StageServer(StageServerConfig(stage=2, seed=SEED), MANIFEST, STAGE_IDS[1])
+
+    def verdict(signer, boundary, direction, tensor, step, mb):
+        return sign_verdict(signer, run_id=RUN, step=step, microbatch=mb, boundary=boundary, direction=direction,
+                            verdict=Verdict.ACCEPT, digest=digest(tensor)).to_tuple()  # fmt: skip
+
+    def request(h, g, step=5, mb=3):
+        meta = {"run": RUN, "step": step, "mb": mb, "verdict": verdict(VALIDATOR, 1, Direction.FORWARD, h, step, mb),
+                "grad_verdict": verdict(TRAINER, 2, Direction.BACKWARD, g, step, mb)}  # fmt: skip
+        return runtime_pb2.ExpertRequest(tensors=encode_tensors([h, g]), metadata=pack_meta(meta))
+
+    async def serve(req):
+        from swarm.protocol import unpack_meta
+
+        return unpack_meta((await server._serve("backward", req)).metadata)
+
+    async def main():
+        h, g = torch.randn(2, 8, CFG.d_model), torch.randn(2, 8, CFG.d_model)
+        first = request(h, g)
+        assert "error" not in await serve(first)
+        replay = await serve(first)
+        assert replay["error"] == BadRequest.code and "already applied" in replay["message"]
+        redo = request(torch.randn(2, 8, CFG.d_model), torch.randn(2, 8, CFG.d_model))  # the same step and mb
+        assert "error" not in await serve(redo)
+        assert (await serve(redo))["error"] == BadRequest.code
+        assert server.backward_calls == 2
+
+    try:
+        asyncio.run(main())
+    finally:
+        server._executor.shutdown()

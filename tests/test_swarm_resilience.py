@@ -249,6 +249,36 @@ def test_nodes_whose_dht_died_still_shut_down_and_save_their_state(tmp_path):
     run_swarm(swarm, body)
 
 
+@pytest.mark.forked
+@pytest.mark.timeout(120)
+def test_a_trainer_restarted_from_an_older_checkpoint_redoes_its_steps():
+    """A trainer that crashed after step 2 with a checkpoint of step 0 (``join --checkpoint-every``) redoes steps 1
+    and 2 under the same step and micro-batch numbers, on stage servers that applied the first ones. Those carry
+    other tensors (the data and the weights moved on), so the stages' replay guard serves them; before, it refused
+    every one as a replay and the restarted trainer could not train at all."""
+    config = TrainerConfig(seed=SEED, batch_size=2, microbatches=2, warmup=100)
+    swarm = LocalSwarm((1, 1), trainer_config=config)
+
+    async def body(swarm: LocalSwarm):
+        trainer = swarm.trainer
+        await trainer.step(0)
+        saved = copy.deepcopy({"embedding": trainer.embedding.state_dict(), "head": trainer.head.state_dict(),
+                               "optimizer": trainer.optimizer.state_dict(), "sampler": trainer.sampler.state_dict()})
+        for step in (1, 2):
+            await trainer.step(step)
+        trainer.embedding.load_state_dict(saved["embedding"])  # the restart, from the checkpoint of step 0
+        trainer.head.load_state_dict(saved["head"])
+        trainer.optimizer.load_state_dict(saved["optimizer"])
+        trainer.sampler.load_state_dict(saved["sampler"])
+        for step in (1, 2):
+            assert math.isfinite(await trainer.step(step))
+        assert trainer.metrics.step_completed == [2] * 5 and trainer.metrics.dropped == 0
+        assert all(server.rejected == {} for server in swarm.servers.values())
+        assert sum(server.backward_calls for server in swarm.servers.values()) == 2 * 2 * 5
+
+    run_swarm(swarm, body)
+
+
 def test_a_ban_the_trainer_has_seen_stays_whatever_a_later_read_misses(monkeypatch):
     """Bans are for the whole run: a peer once banned by the quorum stays out of the trainer's routing when a later
     DHT read does not show it (a read that timed out, a record not yet published again)."""
