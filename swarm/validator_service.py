@@ -13,8 +13,9 @@ and answers with
 On every taint it publishes a signed ``TaintNotice`` at once. Blame is settled per step (``Validator.end_step``, the
 drift guard): the service settles step ``s`` when the first check of a later step arrives, or on ``settle()`` /
 shutdown, and then publishes a signed ``StrikeRecord`` (``banned`` set once the ledger bans) for every sender that
-was flagged in ``s``. Publishing runs in the background so it never delays a check. The validator's
-state (baselines, ledger) is saved to ``state_path`` every ``save_every`` checks and on shutdown, and loaded on start.
+was flagged in ``s``. Publishing runs in the background so it never delays a check. The validator's state (baselines,
+ledger) is saved to ``state_path`` every ``save_every`` checks, at once on a new ban, and on shutdown, and loaded on
+start; the strike records of the peers it bans are published again every ``strike_ttl / 3`` and on start.
 """
 
 from __future__ import annotations
@@ -163,6 +164,7 @@ class ValidatorService(ServicerBase):
         self._republisher: asyncio.Task | None = None
         self._published_step: dict[str, int] = {}  # peer -> the step of the latest strike record published for it
         self._saved_step: int | None = None  # the highest step seen before a restart (for republish_bans only)
+        self._bans_saved: set[str] = set()  # the bans in the state file as last saved
         if config.state_path and Path(config.state_path).exists():
             # our own file, written by save_state below: its pickled deques and floats need the full unpickler
             load_state_file(config.state_path, "validator state (baselines and strikes)", self._load_state,
@@ -182,6 +184,7 @@ class ValidatorService(ServicerBase):
         service = state.get("service", {})  # absent from states saved before bans were republished
         self._saved_step = service.get("step")
         self._published_step = dict(service.get("published_step", {}))
+        self._bans_saved = set(self.validator.ledger.banned())
 
     # ----------------------------------------------------------------------------------------------- lifecycle
     @property
@@ -237,6 +240,7 @@ class ValidatorService(ServicerBase):
         state["service"] = {"step": seen, "published_step": dict(self._published_step)}
         torch.save(state, tmp)
         tmp.replace(path)
+        self._bans_saved = set(self.validator.ledger.banned())
 
     @property
     def throughput(self) -> float:
@@ -407,7 +411,8 @@ class ValidatorService(ServicerBase):
                 self._keep(replacement_digest, replacement)
             self._publish(res, run, step, mb, boundary, direction, sender, digest)
         if self.config.save_every and self.n_checks % self.config.save_every == 0:
-            self.save_state()
+            # on the validator's own thread, between checks: a check running meanwhile would change what is saved
+            await asyncio.get_running_loop().run_in_executor(self._executor, self.save_state)
         return runtime_pb2.ExpertResponse(
             tensors=encode_tensors(tensors, self.config.compression), metadata=pack_meta(reply)
         )
@@ -468,6 +473,10 @@ class ValidatorService(ServicerBase):
     def _settled(self, settled: list[tuple[str, int, bool]], step: int) -> None:
         """Step ``step`` was settled: publish its strike records and log them (check log)."""
         self._log({"settled": step, "strikes": {s: [n, b] for s, n, b in settled}})
+        if self.config.state_path and {s for s, _, b in settled if b} - self._bans_saved:
+            # a new ban is saved at once, not at the next periodic save: a crash in between would forget it here
+            # (and it would no longer be published again once its record expired)
+            self._track(asyncio.get_running_loop().run_in_executor(self._executor, self.save_state))
         if self._dht is None or not self.config.publish:
             return
         expiration = get_dht_time() + self.config.strike_ttl
@@ -478,7 +487,10 @@ class ValidatorService(ServicerBase):
             self._spawn(publish_strike, self._dht, self.identity, record, expiration)
 
     def _spawn(self, fn, *args) -> None:
-        task = asyncio.get_running_loop().run_in_executor(self._publisher, fn, *args)
+        self._track(asyncio.get_running_loop().run_in_executor(self._publisher, fn, *args))
+
+    def _track(self, task: asyncio.Future) -> None:
+        """Keep ``task`` until done (``flush`` waits for what is still running)."""
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 

@@ -346,3 +346,33 @@ def test_a_replayed_backward_is_refused_but_a_restarted_trainers_redo_is_served(
         asyncio.run(main())
     finally:
         server._executor.shutdown()
+
+
+def test_a_validator_saves_a_new_ban_at_once(tmp_path):
+    """A ban is written to the validator's state as soon as it is settled, not at the next periodic save (here:
+    never, save_every 0): a crash in between would have forgotten it, and with it its republication. A settled step
+    with no new ban writes nothing."""
+    state = tmp_path / "validator.pt"
+    config = ValidatorServiceConfig(state_path=str(state), save_every=0)
+    service = ValidatorService(config, MANIFEST, VALIDATOR, SentinelConfig(ban_level=1))
+
+    async def main():
+        service.validator.ledger.record("QmBad", True, 4)
+        service._settled([("QmBad", 1, True), ("QmOther", 0, False)], 4)
+        await service.flush()
+        assert state.exists()
+        state.unlink()
+        service._settled([("QmBad", 1, True)], 5)  # already saved
+        await service.flush()
+        assert not state.exists()
+
+    try:
+        asyncio.run(main())
+    finally:
+        service._executor.shutdown()
+        service._publisher.shutdown()
+    service.save_state()
+    again = ValidatorService(config, MANIFEST, VALIDATOR, SentinelConfig(ban_level=1))
+    assert again.validator.ledger.is_banned("QmBad") and again.validator.ledger.banned() == {"QmBad": 4}
+    again._executor.shutdown()
+    again._publisher.shutdown()
