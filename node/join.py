@@ -252,7 +252,8 @@ async def _stage(args, dht, manifest, identity, stop: StopFlag) -> int:
     def stats() -> dict:
         return {"role": "gpu-stage", "stage": args.stage, "peer_id": peer_id, "attack": args.attack,
                 "attack_averaging": args.attack_averaging,
-                "backward_calls": server.backward_calls, "optimizer_steps": server.optimizer_steps,
+                "backward_calls": server.backward_calls, "backward_replays": server.backward_replays,
+                "optimizer_steps": server.optimizer_steps,
                 "rejected": dict(server.rejected), "averaging": dict(server.averaging), "sync": server.sync,
                 "fingerprint": identity.fingerprint}  # fmt: skip
 

@@ -155,9 +155,13 @@ class StageServerConfig:
     device: str = "cpu"  # or "auto" (CUDA when present), "cuda", "cuda:1", ...; `join` defaults to "auto"
     compression: int = runtime_pb2.CompressionType.NONE
     announce_period: float = 10.0  # seconds; the record expires after 2 periods
-    replay_window: int = 4096  # backward requests remembered to refuse a replay (the same step, micro-batch, input
-    # and gradient: applied twice, its update would count double). A trainer restarted from a checkpoint redoes its
-    # steps with other tensors under the same step and micro-batch numbers: those are not replays
+    replay_window: int = 4096  # backward requests remembered (step, micro-batch and gradient digest) so that a
+    # replay is not applied twice: its update would count double. A replay is still answered, with the input's
+    # gradient computed without touching the parameters' (idempotent): a trainer restarted from a checkpoint redoes
+    # its steps under the same numbers, with the very same tensors where the weights have not moved since (stage 1's
+    # input from a restored embedding, a stage whose step was not applied yet), and it needs those answers. Keyed on
+    # the gradient, not on the numbers alone (a redo's gradient differs once the weights moved, and it is applied)
+    # nor on the (input, gradient) pair (two genuine versions of one micro-batch, mixed, would be applied again)
     trust_trainer: bool = False  # accept a trainer's verdict on a forward input at every boundary (only for
     # benchmarks of a swarm without validators, TrainerConfig.validate=False; by default only stage 1 accepts it)
     average_every: int = 4  # optimizer steps between parameter-averaging rounds with the other replicas (0: off)
@@ -228,6 +232,7 @@ class StageServer(ServicerBase):
         self.spec = TensorSpec(self.model_config.d_model, self.model_config.seq_len, config.max_batch)
         self.forward_calls = 0
         self.backward_calls = 0
+        self.backward_replays = 0  # backward requests answered without an update: seen before (replay_window)
         self.optimizer_steps = 0
         self._pending_step: int | None = None  # trainer step of the gradients accumulated and not yet applied
         self._pending_calls = 0
@@ -236,7 +241,7 @@ class StageServer(ServicerBase):
         self.stream_calls: Counter[str] = Counter()  # "forward" / "backward" requests that came streamed
         self.streams = StreamSlots(config.max_streams)
         self.seconds_ema: float | None = None  # seconds per forward+backward of one micro-batch
-        self._seen_backward: OrderedDict[tuple[int, int, bytes, bytes], None] = OrderedDict()
+        self._seen_backward: OrderedDict[tuple[int, int, bytes], None] = OrderedDict()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{config.stage}")  # serial
         self._dht: DHT | None = None
         self._p2p: P2P | None = None
@@ -408,7 +413,7 @@ class StageServer(ServicerBase):
     async def _backward(self, request: runtime_pb2.ExpertRequest, *, unary: bool) -> runtime_pb2.ExpertResponse:
         meta = unpack_meta(request.metadata)
         h_proto, g_proto = request_tensors(request, 2)
-        run, step, mb, h, h_digest = self._checked_input(meta, h_proto)
+        run, step, mb, h, _ = self._checked_input(meta, h_proto)
         g = decode_hidden(g_proto, self.spec, "grad_output")
         if g.shape != h.shape:
             raise BadRequest("grad_output must have the input's shape")
@@ -419,14 +424,16 @@ class StageServer(ServicerBase):
             meta_verdict(meta, "grad_verdict"), manifest=self.manifest, run_id=run, step=step, microbatch=mb,
             boundary=self.config.stage, direction=Direction.BACKWARD, digest=g_digest, allow_trainer=True,
         )  # fmt: skip
-        seen = (step, mb, h_digest, g_digest)
-        if seen in self._seen_backward:  # a replayed (input, gradient) pair would apply its update twice
-            raise BadRequest("backward for this micro-batch was already applied")
-        self._seen_backward[seen] = None
-        while len(self._seen_backward) > self.config.replay_window:
-            self._seen_backward.popitem(last=False)
-        grad_in = await self._run(self._compute_backward, h, g, step)
-        self._maybe_average()
+        seen = (step, mb, g_digest)
+        if seen in self._seen_backward:  # a replayed gradient, applied twice, would count double: answer it only
+            self.backward_replays += 1
+            grad_in = await self._run(self._compute_input_grad, h, g)
+        else:
+            self._seen_backward[seen] = None
+            while len(self._seen_backward) > self.config.replay_window:
+                self._seen_backward.popitem(last=False)
+            grad_in = await self._run(self._compute_backward, h, g, step)
+            self._maybe_average()
         grad_in = self._send(grad_in, step, mb, "backward")
         return runtime_pb2.ExpertResponse(tensors=encode_tensors([grad_in], self.config.compression))
 
@@ -463,6 +470,14 @@ class StageServer(ServicerBase):
             self._apply_pending()
         self._timed(time.perf_counter() - start)
         return x.grad.to("cpu")
+
+    def _compute_input_grad(self, h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """The gradient of the stage's input only, for a replayed backward: the parameters' gradients, the pending
+        update and the step bookkeeping are left as they are."""
+        x = h.to(self.device, torch.float32).requires_grad_(True)
+        out = self.module(x)
+        (grad,) = torch.autograd.grad(out, x, g.to(self.device, out.dtype))
+        return grad.to("cpu")
 
     async def finish_step(self) -> None:
         """Apply the gradients accumulated so far now (normally done when the trainer's next step arrives)."""

@@ -329,7 +329,7 @@ def test_the_stage_server_answers_hostile_requests_with_typed_errors(kind):
         assert "error" not in reply, reply
         internal = []
         for i in range(200):
-            meta, tensors = genuine(i + 1)  # a fresh micro-batch each time: a replayed backward is refused anyway
+            meta, tensors = genuine(i + 1)  # a fresh micro-batch each time, as a replay is answered without an update
             if rng.random() < 0.6:
                 key = rng.choice([*meta, "extra"])
                 if rng.random() < 0.2:

@@ -311,11 +311,12 @@ def test_a_validator_keeps_its_bans_in_the_dht_past_the_strike_records_lifetime(
                 dht.shutdown()
 
 
-def test_a_replayed_backward_is_refused_but_a_restarted_trainers_redo_is_served():
-    """The stage's replay guard (no network): the same signed (input, gradient) pair for a (step, micro-batch) is
-    applied once, its replay refused; a trainer restarted from a checkpoint redoes that step with other tensors under
-    the same numbers (its data and the stage's weights moved on), and that is served."""
-    server = StageServer(StageServerConfig(stage=2, seed=SEED), MANIFEST, STAGE_IDS[1])
+def test_a_replayed_backward_is_answered_but_applied_once_and_a_redo_is_applied():
+    """The stage's replay guard (no network). A signed (input, gradient) pair for a (step, micro-batch) is applied
+    once; replayed, it is answered with the same input gradient but changes nothing (a trainer restarted from a
+    checkpoint may resend exactly that, and needs the answer). A redo with another gradient (the weights moved on) is
+    applied, even with the same input; the first gradient with another genuine input is answered, not applied."""
+    server = StageServer(StageServerConfig(stage=2, seed=SEED, accumulate=100), MANIFEST, STAGE_IDS[1])
 
     def verdict(signer, boundary, direction, tensor, step, mb):
         return sign_verdict(signer, run_id=RUN, step=step, microbatch=mb, boundary=boundary, direction=direction,
@@ -329,18 +330,26 @@ def test_a_replayed_backward_is_refused_but_a_restarted_trainers_redo_is_served(
     async def serve(req):
         from swarm.protocol import unpack_meta
 
-        return unpack_meta((await server._serve("backward", req)).metadata)
+        reply = await server._serve("backward", req)
+        assert "error" not in unpack_meta(reply.metadata), unpack_meta(reply.metadata)
+        return torch.tensor(np.frombuffer(reply.tensors[0].buffer, np.float32))
+
+    def grads():
+        return [None if p.grad is None else p.grad.clone() for p in server.module.parameters()]
 
     async def main():
         h, g = torch.randn(2, 8, CFG.d_model), torch.randn(2, 8, CFG.d_model)
-        first = request(h, g)
-        assert "error" not in await serve(first)
-        replay = await serve(first)
-        assert replay["error"] == BadRequest.code and "already applied" in replay["message"]
-        redo = request(torch.randn(2, 8, CFG.d_model), torch.randn(2, 8, CFG.d_model))  # the same step and mb
-        assert "error" not in await serve(redo)
-        assert (await serve(redo))["error"] == BadRequest.code
-        assert server.backward_calls == 2
+        first = await serve(request(h, g))
+        after_first = grads()
+        again = await serve(request(h, g))  # a replay, or a restarted trainer's identical redo
+        assert torch.equal(again, first)
+        assert all(torch.equal(x, y) for x, y in zip(grads(), after_first))  # not accumulated twice
+        await serve(request(h, torch.randn(2, 8, CFG.d_model)))  # a redo with another gradient: applied
+        assert not all(torch.equal(x, y) for x, y in zip(grads(), after_first))
+        before_mixed = grads()
+        await serve(request(torch.randn(2, 8, CFG.d_model), g))  # the first gradient, mixed with another input
+        assert all(torch.equal(x, y) for x, y in zip(grads(), before_mixed))
+        assert server.backward_calls == 2 and server.backward_replays == 2
 
     try:
         asyncio.run(main())
