@@ -388,21 +388,20 @@ class StageServer(ServicerBase):
             return await self._forward(request, unary=unary)
         return await self._backward(request, unary=unary)
 
-    def _checked_input(self, meta: dict, proto: runtime_pb2.Tensor) -> tuple[str, int, int, torch.Tensor, bytes]:
+    def _checked_input(self, meta: dict, proto: runtime_pb2.Tensor) -> tuple[str, int, int, torch.Tensor]:
         run, step, mb = meta_str(meta, "run", max_len=64), meta_int(meta, "step"), meta_int(meta, "mb")
         h = decode_hidden(proto, self.spec, "input")
-        digest = tensor_digest(h)
         check_verdict(
             meta_verdict(meta, "verdict"), manifest=self.manifest, run_id=run, step=step, microbatch=mb,
-            boundary=self.config.stage - 1, direction=Direction.FORWARD, digest=digest,
+            boundary=self.config.stage - 1, direction=Direction.FORWARD, digest=tensor_digest(h),
             allow_trainer=self.config.stage == 1 or self.config.trust_trainer,
         )  # fmt: skip
-        return run, step, mb, h, digest
+        return run, step, mb, h
 
     async def _forward(self, request: runtime_pb2.ExpertRequest, *, unary: bool) -> runtime_pb2.ExpertResponse:
         meta = unpack_meta(request.metadata)
         (proto,) = request_tensors(request, 1)
-        _, step, mb, h, _ = self._checked_input(meta, proto)
+        _, step, mb, h = self._checked_input(meta, proto)
         if unary:
             check_unary_reply(h.numel(), self.config.compression)
         self.forward_calls += 1
@@ -413,7 +412,7 @@ class StageServer(ServicerBase):
     async def _backward(self, request: runtime_pb2.ExpertRequest, *, unary: bool) -> runtime_pb2.ExpertResponse:
         meta = unpack_meta(request.metadata)
         h_proto, g_proto = request_tensors(request, 2)
-        run, step, mb, h, _ = self._checked_input(meta, h_proto)
+        run, step, mb, h = self._checked_input(meta, h_proto)
         g = decode_hidden(g_proto, self.spec, "grad_output")
         if g.shape != h.shape:
             raise BadRequest("grad_output must have the input's shape")

@@ -164,7 +164,6 @@ class ValidatorService(ServicerBase):
         self._republisher: asyncio.Task | None = None
         self._published_step: dict[str, int] = {}  # peer -> the step of the latest strike record published for it
         self._saved_step: int | None = None  # the highest step seen before a restart (for republish_bans only)
-        self._bans_saved: set[str] = set()  # the bans in the state file as last saved
         if config.state_path and Path(config.state_path).exists():
             # our own file, written by save_state below: its pickled deques and floats need the full unpickler
             load_state_file(config.state_path, "validator state (baselines and strikes)", self._load_state,
@@ -184,7 +183,6 @@ class ValidatorService(ServicerBase):
         service = state.get("service", {})  # absent from states saved before bans were republished
         self._saved_step = service.get("step")
         self._published_step = dict(service.get("published_step", {}))
-        self._bans_saved = set(self.validator.ledger.banned())
 
     # ----------------------------------------------------------------------------------------------- lifecycle
     @property
@@ -240,7 +238,6 @@ class ValidatorService(ServicerBase):
         state["service"] = {"step": seen, "published_step": dict(self._published_step)}
         torch.save(state, tmp)
         tmp.replace(path)
-        self._bans_saved = set(self.validator.ledger.banned())
 
     @property
     def throughput(self) -> float:
@@ -455,8 +452,10 @@ class ValidatorService(ServicerBase):
 
     def _settle_now(self, step: int) -> list[tuple[str, int, bool]]:
         """Settle the blame of ``step`` (``Validator.end_step``); (sender, strikes, banned) of everyone it touched.
-        Runs on the validator's executor thread."""
-        self.validator.end_step(step)
+        Runs on the validator's executor thread. A new ban is saved at once, not at the next periodic save: a crash in
+        between would forget it here (and it would no longer be published again once its record expired)."""
+        if self.validator.end_step(step) and self.config.state_path:
+            self.save_state()
         ledger = self.validator.ledger
         return [(s, ledger.strikes(s), ledger.is_banned(s)) for s in sorted(self.validator.touched)]
 
@@ -473,10 +472,6 @@ class ValidatorService(ServicerBase):
     def _settled(self, settled: list[tuple[str, int, bool]], step: int) -> None:
         """Step ``step`` was settled: publish its strike records and log them (check log)."""
         self._log({"settled": step, "strikes": {s: [n, b] for s, n, b in settled}})
-        if self.config.state_path and {s for s, _, b in settled if b} - self._bans_saved:
-            # a new ban is saved at once, not at the next periodic save: a crash in between would forget it here
-            # (and it would no longer be published again once its record expired)
-            self._track(asyncio.get_running_loop().run_in_executor(self._executor, self.save_state))
         if self._dht is None or not self.config.publish:
             return
         expiration = get_dht_time() + self.config.strike_ttl
@@ -487,10 +482,7 @@ class ValidatorService(ServicerBase):
             self._spawn(publish_strike, self._dht, self.identity, record, expiration)
 
     def _spawn(self, fn, *args) -> None:
-        self._track(asyncio.get_running_loop().run_in_executor(self._publisher, fn, *args))
-
-    def _track(self, task: asyncio.Future) -> None:
-        """Keep ``task`` until done (``flush`` waits for what is still running)."""
+        task = asyncio.get_running_loop().run_in_executor(self._publisher, fn, *args)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 

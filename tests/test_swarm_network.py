@@ -366,13 +366,15 @@ def test_a_validator_saves_a_new_ban_at_once(tmp_path):
     service = ValidatorService(config, MANIFEST, VALIDATOR, SentinelConfig(ban_level=1))
 
     async def main():
-        service.validator.ledger.record("QmBad", True, 4)
-        service._settled([("QmBad", 1, True), ("QmOther", 0, False)], 4)
-        await service.flush()
+        x = torch.full((2, 8, CFG.d_model), float("nan"))  # non-finite: flagged and blamed, warmed up or not
+        res = service.validator.check(x, boundary=1, direction="forward", sender="QmBad", step=4, reference=x)
+        assert res.blamed
+        service._step = 4
+        await service.settle()  # step 4's blame: a strike, and at ban level 1 a ban
         assert state.exists()
         state.unlink()
-        service._settled([("QmBad", 1, True)], 5)  # already saved
-        await service.flush()
+        service._step = 5
+        await service.settle()  # nothing new to settle
         assert not state.exists()
 
     try:
