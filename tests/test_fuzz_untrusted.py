@@ -223,6 +223,35 @@ def test_hostile_tensor_headers_raise_only_bad_request(seed):
         assert tensor.shape[2] == 8 and tensor.is_floating_point() and bool(torch.isfinite(tensor).all())
 
 
+def garble_request(rng: random.Random, meta: dict, tensors: list, d_model: int, extra_keys: tuple = (),
+                   tuple_keys: tuple = ()) -> tuple[dict, list]:  # fmt: skip
+    """One mutation of a request: a metadata field (or one of ``extra_keys``) dropped or replaced, a verdict tuple
+    under ``tuple_keys`` mutated in place, or a tensor dropped, added or given a lying header. ``meta`` is changed in
+    place; the tensors come back as a new list."""
+    tensors = list(tensors)
+    if rng.random() < 0.6:
+        key = rng.choice([*meta, *extra_keys])
+        if rng.random() < 0.2:
+            meta.pop(key, None)
+        elif key in tuple_keys and rng.random() < 0.5:
+            meta[key] = mutate(rng, meta[key])
+        else:
+            meta[key] = rng.choice(POOL)
+        return meta, tensors
+    op = rng.randrange(3)
+    if op == 0:
+        return meta, tensors[: rng.randrange(len(tensors))]
+    if op == 1:
+        return meta, [*tensors, encode_tensor(torch.randn(2, 5, d_model))]
+    i = rng.randrange(len(tensors))
+    proto = type(tensors[i])()
+    proto.CopyFrom(tensors[i])
+    proto.size[0] = rng.choice([0, 1, 3, 2**20])
+    proto.buffer = flip_bytes(rng, proto.buffer)
+    tensors[i] = proto
+    return meta, tensors
+
+
 def test_the_validator_service_answers_hostile_check_requests_with_typed_errors():
     """The whole check handler (``ValidatorService._serve``, no network): a genuine signed request gets a verdict;
     requests with metadata fields replaced, dropped or added, and tensors dropped, added or with lying headers, get a
@@ -256,26 +285,7 @@ def test_the_validator_service_answers_hostile_check_requests_with_typed_errors(
         assert "error" not in genuine and genuine.get("verdict") is not None, genuine
         internal = []
         for _ in range(300):
-            bad_meta, bad_tensors = dict(meta), list(tensors)
-            if rng.random() < 0.6:
-                key = rng.choice([*meta, "reference_digest", "extra"])
-                if rng.random() < 0.2:
-                    bad_meta.pop(key, None)
-                else:
-                    bad_meta[key] = rng.choice(POOL)
-            else:
-                op = rng.randrange(3)
-                if op == 0:
-                    bad_tensors = bad_tensors[: rng.randrange(len(bad_tensors))]
-                elif op == 1:
-                    bad_tensors.append(encode_tensor(torch.randn(2, 5, d_model)))
-                else:
-                    i = rng.randrange(len(bad_tensors))
-                    proto = type(bad_tensors[i])()
-                    proto.CopyFrom(bad_tensors[i])
-                    proto.size[0] = rng.choice([0, 1, 3, 2**20])
-                    proto.buffer = flip_bytes(rng, proto.buffer)
-                    bad_tensors[i] = proto
+            bad_meta, bad_tensors = garble_request(rng, dict(meta), tensors, d_model, ("reference_digest", "extra"))
             try:
                 reply = unpack_meta((await service._serve(request(bad_meta, bad_tensors))).metadata)
             except (ValueError, OverflowError, TypeError):  # the metadata itself does not pack: it cannot be sent
@@ -330,27 +340,7 @@ def test_the_stage_server_answers_hostile_requests_with_typed_errors(kind):
         internal = []
         for i in range(200):
             meta, tensors = genuine(i + 1)  # a fresh micro-batch each time, as a replay is answered without an update
-            if rng.random() < 0.6:
-                key = rng.choice([*meta, "extra"])
-                if rng.random() < 0.2:
-                    meta.pop(key, None)
-                elif key in ("verdict", "grad_verdict") and rng.random() < 0.5:
-                    meta[key] = mutate(rng, meta[key])
-                else:
-                    meta[key] = rng.choice(POOL)
-            else:
-                op = rng.randrange(3)
-                if op == 0:
-                    tensors = tensors[: rng.randrange(len(tensors))]
-                elif op == 1:
-                    tensors.append(encode_tensor(torch.randn(2, 5, d_model)))
-                else:
-                    j = rng.randrange(len(tensors))
-                    proto = type(tensors[j])()
-                    proto.CopyFrom(tensors[j])
-                    proto.size[0] = rng.choice([0, 1, 3, 2**20])
-                    proto.buffer = flip_bytes(rng, proto.buffer)
-                    tensors[j] = proto
+            meta, tensors = garble_request(rng, meta, tensors, d_model, ("extra",), ("verdict", "grad_verdict"))
             try:
                 reply = await serve(meta, tensors)
             except (ValueError, OverflowError, TypeError):  # the metadata itself does not pack: it cannot be sent
