@@ -1,9 +1,12 @@
 """``sentinel-node bootstrap``: a DHT bootstrap peer; with ``--new-swarm`` it also creates, signs and publishes the
-swarm manifest (re-publishing it before it expires) and prints the join command of every role."""
+swarm manifest (re-publishing it before it expires) and prints the join command of every role; with ``--run-id`` and
+``--authority`` it relays a swarm's manifest (keeps the authority-signed manifest published, so that nodes can join
+while the authority is down)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
@@ -24,12 +27,13 @@ from node.common import (
     say,
     start_dht,
     visible_maddrs,
+    wait_for_signed_manifest,
     write_json_atomic,
     write_public_key,
 )
 from sentinel.config import SentinelConfig
 from swarm.model import PRESETS
-from swarm.records import SignedManifest
+from swarm.records import Manifest, RecordError, SignedManifest
 
 log = logging.getLogger("sentinel.bootstrap")
 
@@ -48,7 +52,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="other bootstrap peers to connect to (run two or more for a public swarm)")  # fmt: skip
     g = p.add_argument_group("new swarm (the authority)")
     g.add_argument("--new-swarm", action="store_true", help="create, sign and publish a manifest")
-    g.add_argument("--run-id", default=None, help="the run's name ([A-Za-z0-9_-], at most 64)")
+    g.add_argument("--run-id", default=None,
+                   help="the run's name ([A-Za-z0-9_-], at most 64); with --authority instead of --new-swarm, the "
+                        "run whose manifest to relay")  # fmt: skip
     g.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size")
     g.add_argument("--stages", type=int, default=2, help="untrusted pipeline stages")
     g.add_argument("--validator-key", nargs="+", default=[], metavar="HEX",
@@ -62,7 +68,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="sentinel settings for the manifest (e.g. ban_level=3 drift_senders=2); default: the defaults")
     g.add_argument("--manifest-out", metavar="PATH", default=None,
                    help="write the signed manifest (JSON) here (default: next to --authority-key)")  # fmt: skip
-    g.add_argument("--manifest-ttl", type=float, default=600.0, help="seconds a published manifest lives")
+    g.add_argument("--manifest-ttl", type=float, default=600.0,
+                   help="seconds a published manifest lives (re-published every third of it; relays too)")
+    g = p.add_argument_group("relay (keep another authority's manifest published)")
+    g.add_argument("--authority", metavar="HEX", default=None,
+                   help="with --run-id: relay that run's manifest signed by this authority (64 hex, or @PATH of its "
+                        ".pub file or of its --ready-file), so that nodes can join while the authority is down")
+    g.add_argument("--manifest", metavar="PATH", default=None,
+                   help="the signed manifest file the authority wrote (its --manifest-out); default: fetch it from "
+                        "the DHT at start")  # fmt: skip
+    g.add_argument("--manifest-timeout", type=float, default=60.0,
+                   help="seconds to wait for the manifest in the DHT (without --manifest)")
     p.add_argument("--ready-file", metavar="PATH", default=None,
                    help="write a JSON with the multiaddrs (and manifest digest) once up (for scripts)")  # fmt: skip
     p.set_defaults(func=run)
@@ -77,6 +93,33 @@ def manifest_json(signed: SignedManifest) -> dict:
         "trainers": [k.hex() for k in m.trainers], "ban_quorum": m.ban_quorum, "created_at": m.created_at,
         "authority": m.authority.hex(), "digest": m.digest().hex(), "signature": signed.signature.hex(),
     }  # fmt: skip
+
+
+def load_manifest_json(path: str | Path, authority: bytes) -> SignedManifest:
+    """The signed manifest in a file that ``manifest_json`` wrote, verified against ``authority``; CommandError
+    (naming the file) for anything else: unreadable, not JSON, malformed, another authority's, or tampered with."""
+    path = Path(path).expanduser()
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CommandError(f"cannot read the manifest file {path}: {type(e).__name__}: {e}") from None
+    try:
+        if not isinstance(data, dict):
+            raise TypeError("not a JSON object")
+        manifest = Manifest(
+            data["run_id"], data["preset"], data["n_stages"], [tuple(span) for span in data["layer_spans"]],
+            data["sentinel_config"], [bytes.fromhex(k) for k in data["validators"]],
+            [bytes.fromhex(k) for k in data["trainers"]], data["ban_quorum"], data["created_at"],
+            bytes.fromhex(data["authority"]),
+        )  # fmt: skip
+        signed = SignedManifest(manifest, bytes.fromhex(data["signature"]))
+        signed.verify(authority=authority)
+    except (KeyError, TypeError, ValueError, RecordError) as e:
+        raise CommandError(f"{path} is not a manifest signed by authority {authority.hex()[:16]}...: "
+                           f"{type(e).__name__}: {e}") from None  # fmt: skip
+    if data.get("digest") not in (None, manifest.digest().hex()):
+        raise CommandError(f"{path}: its digest field does not match its manifest")
+    return signed
 
 
 def _new_swarm(args) -> SignedManifest:
@@ -108,27 +151,56 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.new_swarm and (args.validator_key or args.trainer_key or args.authority_key):
         raise CommandError("--validator-key, --trainer-key and --authority-key need --new-swarm")
+    relay_of = None
+    if args.new_swarm and (args.authority or args.manifest):
+        raise CommandError("--authority and --manifest relay another swarm's manifest: not with --new-swarm (whose "
+                           "authority is --authority-key)")  # fmt: skip
+    if not args.new_swarm and (args.authority or args.manifest or args.run_id):
+        if not (args.authority and args.run_id):
+            raise CommandError("relaying a manifest needs both --run-id and --authority")
+        relay_of = parse_key_hex(args.authority)
     signed = _new_swarm(args) if args.new_swarm else None
+    if relay_of is not None and args.manifest:
+        signed = load_manifest_json(args.manifest, relay_of)
+        if signed.manifest.run_id != args.run_id:
+            raise CommandError(f"{args.manifest} is the manifest of run {signed.manifest.run_id!r}, "
+                               f"not {args.run_id!r}")
     stop = StopFlag().install()
     validators = []
-    authority = None
-    if signed is not None:
-        authority = Identity.load(Path(args.authority_key).expanduser())
-        validators = [SentinelRecordValidator.from_manifest(signed.manifest, authority)]
+    publisher = None  # who signs the published copy: the authority, or this relay's own (ephemeral) identity
+    if args.new_swarm:
+        publisher = Identity.load(Path(args.authority_key).expanduser())
+        validators = [SentinelRecordValidator.from_manifest(signed.manifest, publisher)]
+    elif relay_of is not None:
+        publisher = Identity.generate()
+        validators = [
+            SentinelRecordValidator.from_manifest(signed.manifest, publisher) if signed is not None
+            else SentinelRecordValidator.for_bootstrap(args.run_id, relay_of, publisher)
+        ]  # fmt: skip
     dht = start_dht(args, expand_peers(args.initial_peers), validators)
     try:
         maddrs = visible_maddrs(dht)
         say("bootstrap peer is up; other peers join with:")
         say("  --initial-peers " + " ".join(maddrs))
         ready = {"maddrs": maddrs, "peer_id": dht.peer_id.to_base58()}
-        if signed is not None:
+        if relay_of is not None and signed is None:
+            say(f"relay: waiting for the manifest of run {args.run_id!r} in the DHT")
+            signed = wait_for_signed_manifest(dht, args.run_id, relay_of, timeout=args.manifest_timeout, stop=stop)
+            dht.add_validators([SentinelRecordValidator.from_manifest(signed.manifest, publisher)])
+        if relay_of is not None:
+            ok = publish_manifest(dht, publisher, signed, get_dht_time() + args.manifest_ttl)
+            published_at = time.monotonic()
+            say(f"relaying the manifest of run {args.run_id!r} signed by {signed.manifest.authority.hex()[:16]}... "
+                f"(digest {signed.manifest.digest().hex()[:16]}...); published: {ok}")  # fmt: skip
+            ready.update(run_id=args.run_id, authority=relay_of.hex(), digest=signed.manifest.digest().hex())
+        elif signed is not None:
             manifest = signed.manifest
             default_out = Path(args.authority_key).expanduser().with_name(f"{manifest.run_id}.manifest.json")
             out = Path(args.manifest_out) if args.manifest_out else default_out
             write_json_atomic(out, manifest_json(signed))
-            ok = publish_manifest(dht, authority, signed, get_dht_time() + args.manifest_ttl)
+            ok = publish_manifest(dht, publisher, signed, get_dht_time() + args.manifest_ttl)
             published_at = time.monotonic()
-            say(f"manifest for run {manifest.run_id!r} signed by {authority.fingerprint} "
+            say(f"manifest for run {manifest.run_id!r} signed by {publisher.fingerprint} "
                 f"(digest {manifest.digest().hex()[:16]}...) written to {out}; published: {ok}")  # fmt: skip
             for role, argv in join_commands(manifest, maddrs).items():
                 say(f"join as {role}:\n  {format_command(argv)}")
@@ -141,7 +213,9 @@ def run(args: argparse.Namespace) -> int:
             check_dht(dht)
             if signed is not None and time.monotonic() - published_at >= republish * 0.99:
                 try:
-                    publish_manifest(dht, authority, signed, get_dht_time() + args.manifest_ttl)
+                    if relay_of is not None:
+                        signed = _newer_manifest(dht, signed, relay_of, publisher)
+                    publish_manifest(dht, publisher, signed, get_dht_time() + args.manifest_ttl)
                     published_at = time.monotonic()
                 except Exception as e:  # keep serving the DHT; retry next period
                     log.warning(f"manifest re-publish failed: {type(e).__name__}: {e}")
@@ -149,3 +223,17 @@ def run(args: argparse.Namespace) -> int:
     finally:
         dht.shutdown()
     return 0
+
+
+def _newer_manifest(dht, signed: SignedManifest, authority: bytes, publisher) -> SignedManifest:
+    """A relay follows the authority: a newer manifest of the run (a swarm re-created under the same run id, with
+    other validators, say) replaces the one it relays; an older one never does."""
+    from swarm.dht_schema import SentinelRecordValidator, fetch_manifest
+
+    latest = fetch_manifest(dht, signed.manifest.run_id, authority)
+    if latest is None or latest.manifest.created_at <= signed.manifest.created_at:
+        return signed
+    say(f"relay: the authority published a newer manifest (digest {latest.manifest.digest().hex()[:16]}...); "
+        f"relaying it instead")  # fmt: skip
+    dht.add_validators([SentinelRecordValidator.from_manifest(latest.manifest, publisher)])
+    return latest

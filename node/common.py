@@ -195,22 +195,34 @@ def wait_for_manifest(
     dht, run_id: str, authority: bytes, *, timeout: float, digest: bytes | None = None, stop: StopFlag | None = None
 ) -> Manifest:
     """Poll the DHT for the run's manifest signed by ``authority`` (and matching ``digest``); bounded."""
+    return wait_for_signed_manifest(dht, run_id, authority, timeout=timeout, digest=digest, stop=stop).manifest
+
+
+def wait_for_signed_manifest(
+    dht, run_id: str, authority: bytes, *, timeout: float, digest: bytes | None = None, stop: StopFlag | None = None
+) -> SignedManifest:
+    """``wait_for_manifest``, with the authority's signature (what a relay re-publishes)."""
     from swarm.dht_schema import fetch_manifest
 
     deadline = time.monotonic() + timeout
     while True:
-        signed = fetch_manifest(dht, run_id, authority)
+        signed = fetch_manifest(dht, run_id, authority, digest)
         if signed is not None:
-            if digest is not None and signed.manifest.digest() != digest:
-                raise CommandError("the manifest in the DHT does not match --manifest-digest")
-            return signed.manifest
+            return signed
         if stop is not None and stop.is_set():
             raise CommandError("stopped while waiting for the manifest")
         if time.monotonic() >= deadline:
+            other = fetch_manifest(dht, run_id, authority) if digest is not None else None
+            if other is not None:
+                raise CommandError(
+                    f"the manifest of run {run_id!r} in the DHT (digest {other.manifest.digest().hex()[:16]}...) does "
+                    f"not match --manifest-digest {digest.hex()[:16]}...: the authority re-created the swarm, or the "
+                    f"digest is wrong"
+                )
             raise CommandError(
                 f"no manifest for run {run_id!r} signed by authority {authority.hex()[:16]}... found in the DHT after "
                 f"{timeout:.0f} s: check --run-id, --authority and --initial-peers, and that the bootstrap peer with "
-                f"--new-swarm is running"
+                f"--new-swarm (or a relay: bootstrap --run-id --authority) is running"
             )
         time.sleep(0.5)
 

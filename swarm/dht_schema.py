@@ -2,7 +2,7 @@
 
 Key layout (all under the run's prefix; the key is hashed by hivemind, so every protection lives in the subkey)::
 
-    sentinel.{run}.manifest              subkey [ed25519:<authority>]                 SignedManifest
+    sentinel.{run}.manifest              subkey [ed25519:<authority or a relay>]      SignedManifest
     sentinel.{run}.stage.{k}             subkey [ed25519:<owner>]                     StageAnnouncement
     sentinel.{run}.validator.{b}         subkey [ed25519:<validator>]                 ValidatorAnnouncement
     sentinel.{run}.taint.{bucket}        subkey <step.mb.boundary.dir>[ed25519:<v>]   TaintNotice
@@ -268,9 +268,10 @@ class SentinelRecordValidator(RecordValidatorBase):
     * the value is `[payload, signature]` and the signature of the marker's key verifies over the hashed key, the
       subkey, the payload and the expiration;
     * the payload parses as a known wire record (strict `from_tuple`) whose run is this validator's run and whose own
-      key field (authority / owner / validator) is the marker's key;
+      key field (owner / validator) is the marker's key;
     * the record sits under the key (and discriminator) its own fields determine, so it cannot be moved elsewhere;
-    * writers: manifest -> the configured authority; stage announcement -> anyone, self-signed; validator
+    * writers: manifest -> anyone (the authority or a relay), but only a manifest of this run signed inside by the
+      configured authority; stage announcement -> anyone, self-signed; validator
       announcement, taint notice and strike record -> an authorized validator of the manifest;
     * strike records must not be older (in steps) than the newest seen from the same validator for the same peer.
 
@@ -438,7 +439,9 @@ class SentinelRecordValidator(RecordValidatorBase):
                 raise RecordError("manifest is not from this run's authority")
             if not item.is_self_consistent():
                 raise RecordError("manifest signature does not verify")
-            return manifest_key(self.run_id), b"", manifest.authority
+            # the authority's signature inside is what makes a manifest; any peer may keep a copy published under its
+            # own subkey (a relay: bootstrap --run-id --authority), so that joining does not need the authority up
+            return manifest_key(self.run_id), b"", signer
         if isinstance(item, StageAnnouncement):
             if self.n_stages is not None and item.stage >= self.n_stages:
                 raise RecordError("stage index outside the manifest")
@@ -560,8 +563,11 @@ def dht_alive(dht: DHT) -> bool:
         return True
 
 
-def _fetch(dht: DHT, key: str, parse: Callable[[Any], _T], owner_of: Callable[[_T], bytes]) -> list[tuple[bytes, _T]]:
-    """(owner key, record) for every protected entry under `key` that parses and names its subkey owner as writer.
+def _fetch(
+    dht: DHT, key: str, parse: Callable[[Any], _T], owner_of: Callable[[_T], bytes] | None
+) -> list[tuple[bytes, _T]]:
+    """(owner key, record) for every protected entry under `key` that parses and names its subkey owner as writer
+    (`owner_of` None: any owner, for records whose trust comes from inside them, as a relayed manifest's).
 
     Relies on the DHT running SentinelRecordValidator (signatures are checked there, then stripped); entries without
     an owner marker are foreign and skipped. Sorted by subkey, so the result does not depend on arrival order.
@@ -579,28 +585,29 @@ def _fetch(dht: DHT, key: str, parse: Callable[[Any], _T], owner_of: Callable[[_
         except RecordError as e:
             logger.debug(f"Skipping DHT entry under {key}: {e}")
             continue
-        if owner_of(item) == parsed[1]:
+        if owner_of is None or owner_of(item) == parsed[1]:
             out.append((parsed[1], item))
     return out
 
 
 def publish_manifest(dht: DHT, identity: Identity, signed: SignedManifest, expiration: float) -> bool:
-    return _publish(
-        dht, identity, signed.manifest.authority, manifest_key(signed.manifest.run_id), b"", signed, expiration
-    )
+    """Publish the authority-signed manifest under `identity`'s subkey: the authority's own copy, or a relay's."""
+    return _publish(dht, identity, identity.public_key, manifest_key(signed.manifest.run_id), b"", signed, expiration)
 
 
-def fetch_manifest(dht: DHT, run: str, authority_key: bytes) -> SignedManifest | None:
-    """The run's manifest signed by `authority_key` (obtained out of band), verified; None if absent."""
-    for owner, signed in _fetch(dht, manifest_key(run), SignedManifest.from_tuple, lambda s: s.manifest.authority):
-        if owner != authority_key:
-            continue
+def fetch_manifest(dht: DHT, run: str, authority_key: bytes, digest: bytes | None = None) -> SignedManifest | None:
+    """The run's manifest signed by `authority_key` (obtained out of band), verified, from whichever copy the DHT holds
+    (the authority's or a relay's); with `digest`, only that manifest. Of several valid versions, the newest
+    (`created_at`), so that a relay of an older one cannot hide a newer one. None if absent."""
+    found = []
+    for _, signed in _fetch(dht, manifest_key(run), SignedManifest.from_tuple, None):
         try:
-            if signed.verify(authority=authority_key).run_id == run:
-                return signed
+            manifest = signed.verify(authority=authority_key, digest=digest)
         except RecordError:
             continue
-    return None
+        if manifest.run_id == run:
+            found.append(signed)
+    return max(found, key=lambda s: (s.manifest.created_at, s.manifest.digest()), default=None)
 
 
 def publish_stage(dht: DHT, identity: Identity, announcement: StageAnnouncement, expiration: float) -> bool:

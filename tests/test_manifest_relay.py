@@ -1,0 +1,145 @@
+"""Relaying the manifest: any peer may keep the authority-signed manifest published under its own subkey, so that
+nodes can join while the authority is down; the signature inside is what every node checks. The manifest file the
+authority writes loads back only when intact and signed by the expected authority."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from hivemind.utils import get_dht_time
+from swarm_helpers import sentinel_node_command
+from test_dht_records import AUTHORITY, MANIFEST, OUTSIDER, RUN, SIGNED_MANIFEST, reader, shutdown, signed_record
+from test_dht_records import start_dht as start_test_dht
+
+from node.bootstrap_cmd import load_manifest_json, manifest_json
+from node.common import CommandError
+from swarm.dht_schema import SentinelRecordValidator, fetch_manifest, manifest_key, publish_manifest
+from swarm.records import SignedManifest
+
+
+def test_a_relayed_copy_validates_and_a_forged_one_does_not():
+    policy = reader()
+    assert policy.validate(signed_record(OUTSIDER, manifest_key(RUN), SIGNED_MANIFEST))  # a relay's copy
+    tampered = SignedManifest(dataclasses.replace(MANIFEST, ban_quorum=1), SIGNED_MANIFEST.signature)
+    assert not policy.validate(signed_record(OUTSIDER, manifest_key(RUN), tampered))
+    own = dataclasses.replace(MANIFEST, authority=OUTSIDER.public_key).sign(OUTSIDER)  # self-made authority
+    assert not policy.validate(signed_record(OUTSIDER, manifest_key(RUN), own))
+    other_run = dataclasses.replace(MANIFEST, run_id="other").sign(AUTHORITY)
+    assert not policy.validate(signed_record(OUTSIDER, manifest_key(RUN), other_run))
+    # the relay's subkey must be its own: a copy under the authority's marker signed by the relay is refused
+    assert not policy.validate(signed_record(OUTSIDER, manifest_key(RUN), SIGNED_MANIFEST, marker_of=AUTHORITY))
+
+
+@pytest.mark.forked
+@pytest.mark.timeout(90)
+def test_the_manifest_outlives_the_authoritys_record_through_a_relay():
+    """The authority's record expires; the relay's copy is still found. A newer manifest of the authority wins over an
+    older relayed one, and a digest selects a version."""
+    relay = reader_dht = authority_dht = None
+    try:
+        relay = start_test_dht([SentinelRecordValidator.from_manifest(MANIFEST, OUTSIDER)])
+        maddrs = relay.get_visible_maddrs()
+        reader_dht = start_test_dht([SentinelRecordValidator.for_bootstrap(RUN, AUTHORITY.public_key)], maddrs)
+        authority_dht = start_test_dht([SentinelRecordValidator.from_manifest(MANIFEST, AUTHORITY)], maddrs)
+        now = get_dht_time()
+        assert publish_manifest(authority_dht, AUTHORITY, SIGNED_MANIFEST, now + 3)
+        assert publish_manifest(relay, OUTSIDER, SIGNED_MANIFEST, now + 60)
+        authority_dht.shutdown()
+        authority_dht = None
+        time.sleep(max(0.0, now + 3.5 - get_dht_time()))  # the authority's own record has expired
+        assert fetch_manifest(reader_dht, RUN, AUTHORITY.public_key) == SIGNED_MANIFEST
+        assert fetch_manifest(reader_dht, RUN, OUTSIDER.public_key) is None  # trust is the authority's key
+
+        newer = dataclasses.replace(MANIFEST, created_at=MANIFEST.created_at + 1).sign(AUTHORITY)
+        authority_dht = start_test_dht([SentinelRecordValidator.from_manifest(MANIFEST, AUTHORITY)], maddrs)
+        assert publish_manifest(authority_dht, AUTHORITY, newer, get_dht_time() + 60)
+        assert fetch_manifest(reader_dht, RUN, AUTHORITY.public_key) == newer
+        assert fetch_manifest(reader_dht, RUN, AUTHORITY.public_key, MANIFEST.digest()) == SIGNED_MANIFEST
+        assert fetch_manifest(reader_dht, RUN, AUTHORITY.public_key, bytes(32)) is None
+    finally:
+        shutdown(authority_dht, reader_dht, relay)
+
+
+def test_the_manifest_file_loads_back_only_intact(tmp_path):
+    path = tmp_path / "run.manifest.json"
+    data = manifest_json(SIGNED_MANIFEST)
+    path.write_text(json.dumps(data))
+    assert load_manifest_json(path, AUTHORITY.public_key) == SIGNED_MANIFEST
+    with pytest.raises(CommandError, match="not a manifest signed by authority"):
+        load_manifest_json(path, OUTSIDER.public_key)
+    for change in ({"ban_quorum": 1}, {"run_id": "other"}, {"signature": "00" * 64}, {"validators": ["zz"]}):
+        path.write_text(json.dumps({**data, **change}))
+        with pytest.raises(CommandError, match="not a manifest signed by authority"):
+            load_manifest_json(path, AUTHORITY.public_key)
+    path.write_text(json.dumps({**data, "digest": "00" * 32}))
+    with pytest.raises(CommandError, match="digest field"):
+        load_manifest_json(path, AUTHORITY.public_key)
+    for text in ("{not json", "[1, 2]", json.dumps({"run_id": RUN})):
+        path.write_text(text)
+        with pytest.raises(CommandError, match="manifest"):
+            load_manifest_json(path, AUTHORITY.public_key)
+    with pytest.raises(CommandError, match="cannot read the manifest file"):
+        load_manifest_json(tmp_path / "missing.json", AUTHORITY.public_key)
+
+
+def _wait_for_text(path, text: str, process: subprocess.Popen, seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while not (path.exists() and text in path.read_text()):
+        assert process.poll() is None, path.read_text()[-3000:] if path.exists() else "no log"
+        assert time.monotonic() < end, f"{text!r} not in {path.name} after {seconds} s"
+        time.sleep(0.2)
+
+
+@pytest.mark.forked
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("from_file", [False, True])
+def test_nodes_still_find_the_manifest_after_the_authority_stops(tmp_path, from_file):
+    """`bootstrap --run-id R --authority KEY` (fetching the manifest from the DHT, or reading the authority's
+    manifest file) keeps it published: once the authority has stopped and its own record has expired, `status`
+    still verifies the run's manifest."""
+    node = sentinel_node_command()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    processes = []
+
+    def run(*args: str, log: str) -> subprocess.Popen:
+        with open(tmp_path / log, "w") as out:
+            process = subprocess.Popen([*node, *args], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                       start_new_session=True)  # fmt: skip
+        processes.append(process)
+        return process
+
+    try:
+        ready = tmp_path / "authority.json"
+        authority = run("bootstrap", "--port", "0", "--new-swarm", "--run-id", "relayed", "--stages", "2",
+                        "--validator-key", "11" * 32, "--trainer-key", "22" * 32, "--manifest-ttl", "6",
+                        "--authority-key", str(tmp_path / "authority.key"), "--ready-file", str(ready),
+                        log="authority.log")  # fmt: skip
+        _wait_for_text(ready, "authority", authority, 90)
+        info = json.loads(ready.read_text())
+        relay_ready = tmp_path / "relay.json"
+        extra = ["--manifest", info["manifest"]] if from_file else []
+        relay = run("bootstrap", "--port", "0", "--initial-peers", f"@{ready}", "--run-id", "relayed", "--authority",
+                    info["authority"], *extra, "--ready-file", str(relay_ready), log="relay.log")  # fmt: skip
+        _wait_for_text(tmp_path / "relay.log", "relaying the manifest", relay, 90)
+        assert json.loads(relay_ready.read_text())["digest"] == info["digest"]
+        os.killpg(authority.pid, signal.SIGINT)
+        assert authority.wait(30) == 0
+        time.sleep(7)  # the authority's last record (6 s) has expired by now
+        status = subprocess.run([*node, "status", "--initial-peers", f"@{relay_ready}", "--run-id", "relayed",
+                                 "--authority", info["authority"], "--json"], env=env, capture_output=True,
+                                text=True, timeout=120)  # fmt: skip
+        assert status.returncode == 0, status.stderr[-3000:]
+        assert json.loads(status.stdout)["manifest"]["run_id"] == "relayed"
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGINT)
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
