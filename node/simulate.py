@@ -93,6 +93,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--small-stage-senders", type=int, default=s.small_stage_senders, metavar="N",
                    help="at a monitor with at most N senders, --drift-peer and the active-majority drift rule apply "
                         "whatever their settings (0: never)")
+    g.add_argument("--small-stage-mild-strikes", type=int, default=s.small_stage_mild_strikes, metavar="N",
+                   help="at a small stage (--small-stage-senders), a sender's mild flags of one step give it at most "
+                        "N strikes; gross flags always strike (0: no cap)")
     g.add_argument("--input-explains", type=float, default=s.input_explains, metavar="X",
                    help="do not strike a flag whose reference (the stage's input, or the gradient it received) was at "
                         "least X of its own fences from the references seen before, unless the flag goes well beyond "
@@ -138,6 +141,7 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
         drift_peer=args.drift_peer,
         drift_peer_margin=args.drift_peer_margin,
         small_stage_senders=args.small_stage_senders,
+        small_stage_mild_strikes=args.small_stage_mild_strikes,
         input_explains=args.input_explains,
         learn_tainted=args.learn_tainted,
         seed=args.seed,

@@ -120,6 +120,11 @@ class SentinelConfig:
     # ones included) number at most this, drift_active_majority and drift_peer apply whatever their settings: a stage
     # of 1-3 replicas drifts with too few senders for a majority to show, and honest tiny meshes banned 12 of 16
     # replicas in 200 steps without them (README, "Drift guard"). Stages of more replicas keep the settings. 0: never
+    small_stage_mild_strikes: int = 0  # at a small stage (small_stage_senders), a sender's mild flags (those drift
+    # could explain) of one step give it at most this many strikes; gross flags always strike. One step's tensors
+    # from one replica come from one set of weights: when the trainer routes a whole step to one of a stage's 2
+    # replicas while the stage drifts, its 4 mild flags were 4 strikes, a ban, before the sibling was seen drifting
+    # (the README demo, about 1 run in 20; README, "Drift guard"). 0: no cap
     input_explains: float = 0.75  # a flag is not struck (the tensor is still replaced) when the tensor's reference,
     # the stage's input or the gradient it received, was itself at least this fraction of its own fences from its
     # stream's baseline (l1 or l2, ``Observation.input_excess``), and every distance of the flag is below
@@ -171,6 +176,9 @@ class SentinelConfig:
             raise ConfigError("need drift_senders 0 (auto) or >= 2, drift_steps >= 1 and drift_max_excess > 1")
         if not 0.0 <= self.learn_tainted <= 1.0:
             raise ConfigError(f"learn_tainted must be within [0, 1] (0: never), got {self.learn_tainted}")
+        if self.small_stage_mild_strikes < 0:
+            raise ConfigError(f"small_stage_mild_strikes must be >= 0 (0: no cap), got "
+                              f"{self.small_stage_mild_strikes}")
         if self.small_stage_senders < 0:
             raise ConfigError(f"small_stage_senders must be >= 0 (0: never), got {self.small_stage_senders}")
         if not 0.0 <= self.drift_min_fraction <= 1.0:

@@ -156,7 +156,9 @@ class Validator:
         self.pending = []
         banned = []
         struck: dict[str, int] = {}  # strikes given to each sender in this step
+        mild_struck: dict[str, int] = {}  # of them, for mild flags at small stages (small_stage_mild_strikes)
         cap = self.config.strikes_per_step
+        mild_cap = self.config.small_stage_mild_strikes
 
         def strike(sender: str) -> None:
             if cap and struck.get(sender, 0) >= cap:
@@ -198,6 +200,10 @@ class Validator:
                     continue
                 if self.config.drift_defer and mild_flag:
                     self.deferred.append((step, key[0], key[1], sender))
+                elif mild_flag and small and mild_cap:
+                    if mild_struck.get(sender, 0) < mild_cap:
+                        mild_struck[sender] = mild_struck.get(sender, 0) + 1
+                        strike(sender)
                 else:
                     strike(sender)
         if self.deferred:  # mild flags whose window passed without drift at their monitor

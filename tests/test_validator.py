@@ -613,3 +613,24 @@ def test_input_excess_of_an_unsettled_flag_survives_a_state_round_trip():
     assert clone.pending[0][4].input_excess == pytest.approx(res.input_excess)
     clone.end_step(1)
     assert clone.ledger.strikes("w1") == 0 and clone.input_forgiven == 1
+
+
+@pytest.mark.parametrize("cap", [0, 1])
+def test_small_stage_mild_strikes_caps_a_lone_replicas_step(cap):
+    """A stage of 2 replicas drifts and the trainer routes a whole step to one of them: its 4 mild flags (no sibling
+    tensor of that step to compare with) were 4 strikes, a ban at ban level 3. With small_stage_mild_strikes 1 they
+    are one strike; the tensors are replaced all the same, and a gross flag of the same step still strikes."""
+    v = _two_senders(small_stage_mild_strikes=cap, ban_level=3)
+    for out, ref in pairs(11, 4):
+        res = v.check(ref + 2.8 * (out - ref), boundary=1, direction="forward", sender="w1", step=1, reference=ref)
+        assert res.tainted and res.blamed and res.tensor is not None
+        assert max(res.scores[m] / res.fences[m] for m in res.scores) < v.config.drift_max_excess  # mild
+    banned = v.end_step(1)
+    assert v.ledger.strikes("w1") == (1 if cap else 4) and banned == ([] if cap else ["w1"])
+    if cap:
+        out, ref = next(pairs(12, 1))
+        for _ in range(2):  # gross flags are not capped
+            assert v.check(out * 0, boundary=1, direction="forward", sender="w1", step=2, reference=ref).tainted
+        assert v.end_step(2) == ["w1"]
+    with pytest.raises(ConfigError):
+        SentinelConfig(small_stage_mild_strikes=-1)
