@@ -27,12 +27,12 @@ from sentinel.config import SentinelConfig  # noqa: E402
 from swarm.mesh import Mesh, MeshConfig  # noqa: E402
 
 
-def run(job: tuple[int, int, int, int, int, str]) -> dict:
-    stages, replicas, seed, steps, warmup, overrides = job
+def run(job: tuple[int, int, int, int, int, str, str]) -> dict:
+    stages, replicas, seed, steps, warmup, overrides, routing = job
     torch.set_num_threads(1)
     sentinel = SentinelConfig.from_dict(json.loads(overrides))
     cfg = MeshConfig(preset="tiny", stages=stages, replicas=replicas, steps=steps, warmup=warmup, seed=seed,
-                     eval_every=0, sentinel=sentinel)  # fmt: skip
+                     eval_every=0, sentinel=sentinel, routing=routing)  # fmt: skip
     report = Mesh(cfg).run().report
     return {"replicas": replicas, "seed": seed, "overrides": overrides, "false_bans": report["false_bans"],
             "ban_steps": report["ban_steps"], "tainted": report["tainted_microbatches"],
@@ -50,7 +50,7 @@ def main() -> None:
     args = p.parse_args()
     variants = variants_of(args)
     sizes = [int(r) for r in args.replicas.split(",")]
-    jobs = [(args.stages, r, seed, args.steps, args.warmup, v) for v in variants for r in sizes
+    jobs = [(args.stages, r, seed, args.steps, args.warmup, v, args.routing) for v in variants for r in sizes
             for seed in range(args.seeds)]  # fmt: skip
     results = []
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
@@ -59,7 +59,8 @@ def main() -> None:
             print(f"[{i}/{len(jobs)}] {args.stages} x {res['replicas']} seed {res['seed']} {res['overrides']}: "
                   f"honest bans {res['ban_steps'] or 'none'}, {res['tainted']} tainted", file=sys.stderr, flush=True)
     lines = [f"Honest `tiny` meshes, {args.stages} stages, {args.steps} steps, warm-up {args.warmup}, seeds "
-             f"0-{args.seeds - 1}: honest workers banned (of all the workers of those runs)", "",
+             f"0-{args.seeds - 1}, {args.routing} routing: honest workers banned (of all the workers of those runs)",
+             "",
              "| replicas a stage | " + " | ".join("defaults" if v == "{}" else f"`{v}`" for v in variants) + " |",
              "|---|" + "---|" * len(variants)]  # fmt: skip
     for r in sizes:

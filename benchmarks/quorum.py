@@ -65,7 +65,7 @@ def main() -> None:
         parts = [int(x) for x in setting.split("/")]
         v, q = parts[0], parts[1] if len(parts) > 1 else 1
         settings.append((v, q, parts[2] if len(parts) > 2 else q))
-    shape = {**SHAPE, "steps": args.steps}
+    shape = {**SHAPE, "steps": args.steps, "routing": args.routing}
     for v, q, f in settings:
         MeshConfig(validators=v, ban_quorum=q, check_fanout=f, **shape)  # a bad setting fails here
     seeds = range(args.first_seed, args.first_seed + args.seeds)
@@ -80,7 +80,8 @@ def main() -> None:
                   f"{res['seed']}: bans {res['ban_steps'] or 'none'} (attackers {res['malicious']})",
                   file=sys.stderr, flush=True)  # fmt: skip
     lines = [f"`tiny` 3 x 3, 2 attackers, 4 x 4 sequences a step, lr 3e-3, warm-up 12, {args.steps} steps, seeds "
-             f"{seeds[0]}-{seeds[-1]}, each attack at its strongest setting, forward", "",
+             f"{seeds[0]}-{seeds[-1]}, each attack at its strongest setting, forward, {args.routing} routing",
+             "",
              "| attack | validators / quorum / checks per tensor | overrides | attackers banned | honest banned "
              "(runs) | median steps to ban | validation loss (mean) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for attack in args.attacks.split(","):

@@ -33,11 +33,11 @@ SHAPE = dict(preset="tiny", stages=2, replicas=2, malicious_fraction=0.25, micro
              warmup=6, eval_every=0)  # fmt: skip
 
 
-def run(job: tuple[str, dict, str, int, int, str]) -> dict:
-    attack, params, direction, seed, steps, overrides = job
+def run(job: tuple[str, dict, str, int, int, str, str]) -> dict:
+    attack, params, direction, seed, steps, overrides, routing = job
     torch.set_num_threads(1)
     cfg = MeshConfig(attack=attack, attack_params=params, attack_direction=direction, seed=seed, steps=steps,
-                     sentinel=SentinelConfig.from_dict(json.loads(overrides)), **SHAPE)  # fmt: skip
+                     sentinel=SentinelConfig.from_dict(json.loads(overrides)), routing=routing, **SHAPE)  # fmt: skip
     r = Mesh(cfg).run().report
     malicious = set(r["malicious"])
     return {"caught": len(malicious & set(r["banned"])), "malicious": len(malicious), "false": len(r["false_bans"]),
@@ -61,7 +61,7 @@ def main() -> None:
                 p.error(f"unknown attack {name!r}; one of {', '.join(STRONGEST)}")
             settings = [("weakest", WEAKEST[name]), ("strongest", STRONGEST[name])]
             cases += [(name, label, params, direction) for label, params in settings if params or label == "strongest"]
-    jobs = [(name, params, direction, seed, args.steps, v)
+    jobs = [(name, params, direction, seed, args.steps, v, args.routing)
             for name, _, params, direction in cases for v in variants for seed in range(args.seeds)]  # fmt: skip
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         results = []
@@ -73,7 +73,8 @@ def main() -> None:
     by_key: dict[tuple, list[dict]] = {}
     for job, res in zip(jobs, results):
         by_key.setdefault((job[0], json.dumps(job[1]), job[2], job[5]), []).append(res)
-    title = f"`tiny` 2 x 2, one attacker in four, {args.steps} steps, warm-up {SHAPE['warmup']}"
+    title = (f"`tiny` 2 x 2, one attacker in four, {args.steps} steps, warm-up {SHAPE['warmup']}, "
+             f"{args.routing} routing")
     header = ("| attack | setting | direction | variant | attackers banned | honest banned | median ban step | "
               "validation loss (mean) |")  # fmt: skip
     lines = [f"{title}, seeds 0-{args.seeds - 1}", "", header, "|---|---|---|---|---|---|---|---|"]

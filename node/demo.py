@@ -76,6 +76,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="micro-batches the trainer keeps in flight (default 1: the demo is reproducible; more is "
                         "faster, but then the order in which the validator learns depends on timing, and on this "
                         "tiny 2 x 2 swarm one run of two with 4 in flight banned 2 honest peers)")
+    p.add_argument("--routing", choices=["balanced", "random"], default="balanced",
+                   help="the trainer's routing of a step's micro-batches over a stage's replicas (join --routing)")
     p.add_argument("--sentinel", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="more sentinel settings for the swarm's manifest, after the demo's own (drift_senders, "
                         "drift_active_majority, drift_peer, ban_level), e.g. seed=7 fit_every=1")
@@ -371,7 +373,7 @@ def run(args: argparse.Namespace) -> int:
                 str(args.steps), "--microbatches", str(args.microbatches), "--batch-size", str(args.batch_size),
                 "--warmup", str(warmup), "--metrics", str(metrics), "--stats", str(trainer_stats),
                 "--min-replicas", str(args.replicas), "--max-inflight", str(args.max_inflight),
-                "--check-fanout", str(args.check_fanout)]  # fmt: skip
+                "--check-fanout", str(args.check_fanout), "--routing", args.routing]  # fmt: skip
         if args.data:
             argv += ["--data", str(Path(args.data).resolve())]
         tr = swarm.start("trainer", argv)

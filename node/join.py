@@ -114,6 +114,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
     g.add_argument("--max-inflight", type=int, default=4,
                    help="micro-batches of a step driven through the swarm at once (pipelining; 1: one at a time)")
+    g.add_argument("--routing", choices=["balanced", "random"], default="balanced",
+                   help="how a step's micro-batches go to a stage's replicas: shared in proportion to throughput "
+                        "(balanced), or an independent weighted draw each (random)")
     g.add_argument("--check-fanout", type=int, default=0, metavar="K",
                    help="send each check to K distinct validators at once (tainted if any taints it; default 0: "
                         "the manifest's ban quorum, so that each validator of a quorum sees all the evidence "
@@ -412,6 +415,7 @@ async def _trainer(args, dht, manifest, identity, stop: StopFlag) -> int:
     config = TrainerConfig(
         seed=args.seed, batch_size=args.batch_size, microbatches=args.microbatches, lr=args.lr, warmup=args.warmup,
         taint_scope=args.taint_scope, max_inflight=args.max_inflight, check_fanout=args.check_fanout,
+        routing=args.routing,
     )  # fmt: skip
     trainer = Trainer(config, manifest, identity, corpus)
     start_step = 0

@@ -48,6 +48,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None, help="text file or folder (default: the Python standard library)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--taint-scope", default=d.taint_scope, choices=TAINT_SCOPES)
+    p.add_argument("--routing", default=d.routing, choices=["random", "balanced"],
+                   help="each micro-batch draws a replica per stage (random, the paper's), or each step's "
+                        "micro-batches are shared evenly among a stage's replicas (balanced, as a swarm's trainer)")
     p.add_argument("--validators", type=int, default=d.validators,
                    help="validators, as in a swarm: each keeps its own ledger (see --check-fanout)")
     p.add_argument("--ban-quorum", type=int, default=d.ban_quorum,
@@ -166,6 +169,7 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
         data=args.data,
         device=args.device,
         taint_scope=args.taint_scope,
+        routing=args.routing,
         validators=args.validators,
         ban_quorum=args.ban_quorum,
         check_fanout=args.check_fanout,

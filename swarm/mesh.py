@@ -49,6 +49,7 @@ from sentinel.metrics import precision_recall_f1, taint_scores, time_to_ban
 from sentinel.validator import Validator
 from swarm.data import BatchSampler, Corpus, load_corpus, validation_batches
 from swarm.model import ModelConfig, build_pipeline, resolve_config, resolve_device
+from swarm.routing import ROUTINGS, balanced_plan
 
 TAINT_SCOPES = ("microbatch", "tensor")
 CHECKPOINT_FORMAT = "sentinel-mesh-checkpoint"
@@ -111,6 +112,10 @@ class MeshConfig:
     ban_quorum: int = 1
     check_fanout: int = 0  # validators (distinct, at random) that check each tensor; tainted if any flags it (0: the
     # ban quorum, as a swarm's trainer does by default)
+    routing: str = "random"  # "random": each micro-batch draws a replica per stage uniformly (the paper's
+    # stochastic wiring; every mesh figure in README and benchmarks/results was measured so); "balanced": each step's
+    # micro-batches are shared evenly among a stage's replicas, as a swarm's trainer does by default (README,
+    # "Routing")
     sentinel: SentinelConfig = field(default_factory=SentinelConfig)
 
     def __post_init__(self) -> None:
@@ -126,6 +131,8 @@ class MeshConfig:
             raise MeshConfigError("check_fanout must be in 0..validators (0: ban_quorum)")
         if self.taint_scope not in TAINT_SCOPES:
             raise MeshConfigError(f"taint_scope must be one of {TAINT_SCOPES}")
+        if self.routing not in ROUTINGS:
+            raise MeshConfigError(f"routing must be one of {ROUTINGS}")
         parse_direction(self.attack_direction)
 
     @property
@@ -215,6 +222,7 @@ class Mesh:
         self.validators = [Validator(sentinel) for _ in range(config.validators)] if config.defense else []
         self.route_rng = np.random.default_rng([config.seed, 11])
         self.validator_rng = np.random.default_rng([config.seed, 13])  # which validator checks what (if several)
+        self.plan: list[list[int]] | None = None  # balanced routing: the step's replica of each stage per micro-batch
         self.events: list[Event] = []
         self.poisoned: set[int] = set()
         self.tainted: set[int] = set()
@@ -250,16 +258,33 @@ class Mesh:
         quorum = self.config.ban_quorum
         return {w: sorted(s)[quorum - 1] for w, s in steps.items() if len(s) >= quorum}
 
-    def route(self) -> list[int]:
-        """One replica per stage, uniformly among the stage's non-banned workers (stochastic wiring)."""
+    def route(self, index: int | None = None) -> list[int]:
+        """One replica per stage, uniformly among the stage's non-banned workers (stochastic wiring); with balanced
+        routing, micro-batch ``index``'s entry of the step's plan (``plan_step``)."""
+        if self.plan is not None and index is not None:
+            return [plan[index % len(plan)] for plan in self.plan]
+        return [int(self.route_rng.choice(alive)) for alive in self._alive()]
+
+    def _alive(self) -> list[list[int]]:
+        """Each stage's non-banned replicas (all of them where every one is banned: better to route through them than
+        to stop training)."""
         banned = self.banned()
-        route = []
+        out = []
         for s in range(1, self.config.stages + 1):
             alive = [r for r in range(self.config.replicas) if worker_id(s, r) not in banned]
-            if not alive:  # every replica banned: better to route through them than to stop training
-                alive = list(range(self.config.replicas))
-            route.append(int(self.route_rng.choice(alive)))
-        return route
+            out.append(alive or list(range(self.config.replicas)))
+        return out
+
+    def plan_step(self) -> None:
+        """Balanced routing: share this step's micro-batches evenly among each stage's non-banned replicas (bans
+        settle at the end of a step, so the plan holds for the whole step)."""
+        if self.config.routing != "balanced":
+            self.plan = None
+            return
+        m = self.config.microbatches
+        self.plan = [
+            [alive[i] for i in balanced_plan(np.ones(len(alive)), m, self.route_rng)] for alive in self._alive()
+        ]
 
     # --- one micro-batch --------------------------------------------------------------------------------------
 
@@ -318,7 +343,7 @@ class Mesh:
         cfg = self.config
         x, y = self.sampler.sample()
         x, y = x.to(self.device), y.to(self.device)
-        route = self.route()
+        route = self.route(mb % cfg.microbatches)
         emb_out = self.embedding(x)
         h = emb_out.detach().requires_grad_(True)
         tainted = False
@@ -373,6 +398,7 @@ class Mesh:
 
     def step(self, step: int) -> float:
         self.optimizer.zero_grad(set_to_none=True)
+        self.plan_step()
         losses = []
         for i in range(self.config.microbatches):
             loss = self.microbatch(step, step * self.config.microbatches + i)

@@ -15,10 +15,12 @@ The data path of one micro-batch mirrors ``swarm.mesh.Mesh.microbatch`` over the
 Routing: among the ONLINE announcements of a stage, weighted by throughput (``throughput_weights``: a peer that has
 not measured itself yet weighs as the median measured one), excluding peers that a quorum of
 validators has banned (``fetch_banned``) and peers that failed during this micro-batch; the
-view is refreshed from the DHT every ``refresh_period`` seconds. Transport failures are retried on another replica,
-at most ``max_retries`` times per call; a bad request or a rejected input is never retried. A peer that failed a call
-is avoided for ``failure_ban`` seconds (doubling with each consecutive failure, up to ``failure_ban_max``; cleared by
-a success), like Petals' ``Blacklist``: a replica that died without announcing OFFLINE stays in the DHT until its
+view is refreshed from the DHT every ``refresh_period`` seconds. With ``routing="balanced"`` (the default) each step's
+micro-batches are shared among a stage's replicas in proportion to those weights (``swarm.routing.balanced_plan``);
+retries, and a planned replica banned or failed since, fall back to the weighted random choice. Transport failures
+are retried on another replica, at most ``max_retries`` times per call; a bad request or a rejected input is never
+retried. A peer that failed a call is avoided for ``failure_ban`` seconds (doubling with each consecutive failure, up
+to ``failure_ban_max``; cleared by a success), like Petals' ``Blacklist``: a replica that died without announcing OFFLINE stays in the DHT until its
 record expires, and without this every micro-batch would pay one failed call for it. Avoided peers are still used
 when nothing else is left (they may be back).
 
@@ -73,6 +75,7 @@ from swarm.records import (
     sign_verdict,
     tensor_digest,
 )
+from swarm.routing import ROUTINGS, balanced_plan
 from swarm.stage_server import StageServer, manifest_model_config, rpc_namespace
 from swarm.validator_service import ValidatorService
 
@@ -112,6 +115,11 @@ class TrainerConfig:
     # validators": with 2 validators and quorum 2, one check each banned later and missed most noise attackers)
     max_inflight: int = 4  # micro-batches of one step driven through the swarm concurrently (pipelining: one
     # micro-batch's validator check overlaps another's stage compute); 1 = strictly one after another
+    routing: str = "balanced"  # "balanced": each step's micro-batches are shared among a stage's replicas in
+    # proportion to their weights (each gets floor or ceil of its share; which micro-batches, at random); "random":
+    # an independent weighted draw per micro-batch, which sent all 4 of a step to one of 2 replicas 1 step in 8. Then
+    # the step waits on one replica while the other idles, and its validator sees no sibling's tensor of that step to
+    # tell a stage's drift from one replica's fault (README, "Routing")
 
 
 def choose_replica(
@@ -124,6 +132,18 @@ def choose_replica(
     (as in the mesh: routing through a banned replica, whose output the validators still check, beats stopping
     training). Excluded replicas (failed during this call) are never chosen.
     """
+    allowed = routable(announcements, banned, exclude, avoid)
+    if not allowed:
+        return None
+    weights = throughput_weights([a.throughput for a in allowed])
+    return allowed[int(rng.choice(len(allowed), p=weights / weights.sum()))]
+
+
+def routable(
+    announcements: Sequence[StageAnnouncement], banned: set[str], exclude: set[str],
+    avoid: set[str] | frozenset[str] = frozenset(),
+) -> list[StageAnnouncement]:
+    """The replicas ``choose_replica`` draws from: the first non-empty of its tiers (see there)."""
     online = [a for a in announcements if a.state == StageState.ONLINE and a.peer not in exclude]
     tiers = (
         [a for a in online if a.peer not in banned and a.peer not in avoid],
@@ -131,11 +151,7 @@ def choose_replica(
         [a for a in online if a.peer not in avoid],
         online,
     )
-    allowed = next((tier for tier in tiers if tier), None)
-    if not allowed:
-        return None
-    weights = throughput_weights([a.throughput for a in allowed])
-    return allowed[int(rng.choice(len(allowed), p=weights / weights.sum()))]
+    return next((tier for tier in tiers if tier), [])
 
 
 def preferring(first: str, pick: Callable[[set[str]], str | None]) -> Callable[[set[str]], str | None]:
@@ -203,6 +219,9 @@ class Trainer:
         self._dht: DHT | None = None
         self._p2p: P2P | None = None
         self._refreshing: asyncio.Future | None = None
+        self._plans: dict[tuple[int, int], list[str]] = {}  # (step, stage) -> the step's replica per micro-batch
+        if config.routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, got {config.routing!r}")
 
     async def start(self, dht: DHT) -> None:
         self._dht = dht
@@ -287,6 +306,29 @@ class Trainer:
     def _pick_stage(self, k: int, exclude: set[str]) -> str | None:
         chosen = choose_replica(self.stages.get(k, []), self.banned, exclude, self.rng, self.avoided())
         return None if chosen is None else chosen.peer
+
+    def _planned_pick(self, k: int, step: int, mb: int) -> Callable[[set[str]], str | None]:
+        """The ``pick`` of micro-batch ``mb``'s forward at stage ``k``: with balanced routing, its replica in the
+        step's plan (made on first use from the routing view of that moment), unless that one has since been banned,
+        failed or is avoided; then, and for retries, a weighted random choice."""
+        if self.config.routing != "balanced":
+            return lambda ex: self._pick_stage(k, ex)
+        plan = self._plans.get((step, k))
+        if plan is None:
+            allowed = routable(self.stages.get(k, []), self.banned, set(), self.avoided())
+            weights = throughput_weights([a.throughput for a in allowed])
+            n = max(1, self.config.microbatches)
+            plan = [allowed[i].peer for i in balanced_plan(weights, n, self.rng)]
+            self._plans = {key: p for key, p in self._plans.items() if key[0] >= step - 1}  # keep this step's
+            self._plans[(step, k)] = plan
+        planned = plan[mb % len(plan)] if plan else None
+
+        def pick(exclude: set[str]) -> str | None:
+            if planned is None or planned in exclude or planned in self.banned or planned in self.avoided():
+                return self._pick_stage(k, exclude)
+            return planned
+
+        return pick
 
     def _pick_validator(self, boundary: int, exclude: set[str]) -> str | None:
         available = [a for a in self.validators.get(boundary, []) if a.peer not in exclude]
@@ -408,7 +450,7 @@ class Trainer:
         """Stage ``k``'s forward of ``inp`` on some replica, then a validator's check of its output at boundary k."""
         meta = {"run": self.run, "step": step, "mb": mb, "verdict": inp_verdict.to_tuple()}
         peer, out = await self._with_retries(
-            lambda ex: self._pick_stage(k, ex),
+            self._planned_pick(k, step, mb),
             lambda p: self._stage_call(p, "rpc_forward", [inp], meta),
         )
         if not self.config.validate:

@@ -181,3 +181,28 @@ def test_several_validators_split_the_checks_and_ban_by_quorum(corpus):
         tiny(validators=0)
     with pytest.raises(MeshConfigError):
         tiny(validators=2, check_fanout=3)
+
+
+def test_balanced_routing_shares_each_step_evenly_and_still_catches_an_attacker(corpus):
+    """routing="balanced": every step, each of a stage's 3 replicas serves 2 of the 6 micro-batches (random: an
+    independent draw each); a banned replica gets none. The attacker is still banned, and nobody honest."""
+    mesh = Mesh(tiny(routing="balanced", attack="zeros"), corpus)
+    for _ in range(5):
+        mesh.plan_step()
+        routes = [mesh.route(i) for i in range(6)]
+        for s in range(2):
+            assert sorted(r[s] for r in routes) == [0, 0, 1, 1, 2, 2]
+    rep = mesh.run().report
+    assert rep["banned"] == rep["malicious"] and not rep["false_bans"]
+    mesh.plan_step()
+    routes = [mesh.route(i) for i in range(6)]
+    for worker in rep["banned"]:  # "s{stage}r{replica}"
+        stage, replica = (int(x) for x in worker[1:].split("r"))
+        assert replica not in {r[stage - 1] for r in routes}
+    random = Mesh(tiny(), corpus)
+    random.plan_step()
+    assert random.plan is None and any(
+        sorted(random.route(i)[0] for i in range(6)) != [0, 0, 1, 1, 2, 2] for _ in range(10)
+    )
+    with pytest.raises(MeshConfigError, match="routing"):
+        tiny(routing="nope")

@@ -1,6 +1,7 @@
 """Pure checks of the wire protocol and routing choice (no sockets)."""
 
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -8,6 +9,9 @@ import torch
 from hivemind.proto import runtime_pb2
 
 from swarm import protocol
+from swarm.data import Corpus
+from swarm.identity import Identity
+from swarm.local import local_manifest
 from swarm.protocol import (
     BadRequest,
     PayloadTooLarge,
@@ -22,7 +26,8 @@ from swarm.protocol import (
     error_from_code,
 )
 from swarm.records import StageAnnouncement, StageState, TaintedInput
-from swarm.trainer import choose_replica, throughput_weights
+from swarm.routing import balanced_plan
+from swarm.trainer import Trainer, TrainerConfig, choose_replica, throughput_weights
 
 SPEC = TensorSpec(d_model=8, seq_len=4, max_batch=2)
 FP16 = runtime_pb2.CompressionType.FLOAT16
@@ -88,3 +93,46 @@ def test_unmeasured_peers_weigh_as_a_typical_measured_one():
     assert throughput_weights([1000.0, 3000.0, 5000.0, 0.0]).tolist() == [1000.0, 3000.0, 5000.0, 3000.0]
     assert throughput_weights([0.0, 0.0]).tolist() == [1.0, 1.0]
     assert throughput_weights([3.0]).tolist() == [3.0]
+
+
+def test_balanced_plan_gives_each_its_share_rounded_and_shuffles():
+    rng = np.random.default_rng(0)
+    orders = set()
+    for weights, n in (([1.0, 1.0], 4), ([1.0, 3.0], 4), ([1.0, 1.0, 1.0], 4), ([2.0, 1.0, 1.0, 0.5], 7), ([5.0], 3)):
+        for _ in range(50):
+            plan = balanced_plan(np.array(weights), n, rng)
+            assert len(plan) == n
+            share = n * np.array(weights) / sum(weights)
+            counts = np.bincount(plan, minlength=len(weights))
+            assert np.all(counts >= np.floor(share)) and np.all(counts <= np.ceil(share)), (weights, plan)
+            if weights == [1.0, 1.0]:
+                orders.add(tuple(plan))
+    assert len(orders) > 1  # which micro-batches go where is random
+    assert balanced_plan(np.array([1.0]), 0, rng) == [] and balanced_plan(np.array([]), 4, rng) == []
+
+
+def test_balanced_routing_splits_each_step_and_falls_back_when_the_planned_replica_is_out():
+    """With random routing a step's 4 micro-batches all went to one of 2 replicas 1 step in 8; balanced, each
+    replica serves 2 each step. A planned replica that was banned or failed since the plan is replaced by a
+    weighted random choice among the others."""
+    trainer_key = Identity.generate()
+    manifest = local_manifest("routing", "tiny", 2, Identity.generate(), trainer_key, Identity.generate())
+    corpus = Corpus(np.zeros(5000, np.uint8), np.zeros(100, np.uint8), "t", 1, 1)
+    anns = [StageAnnouncement("routing", 0, p, StageState.ONLINE, (0, 1), 1.0, bytes(32)) for p in ("a", "b")]
+    for routing in ("balanced", "random"):
+        trainer = Trainer(TrainerConfig(microbatches=4, routing=routing), manifest, trainer_key, corpus)
+        trainer.stages = {1: anns}
+        splits = [sorted(Counter(trainer._planned_pick(1, step, step * 4 + i)(set()) for i in range(4)).values())
+                  for step in range(200)]  # fmt: skip
+        if routing == "balanced":
+            assert all(split == [2, 2] for split in splits)
+        else:
+            assert 10 < sum(split == [4] for split in splits) < 45  # about 1 in 8
+    trainer = Trainer(TrainerConfig(microbatches=4), manifest, trainer_key, corpus)
+    trainer.stages = {1: anns}
+    planned = [trainer._planned_pick(1, 0, i)(set()) for i in range(4)]
+    trainer.banned.add("a")
+    assert {trainer._planned_pick(1, 0, i)(set()) for i in range(4)} == {"b"}
+    assert trainer._planned_pick(1, 0, planned.index("b"))({"b"}) == "a"  # excluded after a failure: banned is used
+    with pytest.raises(ValueError, match="routing"):
+        Trainer(TrainerConfig(routing="nope"), manifest, trainer_key, corpus)
