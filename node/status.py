@@ -27,19 +27,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def collect(dht, manifest) -> dict:
     """The run's state as plain data (pure reads of the DHT)."""
-    from swarm.dht_schema import banned_peers, fetch_stages, fetch_strikes, fetch_validators
+    from swarm.dht_schema import banned_peers, fetch_stages, fetch_strikes, fetch_validators, manifest_copies
 
     run = manifest.run_id
     stages = {k: fetch_stages(dht, run, k - 1) for k in range(1, manifest.n_stages + 1)}
     validators = {b: fetch_validators(dht, run, b) for b in range(manifest.n_stages + 1)}
     peers = sorted({a.peer for anns in stages.values() for a in anns})
     strikes = [r for p in peers for r in fetch_strikes(dht, run, p)]
+    copies = manifest_copies(dht, run, manifest.authority)
     return {
         "manifest": {
             "run_id": run, "preset": manifest.preset, "n_stages": manifest.n_stages,
             "layer_spans": [list(s) for s in manifest.layer_spans], "validators": len(manifest.validators),
             "trainers": len(manifest.trainers), "ban_quorum": manifest.ban_quorum,
             "authority": manifest.authority.hex(), "digest": manifest.digest().hex(),
+            "copies": [{"publisher": publisher.hex()[:16], "authority": publisher == manifest.authority,
+                        "digest": signed.manifest.digest().hex()} for publisher, signed in copies],
         },
         "stages": {
             k: [{"peer": a.peer, "state": a.state.name, "throughput": a.throughput, "span": list(a.span)}
@@ -79,6 +82,12 @@ def format_status(state: dict) -> str:
         f"  authority {m['authority']}",
         f"  digest    {m['digest']}",
     ]
+    relays = sum(not c["authority"] for c in m["copies"])
+    own = any(c["authority"] for c in m["copies"])
+    others = sum(c["digest"] != m["digest"] for c in m["copies"])
+    lines.append(f"  published by {'the authority and ' if own else ''}{relays} relay(s)"
+                 f"{'' if own else ' (the authority is not publishing it)'}"
+                 f"{f', and {others} copies of another version' if others else ''}")  # fmt: skip
     for k, anns in state["stages"].items():
         lines.append(f"stage {k}: {len(anns)} replica(s)")
         for a in anns:

@@ -599,15 +599,23 @@ def fetch_manifest(dht: DHT, run: str, authority_key: bytes, digest: bytes | Non
     """The run's manifest signed by `authority_key` (obtained out of band), verified, from whichever copy the DHT holds
     (the authority's or a relay's); with `digest`, only that manifest. Of several valid versions, the newest
     (`created_at`), so that a relay of an older one cannot hide a newer one. None if absent."""
-    found = []
-    for _, signed in _fetch(dht, manifest_key(run), SignedManifest.from_tuple, None):
+    found = [signed for _, signed in manifest_copies(dht, run, authority_key)
+             if digest is None or signed.manifest.digest() == digest]  # fmt: skip
+    return max(found, key=lambda s: (s.manifest.created_at, s.manifest.digest()), default=None)
+
+
+def manifest_copies(dht: DHT, run: str, authority_key: bytes) -> list[tuple[bytes, SignedManifest]]:
+    """Every valid published copy of the run's manifests signed by `authority_key`: (publisher's key, manifest), the
+    authority's own copy and the relays'."""
+    out = []
+    for publisher, signed in _fetch(dht, manifest_key(run), SignedManifest.from_tuple, None):
         try:
-            manifest = signed.verify(authority=authority_key, digest=digest)
+            manifest = signed.verify(authority=authority_key)
         except RecordError:
             continue
         if manifest.run_id == run:
-            found.append(signed)
-    return max(found, key=lambda s: (s.manifest.created_at, s.manifest.digest()), default=None)
+            out.append((publisher, signed))
+    return out
 
 
 def publish_stage(dht: DHT, identity: Identity, announcement: StageAnnouncement, expiration: float) -> bool:

@@ -133,7 +133,9 @@ def test_nodes_still_find_the_manifest_after_the_authority_stops(tmp_path, from_
                                  "--authority", info["authority"], "--json"], env=env, capture_output=True,
                                 text=True, timeout=120)  # fmt: skip
         assert status.returncode == 0, status.stderr[-3000:]
-        assert json.loads(status.stdout)["manifest"]["run_id"] == "relayed"
+        manifest = json.loads(status.stdout)["manifest"]
+        assert manifest["run_id"] == "relayed"
+        assert [c["authority"] for c in manifest["copies"]] == [False]  # the relay's copy only
     finally:
         for process in processes:
             if process.poll() is None:

@@ -192,7 +192,8 @@ def test_status_text_view_marks_banned_replicas():
 
     state = {
         "manifest": {"run_id": "r", "preset": "tiny", "n_stages": 1, "layer_spans": [[0, 4]], "validators": 1,
-                     "trainers": 1, "ban_quorum": 1, "authority": "aa" * 32, "digest": "bb" * 32},
+                     "trainers": 1, "ban_quorum": 1, "authority": "aa" * 32, "digest": "bb" * 32,
+                     "copies": [{"publisher": "dd" * 8, "authority": False, "digest": "bb" * 32}]},
         "stages": {"1": [{"peer": "PeerGood", "state": "ONLINE", "throughput": 2.5, "span": [0, 4]},
                          {"peer": "PeerBad", "state": "ONLINE", "throughput": 2.0, "span": [0, 4]}]},
         "validators": {"0": [{"peer": "PeerValidator", "throughput": 9.0, "key": "cc" * 8}], "1": []},
@@ -203,6 +204,9 @@ def test_status_text_view_marks_banned_replicas():
     assert "PeerBad" in text and "BANNED" in text.split("PeerBad")[1].splitlines()[0]
     assert "BANNED" not in text.split("PeerGood")[1].splitlines()[0]
     assert "boundary 1: validators NONE" in text and "banned by quorum (1): ['PeerBad']" in text
+    assert "published by 1 relay(s) (the authority is not publishing it)" in text
+    state["manifest"]["copies"].append({"publisher": "aa" * 8, "authority": True, "digest": "bb" * 32})
+    assert "published by the authority and 1 relay(s)\n" in format_status(state)
 
 
 def test_at_path_arguments_read_pub_files_and_ready_files(tmp_path, capsys):
