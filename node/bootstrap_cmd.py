@@ -6,7 +6,6 @@ while the authority is down)."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -21,6 +20,8 @@ from node.common import (
     expand_peers,
     format_command,
     join_commands,
+    load_manifest_json,
+    manifest_json,
     parse_key_hex,
     parse_overrides,
     replace_sentinel,
@@ -33,7 +34,7 @@ from node.common import (
 )
 from sentinel.config import SentinelConfig
 from swarm.model import PRESETS
-from swarm.records import Manifest, RecordError, SignedManifest
+from swarm.records import SignedManifest
 
 log = logging.getLogger("sentinel.bootstrap")
 
@@ -82,44 +83,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ready-file", metavar="PATH", default=None,
                    help="write a JSON with the multiaddrs (and manifest digest) once up (for scripts)")  # fmt: skip
     p.set_defaults(func=run)
-
-
-def manifest_json(signed: SignedManifest) -> dict:
-    m = signed.manifest
-    return {
-        "run_id": m.run_id, "preset": m.preset, "n_stages": m.n_stages,
-        "layer_spans": [list(s) for s in m.layer_spans],
-        "sentinel_config": dict(m.sentinel_config), "validators": [k.hex() for k in m.validators],
-        "trainers": [k.hex() for k in m.trainers], "ban_quorum": m.ban_quorum, "created_at": m.created_at,
-        "authority": m.authority.hex(), "digest": m.digest().hex(), "signature": signed.signature.hex(),
-    }  # fmt: skip
-
-
-def load_manifest_json(path: str | Path, authority: bytes) -> SignedManifest:
-    """The signed manifest in a file that ``manifest_json`` wrote, verified against ``authority``; CommandError
-    (naming the file) for anything else: unreadable, not JSON, malformed, another authority's, or tampered with."""
-    path = Path(path).expanduser()
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CommandError(f"cannot read the manifest file {path}: {type(e).__name__}: {e}") from None
-    try:
-        if not isinstance(data, dict):
-            raise TypeError("not a JSON object")
-        manifest = Manifest(
-            data["run_id"], data["preset"], data["n_stages"], [tuple(span) for span in data["layer_spans"]],
-            data["sentinel_config"], [bytes.fromhex(k) for k in data["validators"]],
-            [bytes.fromhex(k) for k in data["trainers"]], data["ban_quorum"], data["created_at"],
-            bytes.fromhex(data["authority"]),
-        )  # fmt: skip
-        signed = SignedManifest(manifest, bytes.fromhex(data["signature"]))
-        signed.verify(authority=authority)
-    except (KeyError, TypeError, ValueError, RecordError) as e:
-        raise CommandError(f"{path} is not a manifest signed by authority {authority.hex()[:16]}...: "
-                           f"{type(e).__name__}: {e}") from None  # fmt: skip
-    if data.get("digest") not in (None, manifest.digest().hex()):
-        raise CommandError(f"{path}: its digest field does not match its manifest")
-    return signed
 
 
 def _new_swarm(args) -> SignedManifest:

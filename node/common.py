@@ -15,7 +15,7 @@ from pathlib import Path
 from sentinel.config import SentinelConfig
 from swarm.identity import Identity
 from swarm.model import resolve_config, split_layers
-from swarm.records import Manifest, SignedManifest
+from swarm.records import Manifest, RecordError, SignedManifest
 
 DEFAULT_PORT = 31337
 STARTUP_TIMEOUT = 30.0  # p2pd start (HIVEMIND.md D.1: the 15 s default is the most reported failure)
@@ -189,6 +189,44 @@ def build_manifest(
         authority.public_key,
     )  # fmt: skip
     return manifest.sign(authority)
+
+
+def manifest_json(signed: SignedManifest) -> dict:
+    m = signed.manifest
+    return {
+        "run_id": m.run_id, "preset": m.preset, "n_stages": m.n_stages,
+        "layer_spans": [list(s) for s in m.layer_spans],
+        "sentinel_config": dict(m.sentinel_config), "validators": [k.hex() for k in m.validators],
+        "trainers": [k.hex() for k in m.trainers], "ban_quorum": m.ban_quorum, "created_at": m.created_at,
+        "authority": m.authority.hex(), "digest": m.digest().hex(), "signature": signed.signature.hex(),
+    }  # fmt: skip
+
+
+def load_manifest_json(path: str | Path, authority: bytes) -> SignedManifest:
+    """The signed manifest in a file that ``manifest_json`` wrote, verified against ``authority``; CommandError
+    (naming the file) for anything else: unreadable, not JSON, malformed, another authority's, or tampered with."""
+    path = Path(path).expanduser()
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CommandError(f"cannot read the manifest file {path}: {type(e).__name__}: {e}") from None
+    try:
+        if not isinstance(data, dict):
+            raise TypeError("not a JSON object")
+        manifest = Manifest(
+            data["run_id"], data["preset"], data["n_stages"], [tuple(span) for span in data["layer_spans"]],
+            data["sentinel_config"], [bytes.fromhex(k) for k in data["validators"]],
+            [bytes.fromhex(k) for k in data["trainers"]], data["ban_quorum"], data["created_at"],
+            bytes.fromhex(data["authority"]),
+        )  # fmt: skip
+        signed = SignedManifest(manifest, bytes.fromhex(data["signature"]))
+        signed.verify(authority=authority)
+    except (KeyError, TypeError, ValueError, RecordError) as e:
+        raise CommandError(f"{path} is not a manifest signed by authority {authority.hex()[:16]}...: "
+                           f"{type(e).__name__}: {e}") from None  # fmt: skip
+    if data.get("digest") not in (None, manifest.digest().hex()):
+        raise CommandError(f"{path}: its digest field does not match its manifest")
+    return signed
 
 
 def wait_for_manifest(

@@ -23,11 +23,13 @@ from node.common import (
     check_dht,
     ensure_identity,
     expand_peers,
+    load_manifest_json,
+    manifest_json,
     parse_key_hex,
     say,
     sentinel_from_manifest,
     start_dht,
-    wait_for_manifest,
+    wait_for_signed_manifest,
     write_json_atomic,
 )
 
@@ -51,7 +53,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--manifest-digest", metavar="HEX", default=None, help="also require this manifest digest")
     p.add_argument("--identity", required=True, metavar="PATH",
                    help="this node's Ed25519 identity (sentinel-node keygen); a gpu-stage creates it if missing")
-    p.add_argument("--manifest-timeout", type=float, default=60.0, help="seconds to wait for the manifest")
+    p.add_argument("--manifest-timeout", type=float, default=60.0,
+                   help="seconds to wait for the manifest in the DHT (at most 15 with a manifest file to fall "
+                        "back on)")
+    p.add_argument("--manifest", metavar="PATH", default=None,
+                   help="the authority's signed manifest file (bootstrap --manifest-out), verified against "
+                        "--authority: used when the DHT has none (the authority and every relay down). With "
+                        "--checkpoint-dir a node also keeps the manifest it joined with there, for its restarts")
     p.add_argument("--seed", type=int, default=0, help="model init seed (the same on every node of the run)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="auto",
@@ -162,6 +170,8 @@ def _check_args(args) -> None:
             resolve_device(args.device)
         except ValueError as e:
             raise CommandError(f"--device: {e}") from None
+    if args.manifest and not Path(args.manifest).expanduser().is_file():
+        raise CommandError(f"--manifest {args.manifest}: no such file")
     if args.attack:
         from sentinel.attacks import make_attack, parse_params
 
@@ -185,11 +195,17 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError("--manifest-digest must be hex") from None
     identity = ensure_identity(args.identity, create=args.role == "gpu-stage")
     stop = StopFlag().install()
+    fallbacks = [Path(args.manifest).expanduser()] if args.manifest else []
+    saved = _state_path(args, f"manifest-{args.run_id}.json")
+    if saved is not None and saved.exists():
+        fallbacks.append(saved)
     policy = SentinelRecordValidator.for_bootstrap(args.run_id, authority, identity)
     dht = start_dht(args, expand_peers(args.initial_peers), [policy])
     try:
-        manifest = wait_for_manifest(dht, args.run_id, authority, timeout=args.manifest_timeout, digest=digest,
-                                     stop=stop)
+        manifest = _join_manifest(dht, args, authority, digest, fallbacks, stop)
+        if saved is not None:
+            write_json_atomic(saved, manifest_json(manifest))
+        manifest = manifest.manifest
         dht.add_validators([SentinelRecordValidator.from_manifest(manifest, identity)])
         say(f"{args.role}: joined run {manifest.run_id!r} ({manifest.preset}, {manifest.n_stages} stages, "
             f"{len(manifest.validators)} validators, ban quorum {manifest.ban_quorum}) as {identity.fingerprint}")
@@ -197,6 +213,32 @@ def run(args: argparse.Namespace) -> int:
         return asyncio.run(main(args, dht, manifest, identity, stop))
     finally:
         dht.shutdown()
+
+
+def _join_manifest(dht, args, authority: bytes, digest: bytes | None, fallbacks: list[Path], stop: StopFlag):
+    """The run's signed manifest: from the DHT (the authority's copy or a relay's), else from the first of
+    ``fallbacks`` (``--manifest``, then the one saved in --checkpoint-dir) that is this run's, signed by ``authority``
+    and matching ``digest``; with a fallback the DHT gets at most 15 s."""
+    timeout = min(args.manifest_timeout, 15.0) if fallbacks else args.manifest_timeout
+    try:
+        return wait_for_signed_manifest(dht, args.run_id, authority, timeout=timeout, digest=digest, stop=stop)
+    except CommandError as missing:
+        if stop.is_set() or not fallbacks:
+            raise
+        problems = []
+        for path in fallbacks:
+            try:
+                signed = load_manifest_json(path, authority)
+            except CommandError as e:
+                problems.append(str(e))
+                continue
+            if signed.manifest.run_id != args.run_id or (digest is not None and signed.manifest.digest() != digest):
+                problems.append(f"{path} is another manifest (run {signed.manifest.run_id!r}, digest "
+                                f"{signed.manifest.digest().hex()[:16]}...)")  # fmt: skip
+                continue
+            say(f"{args.role}: no manifest in the DHT after {timeout:.0f} s; using {path} (verified)")
+            return signed
+        raise CommandError(f"{missing}; and no usable manifest file: {'; '.join(problems)}") from None
 
 
 def _state_path(args, name: str) -> Path | None:

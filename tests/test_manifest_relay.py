@@ -15,8 +15,7 @@ from swarm_helpers import sentinel_node_command
 from test_dht_records import AUTHORITY, MANIFEST, OUTSIDER, RUN, SIGNED_MANIFEST, reader, shutdown, signed_record
 from test_dht_records import start_dht as start_test_dht
 
-from node.bootstrap_cmd import load_manifest_json, manifest_json
-from node.common import CommandError
+from node.common import CommandError, load_manifest_json, manifest_json
 from swarm.dht_schema import SentinelRecordValidator, fetch_manifest, manifest_key, publish_manifest
 from swarm.records import SignedManifest
 
@@ -145,3 +144,86 @@ def test_nodes_still_find_the_manifest_after_the_authority_stops(tmp_path, from_
                 except subprocess.TimeoutExpired:
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait()
+
+
+def test_join_falls_back_on_a_manifest_file_only_when_it_is_this_runs(tmp_path, monkeypatch):
+    """`join`: when the DHT has no manifest, the first fallback file that is this run's, signed by the authority and
+    matching --manifest-digest is used; others are named in the error."""
+    import argparse
+
+    from node import join
+    from node.common import StopFlag
+
+    def no_manifest(*args, **kwargs):
+        raise CommandError("no manifest in the DHT")
+
+    monkeypatch.setattr(join, "wait_for_signed_manifest", no_manifest)
+    good, other_run, tampered = tmp_path / "good.json", tmp_path / "other.json", tmp_path / "bad.json"
+    good.write_text(json.dumps(manifest_json(SIGNED_MANIFEST)))
+    other_run.write_text(json.dumps(manifest_json(dataclasses.replace(MANIFEST, run_id="other").sign(AUTHORITY))))
+    tampered.write_text(json.dumps({**manifest_json(SIGNED_MANIFEST), "ban_quorum": 1}))
+    args = argparse.Namespace(run_id=RUN, manifest_timeout=60.0, role="validator")
+    stop = StopFlag()
+    assert join._join_manifest(None, args, AUTHORITY.public_key, None, [tampered, other_run, good], stop) == (
+        SIGNED_MANIFEST
+    )
+    with pytest.raises(CommandError, match="no usable manifest file") as e:
+        join._join_manifest(None, args, AUTHORITY.public_key, bytes(32), [good], stop)  # another digest
+    assert "is another manifest" in str(e.value)
+    with pytest.raises(CommandError, match="not a manifest signed by authority"):
+        join._join_manifest(None, args, OUTSIDER.public_key, None, [good], stop)
+    with pytest.raises(CommandError, match="no manifest in the DHT"):
+        join._join_manifest(None, args, AUTHORITY.public_key, None, [], stop)
+
+
+@pytest.mark.forked
+@pytest.mark.timeout(240)
+def test_a_node_restarts_on_its_saved_manifest_with_the_authority_gone(tmp_path):
+    """A validator with --checkpoint-dir keeps the manifest it joined with; the authority stops (no relay), its
+    record expires, and the validator, restarted against another bootstrap peer, joins on the saved manifest."""
+    node = sentinel_node_command()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    processes = []
+
+    def run(*args: str, log: str) -> subprocess.Popen:
+        with open(tmp_path / log, "w") as out:
+            process = subprocess.Popen([*node, *args], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                       start_new_session=True)  # fmt: skip
+        processes.append(process)
+        return process
+
+    def stop(process: subprocess.Popen) -> int:
+        os.killpg(process.pid, signal.SIGINT)
+        return process.wait(30)
+
+    try:
+        subprocess.run([*node, "keygen", "--out", str(tmp_path / "v.key")], check=True, env=env, capture_output=True,
+                       timeout=60)  # fmt: skip
+        validator_key = (tmp_path / "v.key.pub").read_text().split()[0]
+        ready = tmp_path / "authority.json"
+        authority = run("bootstrap", "--port", "0", "--new-swarm", "--run-id", "saved", "--stages", "2",
+                        "--validator-key", validator_key, "--trainer-key", "22" * 32, "--manifest-ttl", "6",
+                        "--authority-key", str(tmp_path / "authority.key"), "--ready-file", str(ready),
+                        log="authority.log")  # fmt: skip
+        _wait_for_text(ready, "authority", authority, 90)
+        key = json.loads(ready.read_text())["authority"]
+        plain_ready = tmp_path / "plain.json"
+        plain = run("bootstrap", "--port", "0", "--initial-peers", f"@{ready}", "--ready-file", str(plain_ready),
+                    log="plain.log")  # fmt: skip
+        _wait_for_text(plain_ready, "maddrs", plain, 90)
+        join = ["join", "--role", "validator", "--run-id", "saved", "--authority", key, "--identity",
+                str(tmp_path / "v.key"), "--checkpoint-dir", str(tmp_path / "state")]  # fmt: skip
+        first = run(*join, "--initial-peers", f"@{ready}", log="first.log")
+        _wait_for_text(tmp_path / "first.log", "joined run", first, 90)
+        assert (tmp_path / "state" / "manifest-saved.json").is_file()
+        assert stop(first) == 0 and stop(authority) == 0
+        time.sleep(7)  # the authority's last record (6 s) has expired
+        again = run(*join, "--initial-peers", f"@{plain_ready}", log="again.log")
+        _wait_for_text(tmp_path / "again.log", "joined run", again, 120)
+        assert "no manifest in the DHT" in (tmp_path / "again.log").read_text()
+        assert stop(again) == 0
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
