@@ -227,3 +227,23 @@ def test_a_node_restarts_on_its_saved_manifest_with_the_authority_gone(tmp_path)
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+
+
+def test_a_relay_follows_a_newer_manifest_of_the_authority_only(monkeypatch):
+    from node.bootstrap_cmd import _newer_manifest
+    from swarm import dht_schema
+
+    class Dht:
+        added = []
+
+        def add_validators(self, validators):
+            self.added += validators
+
+    newer = dataclasses.replace(MANIFEST, created_at=MANIFEST.created_at + 5).sign(AUTHORITY)
+    older = dataclasses.replace(MANIFEST, created_at=MANIFEST.created_at / 2).sign(AUTHORITY)
+    dht = Dht()
+    for found, expected in ((None, SIGNED_MANIFEST), (older, SIGNED_MANIFEST), (SIGNED_MANIFEST, SIGNED_MANIFEST),
+                            (newer, newer)):  # fmt: skip
+        monkeypatch.setattr(dht_schema, "fetch_manifest", lambda *args, found=found, **kwargs: found)
+        assert _newer_manifest(dht, SIGNED_MANIFEST, AUTHORITY.public_key, OUTSIDER) == expected
+    assert len(dht.added) == 1 and dht.added[0].n_stages == newer.manifest.n_stages  # the policy upgraded once
