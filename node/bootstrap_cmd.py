@@ -42,10 +42,13 @@ log = logging.getLogger("sentinel.bootstrap")
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bootstrap",
-        help="run a DHT bootstrap peer (and, with --new-swarm, create and publish a signed swarm manifest)",
+        help="run a DHT bootstrap peer (with --new-swarm, create and publish a signed swarm manifest; with --run-id "
+        "and --authority, relay one)",
         description="Run a DHT bootstrap peer until SIGINT/SIGTERM and print its multiaddrs. With --new-swarm, act as "
         "the swarm authority: sign the manifest (run id, model, stages, authorized validator and trainer keys, ban "
-        "quorum, sentinel settings), keep it published in the DHT, and print each role's join command.",
+        "quorum, sentinel settings), keep it published in the DHT, and print each role's join command. With --run-id "
+        "and --authority instead, relay that swarm's manifest: keep the authority-signed manifest published (from the "
+        "DHT or --manifest FILE), so that nodes can join while the authority is down.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_network_args(p, port=DEFAULT_PORT)
