@@ -9,13 +9,14 @@ import os
 from pathlib import Path
 
 from sentinel.config import SentinelConfig
+from swarm.routing import ROUTINGS
 
 
 def add_variant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", default=None, metavar="JSON", help="also run with these SentinelConfig overrides")
     p.add_argument("--jobs", type=int, default=max(1, os.cpu_count() or 1))
     p.add_argument("--out", default=None, metavar="PATH", help="also write the table (markdown) here")
-    p.add_argument("--routing", default="random", choices=["random", "balanced"],
+    p.add_argument("--routing", default="random", choices=ROUTINGS,
                    help="the mesh's routing of a step's micro-batches (MeshConfig.routing), for every variant")
 
 

@@ -153,25 +153,24 @@ def run(args: argparse.Namespace) -> int:
             say(f"relay: waiting for the manifest of run {args.run_id!r} in the DHT")
             signed = wait_for_signed_manifest(dht, args.run_id, relay_of, timeout=args.manifest_timeout, stop=stop)
             dht.add_validators([SentinelRecordValidator.from_manifest(signed.manifest, publisher)])
-        if relay_of is not None:
-            ok = publish_manifest(dht, publisher, signed, get_dht_time() + args.manifest_ttl)
-            published_at = time.monotonic()
-            say(f"relaying the manifest of run {args.run_id!r} signed by {signed.manifest.authority.hex()[:16]}... "
-                f"(digest {signed.manifest.digest().hex()[:16]}...); published: {ok}")  # fmt: skip
-            ready.update(run_id=args.run_id, authority=relay_of.hex(), digest=signed.manifest.digest().hex())
-        elif signed is not None:
+        if signed is not None:
             manifest = signed.manifest
-            default_out = Path(args.authority_key).expanduser().with_name(f"{manifest.run_id}.manifest.json")
-            out = Path(args.manifest_out) if args.manifest_out else default_out
-            write_json_atomic(out, manifest_json(signed))
+            if relay_of is None:  # the authority also writes the manifest file
+                default_out = Path(args.authority_key).expanduser().with_name(f"{manifest.run_id}.manifest.json")
+                out = Path(args.manifest_out) if args.manifest_out else default_out
+                write_json_atomic(out, manifest_json(signed))
+                ready["manifest"] = str(out)
             ok = publish_manifest(dht, publisher, signed, get_dht_time() + args.manifest_ttl)
             published_at = time.monotonic()
-            say(f"manifest for run {manifest.run_id!r} signed by {publisher.fingerprint} "
-                f"(digest {manifest.digest().hex()[:16]}...) written to {out}; published: {ok}")  # fmt: skip
-            for role, argv in join_commands(manifest, maddrs).items():
-                say(f"join as {role}:\n  {format_command(argv)}")
-            ready.update(run_id=manifest.run_id, authority=manifest.authority.hex(), digest=manifest.digest().hex(),
-                         manifest=str(out))  # fmt: skip
+            ready.update(run_id=manifest.run_id, authority=manifest.authority.hex(), digest=manifest.digest().hex())
+            if relay_of is not None:
+                say(f"relaying the manifest of run {manifest.run_id!r} signed by {manifest.authority.hex()[:16]}... "
+                    f"(digest {manifest.digest().hex()[:16]}...); published: {ok}")  # fmt: skip
+            else:
+                say(f"manifest for run {manifest.run_id!r} signed by {publisher.fingerprint} "
+                    f"(digest {manifest.digest().hex()[:16]}...) written to {out}; published: {ok}")  # fmt: skip
+                for role, argv in join_commands(manifest, maddrs).items():
+                    say(f"join as {role}:\n  {format_command(argv)}")
         if args.ready_file:
             write_json_atomic(args.ready_file, ready)
         republish = max(5.0, args.manifest_ttl / 3) if signed is not None else None

@@ -27,6 +27,7 @@ import psutil
 from node.common import CommandError, parse_overrides, replace_sentinel, say, write_json_atomic
 from sentinel.config import SentinelConfig
 from swarm.model import PRESETS
+from swarm.routing import ROUTINGS
 
 STOP_TIMEOUT = 20.0  # seconds a child gets to shut down cleanly before its process group is killed
 
@@ -76,7 +77,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="micro-batches the trainer keeps in flight (default 1: the demo is reproducible; more is "
                         "faster, but then the order in which the validator learns depends on timing, and on this "
                         "tiny 2 x 2 swarm one run of two with 4 in flight banned 2 honest peers)")
-    p.add_argument("--routing", choices=["balanced", "random"], default="balanced",
+    p.add_argument("--routing", choices=ROUTINGS, default="balanced",
                    help="the trainer's routing of a step's micro-batches over a stage's replicas (join --routing)")
     p.add_argument("--sentinel", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="more sentinel settings for the swarm's manifest, after the demo's own (drift_senders, "

@@ -32,6 +32,7 @@ from node.common import (
     wait_for_signed_manifest,
     write_json_atomic,
 )
+from swarm.routing import ROUTINGS
 
 log = logging.getLogger("sentinel.join")
 
@@ -122,7 +123,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
     g.add_argument("--max-inflight", type=int, default=4,
                    help="micro-batches of a step driven through the swarm at once (pipelining; 1: one at a time)")
-    g.add_argument("--routing", choices=["balanced", "random"], default="balanced",
+    g.add_argument("--routing", choices=ROUTINGS, default="balanced",
                    help="how a step's micro-batches go to a stage's replicas: shared in proportion to throughput "
                         "(balanced), or an independent weighted draw each (random)")
     g.add_argument("--check-fanout", type=int, default=0, metavar="K",

@@ -15,6 +15,7 @@ from sentinel.config import ALL_METRICS, COMBINE_MODES, SentinelConfig
 from swarm.data import load_corpus
 from swarm.mesh import TAINT_SCOPES, Mesh, MeshConfig, MeshInterrupted, MeshResult
 from swarm.model import PRESETS
+from swarm.routing import ROUTINGS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -48,7 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None, help="text file or folder (default: the Python standard library)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--taint-scope", default=d.taint_scope, choices=TAINT_SCOPES)
-    p.add_argument("--routing", default=d.routing, choices=["random", "balanced"],
+    p.add_argument("--routing", default=d.routing, choices=ROUTINGS,
                    help="each micro-batch draws a replica per stage (random, the paper's), or each step's "
                         "micro-batches are shared evenly among a stage's replicas (balanced, as a swarm's trainer)")
     p.add_argument("--validators", type=int, default=d.validators,

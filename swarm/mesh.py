@@ -258,10 +258,10 @@ class Mesh:
         quorum = self.config.ban_quorum
         return {w: sorted(s)[quorum - 1] for w, s in steps.items() if len(s) >= quorum}
 
-    def route(self, index: int | None = None) -> list[int]:
-        """One replica per stage, uniformly among the stage's non-banned workers (stochastic wiring); with balanced
-        routing, micro-batch ``index``'s entry of the step's plan (``plan_step``)."""
-        if self.plan is not None and index is not None:
+    def route(self, index: int) -> list[int]:
+        """One replica per stage for the step's micro-batch ``index``: uniformly among the stage's non-banned workers
+        (stochastic wiring), or with balanced routing its entry of the step's plan (``plan_step``)."""
+        if self.plan is not None:
             return [plan[index % len(plan)] for plan in self.plan]
         return [int(self.route_rng.choice(alive)) for alive in self._alive()]
 

@@ -319,7 +319,7 @@ class Trainer:
             weights = throughput_weights([a.throughput for a in allowed])
             n = max(1, self.config.microbatches)
             plan = [allowed[i].peer for i in balanced_plan(weights, n, self.rng)]
-            self._plans = {key: p for key, p in self._plans.items() if key[0] >= step - 1}  # keep this step's
+            self._plans = {key: p for key, p in self._plans.items() if key[0] >= step - 1}  # older steps are done
             self._plans[(step, k)] = plan
         planned = plan[mb % len(plan)] if plan else None
 
