@@ -93,50 +93,40 @@ def _wait_for_text(path, text: str, process: subprocess.Popen, seconds: float) -
         time.sleep(0.2)
 
 
-@pytest.mark.forked
-@pytest.mark.timeout(240)
-@pytest.mark.parametrize("from_file", [False, True])
-def test_nodes_still_find_the_manifest_after_the_authority_stops(tmp_path, from_file):
-    """`bootstrap --run-id R --authority KEY` (fetching the manifest from the DHT, or reading the authority's
-    manifest file) keeps it published: once the authority has stopped and its own record has expired, `status`
-    still verifies the run's manifest."""
-    node = sentinel_node_command()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    processes = []
+class _Nodes:
+    """`sentinel-node` processes of one test, each in its own process group with its log in ``folder``; on exit,
+    whatever still runs gets SIGINT, then SIGKILL after 30 s."""
 
-    def run(*args: str, log: str) -> subprocess.Popen:
-        with open(tmp_path / log, "w") as out:
-            process = subprocess.Popen([*node, *args], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                       start_new_session=True)  # fmt: skip
-        processes.append(process)
+    def __init__(self, folder):
+        self.folder = folder
+        self.node = sentinel_node_command()
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.processes: list[subprocess.Popen] = []
+
+    def run(self, *args: str, log: str) -> subprocess.Popen:
+        with open(self.folder / log, "w") as out:
+            process = subprocess.Popen([*self.node, *args], cwd=self.folder, env=self.env, stdout=out,
+                                       stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        self.processes.append(process)
         return process
 
-    try:
-        ready = tmp_path / "authority.json"
-        authority = run("bootstrap", "--port", "0", "--new-swarm", "--run-id", "relayed", "--stages", "2",
-                        "--validator-key", "11" * 32, "--trainer-key", "22" * 32, "--manifest-ttl", "6",
-                        "--authority-key", str(tmp_path / "authority.key"), "--ready-file", str(ready),
+    def authority(self, run_id: str, validator_key: str, ready) -> subprocess.Popen:
+        """A `bootstrap --new-swarm` whose manifest records live 6 s (re-published every 5 s)."""
+        return self.run("bootstrap", "--port", "0", "--new-swarm", "--run-id", run_id, "--stages", "2",
+                        "--validator-key", validator_key, "--trainer-key", "22" * 32, "--manifest-ttl", "6",
+                        "--authority-key", str(self.folder / "authority.key"), "--ready-file", str(ready),
                         log="authority.log")  # fmt: skip
-        _wait_for_text(ready, "authority", authority, 90)
-        info = json.loads(ready.read_text())
-        relay_ready = tmp_path / "relay.json"
-        extra = ["--manifest", info["manifest"]] if from_file else []
-        relay = run("bootstrap", "--port", "0", "--initial-peers", f"@{ready}", "--run-id", "relayed", "--authority",
-                    info["authority"], *extra, "--ready-file", str(relay_ready), log="relay.log")  # fmt: skip
-        _wait_for_text(tmp_path / "relay.log", "relaying the manifest", relay, 90)
-        assert json.loads(relay_ready.read_text())["digest"] == info["digest"]
-        os.killpg(authority.pid, signal.SIGINT)
-        assert authority.wait(30) == 0
-        time.sleep(7)  # the authority's last record (6 s) has expired by now
-        status = subprocess.run([*node, "status", "--initial-peers", f"@{relay_ready}", "--run-id", "relayed",
-                                 "--authority", info["authority"], "--json"], env=env, capture_output=True,
-                                text=True, timeout=120)  # fmt: skip
-        assert status.returncode == 0, status.stderr[-3000:]
-        manifest = json.loads(status.stdout)["manifest"]
-        assert manifest["run_id"] == "relayed"
-        assert [c["authority"] for c in manifest["copies"]] == [False]  # the relay's copy only
-    finally:
-        for process in processes:
+
+    @staticmethod
+    def stop(process: subprocess.Popen) -> int:
+        os.killpg(process.pid, signal.SIGINT)
+        return process.wait(30)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for process in self.processes:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGINT)
                 try:
@@ -144,6 +134,36 @@ def test_nodes_still_find_the_manifest_after_the_authority_stops(tmp_path, from_
                 except subprocess.TimeoutExpired:
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait()
+
+
+@pytest.mark.forked
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("from_file", [False, True])
+def test_nodes_still_find_the_manifest_after_the_authority_stops(tmp_path, from_file):
+    """`bootstrap --run-id R --authority KEY` (fetching the manifest from the DHT, or reading the authority's
+    manifest file) keeps it published: once the authority has stopped and its own record has expired, `status`
+    still verifies the run's manifest."""
+    with _Nodes(tmp_path) as nodes:
+        ready = tmp_path / "authority.json"
+        authority = nodes.authority("relayed", "11" * 32, ready)
+        _wait_for_text(ready, "authority", authority, 90)
+        info = json.loads(ready.read_text())
+        relay_ready = tmp_path / "relay.json"
+        extra = ["--manifest", info["manifest"]] if from_file else []
+        relay = nodes.run("bootstrap", "--port", "0", "--initial-peers", f"@{ready}", "--run-id", "relayed",
+                          "--authority", info["authority"], *extra, "--ready-file", str(relay_ready),
+                          log="relay.log")  # fmt: skip
+        _wait_for_text(tmp_path / "relay.log", "relaying the manifest", relay, 90)
+        assert json.loads(relay_ready.read_text())["digest"] == info["digest"]
+        assert nodes.stop(authority) == 0
+        time.sleep(7)  # the authority's last record (6 s) has expired by now
+        status = subprocess.run([*nodes.node, "status", "--initial-peers", f"@{relay_ready}", "--run-id", "relayed",
+                                 "--authority", info["authority"], "--json"], env=nodes.env, capture_output=True,
+                                text=True, timeout=120)  # fmt: skip
+        assert status.returncode == 0, status.stderr[-3000:]
+        manifest = json.loads(status.stdout)["manifest"]
+        assert manifest["run_id"] == "relayed"
+        assert [c["authority"] for c in manifest["copies"]] == [False]  # the relay's copy only
 
 
 def test_join_falls_back_on_a_manifest_file_only_when_it_is_this_runs(tmp_path, monkeypatch):
@@ -181,52 +201,29 @@ def test_join_falls_back_on_a_manifest_file_only_when_it_is_this_runs(tmp_path, 
 def test_a_node_restarts_on_its_saved_manifest_with_the_authority_gone(tmp_path):
     """A validator with --checkpoint-dir keeps the manifest it joined with; the authority stops (no relay), its
     record expires, and the validator, restarted against another bootstrap peer, joins on the saved manifest."""
-    node = sentinel_node_command()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    processes = []
-
-    def run(*args: str, log: str) -> subprocess.Popen:
-        with open(tmp_path / log, "w") as out:
-            process = subprocess.Popen([*node, *args], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                       start_new_session=True)  # fmt: skip
-        processes.append(process)
-        return process
-
-    def stop(process: subprocess.Popen) -> int:
-        os.killpg(process.pid, signal.SIGINT)
-        return process.wait(30)
-
-    try:
-        subprocess.run([*node, "keygen", "--out", str(tmp_path / "v.key")], check=True, env=env, capture_output=True,
-                       timeout=60)  # fmt: skip
+    with _Nodes(tmp_path) as nodes:
+        subprocess.run([*nodes.node, "keygen", "--out", str(tmp_path / "v.key")], check=True, env=nodes.env,
+                       capture_output=True, timeout=60)  # fmt: skip
         validator_key = (tmp_path / "v.key.pub").read_text().split()[0]
         ready = tmp_path / "authority.json"
-        authority = run("bootstrap", "--port", "0", "--new-swarm", "--run-id", "saved", "--stages", "2",
-                        "--validator-key", validator_key, "--trainer-key", "22" * 32, "--manifest-ttl", "6",
-                        "--authority-key", str(tmp_path / "authority.key"), "--ready-file", str(ready),
-                        log="authority.log")  # fmt: skip
+        authority = nodes.authority("saved", validator_key, ready)
         _wait_for_text(ready, "authority", authority, 90)
         key = json.loads(ready.read_text())["authority"]
         plain_ready = tmp_path / "plain.json"
-        plain = run("bootstrap", "--port", "0", "--initial-peers", f"@{ready}", "--ready-file", str(plain_ready),
-                    log="plain.log")  # fmt: skip
+        plain = nodes.run("bootstrap", "--port", "0", "--initial-peers", f"@{ready}", "--ready-file",
+                          str(plain_ready), log="plain.log")  # fmt: skip
         _wait_for_text(plain_ready, "maddrs", plain, 90)
         join = ["join", "--role", "validator", "--run-id", "saved", "--authority", key, "--identity",
                 str(tmp_path / "v.key"), "--checkpoint-dir", str(tmp_path / "state")]  # fmt: skip
-        first = run(*join, "--initial-peers", f"@{ready}", log="first.log")
+        first = nodes.run(*join, "--initial-peers", f"@{ready}", log="first.log")
         _wait_for_text(tmp_path / "first.log", "joined run", first, 90)
         assert (tmp_path / "state" / "manifest-saved.json").is_file()
-        assert stop(first) == 0 and stop(authority) == 0
+        assert nodes.stop(first) == 0 and nodes.stop(authority) == 0
         time.sleep(7)  # the authority's last record (6 s) has expired
-        again = run(*join, "--initial-peers", f"@{plain_ready}", log="again.log")
+        again = nodes.run(*join, "--initial-peers", f"@{plain_ready}", log="again.log")
         _wait_for_text(tmp_path / "again.log", "joined run", again, 120)
         assert "no manifest in the DHT" in (tmp_path / "again.log").read_text()
-        assert stop(again) == 0
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        assert nodes.stop(again) == 0
 
 
 def test_a_relay_follows_a_newer_manifest_of_the_authority_only(monkeypatch):
