@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -338,11 +340,21 @@ class StopFlag:
 
 
 def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
+    """Write ``data`` as JSON to ``path`` through a temporary file of its own, renamed over ``path``: a reader sees
+    the old file or the new one, never a part. Several writers may race on one path (the nodes of a demo share their
+    state folder and each keeps the manifest there): each has its own temporary file, the last rename wins."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(data, indent=2, default=str))
+        os.chmod(tmp, 0o644)  # as a plain write would leave it (mkstemp's file is private): other users read these
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def say(*parts, flush: bool = True) -> None:

@@ -93,3 +93,32 @@ def test_a_damaged_or_foreign_trainer_checkpoint_is_refused(tmp_path):
         load(partial(_load_trainer_state, trainer, MANIFEST, path))
     with pytest.raises(FileNotFoundError):
         load_state_file(tmp_path / "none.pt", "trainer checkpoint", lambda state: state, weights_only=True)
+
+
+def test_json_files_written_by_several_nodes_at_once_stay_whole(tmp_path):
+    """The demo's nodes share one state folder and each keeps the run's manifest there: with one fixed temporary
+    name, two writers raced and one failed its rename (seen in a demo run: the trainer died on FileNotFoundError)."""
+    import json
+    import stat
+    import threading
+
+    from node.common import write_json_atomic
+
+    path, errors = tmp_path / "state" / "manifest-run.json", []
+
+    def writer(k: int) -> None:
+        try:
+            for i in range(100):
+                write_json_atomic(path, {"writer": k, "i": i, "pad": "x" * 4096})
+        except Exception as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert json.loads(path.read_text())["i"] == 99  # whole, one writer's last
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
