@@ -100,6 +100,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--small-stage-mild-strikes", type=int, default=s.small_stage_mild_strikes, metavar="N",
                    help="at a small stage (--small-stage-senders), a sender's mild flags of one step give it at most "
                         "N strikes; gross flags always strike (0: no cap)")
+    g.add_argument("--sibling-alpha", type=float, default=s.sibling_alpha, metavar="P",
+                   help="the sibling test: strike a sender whose distances over the fences at a monitor sat, over the "
+                        "last --sibling-steps steps, at least --sibling-ratio x its siblings' (median) with a "
+                        "one-sided Mann-Whitney p-value below P (0: off)")
+    g.add_argument("--sibling-ratio", type=float, default=s.sibling_ratio, metavar="X")
+    g.add_argument("--sibling-steps", type=int, default=s.sibling_steps, metavar="N")
+    g.add_argument("--sibling-min", type=int, default=s.sibling_min, metavar="N",
+                   help="tensors a sender needs within --sibling-steps to take part in the sibling test")
+    g.add_argument("--sibling-senders", type=int, default=s.sibling_senders, metavar="N",
+                   help="senders taking part that a monitor needs for the sibling test (at least 2)")
     g.add_argument("--input-explains", type=float, default=s.input_explains, metavar="X",
                    help="do not strike a flag whose reference (the stage's input, or the gradient it received) was at "
                         "least X of its own fences from the references seen before, unless the flag goes well beyond "
@@ -146,6 +156,11 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
         drift_peer_margin=args.drift_peer_margin,
         small_stage_senders=args.small_stage_senders,
         small_stage_mild_strikes=args.small_stage_mild_strikes,
+        sibling_alpha=args.sibling_alpha,
+        sibling_ratio=args.sibling_ratio,
+        sibling_steps=args.sibling_steps,
+        sibling_min=args.sibling_min,
+        sibling_senders=args.sibling_senders,
         input_explains=args.input_explains,
         learn_tainted=args.learn_tainted,
         seed=args.seed,

@@ -125,6 +125,18 @@ class SentinelConfig:
     # from one replica come from one set of weights: when the trainer routes a whole step to one of a stage's 2
     # replicas while the stage drifts, its 4 mild flags were 4 strikes, a ban, before the sibling was seen drifting
     # (the README demo, about 1 run in 20; README, "Drift guard"). 0: no cap
+    sibling_alpha: float = 1e-4  # the sibling test: at the end of each step, each sender at a monitor is compared with
+    # the other (non-banned) senders there over the last sibling_steps steps: its checked tensors' distances over
+    # their fences (flagged or not) against theirs. A sender whose median is at least sibling_ratio x each of theirs,
+    # with a one-sided Mann-Whitney p-value (against all of theirs) below this, gets one strike that step. Honest
+    # replicas of a stage see the same traffic and stay alike; a mild attacker sits below the fences (its accepted
+    # tensors widen them) yet far above its siblings: noise in the demo's 3 x 3 mesh (README, "Sibling test"). 0: off
+    sibling_ratio: float = 1.6
+    sibling_steps: int = 24
+    sibling_min: int = 12  # a sender takes part with at least this many checked tensors within sibling_steps steps
+    sibling_senders: int = 3  # ... and only at a monitor where at least this many senders take part: with two,
+    # either could be the odd one (scaling by 0.5 sits closer to the baseline than its honest sibling, which the test
+    # then banned in the 2 x 2 mesh)
     input_explains: float = 0.75  # a flag is not struck (the tensor is still replaced) when the tensor's reference,
     # the stage's input or the gradient it received, was itself at least this fraction of its own fences from its
     # stream's baseline (l1 or l2, ``Observation.input_excess``), and every distance of the flag is below
@@ -176,6 +188,10 @@ class SentinelConfig:
             raise ConfigError("need drift_senders 0 (auto) or >= 2, drift_steps >= 1 and drift_max_excess > 1")
         if not 0.0 <= self.learn_tainted <= 1.0:
             raise ConfigError(f"learn_tainted must be within [0, 1] (0: never), got {self.learn_tainted}")
+        if not 0.0 <= self.sibling_alpha < 1.0 or not self.sibling_ratio >= 1.0:
+            raise ConfigError("need 0 <= sibling_alpha < 1 (0: off) and sibling_ratio >= 1")
+        if self.sibling_steps < 1 or self.sibling_min < 2 or self.sibling_senders < 2:
+            raise ConfigError("need sibling_steps >= 1, sibling_min >= 2 and sibling_senders >= 2")
         if self.small_stage_mild_strikes < 0:
             raise ConfigError(f"small_stage_mild_strikes must be >= 0 (0: no cap), got "
                               f"{self.small_stage_mild_strikes}")

@@ -36,15 +36,17 @@ not explain. The tensor is replaced either way.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from sentinel.config import SentinelConfig
 from sentinel.ledger import ViolationLedger
 from sentinel.monitor import BoundaryMonitor, Observation
-from sentinel.stats import Summary, distances
+from sentinel.stats import Summary, distances, mann_whitney_greater
 
 
 def blamed_stage(boundary: int, direction: str) -> int:
@@ -89,6 +91,10 @@ class Validator:
         self.last_accepted: dict[tuple[int, str], dict[str, tuple[int, Summary]]] = {}
         self.peer_forgiven = 0  # mild flags that drift_peer did not strike
         self.input_forgiven = 0  # flags that input_explains did not strike
+        # sibling test: monitor -> [(step, sender, distance over fence)] of the tensors checked for blame there within
+        # the last sibling_steps steps; and the strikes it gave
+        self.sibling_log: dict[tuple[int, str], list[tuple[int, str, float]]] = {}
+        self.sibling_struck = 0
 
     def monitor(self, boundary: int, direction: str) -> BoundaryMonitor:
         key = (boundary, direction)
@@ -128,6 +134,8 @@ class Validator:
         if not tainted and not warmup:
             counts[0] += 1
             counts[1] += obs.flagged
+            if self.config.sibling_alpha:
+                self._log_sibling((boundary, direction), step, sender, obs)
             if obs.flagged:
                 blamed = True
                 excess = max((obs.scores[m] / obs.fences[m] for m in obs.scores), default=float("inf"))
@@ -206,6 +214,11 @@ class Validator:
                         strike(sender)
                 else:
                     strike(sender)
+        if self.config.sibling_alpha:
+            for sender in self._sibling_outliers(step):
+                self.sibling_struck += 1
+                self.touched.add(sender)
+                strike(sender)
         if self.deferred:  # mild flags whose window passed without drift at their monitor
             due = step - self.config.drift_steps + 1
             for _, _, _, sender in (d for d in self.deferred if d[0] <= due):
@@ -213,6 +226,44 @@ class Validator:
                 strike(sender)
             self.deferred = [d for d in self.deferred if d[0] > due]
         return banned
+
+    def _log_sibling(self, key: tuple[int, str], step: int, sender: str, obs: Observation) -> None:
+        """Keep the checked tensor's largest distance over its fence for the sibling test (a flag without distances,
+        a non-finite tensor or a wrong shape, counts as infinitely far); nothing while the monitor has no fences."""
+        fences = obs.fences
+        if obs.scores and fences and all(math.isfinite(f) and f > 0 for f in fences.values()):
+            excess = max(obs.scores[m] / fences[m] for m in obs.scores)
+        elif obs.flagged and not obs.scores:
+            excess = math.inf
+        else:
+            return
+        self.sibling_log.setdefault(key, []).append((step, sender, float(excess)))
+
+    def _sibling_outliers(self, step: int) -> set[str]:
+        """The sibling test (``SentinelConfig.sibling_alpha``): the non-banned senders that, at some monitor, sat
+        consistently further from the baseline than every other non-banned sender there within the last
+        ``sibling_steps`` steps. Only senders with ``sibling_min`` tensors in the window take part, and only at a
+        monitor with ``sibling_senders`` of them: with two, either could be the odd one (an attack that shrinks
+        its tensors sits *closer* to the baseline than its honest sibling). Prunes the log to the window."""
+        cfg, out = self.config, set()
+        for key in list(self.sibling_log):
+            entries = [e for e in self.sibling_log[key] if e[0] > step - cfg.sibling_steps]
+            self.sibling_log[key] = entries
+            by_sender: dict[str, list[float]] = {}
+            for _, sender, excess in entries:
+                if not self.ledger.is_banned(sender):
+                    by_sender.setdefault(sender, []).append(excess)
+            counted = {w: xs for w, xs in by_sender.items() if len(xs) >= cfg.sibling_min}
+            if len(counted) < cfg.sibling_senders:
+                continue
+            medians = {w: float(np.median(xs)) for w, xs in counted.items()}
+            for sender, mine in counted.items():
+                if any(medians[sender] < cfg.sibling_ratio * m for w, m in medians.items() if w != sender):
+                    continue
+                others = [x for w, xs in counted.items() if w != sender for x in xs]
+                if mann_whitney_greater(mine, others) < cfg.sibling_alpha:
+                    out.add(sender)
+        return out
 
     def _bulk_flagged(self, key: tuple[int, str]) -> bool:
         """Whether the tensors flagged at monitor ``key`` within the drift window are at least ``drift_min_fraction``
@@ -377,6 +428,11 @@ class Validator:
             },
             "peer_forgiven": self.peer_forgiven,
             "input_forgiven": self.input_forgiven,
+            "sibling_log": {
+                f"{b}/{d}": [[step, sender, excess] for step, sender, excess in entries]
+                for (b, d), entries in self.sibling_log.items()
+            },
+            "sibling_struck": self.sibling_struck,
             "window_counts": {
                 f"{b}/{d}": [[step, *c] for step, c in counts.items()] for (b, d), counts in self.window_counts.items()
             },
@@ -430,6 +486,11 @@ class Validator:
         }
         self.peer_forgiven = int(d.get("peer_forgiven", 0))
         self.input_forgiven = int(d.get("input_forgiven", 0))
+        self.sibling_log = {
+            _monitor_key(key): [(int(step), str(sender), float(excess)) for step, sender, excess in entries]
+            for key, entries in d.get("sibling_log", {}).items()
+        }
+        self.sibling_struck = int(d.get("sibling_struck", 0))
         self.window_counts = {
             _monitor_key(key): {int(row[0]): [int(c) for c in (*row[1:], 0, 0)[:3]] for row in rows}
             for key, rows in d.get("window_counts", {}).items()  # rows of older states have no screened count
