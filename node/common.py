@@ -339,22 +339,27 @@ class StopFlag:
         return self.event.is_set()
 
 
-def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
-    """Write ``data`` as JSON to ``path`` through a temporary file of its own, renamed over ``path``: a reader sees
-    the old file or the new one, never a part. Several writers may race on one path (the nodes of a demo share their
-    state folder and each keeps the manifest there): each has its own temporary file, the last rename wins."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file of its own, renamed over ``path``: a reader sees the old
+    file or the new one, never a part, and a crash leaves no half file. Several writers may race on one path (the
+    nodes of a demo share their state folder and each keeps the manifest there): each has its own temporary file,
+    the last rename wins."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as out:
-            out.write(json.dumps(data, indent=2, default=str))
+            out.write(text)
         os.chmod(tmp, 0o644)  # as a plain write would leave it (mkstemp's file is private): other users read these
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, default=str))
 
 
 def say(*parts, flush: bool = True) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from node.common import write_text_atomic
 
 
 def json_safe(value: Any) -> Any:
@@ -22,14 +23,8 @@ def json_safe(value: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike, data: dict) -> None:
-    """Write atomically (temp file + rename), so a crash never leaves half a report behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(json_safe(data), f, indent=2, sort_keys=False, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write atomically (``write_text_atomic``), so a crash never leaves half a report behind."""
+    write_text_atomic(path, json.dumps(json_safe(data), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def _smooth(values: list[float], span: int = 5) -> list[float]:

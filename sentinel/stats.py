@@ -577,7 +577,7 @@ def mann_whitney_greater(x, y) -> float:
     n1, n2 = a.size, b.size
     if n1 == 0 or n2 == 0:
         raise ValueError("mann_whitney_greater needs values on both sides")
-    values, inverse, counts = np.unique(np.concatenate([a, b]), return_inverse=True, return_counts=True)
+    _, inverse, counts = np.unique(np.concatenate([a, b]), return_inverse=True, return_counts=True)
     mean_rank = np.cumsum(counts) - (counts - 1) / 2.0  # average rank of each distinct value (ties share it)
     u = float(mean_rank[inverse[:n1]].sum()) - n1 * (n1 + 1) / 2.0
     n = n1 + n2
