@@ -356,7 +356,7 @@ def run(args: argparse.Namespace) -> int:
             for r in range(args.replicas):
                 name = f"stage{k}.{r}"
                 argv = ["join", "--role", "gpu-stage", *common, "--identity", str(keys / f"{name}.key"), "--stage",
-                        str(k), "--stats", str(workdir / f"{name}.json"), "--accumulate", str(args.microbatches)]
+                        str(k), "--stats", str(workdir / f"{name}.json")]
                 bad = (k, r) in attackers
                 if bad:
                     argv += ["--attack", args.attack, "--attack-onset", str(warmup), "--attack-direction",

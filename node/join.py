@@ -71,7 +71,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("gpu-stage")
     g.add_argument("--stage", type=int, default=None, help="which stage to serve, 1..S")
     g.add_argument("--checkpoint-dir", default=None, help="load/save this node's state here (every role)")
-    g.add_argument("--accumulate", type=int, default=8, help="backward calls per optimizer step")
+    g.add_argument("--accumulate", type=int, default=0,
+                   help="also take an optimizer step after this many backward calls of one trainer step (default 0: "
+                        "one step per trainer step, when the trainer's next step arrives; a value below the "
+                        "micro-batches this replica gets per step splits each trainer step into several updates)")
     g.add_argument("--average-every", type=int, default=4, metavar="N",
                    help="average parameters with the stage's other replicas every N optimizer steps (a robust pull "
                         "average: each replica fetches its peers' parameters and clips each peer's pull; skipped "
@@ -299,6 +302,7 @@ async def _stage(args, dht, manifest, identity, stop: StopFlag) -> int:
         return {"role": "gpu-stage", "stage": args.stage, "peer_id": peer_id, "attack": args.attack,
                 "attack_averaging": args.attack_averaging,
                 "backward_calls": server.backward_calls, "backward_replays": server.backward_replays,
+                "backward_stale": server.backward_stale,
                 "optimizer_steps": server.optimizer_steps,
                 "rejected": dict(server.rejected), "averaging": dict(server.averaging), "sync": server.sync,
                 "fingerprint": identity.fingerprint}  # fmt: skip
@@ -318,7 +322,7 @@ async def _stage(args, dht, manifest, identity, stop: StopFlag) -> int:
                     f"steps, {server.averaging['rounds']} averaging rounds, rejected {dict(server.rejected) or 0}")
                 last = now
             if ckpt is not None:
-                await asyncio.to_thread(server.save, ckpt)
+                await server.save_serving(ckpt)
     finally:
         say(f"stage {args.stage}: shutting down")
         await server.shutdown()
@@ -426,14 +430,12 @@ async def _wait_for_swarm(trainer, manifest, min_replicas: int, timeout: float, 
 
 def _save_trainer_state(trainer, manifest, ckpt: Path, step: int) -> None:
     """Write the trainer's state after ``step`` completed steps, atomically (a temporary file, then a rename)."""
-    import torch
+    from swarm.state import save_state_file
 
     state = {"run_id": manifest.run_id, "step": step, "embedding": trainer.embedding.state_dict(),
              "head": trainer.head.state_dict(), "optimizer": trainer.optimizer.state_dict(),
              "sampler": trainer.sampler.state_dict()}  # fmt: skip
-    tmp = ckpt.with_name(f".{ckpt.name}.tmp")
-    torch.save(state, tmp)
-    tmp.replace(ckpt)
+    save_state_file(state, ckpt)
 
 
 def _load_trainer_state(trainer, manifest, ckpt: Path, state: dict) -> int:

@@ -71,7 +71,7 @@ class LocalSwarm:
         self.attackers = attackers or {}
         self.sentinel = sentinel or SentinelConfig()
         self.trainer_config = trainer_config or TrainerConfig(seed=seed, batch_size=2, microbatches=4)
-        self.stage_config = {"accumulate": 4, **(stage_config or {})}
+        self.stage_config = dict(stage_config or {})
         self.with_validator = validator
         self.validator_config = validator_config or {}  # ValidatorServiceConfig overrides
         self.dhts: dict = {}

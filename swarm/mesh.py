@@ -38,7 +38,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,6 +49,7 @@ from sentinel.validator import Validator
 from swarm.data import BatchSampler, Corpus, load_corpus, validation_batches
 from swarm.model import ModelConfig, build_pipeline, resolve_config, resolve_device
 from swarm.routing import ROUTINGS, balanced_plan
+from swarm.state import save_state_file
 
 TAINT_SCOPES = ("microbatch", "tensor")
 CHECKPOINT_FORMAT = "sentinel-mesh-checkpoint"
@@ -604,16 +604,9 @@ class Mesh:
         self.completed_steps = step
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
-        """Write ``state_dict()`` to ``path`` atomically: to ``path + ".tmp"``, synced to disk, then renamed over
-        ``path``, so that a crash at any moment leaves the previous checkpoint or the new one, never half of one."""
-        path = os.fspath(path)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as fh:
-            torch.save(self.state_dict(), fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        """Write ``state_dict()`` to ``path`` atomically (``swarm.state.save_state_file``: a temporary file, synced to
+        disk, renamed over ``path``), so that a crash at any moment leaves the previous checkpoint or the new one."""
+        save_state_file(self.state_dict(), path)
 
     def load_checkpoint(self, path: str | os.PathLike) -> int:
         """Load a checkpoint written by ``save_checkpoint`` (``torch.load(..., weights_only=True)``: no code runs).

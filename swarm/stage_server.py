@@ -11,9 +11,13 @@ its output boundary ``k`` (see ``sentinel.validator``). It computes only on inpu
   head's gradient itself and re-signs the gradient it routes around a bypassed stage (see ``swarm.trainer``).
 
 Backward is stateless: it recomputes the forward pass from ``h``, so it may go to any replica of the stage. Parameter
-gradients accumulate; AdamW steps after ``accumulate`` backward calls, or as soon as a request of a later trainer step
-arrives (a replica bypassed in some of a step's micro-batches gets fewer calls: counting alone would misalign every
-later step), and on ``finish_step`` / shutdown.
+gradients accumulate over the backward calls of one trainer step, and AdamW steps as soon as a request of a later
+trainer step arrives (the trainer starts a step only when the last one's micro-batches are all done), on
+``finish_step`` and at shutdown: one stage update per trainer step, however many of its micro-batches this replica
+got (``accumulate`` > 0 also steps after that many calls). A backward of a step this replica has moved past (it
+applied that step, or saw a later one: a straggler whose call timed out and was retried elsewhere, or a restarted
+trainer redoing steps from its checkpoint) is answered with its input's gradient and not applied
+(``backward_stale``): applied, it would count twice, or land alone in a later update.
 
 Data-parallel averaging, robust to a poisoner: every ``average_every`` optimizer steps (0: never) a replica runs, in
 the background, one round of pull averaging with the other replicas of its stage. It fetches the parameters of up to
@@ -69,7 +73,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import AsyncIterator  # noqa: UP035 (ServicerBase detects stream handlers by typing's AsyncIterator only)
+from typing import Any, AsyncIterator  # noqa: UP035 (ServicerBase detects stream handlers by typing's AsyncIterator only)
 
 import torch
 from hivemind import DHT
@@ -115,7 +119,7 @@ from swarm.records import (
     check_verdict,
     tensor_digest,
 )
-from swarm.state import load_state_file
+from swarm.state import load_state_file, save_state_file
 
 logger = logging.getLogger(__name__)
 
@@ -150,18 +154,17 @@ class StageServerConfig:
     lr: float = 3e-3
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    accumulate: int = 8  # backward calls per optimizer step
+    accumulate: int = 0  # also step after this many backward calls of one trainer step (0: only on the trainer's next
+    # step; a value below the micro-batches a replica gets per step splits each trainer step into several updates)
     max_batch: int = 64
     device: str = "cpu"  # or "auto" (CUDA when present), "cuda", "cuda:1", ...; `join` defaults to "auto"
     compression: int = runtime_pb2.CompressionType.NONE
     announce_period: float = 10.0  # seconds; the record expires after 2 periods
-    replay_window: int = 4096  # backward requests remembered (step, micro-batch and gradient digest) so that a
-    # replay is not applied twice: its update would count double. A replay is still answered, with the input's
-    # gradient computed without touching the parameters' (idempotent): a trainer restarted from a checkpoint redoes
-    # its steps under the same numbers, with the very same tensors where the weights have not moved since (stage 1's
-    # input from a restored embedding, a stage whose step was not applied yet), and it needs those answers. Keyed on
-    # the gradient, not on the numbers alone (a redo's gradient differs once the weights moved, and it is applied)
-    # nor on the (input, gradient) pair (two genuine versions of one micro-batch, mixed, would be applied again)
+    replay_window: int = 4096  # backward requests remembered by (step, micro-batch) so that a second backward of
+    # one micro-batch is not applied twice: it would count double. It is still answered, with the input's gradient
+    # computed without touching the parameters' (idempotent): an exact replay, or a restarted trainer's redo of the
+    # step it crashed in (other tensors, if its weights moved; the same micro-batch of data all the same). Backward
+    # calls of steps this replica has moved past are answered and not applied in any case (module docstring)
     trust_trainer: bool = False  # accept a trainer's verdict on a forward input at every boundary (only for
     # benchmarks of a swarm without validators, TrainerConfig.validate=False; by default only stage 1 accepts it)
     average_every: int = 4  # optimizer steps between parameter-averaging rounds with the other replicas (0: off)
@@ -191,8 +194,8 @@ class StageServerConfig:
     # replica's parameters (0: honest); what it computes and sends down the pipeline stays honest
 
     def __post_init__(self) -> None:
-        if self.stage < 1 or self.accumulate < 1 or self.max_batch < 1 or self.announce_period <= 0:
-            raise ValueError("stage, accumulate and max_batch must be >= 1 and announce_period > 0")
+        if self.stage < 1 or self.accumulate < 0 or self.max_batch < 1 or self.announce_period <= 0:
+            raise ValueError("stage and max_batch must be >= 1, accumulate >= 0 and announce_period > 0")
         if self.average_every < 0 or self.average_timeout <= 0 or self.average_peers < 1:
             raise ValueError("average_every must be >= 0, average_timeout > 0 and average_peers >= 1")
         if self.max_streams < 1:
@@ -232,16 +235,19 @@ class StageServer(ServicerBase):
         self.spec = TensorSpec(self.model_config.d_model, self.model_config.seq_len, config.max_batch)
         self.forward_calls = 0
         self.backward_calls = 0
-        self.backward_replays = 0  # backward requests answered without an update: seen before (replay_window)
+        self.backward_replays = 0  # backward requests answered without an update: their (step, micro-batch) was seen
+        self.backward_stale = 0  # ... and of a step this replica had moved past (see the module's docstring)
         self.optimizer_steps = 0
         self._pending_step: int | None = None  # trainer step of the gradients accumulated and not yet applied
         self._pending_calls = 0
+        self._applied_step = -1  # the latest trainer step whose gradients went into the weights
+        self._forward_step = -1  # the latest trainer step of a forward computed here
         self._stopped = False
         self.rejected: dict[str, int] = {}
         self.stream_calls: Counter[str] = Counter()  # "forward" / "backward" requests that came streamed
         self.streams = StreamSlots(config.max_streams)
         self.seconds_ema: float | None = None  # seconds per forward+backward of one micro-batch
-        self._seen_backward: OrderedDict[tuple[int, int, bytes], None] = OrderedDict()
+        self._seen_backward: OrderedDict[tuple[int, int], None] = OrderedDict()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{config.stage}")  # serial
         self._dht: DHT | None = None
         self._p2p: P2P | None = None
@@ -423,16 +429,17 @@ class StageServer(ServicerBase):
             meta_verdict(meta, "grad_verdict"), manifest=self.manifest, run_id=run, step=step, microbatch=mb,
             boundary=self.config.stage, direction=Direction.BACKWARD, digest=g_digest, allow_trainer=True,
         )  # fmt: skip
-        seen = (step, mb, g_digest)
-        if seen in self._seen_backward:  # a replayed gradient, applied twice, would count double: answer it only
+        seen = (step, mb)
+        if seen in self._seen_backward:  # a micro-batch's gradient applied twice would count double: answer it only
             self.backward_replays += 1
             grad_in = await self._run(self._compute_input_grad, h, g)
         else:
             self._seen_backward[seen] = None
             while len(self._seen_backward) > self.config.replay_window:
                 self._seen_backward.popitem(last=False)
-            grad_in = await self._run(self._compute_backward, h, g, step)
-            self._maybe_average()
+            grad_in, applied = await self._run(self._compute_backward, h, g, step)
+            if applied:
+                self._maybe_average()
         grad_in = self._send(grad_in, step, mb, "backward")
         return runtime_pb2.ExpertResponse(tensors=encode_tensors([grad_in], self.config.compression))
 
@@ -450,25 +457,38 @@ class StageServer(ServicerBase):
         start = time.perf_counter()
         if self._pending_step is not None and step > self._pending_step:
             self._apply_pending()  # the trainer moved on: the last step's gradients are all in
+        self._forward_step = max(self._forward_step, step)
         with torch.no_grad():
             out = self.module(h.to(self.device, torch.float32))
         self._timed(time.perf_counter() - start)
         return out.to("cpu")
 
-    def _compute_backward(self, h: torch.Tensor, g: torch.Tensor, step: int) -> torch.Tensor:
+    def _compute_backward(self, h: torch.Tensor, g: torch.Tensor, step: int) -> tuple[torch.Tensor, bool]:
+        """The input's gradient, and whether the parameters' gradients were taken into the pending update (False for
+        a backward of a step this replica has moved past: see the module's docstring)."""
+        if step <= self._applied_step or step < self._forward_step or (
+            self._pending_step is not None and step < self._pending_step
+        ):
+            self.backward_stale += 1
+            if self.backward_stale == 1 or self.backward_stale % 100 == 0:
+                logger.info(f"stage {self.config.stage}: a backward of step {step} arrived after this replica moved "
+                            f"past it (applied step {self._applied_step}); answered, not applied "
+                            f"({self.backward_stale} so far)")  # fmt: skip
+            return self._compute_input_grad(h, g), False
         start = time.perf_counter()
         if self._pending_step is not None and step != self._pending_step:
-            self._apply_pending()  # gradients of an earlier trainer step, fewer than `accumulate` (some bypassed)
+            self._apply_pending()  # the gradients of an earlier trainer step
         x = h.to(self.device, torch.float32).requires_grad_(True)
         out = self.module(x)
         torch.autograd.backward(out, g.to(self.device, out.dtype))
         self.backward_calls += 1
         self._pending_step = step
         self._pending_calls += 1
-        if self._pending_calls >= self.config.accumulate:
-            self._apply_pending()
+        if 0 < self.config.accumulate <= self._pending_calls:
+            self._optimizer_step()  # the step stays open: its later micro-batches still count
+            self._pending_calls = 0
         self._timed(time.perf_counter() - start)
-        return x.grad.to("cpu")
+        return x.grad.to("cpu"), True
 
     def _compute_input_grad(self, h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """The gradient of the stage's input only, for a replayed backward: the parameters' gradients, the pending
@@ -485,17 +505,23 @@ class StageServer(ServicerBase):
     def _apply_pending(self) -> None:
         """One optimizer step on the gradients accumulated so far (none: nothing to do).
 
-        Steps follow the trainer's: after ``accumulate`` backward calls, or as soon as a request of a later trainer
-        step arrives. Counting calls alone, a replica bypassed in some micro-batches of a step (its output replaced
-        by a validator) would from then on split every later step's micro-batches across two updates."""
+        Steps follow the trainer's: as soon as a request of a later trainer step arrives (or after ``accumulate``
+        backward calls, when set). Counting calls alone, a replica bypassed in some micro-batches of a step (its
+        output replaced by a validator) would from then on split every later step's micro-batches across two
+        updates."""
         if self._pending_calls:
-            if self.config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.config.grad_clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.optimizer_steps += 1
-            self._version += 1
+            self._optimizer_step()
+        if self._pending_step is not None:
+            self._applied_step = max(self._applied_step, self._pending_step)
         self._pending_step, self._pending_calls = None, 0
+
+    def _optimizer_step(self) -> None:
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer_steps += 1
+        self._version += 1
 
     def _timed(self, seconds: float) -> None:
         self.seconds_ema = seconds if self.seconds_ema is None else 0.9 * self.seconds_ema + 0.1 * seconds
@@ -775,6 +801,8 @@ class StageServer(ServicerBase):
             "optimizer": self.optimizer.state_dict(),
             "backward_calls": self.backward_calls,
             "optimizer_steps": self.optimizer_steps,
+            "applied_step": self._applied_step,
+            "forward_step": self._forward_step,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -784,15 +812,24 @@ class StageServer(ServicerBase):
         self.optimizer.load_state_dict(state["optimizer"])
         self.backward_calls = int(state["backward_calls"])
         self.optimizer_steps = int(state["optimizer_steps"])
+        self._applied_step = int(state.get("applied_step", -1))  # absent from checkpoints before 2026-11-30
+        self._forward_step = int(state.get("forward_step", -1))
         self._steps_at_round = self.optimizer_steps
         self._version += 1
 
     def save(self, path: str | Path) -> None:
-        """Write the stage's state atomically (a crash never leaves half a checkpoint)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(self.state_dict(), tmp)
-        tmp.replace(path)
+        """Write the stage's state atomically (a crash never leaves half a checkpoint). Only while no computation
+        runs (before ``start``, after ``shutdown``); a serving stage saves with :meth:`save_serving`."""
+        save_state_file(self.state_dict(), path)
+
+    async def save_serving(self, path: str | Path) -> None:
+        """Save while serving: the state is copied between computations, on the stage's compute thread (the
+        optimizer step, averaging and syncing change the tensors in place there; saved from another thread they
+        could mix two steps' parameters and moments in one file), then written on another thread."""
+        if self._stopped:
+            return self.save(path)
+        snapshot = await self._run(lambda: _cpu_copy(self.state_dict()))
+        await asyncio.to_thread(save_state_file, snapshot, path)
 
     def load(self, path: str | Path) -> None:
         """Load a checkpoint written by :meth:`save`; StateFileError if it is unreadable or not this stage's."""
@@ -801,6 +838,17 @@ class StageServer(ServicerBase):
 
     def __repr__(self) -> str:
         return f"StageServer(stage={self.config.stage}, span={self.span}, steps={self.optimizer_steps})"
+
+
+def _cpu_copy(state: Any) -> Any:
+    """A copy of a (nested) state dict whose tensors are detached CPU copies: it no longer changes with the stage."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: _cpu_copy(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_cpu_copy(v) for v in state)
+    return state
 
 
 def consensus_parameters(

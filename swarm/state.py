@@ -9,8 +9,11 @@ and deleting it is the operator's decision.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -20,6 +23,26 @@ _T = TypeVar("_T")
 
 class StateFileError(ValueError):
     """A node's saved state cannot be read or does not fit this node (``sentinel-node`` prints it, exit status 2)."""
+
+
+def save_state_file(state: Any, path: str | os.PathLike) -> None:
+    """``torch.save(state)`` to ``path`` atomically and durably: into a temporary file of its own in the same folder,
+    synced to disk, then renamed over ``path``. A crash at any moment leaves the previous file or the new one, never
+    half of one (and the rename never lands before the data)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            torch.save(state, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def load_state_file(path: str | os.PathLike, what: str, apply: Callable[[Any], _T], *, weights_only: bool,

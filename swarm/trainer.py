@@ -541,8 +541,19 @@ class Trainer:
         return float(np.mean(losses)) if losses else math.nan
 
     async def step(self, step: int) -> float:
-        """One optimizer step of the trainer's own parameters over ``microbatches`` micro-batches; mean loss."""
+        """One optimizer step of the trainer's own parameters over ``microbatches`` micro-batches; mean loss. A step
+        that fails (no replica left for a micro-batch) puts its batches back: the sampler is where it was before the
+        step, so the trainer's checkpoint (saved with the step count before it) redoes this step on the same data."""
         self.optimizer.zero_grad(set_to_none=True)
+        sampler_state = self.sampler.state_dict()
+        try:
+            return await self._step(step)
+        except BaseException:
+            self.sampler.load_state_dict(sampler_state)
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
+
+    async def _step(self, step: int) -> float:
         completed = self.metrics.completed
         m = self.config.microbatches
         batches = [self.sampler.sample() for _ in range(m)]  # drawn in order: the data does not depend on timing

@@ -80,7 +80,7 @@ from swarm.records import (
     tensor_digest,
 )
 from swarm.stage_server import manifest_model_config, remove_rpc_handlers, rpc_namespace
-from swarm.state import load_state_file
+from swarm.state import load_state_file, save_state_file
 
 logger = logging.getLogger(__name__)
 
@@ -231,13 +231,10 @@ class ValidatorService(ServicerBase):
     def save_state(self) -> None:
         if not self.config.state_path:
             return
-        path = Path(self.config.state_path)
-        tmp = path.with_name(f".{path.name}.tmp")
         state = self.validator.state_dict()
         seen = max((s for s in (self._step, self._saved_step) if s is not None), default=None)
         state["service"] = {"step": seen, "published_step": dict(self._published_step)}
-        torch.save(state, tmp)
-        tmp.replace(path)
+        save_state_file(state, self.config.state_path)
 
     @property
     def throughput(self) -> float:

@@ -311,11 +311,12 @@ def test_a_validator_keeps_its_bans_in_the_dht_past_the_strike_records_lifetime(
                 dht.shutdown()
 
 
-def test_a_replayed_backward_is_answered_but_applied_once_and_a_redo_is_applied():
+def test_a_replayed_backward_is_answered_but_applied_once_and_so_is_a_redo():
     """The stage's replay guard (no network). A signed (input, gradient) pair for a (step, micro-batch) is applied
     once; replayed, it is answered with the same input gradient but changes nothing (a trainer restarted from a
-    checkpoint may resend exactly that, and needs the answer). A redo with another gradient (the weights moved on) is
-    applied, even with the same input; the first gradient with another genuine input is answered, not applied."""
+    checkpoint may resend exactly that, and needs the answer). A redo with another gradient or another input (a
+    restarted trainer whose weights moved: the same micro-batch of data) is answered and not applied either (before
+    2026-11-30 it was: the micro-batch counted twice); another micro-batch of the step is applied."""
     server = StageServer(StageServerConfig(stage=2, seed=SEED, accumulate=100), MANIFEST, STAGE_IDS[1])
 
     def verdict(signer, boundary, direction, tensor, step, mb):
@@ -344,12 +345,12 @@ def test_a_replayed_backward_is_answered_but_applied_once_and_a_redo_is_applied(
         again = await serve(request(h, g))  # a replay, or a restarted trainer's identical redo
         assert torch.equal(again, first)
         assert all(torch.equal(x, y) for x, y in zip(grads(), after_first))  # not accumulated twice
-        await serve(request(h, torch.randn(2, 8, CFG.d_model)))  # a redo with another gradient: applied
+        await serve(request(h, torch.randn(2, 8, CFG.d_model)))  # a redo with another gradient
+        await serve(request(torch.randn(2, 8, CFG.d_model), g))  # ... with another input
+        assert all(torch.equal(x, y) for x, y in zip(grads(), after_first))
+        await serve(request(torch.randn(2, 8, CFG.d_model), torch.randn(2, 8, CFG.d_model), mb=4))  # the next one
         assert not all(torch.equal(x, y) for x, y in zip(grads(), after_first))
-        before_mixed = grads()
-        await serve(request(torch.randn(2, 8, CFG.d_model), g))  # the first gradient, mixed with another input
-        assert all(torch.equal(x, y) for x, y in zip(grads(), before_mixed))
-        assert server.backward_calls == 2 and server.backward_replays == 2
+        assert server.backward_calls == 2 and server.backward_replays == 3
 
     try:
         asyncio.run(main())

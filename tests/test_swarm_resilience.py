@@ -253,9 +253,10 @@ def test_nodes_whose_dht_died_still_shut_down_and_save_their_state(tmp_path):
 @pytest.mark.timeout(120)
 def test_a_trainer_restarted_from_an_older_checkpoint_redoes_its_steps():
     """A trainer that crashed after step 2 with a checkpoint of step 0 (``join --checkpoint-every``) redoes steps 1
-    and 2 under the same step and micro-batch numbers, on stage servers that applied the first ones. Those carry
-    other tensors (the data and the weights moved on), so the stages' replay guard serves them; before, it refused
-    every one as a replay and the restarted trainer could not train at all."""
+    and 2 under the same step and micro-batch numbers, on stage servers that applied the first ones. The stages
+    answer every redo (before 2026-11-29 they refused them as replays and the restarted trainer could not train at
+    all) and apply none of them (before 2026-11-30 a redo with other tensors was applied a second time); step 3
+    trains as usual."""
     config = TrainerConfig(seed=SEED, batch_size=2, microbatches=2, warmup=100)
     swarm = LocalSwarm((1, 1), trainer_config=config)
 
@@ -270,11 +271,16 @@ def test_a_trainer_restarted_from_an_older_checkpoint_redoes_its_steps():
         trainer.head.load_state_dict(saved["head"])
         trainer.optimizer.load_state_dict(saved["optimizer"])
         trainer.sampler.load_state_dict(saved["sampler"])
-        for step in (1, 2):
+        for step in (1, 2, 3):
             assert math.isfinite(await trainer.step(step))
-        assert trainer.metrics.step_completed == [2] * 5 and trainer.metrics.dropped == 0
+        assert trainer.metrics.step_completed == [2] * 6 and trainer.metrics.dropped == 0
         assert all(server.rejected == {} for server in swarm.servers.values())
-        assert sum(server.backward_calls for server in swarm.servers.values()) == 2 * 2 * 5
+        servers = swarm.servers.values()
+        assert sum(server.backward_calls for server in servers) == 2 * 2 * 4  # steps 0, 1, 2 and 3, once each
+        # the redos of steps 1 and 2, answered as micro-batches seen already (they are in the stages' replay window;
+        # past it, step 1's would be answered as a step applied)
+        assert sum(server.backward_replays + server.backward_stale for server in servers) == 2 * 2 * 2
+        assert all(server.optimizer_steps == 3 for server in servers)  # steps 0-2; step 3's waits for step 4
 
     run_swarm(swarm, body)
 
