@@ -832,9 +832,11 @@ class StageServer(ServicerBase):
         await asyncio.to_thread(save_state_file, snapshot, path)
 
     def load(self, path: str | Path) -> None:
-        """Load a checkpoint written by :meth:`save`; StateFileError if it is unreadable or not this stage's."""
+        """Load a checkpoint written by :meth:`save`; StateFileError if it is unreadable or not this stage's. Read on
+        the CPU: loading copies the values to the parameters' device, and AdamW's step counters stay on the CPU, as a
+        fresh optimizer keeps them (on a GPU they would cost a device sync per parameter per step)."""
         load_state_file(path, f"stage {self.config.stage} checkpoint", self.load_state_dict, weights_only=True,
-                        map_location=self.device)  # fmt: skip
+                        map_location="cpu")  # fmt: skip
 
     def __repr__(self) -> str:
         return f"StageServer(stage={self.config.stage}, span={self.span}, steps={self.optimizer_steps})"
