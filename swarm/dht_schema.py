@@ -275,9 +275,12 @@ class SentinelRecordValidator(RecordValidatorBase):
       announcement, taint notice and strike record -> an authorized validator of the manifest;
     * strike records must not be older (in steps) than the newest seen from the same validator for the same peer.
 
-    Records without a marker belong to other hivemind components (e.g. averaging) and pass if `allow_foreign`,
-    except where they would squat a key this run owns or impersonate a sentinel record. Readers in this module ignore
-    unmarked entries.
+    Records without a marker would belong to other hivemind components (none of a sentinel node uses the DHT) and are
+    refused unless `allow_foreign` (then still not where they would squat a key this run owns or impersonate a
+    sentinel record). Readers in this module ignore unmarked entries, but hivemind answers a key with its whole
+    dictionary in one message of at most 4 MiB: before 2026-11-30 foreign entries were allowed by default, and 48 of
+    100 kB each under a peer's strike key, from a peer with no key of the manifest, made every fresh reader's get of
+    it fail, hiding a quorum ban from trainers and stages that joined later.
     """
 
     def __init__(
@@ -289,7 +292,7 @@ class SentinelRecordValidator(RecordValidatorBase):
         n_stages: int | None = None,
         local_seed: bytes | None = None,
         bucket_size: int = DEFAULT_BUCKET_SIZE,
-        allow_foreign: bool = True,
+        allow_foreign: bool = False,
         replay_guard_entries: int = 100_000,
     ):
         self.run_id = _run(run_id)

@@ -89,6 +89,12 @@ class NoRoute(TransportError):
     """No reachable, non-banned replica (or validator) answered within the retry budget."""
 
 
+class MalformedReply(TransportError):
+    """A reply no honest peer sends: a tensor whose shape is not its request's. The call is retried on another peer
+    and the trainer routes nothing to that peer again (``Trainer.misbehaved``); the validators never see the tensor
+    (their check needs the reference's shape), so it would otherwise cost the peer nothing and stop the trainer."""
+
+
 @dataclass
 class TrainerConfig:
     seed: int = 0  # model init and data order
@@ -167,14 +173,23 @@ def preferring(first: str, pick: Callable[[set[str]], str | None]) -> Callable[[
     return choose
 
 
+MAX_THROUGHPUT = 1e9  # micro-batches (or checks) a second: more than any peer does; an announcement above is clamped
+THROUGHPUT_CAP = 4.0  # a peer weighs at most this many times the lower median of its stage's measured throughputs
+
+
 def throughput_weights(throughputs: Sequence[float]) -> np.ndarray:
     """Routing weights from announced throughputs. A peer that has not measured itself yet announces 0 and weighs the
-    median of those that have (1 each when none has): weighted by a placeholder against measured peers (thousands of
-    checks a second), a new validator drew almost no traffic, never measured itself, and warmed its monitors on the
-    live traffic after the honest warm-up was over (README, "`sentinel-node demo`")."""
-    measured = [t for t in throughputs if t > 0]
-    fill = float(np.median(measured)) if measured else 1.0
-    return np.array([t if t > 0 else fill for t in throughputs], dtype=np.float64)
+    lower median of those that have (1 each when none has): weighted by a placeholder against measured peers
+    (thousands of checks a second), a new validator drew almost no traffic, never measured itself, and warmed its
+    monitors on the live traffic after the honest warm-up was over (README, "`sentinel-node demo`").
+
+    An announcement is its peer's own word, so no weight exceeds ``THROUGHPUT_CAP`` times that lower median (the
+    lower one: with two peers, the other's): one peer announcing 1e300 drew every micro-batch of its stage, and
+    announcements near the float limit overflowed the weights' sum (NaN probabilities, a crashed trainer)."""
+    values = [min(float(t), MAX_THROUGHPUT) if math.isfinite(t) and t > 0 else 0.0 for t in throughputs]
+    measured = sorted(t for t in values if t > 0)
+    fill = measured[(len(measured) - 1) // 2] if measured else 1.0
+    return np.array([min(t, THROUGHPUT_CAP * fill) if t > 0 else fill for t in values], dtype=np.float64)
 
 
 @dataclass
@@ -213,6 +228,7 @@ class Trainer:
         self.stages: dict[int, list[StageAnnouncement]] = {}
         self.validators: dict[int, list[ValidatorAnnouncement]] = {}
         self.banned: set[str] = set()
+        self.misbehaved: set[str] = set()  # peers that sent a MalformedReply: routed to last, with the banned ones
         self._refreshed_at = -math.inf
         self._held: dict[str, OrderedDict[bytes, None]] = {}  # validator peer -> digests it passed on (recent)
         self._down: dict[str, tuple[float, int]] = {}  # peer -> (avoided until (monotonic), consecutive failures)
@@ -282,6 +298,14 @@ class Trainer:
                 exclude.add(peer)
                 last = e
                 continue
+            except MalformedReply as e:
+                logger.warning(f"{peer[:12]}... sent a malformed reply ({e}); routing around it from now on")
+                self.metrics.retries += 1
+                self.misbehaved.add(peer)
+                self._mark_failed(peer)
+                exclude.add(peer)
+                last = e
+                continue
             except (TransportError, RemoteFailure) as e:
                 logger.warning(f"call to {peer[:12]}... failed ({type(e).__name__}: {e}); trying another peer")
                 self.metrics.retries += 1
@@ -298,13 +322,18 @@ class Trainer:
         ban = min(self.config.failure_ban * 2.0**failures, self.config.failure_ban_max)
         self._down[peer] = (time.monotonic() + ban, failures + 1)
 
+    @property
+    def shunned(self) -> set[str]:
+        """Peers routed to only when no other replica is left: banned by the quorum, or seen misbehaving here."""
+        return self.banned | self.misbehaved
+
     def avoided(self) -> set[str]:
         """Peers avoided after recent failures (still used when nothing else is left)."""
         now = time.monotonic()
         return {peer for peer, (until, _) in self._down.items() if until > now}
 
     def _pick_stage(self, k: int, exclude: set[str]) -> str | None:
-        chosen = choose_replica(self.stages.get(k, []), self.banned, exclude, self.rng, self.avoided())
+        chosen = choose_replica(self.stages.get(k, []), self.shunned, exclude, self.rng, self.avoided())
         return None if chosen is None else chosen.peer
 
     def _planned_pick(self, k: int, step: int, mb: int) -> Callable[[set[str]], str | None]:
@@ -315,7 +344,7 @@ class Trainer:
             return lambda ex: self._pick_stage(k, ex)
         plan = self._plans.get((step, k))
         if plan is None:
-            allowed = routable(self.stages.get(k, []), self.banned, set(), self.avoided())
+            allowed = routable(self.stages.get(k, []), self.shunned, set(), self.avoided())
             weights = throughput_weights([a.throughput for a in allowed])
             n = max(1, self.config.microbatches)
             plan = [allowed[i].peer for i in balanced_plan(weights, n, self.rng)]
@@ -324,7 +353,7 @@ class Trainer:
         planned = plan[mb % len(plan)] if plan else None
 
         def pick(exclude: set[str]) -> str | None:
-            if planned is None or planned in exclude or planned in self.banned or planned in self.avoided():
+            if planned is None or planned in exclude or planned in self.shunned or planned in self.avoided():
                 return self._pick_stage(k, exclude)
             return planned
 
@@ -352,6 +381,8 @@ class Trainer:
     async def _stage_call(self, peer: str, method: str, tensors: list[torch.Tensor], meta: dict) -> torch.Tensor:
         response = await self._call(StageServer, peer, method, tensors, meta)
         out = decode_reply_tensor(response, self.spec)
+        if out.shape != tensors[0].shape:  # forward: the output of a stage; backward: its input's gradient
+            raise MalformedReply(f"{method} reply of shape {tuple(out.shape)} for input {tuple(tensors[0].shape)}")
         self.metrics.stage_calls[peer] += 1
         return out
 
@@ -387,6 +418,8 @@ class Trainer:
         out = decode_reply_tensor(response, self.spec) if tainted_now and response.tensors else None
         if not tainted_now:
             out = tensor
+        if out is not None and out.shape != tensor.shape:
+            raise MalformedReply(f"a replacement of shape {tuple(out.shape)} for a tensor of {tuple(tensor.shape)}")
         expected = None if out is None else digest if out is tensor else tensor_digest(out)
         if out is not None and (verdict is None or verdict.digest != expected or verdict.verdict != Verdict.ACCEPT):
             raise TransportError("validator reply carries no matching ACCEPT verdict")

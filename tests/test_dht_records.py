@@ -144,8 +144,11 @@ def test_foreign_records_and_bootstrap_upgrade():
     foreign = DHTRecord(
         dht_key_id("averager.group"), MSGPackSerializer.dumps(b"peer"), MSGPackSerializer.dumps(1), EXP
     )
-    assert reader().validate(foreign)
-    assert not SentinelRecordValidator.from_manifest(MANIFEST, allow_foreign=False).validate(foreign)
+    assert not reader().validate(foreign)  # refused by default: unsigned padding could hide a key's records
+    assert SentinelRecordValidator.from_manifest(MANIFEST, allow_foreign=True).validate(foreign)
+    strike_key_padding = DHTRecord(dht_key_id(strikes_key(RUN, "QmVictim")), MSGPackSerializer.dumps(b"pad"),
+                                   MSGPackSerializer.dumps(b"x" * 100_000), EXP)  # fmt: skip
+    assert not reader().validate(strike_key_padding)
 
     boot = SentinelRecordValidator.for_bootstrap(RUN, AUTHORITY.public_key)
     strike_record = signed_record(V0, strikes_key(RUN, "QmBad"), strike(V0))
@@ -330,7 +333,7 @@ def test_a_request_the_dht_process_cannot_receive_does_not_kill_it():
         plain.join(10)
         assert not plain.is_alive()  # the upstream behaviour this class exists for
 
-        ours = start_dht([SentinelRecordValidator.from_manifest(MANIFEST, V0)])
+        ours = start_dht([SentinelRecordValidator.from_manifest(MANIFEST, V0, allow_foreign=True)])  # stores "k"
         ours._outer_pipe.send(_UnreceivableRequest())
         assert ours.store("k", 1, get_dht_time() + 60)  # later requests are served (after the loop's back-off)
         assert ours.get("k", latest=True).value == 1 and ours.is_alive()

@@ -95,6 +95,20 @@ def test_unmeasured_peers_weigh_as_a_typical_measured_one():
     assert throughput_weights([3.0]).tolist() == [3.0]
 
 
+def test_an_announced_throughput_is_capped_by_its_stage_s_lower_median():
+    """A peer's announcement is its own word: 1e300 drew every micro-batch of its stage, and two announcements near
+    the float limit overflowed the weights (NaN probabilities, a crashed trainer)."""
+    weights = throughput_weights([1e300, 100.0])
+    assert weights.tolist() == [400.0, 100.0]  # the lower median, of two the honest one's
+    assert throughput_weights([1e308, 1e308, 5.0, 5.0, math.inf, math.nan, -1.0]).tolist() == [20.0, 20.0, 5.0, 5.0,
+                                                                                               5.0, 5.0, 5.0]
+    anns = [StageAnnouncement("r", 0, peer, StageState.ONLINE, (0, 1), t, bytes(32))
+            for peer, t in (("big", 1e308), ("honest", 5.0), ("other", 5.0))]
+    rng = np.random.default_rng(0)
+    picks = [choose_replica(anns, set(), set(), rng).peer for _ in range(600)]
+    assert 0.55 < picks.count("big") / len(picks) < 0.8  # 4 : 1 : 1 (it drew every one before)
+
+
 def test_balanced_plan_gives_each_its_share_rounded_and_shuffles():
     rng = np.random.default_rng(0)
     orders = set()

@@ -325,6 +325,35 @@ def test_busy_peer_is_sidestepped_briefly_and_a_failed_one_for_longer():
     assert trainer.avoided() == {"full", "dead"}
 
 
+def test_a_stage_reply_of_the_wrong_shape_is_retried_elsewhere_and_its_sender_shunned(monkeypatch):
+    """A stage that answers with a tensor of another shape than its input (fewer sequences, shorter ones) used to stop
+    the trainer: the validator refuses such a check (BadRequest) and nothing retried it, so the step failed and the
+    sender was never blamed. It is a MalformedReply now: retried on another replica, and the sender is routed to
+    only when no other replica is left."""
+    trainer_id = Identity.generate()
+    manifest = local_manifest(RUN, "tiny", 1, Identity.generate(), trainer_id, Identity.generate())
+    trainer = Trainer(TrainerConfig(seed=SEED), manifest, trainer_id, CORPUS)
+    h = torch.randn(2, 32, 64)
+    replies = {"short": torch.zeros(1, 32, 64), "good": torch.ones(2, 32, 64)}
+
+    async def call(cls, peer, method, tensors, meta):
+        from hivemind.proto import runtime_pb2
+
+        from swarm.protocol import encode_tensors
+
+        return runtime_pb2.ExpertResponse(tensors=encode_tensors([replies[peer]]))
+
+    monkeypatch.setattr(trainer, "_call", call)
+    order = iter(["short", "good"])
+    peer, out = asyncio.run(trainer._with_retries(lambda exclude: next(order),
+                                                  lambda p: trainer._stage_call(p, "rpc_forward", [h], {})))
+    assert peer == "good" and torch.equal(out, replies["good"]) and trainer.metrics.retries == 1
+    assert trainer.misbehaved == {"short"} and "short" in trainer.shunned and trainer.banned == set()
+    anns = [StageAnnouncement(RUN, 0, p, StageState.ONLINE, (0, 1), 1.0, bytes(32)) for p in ("short", "good")]
+    trainer.stages = {1: anns}
+    assert {trainer._pick_stage(1, set()) for _ in range(20)} == {"good"}
+
+
 @pytest.mark.forked
 @pytest.mark.timeout(150)
 def test_each_check_can_go_to_several_validators_and_any_taint_wins():
