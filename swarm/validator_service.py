@@ -327,35 +327,37 @@ class ValidatorService(ServicerBase):
         if boundary not in self.boundaries:
             raise BadRequest(f"this validator does not serve boundary {boundary}")
         sender, tainted, warmup = meta_str(meta, "sender"), meta_bool(meta, "tainted"), meta_bool(meta, "warmup")
+        trainer, signature = meta.get("trainer"), meta.get("signature")
+        if type(trainer) is not bytes or not self.manifest.is_trainer(trainer):
+            raise Unauthorized("check requests must come from an authorized trainer")
+        reference = None
         if len(request.tensors) == 1:  # the reference named by digest: one this validator passed on earlier
             (x_proto,) = request.tensors
             reference_digest = meta.get("reference_digest")
             if type(reference_digest) is not bytes or len(reference_digest) != 32:
                 raise BadRequest("a check with one tensor needs a 32-byte reference_digest")
-            reference = self._kept.get(reference_digest)
-            if reference is None:
-                raise ReferenceMissing("reference not held here (evicted or never seen): send it in full")
-            self._kept.move_to_end(reference_digest)
-            self.reference_hits += 1
         else:
             x_proto, ref_proto = request_tensors(request, 2)
             reference = decode_hidden(ref_proto, self.spec, "reference")
             reference_digest = tensor_digest(reference)
         x = decode_hidden(x_proto, self.spec, "tensor", require_finite=False)  # flagging NaN is our job
-        if reference.shape != x.shape:
-            raise BadRequest("reference must have the tensor's shape")
-        if unary:  # the reply may carry a replacement of x's shape
-            check_unary_reply(x.numel(), self.config.compression)
         digest = tensor_digest(x)
-        trainer, signature = meta.get("trainer"), meta.get("signature")
         signed = check_request_bytes(
             run_id=run, step=step, microbatch=mb, boundary=boundary, direction=direction, sender=sender,
             tainted=tainted, warmup=warmup, digest=digest, reference_digest=reference_digest,
         )  # fmt: skip
-        if type(trainer) is not bytes or not self.manifest.is_trainer(trainer):
-            raise Unauthorized("check requests must come from an authorized trainer")
         if type(signature) is not bytes or not Identity.verify(trainer, signed, signature):
             raise Unauthorized("check request signature does not verify")
+        if reference is None:  # only now: an unsigned request must not learn which tensors this validator holds
+            reference = self._kept.get(reference_digest)
+            if reference is None:
+                raise ReferenceMissing("reference not held here (evicted or never seen): send it in full")
+            self._kept.move_to_end(reference_digest)
+            self.reference_hits += 1
+        if reference.shape != x.shape:
+            raise BadRequest("reference must have the tensor's shape")
+        if unary:  # the reply may carry a replacement of x's shape
+            check_unary_reply(x.numel(), self.config.compression)
 
         name = "forward" if direction == Direction.FORWARD else "backward"
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from swarm_helpers import SEED, LocalSwarm, run_swarm
 
-from swarm.protocol import BadRequest, ReferenceMissing
+from swarm.protocol import BadRequest, ReferenceMissing, Unauthorized, sign_check
+from swarm.records import Direction, tensor_digest
 from swarm.trainer import TrainerConfig
 from swarm.validator_service import ValidatorService
 
@@ -59,7 +60,47 @@ def test_references_go_by_digest_and_a_miss_falls_back_to_the_full_tensor():
             with pytest.raises(BadRequest) as info:
                 await original(ValidatorService, peer, "rpc_check", [x], {**meta, **extra})
             assert type(info.value) is BadRequest
-        with pytest.raises(ReferenceMissing):
+        # a signed check naming a reference the validator does not hold: ReferenceMissing (unsigned: Unauthorized,
+        # before the cache is looked at; see the next test)
+        with pytest.raises(Unauthorized):
             await original(ValidatorService, peer, "rpc_check", [x], {**meta, "reference_digest": bytes(32)})
+        signature = sign_check(trainer.identity, run_id=trainer.run, step=9, microbatch=0, boundary=1,
+                               direction=Direction.FORWARD, sender="s", tainted=False, warmup=True,
+                               digest=tensor_digest(x), reference_digest=bytes(32))  # fmt: skip
+        with pytest.raises(ReferenceMissing):
+            await original(ValidatorService, peer, "rpc_check", [x],
+                           {**meta, "reference_digest": bytes(32), "signature": signature})  # fmt: skip
 
     run_swarm(swarm, body)
+
+
+def test_an_unsigned_check_learns_nothing_of_the_references_held():
+    """A check naming its reference by digest consults the validator's cache only after the trainer's signature
+    verifies: before, a peer with no key got 'unauthorized' for a tensor the validator held and 'reference_missing'
+    for one it did not (and bumped it in the LRU)."""
+    import asyncio
+
+    from hivemind.proto import runtime_pb2
+
+    from sentinel.config import SentinelConfig
+    from swarm.identity import Identity
+    from swarm.local import local_manifest
+    from swarm.protocol import encode_tensors, pack_meta, unpack_meta
+    from swarm.validator_service import ValidatorServiceConfig
+
+    validator_id, trainer_id = Identity.generate(), Identity.generate()
+    manifest = local_manifest("run", "tiny", 2, validator_id, trainer_id, Identity.generate())
+    service = ValidatorService(ValidatorServiceConfig(publish=False), manifest, validator_id, SentinelConfig())
+    held, other = torch.randn(2, 32, 64), torch.randn(2, 32, 64)
+    service._keep(tensor_digest(held), held)
+
+    async def probe(reference: torch.Tensor, trainer: bytes) -> str:
+        meta = {"run": "run", "step": 0, "mb": 0, "boundary": 1, "direction": 0, "sender": "x", "trainer": trainer,
+                "reference_digest": tensor_digest(reference), "signature": b"\0" * 64}  # fmt: skip
+        reply = await service._serve(runtime_pb2.ExpertRequest(tensors=encode_tensors([torch.randn(2, 32, 64)]),
+                                                                metadata=pack_meta(meta)))  # fmt: skip
+        return unpack_meta(reply.metadata)["error"]
+
+    for trainer in (Identity.generate().public_key, trainer_id.public_key):  # a stranger; the trainer's key, unsigned
+        assert asyncio.run(probe(held, trainer)) == asyncio.run(probe(other, trainer)) == "unauthorized"
+    assert service.reference_hits == 0
