@@ -142,7 +142,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="with --checkpoint-dir, save the trainer's state every N steps as well as on exit, so that a "
                         "crash loses at most N - 1 steps of it (0: only on exit)")
     g.add_argument("--min-replicas", type=int, default=1, help="wait until every stage has this many replicas")
-    g.add_argument("--swarm-timeout", type=float, default=120.0, help="seconds to wait for stages and validators")
+    g.add_argument("--swarm-timeout", type=float, default=120.0,
+                   help="seconds to wait for stages and validators at start, and for a step that finds no route "
+                        "(retried every 5 s) before giving up")
     g.add_argument("--taint-scope", default="microbatch", choices=["microbatch", "tensor"],
                    help="later checks of a tainted micro-batch are screens only (microbatch, the paper's rule)")
     p.set_defaults(func=run)
@@ -428,6 +430,29 @@ async def _wait_for_swarm(trainer, manifest, min_replicas: int, timeout: float, 
         await asyncio.sleep(1.0)
 
 
+async def _step_with_retries(trainer, step: int, timeout: float, stop: StopFlag, dht, *, wait: float = 5.0):
+    """``trainer.step(step)``, retried while it fails with NoRoute (no replica of some stage answered within a call's
+    retry budget: all of them down at once, or announcements of peers that do not answer crowding the honest ones
+    out until each has failed and is avoided), every ``wait`` seconds after a fresh DHT view, for up to ``timeout``
+    seconds; then CommandError. A failed step puts its batches back (``Trainer.step``), so the retry trains on the
+    same data, and stages answer the micro-batches they had already applied without applying them again. None if a
+    stop signal arrived while waiting."""
+    from swarm.trainer import NoRoute
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await trainer.step(step)
+        except NoRoute as e:
+            if time.monotonic() + wait > deadline:
+                raise CommandError(f"step {step + 1} found no route through the swarm for {timeout:.0f} s "
+                                   f"(--swarm-timeout): {e}") from e  # fmt: skip
+            say(f"trainer: step {step + 1} failed ({e}); retrying it in {wait:.0f} s")
+            if await _sleep_until_stopped(stop, wait, dht):
+                return None
+            await trainer.refresh()
+
+
 def _save_trainer_state(trainer, manifest, ckpt: Path, step: int) -> None:
     """Write the trainer's state after ``step`` completed steps, atomically (a temporary file, then a rename)."""
     from swarm.state import save_state_file
@@ -483,7 +508,9 @@ async def _trainer(args, dht, manifest, identity, stop: StopFlag) -> int:
         while step < args.steps and not stop.is_set():
             check_dht(dht)
             t0 = time.perf_counter()
-            loss = await trainer.step(step)
+            loss = await _step_with_retries(trainer, step, args.swarm_timeout, stop, dht)
+            if loss is None:  # stopped while waiting to retry
+                break
             wall += time.perf_counter() - t0
             await trainer.refresh()  # the ban view after this step's strikes
             step += 1

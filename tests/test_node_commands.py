@@ -226,3 +226,37 @@ def test_at_path_arguments_read_pub_files_and_ready_files(tmp_path, capsys):
     assert expand_peers([f"@{ready}", "/ip4/1.2.3.4/tcp/1/p2p/QmX"]) == [*PEERS, "/ip4/1.2.3.4/tcp/1/p2p/QmX"]
     with pytest.raises(CommandError, match="cannot read"):
         expand_peers([f"@{tmp_path / 'missing.json'}"])
+
+
+def test_a_trainer_step_that_finds_no_route_is_retried_until_the_swarm_timeout(monkeypatch):
+    """join --role trainer used to exit at the first NoRoute (e.g. 50 announced peers that never answer, drawn before
+    the honest replicas for a call's 3 attempts). The step is retried after a fresh DHT view until --swarm-timeout."""
+    import asyncio
+
+    import node.join as join
+    from node.common import CommandError, StopFlag
+    from swarm.trainer import NoRoute
+
+    monkeypatch.setattr(join, "check_dht", lambda dht: None)
+
+    class Trainer:
+        def __init__(self, failures: int):
+            self.failures, self.calls, self.refreshes = failures, 0, 0
+
+        async def step(self, step: int) -> float:
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise NoRoute("no peer answered after 3 failure(s)")
+            return 1.5
+
+        async def refresh(self) -> None:
+            self.refreshes += 1
+
+    trainer = Trainer(failures=2)
+    assert asyncio.run(join._step_with_retries(trainer, 7, 5.0, StopFlag(), None, wait=0.05)) == 1.5
+    assert trainer.calls == 3 and trainer.refreshes == 2
+    with pytest.raises(CommandError, match="step 8 found no route"):
+        asyncio.run(join._step_with_retries(Trainer(failures=1000), 7, 0.3, StopFlag(), None, wait=0.05))
+    stopped = StopFlag()
+    stopped.event.set()
+    assert asyncio.run(join._step_with_retries(Trainer(failures=1), 7, 5.0, stopped, None, wait=0.05)) is None
