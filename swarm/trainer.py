@@ -107,6 +107,13 @@ class TrainerConfig:
     compression: int = runtime_pb2.CompressionType.NONE
     rpc_timeout: float = 30.0
     max_retries: int = 2  # extra attempts on other replicas after a transport failure
+    # of a replica that has answered this trainer before: failures of never-heard ones (a dead peer's stale record,
+    # an announcement of a peer that never answers) count against max_unproven_tries instead, so that a crowd of
+    # those cannot use up a call's retries before an honest replica is drawn
+    max_unproven_tries: int = 8
+    explore: float = 0.1  # the share of a stage's traffic (its routing weight) offered to replicas that have not yet
+    # answered this trainer, once some have: anyone may announce a replica, and announcements of peers that never
+    # answer would otherwise draw traffic in proportion to their number (each such draw costs a failed call)
     refresh_period: float = 5.0  # seconds between DHT refreshes of the routing view
     taint_scope: str = "microbatch"  # as in MeshConfig: "microbatch" tells later validators the micro-batch is tainted
     validate: bool = True  # False: no validator checks, the trainer vouches for every tensor itself (benchmarks of
@@ -229,6 +236,7 @@ class Trainer:
         self.validators: dict[int, list[ValidatorAnnouncement]] = {}
         self.banned: set[str] = set()
         self.misbehaved: set[str] = set()  # peers that sent a MalformedReply: routed to last, with the banned ones
+        self.proven: set[str] = set()  # peers that have answered a call (routing prefers them: ``explore``)
         self._refreshed_at = -math.inf
         self._held: dict[str, OrderedDict[bytes, None]] = {}  # validator peer -> digests it passed on (recent)
         self._down: dict[str, tuple[float, int]] = {}  # peer -> (avoided until (monotonic), consecutive failures)
@@ -238,6 +246,8 @@ class Trainer:
         self._plans: dict[tuple[int, int], list[str]] = {}  # (step, stage) -> the step's replica per micro-batch
         if config.routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {config.routing!r}")
+        if not 0.0 < config.explore <= 1.0 or config.max_retries < 0 or config.max_unproven_tries < 0:
+            raise ValueError("explore must be in (0, 1], max_retries and max_unproven_tries >= 0")
 
     async def start(self, dht: DHT) -> None:
         self._dht = dht
@@ -277,16 +287,19 @@ class Trainer:
             await self.refresh()
 
     async def _with_retries(self, pick, attempt):
-        """``attempt(peer)`` on up to ``1 + max_retries`` distinct peers from ``pick(exclude)``; bounded."""
+        """``attempt(peer)`` on distinct peers from ``pick(exclude)`` until one answers: at most ``1 + max_retries``
+        failures of peers that have answered this trainer before, and ``max_unproven_tries`` of others."""
         exclude: set[str] = set()
         last: Exception | None = None
-        for i in range(1 + self.config.max_retries):
+        failed = {True: 0, False: 0}  # by whether the peer had answered before
+        while failed[True] <= self.config.max_retries and failed[False] <= self.config.max_unproven_tries:
             peer = pick(exclude)
-            if peer is None and i > 0:
+            if peer is None and exclude:
                 await self.refresh()
                 peer = pick(exclude)
             if peer is None:
                 break
+            failed[peer in self.proven] += 1  # (returned at once if it answers)
             try:
                 result = await attempt(peer)
             except Busy as e:  # healthy but full: sidestep it briefly, without counting a failure
@@ -314,6 +327,7 @@ class Trainer:
                 last = e
                 continue
             self._down.pop(peer, None)
+            self.proven.add(peer)
             return peer, result
         raise NoRoute(f"no peer answered after {len(exclude)} failure(s): {last}")
 
@@ -333,8 +347,21 @@ class Trainer:
         return {peer for peer, (until, _) in self._down.items() if until > now}
 
     def _pick_stage(self, k: int, exclude: set[str]) -> str | None:
-        chosen = choose_replica(self.stages.get(k, []), self.shunned, exclude, self.rng, self.avoided())
-        return None if chosen is None else chosen.peer
+        allowed = routable(self.stages.get(k, []), self.shunned, exclude, self.avoided())
+        if not allowed:
+            return None
+        weights = self._routing_weights(allowed)
+        return allowed[int(self.rng.choice(len(allowed), p=weights / weights.sum()))].peer
+
+    def _routing_weights(self, allowed: Sequence[StageAnnouncement]) -> np.ndarray:
+        """``throughput_weights``, with the replicas that have not answered this trainer yet (when some have) sharing
+        ``explore`` times the weight of those that have: announcing is free, answering is not."""
+        weights = throughput_weights([a.throughput for a in allowed])
+        known = np.array([a.peer in self.proven for a in allowed])
+        if known.any() and not known.all():
+            scale = self.config.explore * weights[known].sum() / weights[~known].sum()
+            weights = np.where(known, weights, weights * scale)
+        return weights
 
     def _planned_pick(self, k: int, step: int, mb: int) -> Callable[[set[str]], str | None]:
         """The ``pick`` of micro-batch ``mb``'s forward at stage ``k``: with balanced routing, its replica in the
@@ -345,7 +372,7 @@ class Trainer:
         plan = self._plans.get((step, k))
         if plan is None:
             allowed = routable(self.stages.get(k, []), self.shunned, set(), self.avoided())
-            weights = throughput_weights([a.throughput for a in allowed])
+            weights = self._routing_weights(allowed)
             n = max(1, self.config.microbatches)
             plan = [allowed[i].peer for i in balanced_plan(weights, n, self.rng)]
             self._plans = {key: p for key, p in self._plans.items() if key[0] >= step - 1}  # older steps are done

@@ -325,6 +325,43 @@ def test_busy_peer_is_sidestepped_briefly_and_a_failed_one_for_longer():
     assert trainer.avoided() == {"full", "dead"}
 
 
+def test_replicas_that_never_answered_get_a_bounded_share_and_their_own_retry_budget():
+    """Anyone may announce a replica. 50 announcements of peers that never answer used to draw 50 of every 52
+    micro-batches and use up a call's 3 attempts (NoRoute, the trainer stopped). Replicas that have answered this
+    trainer now carry the traffic, the others share ``explore`` (10%) of it, and their failures count against
+    ``max_unproven_tries`` (8), not ``max_retries``."""
+    trainer_id = Identity.generate()
+    manifest = local_manifest(RUN, "tiny", 1, Identity.generate(), trainer_id, Identity.generate())
+    trainer = Trainer(TrainerConfig(seed=SEED, routing="random"), manifest, trainer_id, CORPUS)
+    peers = ["good0", "good1", *[f"fake{i}" for i in range(50)]]
+    trainer.stages = {1: [StageAnnouncement(RUN, 0, p, StageState.ONLINE, (0, 1), 1.0, bytes(32)) for p in peers]}
+    picks = [trainer._pick_stage(1, set()) for _ in range(1000)]
+    assert sum(p.startswith("fake") for p in picks) > 900  # nobody has answered yet: all alike
+    trainer.proven |= {"good0", "good1"}
+    picks = [trainer._pick_stage(1, set()) for _ in range(1000)]
+    assert 50 < sum(p.startswith("fake") for p in picks) < 160  # 10% in expectation
+
+    order = iter([*[f"fake{i}" for i in range(7)], "good0"])
+
+    async def attempt(peer):
+        if peer.startswith("fake"):
+            raise TransportError("dial failed")
+        return "ok"
+
+    assert asyncio.run(trainer._with_retries(lambda exclude: next(order), attempt)) == ("good0", "ok")
+    endless = (f"fake{i}" for i in range(50))
+    with pytest.raises(NoRoute, match="9 failure"):
+        asyncio.run(trainer._with_retries(lambda exclude: next(endless), attempt))
+    proven_then_down = iter(["good0", "good1", "fake40", "good0"])
+    trainer._down.clear()
+
+    async def down(peer):
+        raise TransportError("connection refused")
+
+    with pytest.raises(NoRoute):  # 3 failures of replicas that had answered: max_retries (2) used up
+        asyncio.run(trainer._with_retries(lambda exclude: next(proven_then_down), down))
+
+
 def test_a_stage_reply_of_the_wrong_shape_is_retried_elsewhere_and_its_sender_shunned(monkeypatch):
     """A stage that answers with a tensor of another shape than its input (fewer sequences, shorter ones) used to stop
     the trainer: the validator refuses such a check (BadRequest) and nothing retried it, so the step failed and the
