@@ -46,12 +46,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError) as e:
-        print(f"sentinel-node {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except DHTDied as e:
+    except (DHTDied, ConnectionError) as e:  # the node's own machinery failed mid-run: a supervisor restarts it
         print(f"sentinel-node {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except (ValueError, OSError) as e:  # bad input, and files that cannot be read or written (a path that is a
+        # directory, a folder that is a file, no permission): a line saying so, not a traceback
+        print(f"sentinel-node {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 from sentinel.config import SentinelConfig
@@ -382,10 +382,27 @@ def ensure_identity(path: str | os.PathLike, *, create: bool) -> Identity:
 
 
 def replace_sentinel(sentinel: SentinelConfig, overrides: dict) -> SentinelConfig:
+    """``sentinel`` with ``overrides`` (``--sentinel key=value``), each of its setting's type: an integer setting
+    takes an integer (``ban_level=2.5`` was signed into a manifest as it was), a number a number, a flag a flag."""
+    known = {f.name for f in fields(sentinel)}
+    for key, value in overrides.items():
+        if key not in known:
+            raise CommandError(f"unknown --sentinel setting: {key!r}")
+        default = getattr(sentinel, key)
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            ok = True
+        if not ok:
+            raise CommandError(f"--sentinel {key}={value!r}: {key} takes a {type(default).__name__}")
     try:
         return replace(sentinel, **overrides)
     except TypeError as e:
-        raise CommandError(f"unknown --sentinel setting: {e}") from None
+        raise CommandError(f"--sentinel: {e}") from None
 
 
 def write_public_key(identity_path: str | os.PathLike, identity: Identity) -> Path:

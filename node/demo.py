@@ -111,15 +111,19 @@ def _warmup(args) -> int:
 
 
 def _check(args) -> None:
-    if args.stages < 1 or args.replicas < 1 or args.steps < 1 or args.validators < 1:
-        raise CommandError("--stages, --replicas, --steps and --validators must be >= 1")
-    if not 0 <= args.attackers <= args.stages * (args.replicas - 1) and args.attackers:
+    counts = {"--stages": args.stages, "--replicas": args.replicas, "--steps": args.steps,
+              "--validators": args.validators, "--microbatches": args.microbatches, "--batch-size": args.batch_size,
+              "--max-inflight": args.max_inflight, "--threads": args.threads}  # fmt: skip
+    small = [name for name, value in counts.items() if value < 1]
+    if small:
+        raise CommandError(f"{', '.join(small)} must be >= 1")
+    if args.attackers < 0:
+        raise CommandError("--attackers must be >= 0")
+    if args.attackers > args.stages * (args.replicas - 1):
         raise CommandError(
             f"--attackers must leave an honest replica in every stage: at most {args.stages * (args.replicas - 1)} "
             f"with {args.stages} stages x {args.replicas} replicas"
         )
-    if args.attackers < 0:
-        raise CommandError("--attackers must be >= 0")
     if not math.isfinite(args.attack_averaging):
         raise CommandError("--attack-averaging must be a finite number")
     if not 0 <= args.check_fanout <= args.validators:

@@ -156,10 +156,19 @@ def test_key_and_override_parsing():
         (["demo", "--sentinel", "no_such_setting=1"], "unknown --sentinel"),
         (["demo", "--sentinel", "seed=1", "--sentinel", "fit_max_fence=-1"], "fit_max_fence"),
         (["demo", "--sentinel", "seed"], "KEY=VALUE"),
+        (["demo", "--microbatches", "0"], "--microbatches must be >= 1"),  # was a ZeroDivisionError traceback
+        (["demo", "--batch-size", "0", "--max-inflight", "0"], "--batch-size, --max-inflight must be >= 1"),
+        (["demo", "--attackers", "-1"], "--attackers must be >= 0"),
+        (["demo", "--sentinel", "ban_level=2.5"], "ban_level takes a int"),  # was signed into the manifest
+        (["demo", "--sentinel", "ban_level=abc"], "ban_level takes a int"),
+        (["keygen", "--out", "{tmp}/afile/x.key"], "afile"),  # a folder that is a file: was a traceback
+        (["join", "--role", "trainer", "--initial-peers", "/ip4/127.0.0.1/tcp/1", "--run-id", "r", "--authority",
+          "00" * 32, "--identity", "{tmp}"], "directory"),  # an identity path that is a folder: was a traceback
     ],
 )  # fmt: skip
 def test_argument_errors_are_clear_and_start_nothing(argv, message, tmp_path, capsys):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    (tmp_path / "afile").write_text("not a folder")
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"sentinel-node {argv[0]}: error:" in err and message in err, err
