@@ -6,6 +6,7 @@ while the authority is down)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -103,10 +104,31 @@ def _new_swarm(args) -> SignedManifest:
     path = Path(args.authority_key).expanduser()
     authority = load_or_create(path)
     write_public_key(path, authority)
-    return build_manifest(
+    signed = build_manifest(
         authority, run_id=args.run_id, preset=args.preset, n_stages=args.stages, validators=validators,
         trainers=trainers, ban_quorum=args.ban_quorum, sentinel=sentinel,
     )  # fmt: skip
+    out = _manifest_out(args, args.run_id)
+    if not out.exists():
+        return signed
+    # a restart of the authority with the same command: the swarm goes on under the manifest it already has (its
+    # digest is pinned in every join command printed); re-signing would have made a new one and stranded them
+    try:
+        existing = load_manifest_json(out, authority.public_key)
+    except CommandError as e:
+        raise CommandError(f"{out} exists and is not this authority's manifest ({e}); move it away to create the "
+                           "swarm afresh") from None  # fmt: skip
+    if dataclasses.replace(existing.manifest, created_at=signed.manifest.created_at) != signed.manifest:
+        raise CommandError(f"{out} holds run {args.run_id!r}'s manifest with other settings, and the swarm's nodes "
+                           "check its digest: run with the settings it was created with, or move it away to create "
+                           "the swarm afresh (a new manifest, a new digest in every join command)")  # fmt: skip
+    say(f"resuming run {args.run_id!r} with its manifest in {out} (digest {existing.manifest.digest().hex()[:16]}...)")
+    return existing
+
+
+def _manifest_out(args, run_id: str) -> Path:
+    default = Path(args.authority_key).expanduser().with_name(f"{run_id}.manifest.json")
+    return Path(args.manifest_out).expanduser() if args.manifest_out else default
 
 
 def run(args: argparse.Namespace) -> int:
@@ -156,8 +178,7 @@ def run(args: argparse.Namespace) -> int:
         if signed is not None:
             manifest = signed.manifest
             if relay_of is None:  # the authority also writes the manifest file
-                default_out = Path(args.authority_key).expanduser().with_name(f"{manifest.run_id}.manifest.json")
-                out = Path(args.manifest_out) if args.manifest_out else default_out
+                out = _manifest_out(args, manifest.run_id)
                 write_json_atomic(out, manifest_json(signed))
                 ready["manifest"] = str(out)
             ok = publish_manifest(dht, publisher, signed, get_dht_time() + args.manifest_ttl)
@@ -170,7 +191,8 @@ def run(args: argparse.Namespace) -> int:
                 say(f"manifest for run {manifest.run_id!r} signed by {publisher.fingerprint} "
                     f"(digest {manifest.digest().hex()[:16]}...) written to {out}; published: {ok}")  # fmt: skip
                 for role, argv in join_commands(manifest, maddrs).items():
-                    say(f"join as {role}:\n  {format_command(argv)}")
+                    note = " (one per replica: change --stage, and give each its own --identity file)"
+                    say(f"join as {role}{note if role == 'gpu-stage' else ''}:\n  {format_command(argv)}")
         if args.ready_file:
             write_json_atomic(args.ready_file, ready)
         republish = max(5.0, args.manifest_ttl / 3) if signed is not None else None

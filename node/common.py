@@ -273,15 +273,16 @@ def join_commands(
 ) -> dict[str, list[str]]:  # fmt: skip
     """The exact ``join`` command of each role (argv lists; pure function of the manifest and the addresses).
 
-    Keys: ``gpu-stage`` (stage 1; change --stage), ``validator`` and ``trainer`` (run with the identity whose public
-    key the manifest lists).
+    Keys: ``gpu-stage`` (stage 1; change --stage, and the key file per replica: each replica needs an identity of
+    its own, since a stage's announcements are kept one per key), ``validator`` and ``trainer`` (run with the
+    identity whose public key the manifest lists).
     """
     common = [
         "--initial-peers", *initial_peers, "--run-id", manifest.run_id, "--authority", manifest.authority.hex(),
         "--manifest-digest", manifest.digest().hex(),
     ]  # fmt: skip
     return {
-        "gpu-stage": [program, "join", "--role", "gpu-stage", *common, "--identity", f"{identity_dir}/stage.key",
+        "gpu-stage": [program, "join", "--role", "gpu-stage", *common, "--identity", f"{identity_dir}/stage1.key",
                       "--stage", "1"],
         "validator": [program, "join", "--role", "validator", *common, "--identity",
                       f"{identity_dir}/validator.key"],

@@ -1,5 +1,6 @@
 """`sentinel-node keygen`, the manifest and join commands of `bootstrap --new-swarm`, and clear argument errors."""
 
+import json
 import os
 import stat
 
@@ -10,6 +11,7 @@ from node.common import (
     CommandError,
     build_manifest,
     join_commands,
+    manifest_json,
     parse_key_hex,
     parse_overrides,
     sentinel_from_manifest,
@@ -269,3 +271,27 @@ def test_a_trainer_step_that_finds_no_route_is_retried_until_the_swarm_timeout(m
     stopped = StopFlag()
     stopped.event.set()
     assert asyncio.run(join._step_with_retries(Trainer(failures=1), 7, 5.0, stopped, None, wait=0.05)) is None
+
+
+def test_a_restarted_authority_keeps_its_swarm_s_manifest(tmp_path, capsys):
+    """`bootstrap --new-swarm` run again with the same command (a restart of the authority) used to sign a new
+    manifest, overwrite the file relays start from, and strand every printed join command (they pin the digest).
+    It now resumes with the manifest in the file; with other settings it refuses, saying how to start afresh."""
+    from node.bootstrap_cmd import _new_swarm
+    from node.cli import build_parser
+
+    def args(*extra):
+        return build_parser().parse_args(["bootstrap", "--new-swarm", "--run-id", "r1", "--authority-key",
+                                          str(tmp_path / "authority.key"), "--validator-key", VALIDATOR.public_hex,
+                                          "--trainer-key", TRAINER.public_hex, *extra])  # fmt: skip
+
+    first = _new_swarm(args())
+    (tmp_path / "r1.manifest.json").write_text(json.dumps(manifest_json(first)))
+    again = _new_swarm(args())
+    assert again.manifest.digest() == first.manifest.digest()
+    assert "resuming run 'r1'" in capsys.readouterr().out
+    with pytest.raises(CommandError, match="other settings"):
+        _new_swarm(args("--stages", "3"))
+    (tmp_path / "r1.manifest.json").write_text("{}")
+    with pytest.raises(CommandError, match="move it away"):
+        _new_swarm(args())
