@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shlex
@@ -34,12 +35,46 @@ class DHTDied(RuntimeError):
 
 
 def check_dht(dht) -> None:
-    """Raise ``DHTDied`` when ``dht``'s process is no longer running."""
+    """Raise ``DHTDied`` when ``dht``'s process, or the p2p daemon under it, is no longer running. Without p2pd the
+    DHT's process lives on, but nothing reaches the node or leaves it: it used to stay up, silent and useless, where
+    a supervisor would have restarted it."""
     from swarm.dht_schema import dht_alive
 
     if not dht_alive(dht):
         raise DHTDied(f"the DHT process died (exit code {dht.exitcode}); this node stopped (its state is saved) "
                       "and can be restarted with the same command")  # fmt: skip
+    if not _p2pd_alive(dht):
+        raise DHTDied("the node's p2p daemon (p2pd) died; this node stopped (its state is saved) and can be "
+                      "restarted with the same command")  # fmt: skip
+
+
+def _p2pd_alive(dht) -> bool:
+    """Whether the p2pd process under ``dht``'s process runs (True when it cannot be told: not found yet, no pid)."""
+    import psutil
+
+    daemon = getattr(dht, "_sentinel_p2pd", None)
+    if daemon is None:
+        try:
+            children = psutil.Process(dht.pid).children(recursive=True)
+        except (psutil.Error, TypeError, ValueError):
+            return True
+        daemon = next((c for c in children if _is_p2pd(c)), None)
+        if daemon is None:
+            return True
+        dht._sentinel_p2pd = daemon
+    try:
+        return daemon.is_running() and daemon.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _is_p2pd(process) -> bool:
+    import psutil
+
+    try:
+        return process.name().startswith("p2pd")
+    except psutil.Error:
+        return False
 
 
 # ------------------------------------------------------------------------------------------------- arguments
@@ -91,6 +126,33 @@ def host_maddrs(args) -> list[str]:
     return list(args.host_maddrs) if args.host_maddrs else [f"/ip4/127.0.0.1/tcp/{args.port}"]
 
 
+def check_ports_free(maddrs: Sequence[str]) -> None:
+    """CommandError when a TCP port of ``maddrs`` (``/ip4|ip6/ADDR/tcp/PORT``, PORT > 0) already has a listener.
+
+    p2pd listens with SO_REUSEPORT, so a second node started on a port in use came up "fine" and the kernel split
+    incoming connections between the two peers. A probe socket with SO_REUSEADDR (a port in TIME_WAIT after a restart
+    is free) but without SO_REUSEPORT cannot bind beside a listener."""
+    import socket
+
+    for maddr in maddrs:
+        parts = maddr.split("/")
+        if len(parts) < 5 or parts[1] not in ("ip4", "ip6") or parts[3] != "tcp" or not parts[4].isdigit():
+            continue
+        port = int(parts[4])
+        if port == 0:
+            continue
+        family = socket.AF_INET if parts[1] == "ip4" else socket.AF_INET6
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((parts[2], port))
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise CommandError(f"port {port} of {maddr} is in use (another node on this machine?): choose "
+                                       "another --port, or --port 0 for any free one") from None  # fmt: skip
+                # an address not on this machine (EADDRNOTAVAIL) and the like: p2pd says what is wrong with it
+
+
 def add_network_args(p, *, port: int = 0) -> None:
     g = p.add_argument_group("network")
     g.add_argument("--host-maddrs", nargs="+", metavar="MADDR", default=None,
@@ -110,6 +172,7 @@ def start_dht(args, initial_peers: Sequence[str] = (), record_validators: Sequen
     """A hivemind DHT with the node's network settings; forked, so call it before any heavy torch work."""
     from swarm.dht_schema import SentinelDHT
 
+    check_ports_free(host_maddrs(args))
     kwargs = dict(
         initial_peers=list(initial_peers), start=True, startup_timeout=STARTUP_TIMEOUT,
         host_maddrs=host_maddrs(args), record_validators=list(record_validators),

@@ -343,6 +343,32 @@ def test_a_request_the_dht_process_cannot_receive_does_not_kill_it():
             plain.shutdown()
 
 
+@pytest.mark.forked
+@pytest.mark.timeout(60)
+def test_a_node_notices_its_p2p_daemon_died():
+    """Killing p2pd alone left the DHT's process up: the node went on, reachable by nobody, and its supervisor never
+    restarted it. check_dht now raises DHTDied (the node saves its state and exits 1) once p2pd is gone."""
+    import os
+    import signal
+    import time
+
+    from node.common import DHTDied, check_dht
+
+    dht = start_dht([SentinelRecordValidator.from_manifest(MANIFEST, V0)])
+    try:
+        check_dht(dht)
+        daemon = dht._sentinel_p2pd
+        assert daemon.name().startswith("p2pd")
+        os.kill(daemon.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        with pytest.raises(DHTDied, match="p2pd"):
+            while time.monotonic() < deadline:
+                check_dht(dht)
+                time.sleep(0.05)
+    finally:
+        shutdown(dht)
+
+
 def test_shared_tensors_use_file_descriptors_not_the_shm_manager():
     """hivemind would switch torch to the "file_system" strategy (a torch_shm_manager daemon over a socket, whose
     breaking aborts a process from C++); the swarm package keeps torch's Linux default unless told otherwise."""

@@ -295,3 +295,22 @@ def test_a_restarted_authority_keeps_its_swarm_s_manifest(tmp_path, capsys):
     (tmp_path / "r1.manifest.json").write_text("{}")
     with pytest.raises(CommandError, match="move it away"):
         _new_swarm(args())
+
+
+def test_a_port_with_a_listener_is_refused_before_p2pd_starts():
+    """p2pd listens with SO_REUSEPORT: a second node on a port in use came up and the kernel split the connections
+    between the two peers. A listener like p2pd's (SO_REUSEADDR and SO_REUSEPORT) now stops the second node at once."""
+    import socket
+
+    from node.common import check_ports_free
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        for maddr in (f"/ip4/127.0.0.1/tcp/{port}", f"/ip4/0.0.0.0/tcp/{port}"):
+            with pytest.raises(CommandError, match=f"port {port} .* is in use"):
+                check_ports_free([maddr])
+    check_ports_free([f"/ip4/127.0.0.1/tcp/{port}", "/ip4/127.0.0.1/tcp/0", "/dns4/example.org/tcp/31337"])
