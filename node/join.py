@@ -205,6 +205,10 @@ def run(args: argparse.Namespace) -> int:
     saved = _state_path(args, f"manifest-{args.run_id}.json")
     if saved is not None and saved.exists():
         fallbacks.append(saved)
+    if args.p2p_identity is None and args.checkpoint_dir:
+        # the same peer id after a restart: strikes and bans are per peer id, and a banned replica restarted with a
+        # fresh one came back unbanned (its owner key is also banned now: see Trainer.refresh)
+        args.p2p_identity = str(_state_path(args, f"p2p-{identity.fingerprint}.id"))
     policy = SentinelRecordValidator.for_bootstrap(args.run_id, authority, identity)
     dht = start_dht(args, expand_peers(args.initial_peers), [policy])
     try:
@@ -459,7 +463,8 @@ def _save_trainer_state(trainer, manifest, ckpt: Path, step: int) -> None:
 
     state = {"run_id": manifest.run_id, "step": step, "embedding": trainer.embedding.state_dict(),
              "head": trainer.head.state_dict(), "optimizer": trainer.optimizer.state_dict(),
-             "sampler": trainer.sampler.state_dict()}  # fmt: skip
+             "sampler": trainer.sampler.state_dict(), "banned": sorted(trainer.banned),
+             "banned_owners": sorted(trainer.banned_owners)}  # fmt: skip
     save_state_file(state, ckpt)
 
 
@@ -471,6 +476,10 @@ def _load_trainer_state(trainer, manifest, ckpt: Path, state: dict) -> int:
     trainer.head.load_state_dict(state["head"])
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.sampler.load_state_dict(state["sampler"])
+    # bans are for the whole run (absent from checkpoints before 2026-11-30): a restarted trainer keeps routing
+    # around the peers and keys it had seen banned, also those whose records it cannot read any more
+    trainer.banned |= set(state.get("banned", ()))
+    trainer.banned_owners |= set(state.get("banned_owners", ()))
     return int(state["step"])
 
 

@@ -235,6 +235,7 @@ class Trainer:
         self.stages: dict[int, list[StageAnnouncement]] = {}
         self.validators: dict[int, list[ValidatorAnnouncement]] = {}
         self.banned: set[str] = set()
+        self.banned_owners: set[bytes] = set()  # keys that announced a banned peer (see ``refresh``)
         self.misbehaved: set[str] = set()  # peers that sent a MalformedReply: routed to last, with the banned ones
         self.proven: set[str] = set()  # peers that have answered a call (routing prefers them: ``explore``)
         self._refreshed_at = -math.inf
@@ -280,6 +281,12 @@ class Trainer:
         # bans are for the whole run: one seen stays, whatever a later read misses (a DHT read that timed out, a
         # record not yet published again, the peer's announcement gone for a while)
         self.banned |= banned
+        # ... and for the identity (owner key) that announced a banned peer: restarted under a new peer id (strikes
+        # are per peer id) with the same key, a banned replica came back clean (the operator review). A fresh key
+        # is a new volunteer, to be caught again
+        announced = [a for anns in self.stages.values() for a in anns]
+        self.banned_owners |= {a.owner for a in announced if a.peer in self.banned}
+        self.banned |= {a.peer for a in announced if a.owner in self.banned_owners}
         self._refreshed_at = time.monotonic()
 
     async def _maybe_refresh(self) -> None:

@@ -122,3 +122,26 @@ def test_json_files_written_by_several_nodes_at_once_stay_whole(tmp_path):
     assert json.loads(path.read_text())["i"] == 99  # whole, one writer's last
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_a_trainer_checkpoint_keeps_the_bans_it_had_seen(tmp_path):
+    """Bans are for the whole run: a restarted trainer routes around the peers and keys it had seen banned, also
+    those whose strike records it cannot read any more (their announcements gone, a new peer id)."""
+    import numpy as np
+
+    from node.join import _save_trainer_state
+    from swarm.data import Corpus
+    from swarm.local import local_manifest
+    from swarm.trainer import Trainer, TrainerConfig
+
+    manifest = local_manifest("bans", "tiny", 1, VALIDATOR, TRAINER, AUTHORITY)
+    corpus = Corpus(np.random.default_rng(1).integers(0, 256, 5_000).astype(np.uint8), np.zeros(100, np.uint8), "t",
+                    1, 1)  # fmt: skip
+    trainer = Trainer(TrainerConfig(seed=1), manifest, TRAINER, corpus)
+    trainer.banned, trainer.banned_owners = {"QmBad"}, {bytes([9]) * 32}
+    path = tmp_path / "trainer.pt"
+    _save_trainer_state(trainer, manifest, path, 7)
+    again = Trainer(TrainerConfig(seed=1), manifest, TRAINER, corpus)
+    step = load_state_file(path, "trainer checkpoint", partial(_load_trainer_state, again, manifest, path),
+                           weights_only=False)  # fmt: skip
+    assert step == 7 and again.banned == {"QmBad"} and again.banned_owners == {bytes([9]) * 32}

@@ -302,6 +302,34 @@ def test_a_ban_the_trainer_has_seen_stays_whatever_a_later_read_misses(monkeypat
         assert trainer.banned == expected
 
 
+def test_a_banned_replica_restarted_under_a_new_peer_id_with_its_key_stays_banned(monkeypatch):
+    """Strikes are per peer id, and a node without a fixed libp2p identity gets a new one on every restart: a banned
+    replica restarted with the same --identity came back unbanned (the operator review). The trainer now bans the
+    key that announced a banned peer too; another key is another volunteer."""
+    import swarm.trainer as trainer_module
+
+    trainer_id = Identity.generate()
+    manifest = local_manifest(RUN, "tiny", 1, Identity.generate(), trainer_id, Identity.generate())
+    trainer = Trainer(TrainerConfig(seed=SEED), manifest, trainer_id, CORPUS)
+    bad_key, good_key = bytes([1]) * 32, bytes([2]) * 32
+
+    def announce(*peers):
+        return [StageAnnouncement(RUN, 0, peer, StageState.ONLINE, (0, 1), 1.0, owner) for peer, owner in peers]
+
+    views = iter([(announce(("QmBad", bad_key), ("QmGood", good_key)), {"QmBad"}),
+                  (announce(("QmReborn", bad_key), ("QmGood", good_key)), set())])  # fmt: skip
+    view = {}
+    monkeypatch.setattr(trainer_module, "fetch_stages", lambda dht, run, k: view["stages"])
+    monkeypatch.setattr(trainer_module, "fetch_validators", lambda dht, run, b: [])
+    monkeypatch.setattr(trainer_module, "fetch_banned", lambda dht, manifest, peers: view["banned"])
+    for expected in ({"QmBad"}, {"QmBad", "QmReborn"}):
+        view["stages"], view["banned"] = next(views)
+        asyncio.run(trainer.refresh())
+        assert trainer.banned == expected
+    assert trainer.banned_owners == {bad_key}
+    assert {trainer._pick_stage(1, set()) for _ in range(20)} == {"QmGood"}
+
+
 def test_busy_peer_is_sidestepped_briefly_and_a_failed_one_for_longer():
     """A Busy answer (a healthy peer at its stream limit) costs that peer ``busy_backoff`` seconds of avoidance and
     no failure count; a transport failure costs ``failure_ban`` seconds, doubling."""
