@@ -163,7 +163,7 @@ def add_network_args(p, *, port: int = 0) -> None:
     g.add_argument("--port", type=int, default=port, help="TCP port of the default host multiaddr (0: any free port)")
     g.add_argument("--p2p-identity", metavar="PATH", default=None,
                    help="libp2p identity file (RSA, created if missing): a stable peer id and multiaddr across "
-                        "restarts")  # fmt: skip
+                        "restarts (join: by default in --checkpoint-dir when one is given)")  # fmt: skip
     g.add_argument("--client-mode", action="store_true", help="serve no DHT requests (a node behind NAT)")
     g.add_argument("--use-auto-relay", action="store_true", help="be reachable through relays (behind NAT)")
 
