@@ -96,8 +96,8 @@ def _new_swarm(args) -> SignedManifest:
         raise CommandError("--new-swarm needs --run-id")
     if not args.authority_key:
         raise CommandError("--new-swarm needs --authority-key PATH (the authority's identity; created if missing)")
-    validators = [parse_key_hex(k) for k in args.validator_key]
-    trainers = [parse_key_hex(k) for k in args.trainer_key]
+    validators = [parse_key_hex(k, ready_file=False) for k in args.validator_key]
+    trainers = [parse_key_hex(k, ready_file=False) for k in args.trainer_key]
     if args.stages < 1:
         raise CommandError("--stages must be >= 1")
     sentinel = replace_sentinel(SentinelConfig(), parse_overrides(args.sentinel))

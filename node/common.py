@@ -91,11 +91,15 @@ def _read_at(text: str) -> str | dict:
         return content
 
 
-def parse_key_hex(text: str) -> bytes:
+def parse_key_hex(text: str, *, ready_file: bool = True) -> bytes:
     """A 32-byte Ed25519 public key: 64 hex characters (what ``keygen`` prints), or ``@PATH`` of a ``.pub`` file that
-    ``keygen`` writes (or of a bootstrap --ready-file, for its authority key)."""
+    ``keygen`` writes (or of a bootstrap --ready-file, for its authority key: only where ``ready_file``, the
+    authority's own options; a validator's or trainer's key read from one silently became the authority's)."""
     if text.startswith("@"):
         content = _read_at(text)
+        if isinstance(content, dict) and not ready_file:
+            raise CommandError(f"{text[1:]} is a bootstrap ready file, which holds the authority's key: give this "
+                               "node's key (its .pub file, or the hex keygen printed)")  # fmt: skip
         text = str(content.get("authority", "")) if isinstance(content, dict) else content
     try:
         key = bytes.fromhex(text.strip())
@@ -153,10 +157,11 @@ def check_ports_free(maddrs: Sequence[str]) -> None:
                 # an address not on this machine (EADDRNOTAVAIL) and the like: p2pd says what is wrong with it
 
 
-def add_network_args(p, *, port: int = 0) -> None:
+def add_network_args(p, *, port: int = 0, client_mode_flag: bool = True) -> None:
     g = p.add_argument_group("network")
     g.add_argument("--host-maddrs", nargs="+", metavar="MADDR", default=None,
-                   help="multiaddrs to listen on, e.g. /ip4/0.0.0.0/tcp/31337 (default: /ip4/127.0.0.1/tcp/PORT)")
+                   help="multiaddrs to listen on, e.g. /ip4/0.0.0.0/tcp/31337 (default %(default)s: "
+                        "/ip4/127.0.0.1/tcp/PORT)")  # fmt: skip
     g.add_argument("--announce-maddrs", nargs="+", metavar="MADDR", default=None,
                    help="public multiaddrs other peers should dial, e.g. /ip4/203.0.113.7/tcp/31337 (behind NAT or "
                         "port forwarding)")  # fmt: skip
@@ -164,7 +169,8 @@ def add_network_args(p, *, port: int = 0) -> None:
     g.add_argument("--p2p-identity", metavar="PATH", default=None,
                    help="libp2p identity file (RSA, created if missing): a stable peer id and multiaddr across "
                         "restarts (join: by default in --checkpoint-dir when one is given)")  # fmt: skip
-    g.add_argument("--client-mode", action="store_true", help="serve no DHT requests (a node behind NAT)")
+    if client_mode_flag:
+        g.add_argument("--client-mode", action="store_true", help="serve no DHT requests (a node behind NAT)")
     g.add_argument("--use-auto-relay", action="store_true", help="be reachable through relays (behind NAT)")
 
 

@@ -54,6 +54,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--manifest-digest", metavar="HEX", default=None, help="also require this manifest digest")
     p.add_argument("--identity", required=True, metavar="PATH",
                    help="this node's Ed25519 identity (sentinel-node keygen); a gpu-stage creates it if missing")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="load/save this node's state here (every role: a stage's weights and optimizer, a "
+                        "validator's baselines and strikes, a trainer's checkpoint; the manifest it joined with; its "
+                        "libp2p identity)")  # fmt: skip
     p.add_argument("--manifest-timeout", type=float, default=60.0,
                    help="seconds to wait for the manifest in the DHT (at most 15 with a manifest file to fall "
                         "back on)")
@@ -70,7 +74,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_network_args(p, port=0)
     g = p.add_argument_group("gpu-stage")
     g.add_argument("--stage", type=int, default=None, help="which stage to serve, 1..S")
-    g.add_argument("--checkpoint-dir", default=None, help="load/save this node's state here (every role)")
     g.add_argument("--accumulate", type=int, default=0,
                    help="also take an optimizer step after this many backward calls of one trainer step (default 0: "
                         "one step per trainer step, when the trainer's next step arrives; a value below the "
@@ -121,7 +124,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="append one JSON line per check to PATH: step, micro-batch, boundary, direction, sender, "
                         "every distance and its fence, the verdict, and the strikes of each step settled")  # fmt: skip
     g = p.add_argument_group("trainer")
-    g.add_argument("--steps", type=int, default=100)
+    g.add_argument("--steps", type=int, default=100,
+                   help="optimizer steps of the run (a trainer resumed from its checkpoint continues up to this one)")
     g.add_argument("--microbatches", type=int, default=4, help="micro-batches per step")
     g.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
     g.add_argument("--max-inflight", type=int, default=4,
@@ -555,7 +559,8 @@ async def _trainer(args, dht, manifest, identity, stop: StopFlag) -> int:
         if metrics is not None:
             with metrics.open("a") as f:
                 f.write(json.dumps({"final": True, **summary}) + "\n")
-        say(f"trainer: done: {step} steps, val loss {val_loss:.4f}, banned {len(trainer.banned)}")
+        val = "no validation (--eval-batches 0)" if args.eval_batches <= 0 else f"val loss {val_loss:.4f}"
+        say(f"trainer: done: {step} steps, {val}, banned {len(trainer.banned)}")
     finally:
         await trainer.shutdown()
         if ckpt is not None:

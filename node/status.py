@@ -16,13 +16,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(state, throughput), validators, strike records and the peers banned by the manifest's quorum.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
+    p.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR",
+                   help="bootstrap multiaddrs (or @PATH of a bootstrap --ready-file)")
     p.add_argument("--run-id", required=True)
-    p.add_argument("--authority", required=True, metavar="HEX", help="the swarm authority's public key")
+    p.add_argument("--authority", required=True, metavar="HEX",
+                   help="the swarm authority's public key (64 hex, or @PATH of a .pub file or a --ready-file)")
     p.add_argument("--manifest-timeout", type=float, default=20.0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    add_network_args(p, port=0)
-    p.set_defaults(func=run, client_mode=True)
+    add_network_args(p, port=0, client_mode_flag=False)
+    p.set_defaults(func=run, client_mode=True)  # status always joins as a DHT client
 
 
 def collect(dht, manifest) -> dict:

@@ -163,6 +163,8 @@ def test_key_and_override_parsing():
         (["demo", "--attackers", "-1"], "--attackers must be >= 0"),
         (["demo", "--sentinel", "ban_level=2.5"], "ban_level takes a int"),  # was signed into the manifest
         (["demo", "--sentinel", "ban_level=abc"], "ban_level takes a int"),
+        (["bootstrap", "--new-swarm", "--run-id", "r", "--authority-key", "{tmp}/a.key", "--validator-key",
+          "@{tmp}/ready.json", "--trainer-key", "11" * 32], "ready file"),  # was read as the authority's key
         (["keygen", "--out", "{tmp}/afile/x.key"], "afile"),  # a folder that is a file: was a traceback
         (["join", "--role", "trainer", "--initial-peers", "/ip4/127.0.0.1/tcp/1", "--run-id", "r", "--authority",
           "00" * 32, "--identity", "{tmp}"], "directory"),  # an identity path that is a folder: was a traceback
@@ -171,6 +173,7 @@ def test_key_and_override_parsing():
 def test_argument_errors_are_clear_and_start_nothing(argv, message, tmp_path, capsys):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "ready.json").write_text(json.dumps({"maddrs": ["/ip4/127.0.0.1/tcp/1"], "authority": "00" * 32}))
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"sentinel-node {argv[0]}: error:" in err and message in err, err
