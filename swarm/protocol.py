@@ -395,7 +395,8 @@ async def linger() -> None:
 
 
 async def gather_stream(
-    parts: AsyncIterator, cls: type, *, max_tensors: int, max_tensor_bytes: int, end_marker: bool = False
+    parts: AsyncIterator, cls: type, *, max_tensors: int, max_tensor_bytes: int, end_marker: bool = False,
+    on_metadata: Callable[[bytes], None] | None = None,
 ):
     """Reassemble a message of type ``cls`` from the parts of :func:`split_message`, checking bounds as parts arrive.
 
@@ -409,7 +410,8 @@ async def gather_stream(
     empty or over-``max_tensor_bytes`` size, a running total over :data:`MAX_STREAM_TENSOR_BYTES`, or a chunk count
     that disagrees with its size; a continuation chunk carrying header fields; a chunk whose length is not
     ``min(STREAM_CHUNK_BYTES, bytes left)``; a stream ending inside a tensor. Shapes, values and the tensor count a
-    request needs are checked afterwards by the same code as a unary request's.
+    request needs are checked afterwards by the same code as a unary request's. ``on_metadata(metadata)`` runs on the
+    first part, before any other is read (a server's authorization: whatever it raises ends the stream there).
     """
     chunk_bytes = STREAM_CHUNK_BYTES
     max_parts = 1 + max_tensors * max(1, math.ceil(max_tensor_bytes / chunk_bytes))
@@ -427,6 +429,8 @@ async def gather_stream(
             raise BadRequest(f"stream has more than {max_parts} parts")
         if n_parts == 1:
             metadata = part.metadata
+            if on_metadata is not None:
+                on_metadata(metadata)
         elif part.metadata:
             raise BadRequest("only the first part of a stream may carry metadata")
         if len(part.tensors) > 1 or (n_parts > 1 and not part.tensors):
@@ -505,13 +509,19 @@ class StreamSlots:
 
 
 async def receive_stream(
-    parts: AsyncIterator[runtime_pb2.ExpertRequest], *, max_tensors: int, spec: TensorSpec
+    parts: AsyncIterator[runtime_pb2.ExpertRequest], *, max_tensors: int, spec: TensorSpec,
+    authorize: Callable[[dict], None] | None = None,
 ) -> runtime_pb2.ExpertRequest:
     """A server's side of a streamed request: reassembled by :func:`gather_stream` with at most ``max_tensors``
-    hidden states within ``spec``, within STREAM_RECEIVE_TIMEOUT seconds (else BadRequest)."""
+    hidden states within ``spec``, within STREAM_RECEIVE_TIMEOUT seconds (else BadRequest).
+
+    ``authorize(metadata)`` runs as soon as the first part is in, before the tensors are read: a stream slot (and up
+    to a request's worth of memory) is held only by a caller that shows its signed authority first. Without it, eight
+    strangers' streams that sent one part and stalled held every slot of a server for up to 120 s."""
     timeout = STREAM_RECEIVE_TIMEOUT
+    check = None if authorize is None else (lambda metadata: authorize(unpack_meta(metadata)))
     gathering = gather_stream(parts, runtime_pb2.ExpertRequest, max_tensors=max_tensors,
-                              max_tensor_bytes=max_hidden_bytes(spec))  # fmt: skip
+                              max_tensor_bytes=max_hidden_bytes(spec), on_metadata=check)  # fmt: skip
     try:
         return await asyncio.wait_for(gathering, timeout)
     except asyncio.TimeoutError:

@@ -661,7 +661,7 @@ def check_verdict(
     microbatch: int,
     boundary: int,
     direction: Direction,
-    digest: bytes,
+    digest: bytes | None,
     allow_trainer: bool,
 ) -> None:
     """Accept an input tensor only with a genuine ACCEPT verdict for exactly this tensor at exactly this position.
@@ -669,7 +669,9 @@ def check_verdict(
     `verdict` may be a SignedVerdict or its wire tuple. `allow_trainer=True` also accepts the manifest's trainers as
     signers (boundary 0, where the trainer itself vouches for the embeddings). Checks run in the order
     missing -> malformed -> forged/unauthorized -> mismatch -> tainted, so a forged verdict is reported as forged
-    even if it also mismatches. Returns None or raises a subclass of InputRejected.
+    even if it also mismatches. Returns None or raises a subclass of InputRejected. ``digest`` None: the tensor has
+    not arrived yet (a streamed request's first part); everything but the digest is checked, and the caller checks
+    again with the digest once it has the tensor.
     """
     if verdict is None:
         raise MissingVerdict("no verdict accompanies the tensor")
@@ -690,7 +692,7 @@ def check_verdict(
             raise VerdictMismatch(f"verdict is for another {name}")
     if manifest.run_id != run_id:
         raise VerdictMismatch("verdict checked against the manifest of another run")
-    if verdict.digest != digest:
+    if digest is not None and verdict.digest != digest:
         raise VerdictMismatch("verdict is for another tensor (digest differs)")
     if verdict.verdict != Verdict.ACCEPT:
         raise TaintedInput(f"validator {fingerprint(verdict.signer)} tainted this tensor")

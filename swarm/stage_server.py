@@ -376,7 +376,8 @@ class StageServer(ServicerBase):
                 return await self._handle(kind, request, unary=True)
             self.stream_calls[kind] += 1
             with self.streams.take():
-                request = await receive_stream(request, max_tensors=1 if kind == "forward" else 2, spec=self.spec)
+                request = await receive_stream(request, max_tensors=1 if kind == "forward" else 2, spec=self.spec,
+                                               authorize=partial(self._authorize, kind))  # fmt: skip
                 return await self._handle(kind, request, unary=False)
         except Busy as e:
             logger.debug(f"stage {self.config.stage}: {kind} refused: {e}")
@@ -393,6 +394,21 @@ class StageServer(ServicerBase):
         if kind == "forward":
             return await self._forward(request, unary=unary)
         return await self._backward(request, unary=unary)
+
+    def _authorize(self, kind: str, meta: dict) -> None:
+        """A streamed request's verdicts, checked on its first part (all but the digests: the tensors are still to
+        come, and are checked in full once in): a stranger cannot hold a stream slot."""
+        run, step, mb = meta_str(meta, "run", max_len=64), meta_int(meta, "step"), meta_int(meta, "mb")
+        check_verdict(
+            meta_verdict(meta, "verdict"), manifest=self.manifest, run_id=run, step=step, microbatch=mb,
+            boundary=self.config.stage - 1, direction=Direction.FORWARD, digest=None,
+            allow_trainer=self.config.stage == 1 or self.config.trust_trainer,
+        )  # fmt: skip
+        if kind == "backward":
+            check_verdict(
+                meta_verdict(meta, "grad_verdict"), manifest=self.manifest, run_id=run, step=step, microbatch=mb,
+                boundary=self.config.stage, direction=Direction.BACKWARD, digest=None, allow_trainer=True,
+            )  # fmt: skip
 
     def _checked_input(self, meta: dict, proto: runtime_pb2.Tensor) -> tuple[str, int, int, torch.Tensor]:
         run, step, mb = meta_str(meta, "run", max_len=64), meta_int(meta, "step"), meta_int(meta, "mb")

@@ -433,7 +433,8 @@ class Trainer:
                       reference_digest=tensor_digest(reference))  # fmt: skip
         meta = {"run": self.run, "step": step, "mb": mb, "boundary": boundary, "direction": int(direction),
                 "sender": sender, "tainted": tainted, "warmup": warmup, "trainer": self.identity.public_key,
-                "signature": sign_check(self.identity, **fields)}  # fmt: skip
+                "signature": sign_check(self.identity, **fields), "digest": digest,
+                "reference_digest": fields["reference_digest"]}  # fmt: skip
         reference_digest = fields["reference_digest"]
         held = self._held.setdefault(peer, OrderedDict())
         response = None

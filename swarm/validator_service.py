@@ -31,7 +31,7 @@ from collections import OrderedDict, defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import AsyncIterator  # noqa: UP035 (ServicerBase detects stream handlers by typing's AsyncIterator only)
+from typing import Any, AsyncIterator  # noqa: UP035 (ServicerBase detects stream handlers by typing's AsyncIterator only)
 
 import torch
 from hivemind import DHT
@@ -306,7 +306,7 @@ class ValidatorService(ServicerBase):
                 return await self._check(request, unary=True)
             self.stream_calls += 1
             with self.streams.take():
-                request = await receive_stream(request, max_tensors=2, spec=self.spec)
+                request = await receive_stream(request, max_tensors=2, spec=self.spec, authorize=self._authorize)
                 return await self._check(request, unary=False)
         except ProtocolError as e:
             logger.debug(f"validator: check rejected ({e.code}): {e}")
@@ -315,8 +315,9 @@ class ValidatorService(ServicerBase):
             logger.exception("validator: check failed")
             return error_response(e)
 
-    async def _check(self, request: runtime_pb2.ExpertRequest, *, unary: bool) -> runtime_pb2.ExpertResponse:
-        meta = unpack_meta(request.metadata)
+    def _request_fields(self, meta: dict) -> tuple[dict, bytes, Any]:
+        """A check request's signed fields but the digests, its trainer's key and its signature; BadRequest or
+        Unauthorized (an unlisted trainer) before any tensor is looked at."""
         run, step, mb = meta_str(meta, "run", max_len=64), meta_int(meta, "step"), meta_int(meta, "mb")
         if run != self.manifest.run_id:
             raise BadRequest("check for another run")
@@ -327,9 +328,30 @@ class ValidatorService(ServicerBase):
         if boundary not in self.boundaries:
             raise BadRequest(f"this validator does not serve boundary {boundary}")
         sender, tainted, warmup = meta_str(meta, "sender"), meta_bool(meta, "tainted"), meta_bool(meta, "warmup")
-        trainer, signature = meta.get("trainer"), meta.get("signature")
+        trainer = meta.get("trainer")
         if type(trainer) is not bytes or not self.manifest.is_trainer(trainer):
             raise Unauthorized("check requests must come from an authorized trainer")
+        fields = dict(run_id=run, step=step, microbatch=mb, boundary=boundary, direction=direction, sender=sender,
+                      tainted=tainted, warmup=warmup)  # fmt: skip
+        return fields, trainer, meta.get("signature")
+
+    def _authorize(self, meta: dict) -> None:
+        """A streamed check's signature, verified on its first part over the digests its metadata claims (the
+        tensors, still to come, are checked against the signature again once in): a stranger cannot hold a slot."""
+        fields, trainer, signature = self._request_fields(meta)
+        digest, reference_digest = meta.get("digest"), meta.get("reference_digest")
+        if any(type(d) is not bytes or len(d) != 32 for d in (digest, reference_digest)):
+            raise Unauthorized("a streamed check names its tensors' digests in its metadata")
+        signed = check_request_bytes(**fields, digest=digest, reference_digest=reference_digest)
+        if type(signature) is not bytes or not Identity.verify(trainer, signed, signature):
+            raise Unauthorized("check request signature does not verify")
+
+    async def _check(self, request: runtime_pb2.ExpertRequest, *, unary: bool) -> runtime_pb2.ExpertResponse:
+        meta = unpack_meta(request.metadata)
+        fields, trainer, signature = self._request_fields(meta)
+        run, step, mb = fields["run_id"], fields["step"], fields["microbatch"]
+        boundary, direction = fields["boundary"], fields["direction"]
+        sender, tainted, warmup = fields["sender"], fields["tainted"], fields["warmup"]
         reference = None
         if len(request.tensors) == 1:  # the reference named by digest: one this validator passed on earlier
             (x_proto,) = request.tensors
@@ -342,10 +364,7 @@ class ValidatorService(ServicerBase):
             reference_digest = tensor_digest(reference)
         x = decode_hidden(x_proto, self.spec, "tensor", require_finite=False)  # flagging NaN is our job
         digest = tensor_digest(x)
-        signed = check_request_bytes(
-            run_id=run, step=step, microbatch=mb, boundary=boundary, direction=direction, sender=sender,
-            tainted=tainted, warmup=warmup, digest=digest, reference_digest=reference_digest,
-        )  # fmt: skip
+        signed = check_request_bytes(**fields, digest=digest, reference_digest=reference_digest)
         if type(signature) is not bytes or not Identity.verify(trainer, signed, signature):
             raise Unauthorized("check request signature does not verify")
         if reference is None:  # only now: an unsigned request must not learn which tensors this validator holds

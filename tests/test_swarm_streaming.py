@@ -271,6 +271,19 @@ def test_streamed_requests_get_the_same_typed_errors(monkeypatch):
         assert server.stream_calls == {"forward": 1} and validator.stream_calls == 1
         assert server.rejected == {"forged_verdict": 2} and server.forward_calls == 0 and validator.n_checks == 0
 
+        # a stranger's stream is refused at its first part (its verdict checked before its tensors are read): it
+        # cannot hold a stream slot by sending one part and stalling
+        stalled = Req(metadata=pack_meta(meta), tensors=[runtime_pb2.Tensor(
+            size=[2, 32, spec.d_model], dtype="float32", chunks=4, buffer=b"\0" * 4096)])  # fmt: skip
+        start = time.monotonic()
+        replies = await _raw_stream(stage.rpc_forward_stream, [stalled])
+        assert unpack_meta(replies[0].metadata)["error"] == ForgedVerdict.code and time.monotonic() - start < 5
+        assert server.rejected == {"forged_verdict": 3}
+
+        # the shape checks of streams from a caller with a genuine verdict
+        genuine = sign_verdict(swarm.trainer.identity, run_id=run, step=0, microbatch=0, boundary=0,
+                               direction=Direction.FORWARD, verdict=Verdict.ACCEPT, digest=tensor_digest(h))
+        meta = {**meta, "verdict": genuine.to_tuple()}
         # a unary request over the limit is refused, not served
         request = Req(tensors=[encode_tensor(h)], metadata=pack_meta(meta))
         with pytest.raises(BadRequest, match="unary size limit"):
@@ -290,7 +303,7 @@ def test_streamed_requests_get_the_same_typed_errors(monkeypatch):
             await call_auto(stage, "rpc_forward", "rpc_forward_stream", [wide], meta, 10, NONE,
                             TensorSpec(spec.d_model, spec.seq_len, 128))  # fmt: skip
         assert time.monotonic() - start < 5
-        assert server.rejected == {"forged_verdict": 2, "bad_request": 4}
+        assert server.rejected == {"forged_verdict": 3, "bad_request": 4}
 
     swarm.run(body)
 
