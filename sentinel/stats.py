@@ -194,7 +194,10 @@ def clip_tokens(
     summaries see, never what is passed on.
 
     A non-finite ``x`` stays non-finite (an infinite token becomes NaN, a NaN median clips nothing), so
-    ``Summary.finite`` still rejects it. On CPU the per-token arithmetic runs in numpy (~2x cheaper than torch's
+    ``Summary.finite`` still rejects it; so does a finite ``x`` with a token whose squared norm overflows float32
+    (an element above ~1.8e19): it is returned unclipped, and its summaries overflow. Clipped, such a token's factor
+    was sqrt(limit / inf) = 0: it and its reference token vanished from the summaries, and a gradient carrying values
+    up to 3.4e38 was accepted and passed on (a security review; in the mesh it banned the honest replicas upstream). On CPU the per-token arithmetic runs in numpy (~2x cheaper than torch's
     per-call cost at a few hundred tokens), on a GPU on the device."""
     rows = _rows(x)
     if rows.device.type == "cpu":
@@ -202,7 +205,7 @@ def clip_tokens(
         sq = np.einsum("ij,ij->i", flat, flat)
         mid = (sq.shape[0] - 1) // 2
         limit = ratio * ratio * float(np.partition(sq, mid)[mid])
-        if not sq.max() > limit:  # also when the median or the maximum is NaN
+        if not sq.max() > limit or np.isinf(sq).any():  # not above: also when the median or the maximum is NaN
             return x, reference
         # sq >= 0 and the limit is finite here: no division warnings (a NaN token's factor is NaN, its token too)
         factors = np.minimum(np.sqrt(limit / np.maximum(sq, _EPS)), 1.0).astype(np.float32)
@@ -211,7 +214,7 @@ def clip_tokens(
         sq = torch.linalg.vecdot(rows, rows)
         limit = ratio * ratio * sq.median()
         over = sq > limit  # all False when the median is NaN or infinite
-        if not bool(over.any()):
+        if not bool(over.any()) or bool(torch.isinf(sq).any()):
             return x, reference
         scale = torch.where(over, (limit / sq.clamp_min(_EPS)).sqrt(), torch.ones_like(sq))[:, None]
     clipped = (rows * scale).reshape(x.shape)

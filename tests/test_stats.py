@@ -225,3 +225,17 @@ def test_clip_tokens_caps_outlier_tokens_and_scales_the_reference_alike():
     # all zeros (a zeros attack) stays all zeros
     z = torch.zeros(2, 8, 16)
     assert torch.equal(clip_tokens(z, ref, 4.0)[0], z)
+
+
+def test_a_token_whose_squared_norm_overflows_is_not_clipped_away():
+    """One gradient element of 1e20 (finite) made its token's squared norm overflow float32: the clip factor was
+    sqrt(limit / inf) = 0, the token vanished from the summaries, and the validator accepted and passed on a tensor
+    holding values up to 3.4e38. Now it comes back unclipped and its summary is not finite: flagged, as forward."""
+    g = torch.Generator().manual_seed(7)
+    ref = torch.randn(2, 8, 16, generator=g)
+    for value in (1e20, 3e38):
+        x = ref + 0.1 * torch.randn(2, 8, 16, generator=g)
+        x[1, 3, 5] = value
+        cx, cref = clip_tokens(x, ref, 4.0)
+        assert cx is x and cref is ref
+        assert not summarize(cx, make_projections(16, 4, seed=0), 8, reference=cref).finite()
