@@ -197,8 +197,9 @@ def clip_tokens(
     ``Summary.finite`` still rejects it; so does a finite ``x`` with a token whose squared norm overflows float32
     (an element above ~1.8e19): it is returned unclipped, and its summaries overflow. Clipped, such a token's factor
     was sqrt(limit / inf) = 0: it and its reference token vanished from the summaries, and a gradient carrying values
-    up to 3.4e38 was accepted and passed on (a security review; in the mesh it banned the honest replicas upstream). On CPU the per-token arithmetic runs in numpy (~2x cheaper than torch's
-    per-call cost at a few hundred tokens), on a GPU on the device."""
+    up to 3.4e38 was accepted and passed on (a security review; in the mesh it banned the honest replicas upstream).
+    On CPU the per-token arithmetic runs in numpy (~2x cheaper than torch's per-call cost at a few hundred tokens),
+    on a GPU on the device."""
     rows = _rows(x)
     if rows.device.type == "cpu":
         flat = rows.numpy()
