@@ -283,10 +283,16 @@ class Trainer:
         self.banned |= banned
         # ... and for the identity (owner key) that announced a banned peer: restarted under a new peer id (strikes
         # are per peer id) with the same key, a banned replica came back clean (the operator review). A fresh key
-        # is a new volunteer, to be caught again
-        announced = [a for anns in self.stages.values() for a in anns]
-        self.banned_owners |= {a.owner for a in announced if a.peer in self.banned}
-        self.banned |= {a.peer for a in announced if a.owner in self.banned_owners}
+        # is a new volunteer, to be caught again. An announcement does not prove that its key controls the peer id
+        # it names, so a peer is banned by key only when every key announcing it is banned: a stranger whose key got
+        # banned (by announcing a banned peer) and then announced an honest replica got that replica banned (the
+        # docs audit), while the replica's own key, announcing it too, now keeps it in
+        announcers: dict[str, set[bytes]] = {}
+        for anns in self.stages.values():
+            for a in anns:
+                announcers.setdefault(a.peer, set()).add(a.owner)
+        self.banned_owners |= {owner for peer, owners in announcers.items() if peer in self.banned for owner in owners}
+        self.banned |= {peer for peer, owners in announcers.items() if owners <= self.banned_owners}
         self._refreshed_at = time.monotonic()
 
     async def _maybe_refresh(self) -> None:

@@ -328,6 +328,13 @@ def test_a_banned_replica_restarted_under_a_new_peer_id_with_its_key_stays_banne
         assert trainer.banned == expected
     assert trainer.banned_owners == {bad_key}
     assert {trainer._pick_stage(1, set()) for _ in range(20)} == {"QmGood"}
+    # a stranger cannot turn this against an honest replica: its key, banned for announcing a banned peer, also
+    # announces QmGood, which QmGood's own key announces too: not banned
+    stranger = bytes([3]) * 32
+    view["stages"] = announce(("QmBad", stranger), ("QmGood", stranger), ("QmGood", good_key))
+    view["banned"] = set()
+    asyncio.run(trainer.refresh())
+    assert stranger in trainer.banned_owners and "QmGood" not in trainer.banned
 
 
 def test_busy_peer_is_sidestepped_briefly_and_a_failed_one_for_longer():
