@@ -67,7 +67,7 @@ def run(setting: str, attack: str, args, corpus) -> dict:
         stage_config |= {"average_reject": 0.0}
     # the validators stay in warm-up (learning, never flagging) unless --warmup is given: the attack is on averaging
     # alone, and in a stage this small their honest false bans (2 of 3 replicas in one seed with a 10-step warm-up;
-    # README, "Detection") would take replicas out of averaging and blur what is measured
+    # README, "Honest false bans") would take replicas out of averaging and blur what is measured
     warmup = args.steps + 1 if args.warmup is None else args.warmup
     trainer_config = TrainerConfig(seed=args.seed, batch_size=args.batch_size, microbatches=args.microbatches,
                                    warmup=warmup)  # fmt: skip

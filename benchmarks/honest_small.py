@@ -2,8 +2,10 @@
 
 The detection benchmark runs `small` 8 x 4 for 60 steps; swarms of volunteers start smaller and run longer, and the
 model learns fastest in the first tens of steps, where honest drift crosses fences. This runs honest meshes of each
-given size over several seeds and counts the honest workers banned, with the method's defaults and, side by side,
-with the `--sentinel` overrides given (JSON, as in `detection.py`). Prints a markdown table; `--out` also saves it.
+given size over several seeds and counts the honest workers banned, with the method's defaults and, side by side, with
+the `--compare` overrides given (JSON SentinelConfig settings, as in `detection.py`). Prints a markdown table; `--out`
+also saves it.
+
 
     python benchmarks/honest_small.py                                  # 2 stages x 1, 2, 3 replicas, seeds 0-7
     python benchmarks/honest_small.py --compare '{"small_stage_senders": 0}'

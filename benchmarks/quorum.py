@@ -1,12 +1,15 @@
 """Several validators and a ban quorum, in the mesh: what splitting the checks between validators does to detection.
 
-In a swarm the trainer sends each check to one of the validators at random, so each validator learns and keeps
-strikes from its share of the traffic alone, and a peer is banned once the manifest's quorum of validators has banned
-it. The mesh does the same with ``MeshConfig.validators`` and ``ban_quorum`` (and ``check_fanout``: each tensor
-checked by that many validators at once). This runs the shape of the demo's second command (`tiny` 3 stages x 3
-replicas, 2 attackers, 4 micro-batches of 4 sequences a step, lr 3e-3, warm-up 12 steps, 30 steps) for each
-(validators, quorum, checks per tensor) setting over several seeds and attacks, and prints a markdown table of
-attackers and honest workers banned. ``--compare`` adds the same settings with SentinelConfig overrides (JSON).
+In a swarm the trainer sends each check to ``check_fanout`` validators at once (by default the ban quorum: README,
+"Several validators"), and a peer is banned once the manifest's quorum of validators has banned it; with one check per
+tensor among several validators (the 2/2/1 setting, the trainer's behaviour before the fan-out), each validator learns
+and keeps strikes from its share of the traffic alone. The mesh does the same with ``MeshConfig.validators`` and
+``ban_quorum`` (and ``check_fanout``: each tensor checked by that many validators at once). This runs the shape of the
+demo's second command (`tiny` 3 stages x 3 replicas, 2 attackers, 4 micro-batches of 4 sequences a step, lr 3e-3,
+warm-up 12 steps, 30 steps) for each (validators, quorum, checks per tensor) setting over several seeds and attacks,
+and prints a markdown table of attackers and honest workers banned. ``--compare`` adds the same settings with
+SentinelConfig overrides (JSON).
+
 
     python benchmarks/quorum.py         # 1/1/1, 2/2/1, 2/2/2, 2/1/1 (validators/quorum/checks per tensor); 3 attacks
     python benchmarks/quorum.py --settings 2/2/1 --compare '{"drift_steps": 8}'

@@ -14,6 +14,7 @@ from pathlib import Path
 from node.common import (
     DEFAULT_PORT,
     CommandError,
+    HelpFormatter,
     StopFlag,
     add_network_args,
     build_manifest,
@@ -50,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "quorum, sentinel settings), keep it published in the DHT, and print each role's join command. With --run-id "
         "and --authority instead, relay that swarm's manifest: keep the authority-signed manifest published (from the "
         "DHT or --manifest FILE), so that nodes can join while the authority is down.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_network_args(p, port=DEFAULT_PORT)
     p.add_argument("--initial-peers", nargs="*", metavar="MADDR", default=[],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import json
@@ -157,11 +158,21 @@ def check_ports_free(maddrs: Sequence[str]) -> None:
                 # an address not on this machine (EADDRNOTAVAIL) and the like: p2pd says what is wrong with it
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults in the help, but not where the help already says its default, nor a default of None or
+    an empty string ("(default: None)" after "default: the Python standard library" said nothing, twice)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default == "":
+            return text
+        return super()._get_help_string(action)
+
+
 def add_network_args(p, *, port: int = 0, client_mode_flag: bool = True) -> None:
     g = p.add_argument_group("network")
     g.add_argument("--host-maddrs", nargs="+", metavar="MADDR", default=None,
-                   help="multiaddrs to listen on, e.g. /ip4/0.0.0.0/tcp/31337 (default %(default)s: "
-                        "/ip4/127.0.0.1/tcp/PORT)")  # fmt: skip
+                   help="multiaddrs to listen on, e.g. /ip4/0.0.0.0/tcp/31337 (default: /ip4/127.0.0.1/tcp/PORT)")
     g.add_argument("--announce-maddrs", nargs="+", metavar="MADDR", default=None,
                    help="public multiaddrs other peers should dial, e.g. /ip4/203.0.113.7/tcp/31337 (behind NAT or "
                         "port forwarding)")  # fmt: skip

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import psutil
 
-from node.common import CommandError, parse_overrides, replace_sentinel, say, write_json_atomic
+from node.common import CommandError, HelpFormatter, parse_overrides, replace_sentinel, say, write_json_atomic
 from sentinel.config import SentinelConfig
 from swarm.model import PRESETS
 from swarm.routing import ROUTINGS
@@ -51,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Start a swarm on 127.0.0.1 with the real commands (bootstrap --new-swarm, validators, stage "
         "servers of which some attack, a trainer), train on the embedded corpus, show progress and detection events, "
         "and summarise attackers against banned peers.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--stages", type=int, default=2, help="untrusted pipeline stages")
     p.add_argument("--replicas", type=int, default=2, help="stage servers per stage")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from node.common import (
     CommandError,
+    HelpFormatter,
     StopFlag,
     add_network_args,
     check_dht,
@@ -43,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="join a swarm as a gpu-stage, validator or trainer",
         description="Join a swarm: connect to --initial-peers, fetch the manifest of --run-id signed by --authority "
         "from the DHT, verify it, and run the role until SIGINT/SIGTERM (the trainer: until --steps are done).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--role", required=True, choices=["gpu-stage", "validator", "trainer"])
     p.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR",

@@ -9,6 +9,7 @@ import sys
 
 from tqdm import tqdm
 
+from node.common import HelpFormatter
 from node.report import plot_runs, write_json
 from sentinel.attacks import parse_params
 from sentinel.config import ALL_METRICS, COMBINE_MODES, SentinelConfig
@@ -23,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "simulate",
         help="run the in-process DP x PP mesh (attackers, validators, bans) and score the defence",
         description="Simulate S untrusted stages x R replicas in one process, attack them, and score SENTINEL.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     d = MeshConfig()
     s = SentinelConfig()

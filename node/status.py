@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from node.common import add_network_args, expand_peers, parse_key_hex, start_dht, wait_for_manifest
+from node.common import HelpFormatter, add_network_args, expand_peers, parse_key_hex, start_dht, wait_for_manifest
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -14,7 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="print what the DHT says about a run: manifest, stages, validators, strikes, bans",
         description="Connect to the swarm (as a DHT client), verify the run's manifest and print its stage replicas "
         "(state, throughput), validators, strike records and the peers banned by the manifest's quorum.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR",
                    help="bootstrap multiaddrs (or @PATH of a bootstrap --ready-file)")

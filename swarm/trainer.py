@@ -12,17 +12,21 @@ The data path of one micro-batch mirrors ``swarm.mesh.Mesh.microbatch`` over the
    through unchanged, as in the mesh); the trainer re-signs that gradient for the boundary below, which the stage
    servers accept from a trainer.
 
-Routing: among the ONLINE announcements of a stage, weighted by throughput (``throughput_weights``: a peer that has
-not measured itself yet weighs as the median measured one), excluding peers that a quorum of
-validators has banned (``fetch_banned``) and peers that failed during this micro-batch; the
-view is refreshed from the DHT every ``refresh_period`` seconds. With ``routing="balanced"`` (the default) each step's
-micro-batches are shared among a stage's replicas in proportion to those weights (``swarm.routing.balanced_plan``);
-retries, and a planned replica banned or failed since, fall back to the weighted random choice. Transport failures
-are retried on another replica, at most ``max_retries`` times per call; a bad request or a rejected input is never
-retried. A peer that failed a call is avoided for ``failure_ban`` seconds (doubling with each consecutive failure, up
-to ``failure_ban_max``; cleared by a success), like Petals' ``Blacklist``: a replica that died without announcing
-OFFLINE stays in the DHT until its record expires, and without this every micro-batch would pay one failed call for
-it. Avoided peers are still used when nothing else is left (they may be back).
+Routing: among the ONLINE announcements of a stage, weighted by throughput (``throughput_weights``: a peer that has not
+measured itself yet weighs as the lower median measured one, and none more than 4 times that), with the replicas that
+have not answered this trainer yet sharing ``explore`` times the weight of those that have, excluding peers that a
+quorum of validators has banned (``fetch_banned``), peers announced only by keys that announced a banned peer, peers
+that sent a malformed reply (all of these: unless nothing else is left) and peers that failed during this micro-batch;
+the view is refreshed from the DHT every ``refresh_period`` seconds. With ``routing="balanced"`` (the default) each
+step's micro-batches are shared among a stage's replicas in proportion to those weights
+(``swarm.routing.balanced_plan``); retries, and a planned replica banned or failed since, fall back to the weighted
+random choice. Transport failures are retried on another replica, at most ``max_retries`` times per call for replicas
+that have answered before and ``max_unproven_tries`` for others; a bad request or a rejected input is never retried. A
+peer that failed a call is avoided for ``failure_ban`` seconds (doubling with each consecutive failure, up to
+``failure_ban_max``; cleared by a success), like Petals' ``Blacklist``: a replica that died without announcing OFFLINE
+stays in the DHT until its record expires, and without this every micro-batch would pay one failed call for it. Avoided
+peers are still used when nothing else is left (they may be back).
+
 
 A replica that dies between the forward and the backward of a micro-batch loses nothing: backward is stateless (the
 server recomputes the forward from the stage input the trainer kept) and every replica of stage ``k`` serves the same
@@ -90,9 +94,10 @@ class NoRoute(TransportError):
 
 
 class MalformedReply(TransportError):
-    """A reply no honest peer sends: a tensor whose shape is not its request's. The call is retried on another peer
-    and the trainer routes nothing to that peer again (``Trainer.misbehaved``); the validators never see the tensor
-    (their check needs the reference's shape), so it would otherwise cost the peer nothing and stop the trainer."""
+    """A reply no honest peer sends: a tensor whose shape is not its request's. The call is retried on another peer and
+    the trainer routes to that peer from then on only when no other replica is left (``Trainer.misbehaved``); the
+    validators never see the tensor (their check needs the reference's shape), so it would otherwise cost the peer
+    nothing and stop the trainer."""
 
 
 @dataclass
@@ -188,7 +193,8 @@ def throughput_weights(throughputs: Sequence[float]) -> np.ndarray:
     """Routing weights from announced throughputs. A peer that has not measured itself yet announces 0 and weighs the
     lower median of those that have (1 each when none has): weighted by a placeholder against measured peers
     (thousands of checks a second), a new validator drew almost no traffic, never measured itself, and warmed its
-    monitors on the live traffic after the honest warm-up was over (README, "`sentinel-node demo`").
+    monitors on the live traffic after the honest warm-up was over (README, "Failover and data parallelism in the
+    swarm", "Routing weights").
 
     An announcement is its peer's own word, so no weight exceeds ``THROUGHPUT_CAP`` times that lower median (the
     lower one: with two peers, the other's): one peer announcing 1e300 drew every micro-batch of its stage, and
@@ -305,7 +311,7 @@ class Trainer:
         exclude: set[str] = set()
         last: Exception | None = None
         failed = {True: 0, False: 0}  # by whether the peer had answered before
-        while failed[True] <= self.config.max_retries and failed[False] <= self.config.max_unproven_tries:
+        while failed[True] <= self.config.max_retries and failed[False] < self.config.max_unproven_tries:
             peer = pick(exclude)
             if peer is None and exclude:
                 await self.refresh()

@@ -385,7 +385,7 @@ def test_replicas_that_never_answered_get_a_bounded_share_and_their_own_retry_bu
 
     assert asyncio.run(trainer._with_retries(lambda exclude: next(order), attempt)) == ("good0", "ok")
     endless = (f"fake{i}" for i in range(50))
-    with pytest.raises(NoRoute, match="9 failure"):
+    with pytest.raises(NoRoute, match="8 failure"):
         asyncio.run(trainer._with_retries(lambda exclude: next(endless), attempt))
     proven_then_down = iter(["good0", "good1", "fake40", "good0"])
     trainer._down.clear()
