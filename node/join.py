@@ -221,6 +221,8 @@ def run(args: argparse.Namespace) -> int:
         if saved is not None:
             write_json_atomic(saved, manifest_json(manifest))
         manifest = manifest.manifest
+        if args.role == "gpu-stage" and not 1 <= args.stage <= manifest.n_stages:  # before saying "joined"
+            raise CommandError(f"--stage must be in 1..{manifest.n_stages} (the manifest's stages)")
         dht.add_validators([SentinelRecordValidator.from_manifest(manifest, identity)])
         say(f"{args.role}: joined run {manifest.run_id!r} ({manifest.preset}, {manifest.n_stages} stages, "
             f"{len(manifest.validators)} validators, ban quorum {manifest.ban_quorum}) as {identity.fingerprint}")
