@@ -223,6 +223,10 @@ def run(args: argparse.Namespace) -> int:
         manifest = manifest.manifest
         if args.role == "gpu-stage" and not 1 <= args.stage <= manifest.n_stages:  # before saying "joined"
             raise CommandError(f"--stage must be in 1..{manifest.n_stages} (the manifest's stages)")
+        listed = {"validator": manifest.is_validator, "trainer": manifest.is_trainer}.get(args.role)
+        if listed is not None and not listed(identity.public_key):
+            raise CommandError(f"this identity ({identity.fingerprint}) is not an authorized {args.role} of run "
+                               f"{manifest.run_id!r}: the manifest lists the {args.role}s' public keys")  # fmt: skip
         dht.add_validators([SentinelRecordValidator.from_manifest(manifest, identity)])
         say(f"{args.role}: joined run {manifest.run_id!r} ({manifest.preset}, {manifest.n_stages} stages, "
             f"{len(manifest.validators)} validators, ban quorum {manifest.ban_quorum}) as {identity.fingerprint}")
