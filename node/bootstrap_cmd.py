@@ -198,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
             write_json_atomic(args.ready_file, ready)
         republish = max(5.0, args.manifest_ttl / 3) if signed is not None else None
         while not stop.wait(5.0):  # (republish is at least 5 s)
-            check_dht(dht)
+            check_dht(dht, stop)
             if signed is not None and time.monotonic() - published_at >= republish * 0.99:
                 try:
                     if relay_of is not None:

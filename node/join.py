@@ -274,7 +274,7 @@ async def _sleep_until_stopped(stop: StopFlag, seconds: float, dht) -> bool:
     """Sleep up to ``seconds``; True if a stop signal arrived. Raises ``DHTDied`` if the node's DHT process stops."""
     end = time.monotonic() + seconds
     while not stop.is_set() and time.monotonic() < end:
-        check_dht(dht)
+        check_dht(dht, stop)
         await asyncio.sleep(min(0.25, max(0.0, end - time.monotonic())))
     return stop.is_set()
 
@@ -526,7 +526,7 @@ async def _trainer(args, dht, manifest, identity, stop: StopFlag) -> int:
         await _wait_for_swarm(trainer, manifest, args.min_replicas, args.swarm_timeout, stop)
         tokens_per_step = args.microbatches * args.batch_size * trainer.model_config.seq_len
         while step < args.steps and not stop.is_set():
-            check_dht(dht)
+            check_dht(dht, stop)
             t0 = time.perf_counter()
             loss = await _step_with_retries(trainer, step, args.swarm_timeout, stop, dht)
             if loss is None:  # stopped while waiting to retry

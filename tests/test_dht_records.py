@@ -350,9 +350,10 @@ def test_a_node_notices_its_p2p_daemon_died():
     restarted it. check_dht now raises DHTDied (the node saves its state and exits 1) once p2pd is gone."""
     import os
     import signal
+    import threading
     import time
 
-    from node.common import DHTDied, check_dht
+    from node.common import DHTDied, StopFlag, check_dht
 
     dht = start_dht([SentinelRecordValidator.from_manifest(MANIFEST, V0)])
     try:
@@ -365,6 +366,12 @@ def test_a_node_notices_its_p2p_daemon_died():
             while time.monotonic() < deadline:
                 check_dht(dht)
                 time.sleep(0.05)
+        # a group signal stops p2pd and the node at once: a stop that arrives within a second is a shutdown
+        stop = StopFlag()
+        threading.Timer(0.3, stop.event.set).start()
+        check_dht(dht, stop)
+        with pytest.raises(DHTDied, match="p2pd"):
+            check_dht(dht, StopFlag())
     finally:
         shutdown(dht)
 
