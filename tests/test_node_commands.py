@@ -251,7 +251,7 @@ def test_a_trainer_step_that_finds_no_route_is_retried_until_the_swarm_timeout(m
     from node.common import CommandError, StopFlag
     from swarm.trainer import NoRoute
 
-    monkeypatch.setattr(join, "check_dht", lambda dht: None)
+    monkeypatch.setattr(join, "check_dht", lambda dht, stop=None: None)
 
     class Trainer:
         def __init__(self, failures: int):
