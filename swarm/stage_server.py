@@ -398,32 +398,37 @@ class StageServer(ServicerBase):
     def _authorize(self, kind: str, meta: dict) -> None:
         """A streamed request's verdicts, checked on its first part (all but the digests: the tensors are still to
         come, and are checked in full once in): a stranger cannot hold a stream slot."""
-        run, step, mb = meta_str(meta, "run", max_len=64), meta_int(meta, "step"), meta_int(meta, "mb")
-        check_verdict(
-            meta_verdict(meta, "verdict"), manifest=self.manifest, run_id=run, step=step, microbatch=mb,
-            boundary=self.config.stage - 1, direction=Direction.FORWARD, digest=None,
-            allow_trainer=self.config.stage == 1 or self.config.trust_trainer,
-        )  # fmt: skip
+        self._check_verdict(meta, Direction.FORWARD, None)
         if kind == "backward":
-            check_verdict(
-                meta_verdict(meta, "grad_verdict"), manifest=self.manifest, run_id=run, step=step, microbatch=mb,
-                boundary=self.config.stage, direction=Direction.BACKWARD, digest=None, allow_trainer=True,
-            )  # fmt: skip
+            self._check_verdict(meta, Direction.BACKWARD, None)
 
-    def _checked_input(self, meta: dict, proto: runtime_pb2.Tensor) -> tuple[str, int, int, torch.Tensor]:
-        run, step, mb = meta_str(meta, "run", max_len=64), meta_int(meta, "step"), meta_int(meta, "mb")
-        h = decode_hidden(proto, self.spec, "input")
+    @staticmethod
+    def _position(meta: dict) -> tuple[str, int, int]:
+        return meta_str(meta, "run", max_len=64), meta_int(meta, "step"), meta_int(meta, "mb")
+
+    def _check_verdict(self, meta: dict, direction: Direction, digest: bytes | None) -> None:
+        """The verdict on this stage's input (FORWARD: boundary ``stage - 1``, ``verdict``) or on the gradient it got
+        (BACKWARD: boundary ``stage``, ``grad_verdict``) at the request's (run, step, micro-batch); ``digest`` None:
+        all but the digest (the tensor is still to come)."""
+        run, step, mb = self._position(meta)
+        forward = direction == Direction.FORWARD
         check_verdict(
-            meta_verdict(meta, "verdict"), manifest=self.manifest, run_id=run, step=step, microbatch=mb,
-            boundary=self.config.stage - 1, direction=Direction.FORWARD, digest=tensor_digest(h),
-            allow_trainer=self.config.stage == 1 or self.config.trust_trainer,
+            meta_verdict(meta, "verdict" if forward else "grad_verdict"), manifest=self.manifest, run_id=run,
+            step=step, microbatch=mb, boundary=self.config.stage - 1 if forward else self.config.stage,
+            direction=direction, digest=digest,
+            allow_trainer=not forward or self.config.stage == 1 or self.config.trust_trainer,
         )  # fmt: skip
-        return run, step, mb, h
+
+    def _checked_input(self, meta: dict, proto: runtime_pb2.Tensor) -> tuple[int, int, torch.Tensor]:
+        _, step, mb = self._position(meta)
+        h = decode_hidden(proto, self.spec, "input")
+        self._check_verdict(meta, Direction.FORWARD, tensor_digest(h))
+        return step, mb, h
 
     async def _forward(self, request: runtime_pb2.ExpertRequest, *, unary: bool) -> runtime_pb2.ExpertResponse:
         meta = unpack_meta(request.metadata)
         (proto,) = request_tensors(request, 1)
-        _, step, mb, h = self._checked_input(meta, proto)
+        step, mb, h = self._checked_input(meta, proto)
         if unary:
             check_unary_reply(h.numel(), self.config.compression)
         self.forward_calls += 1
@@ -434,17 +439,13 @@ class StageServer(ServicerBase):
     async def _backward(self, request: runtime_pb2.ExpertRequest, *, unary: bool) -> runtime_pb2.ExpertResponse:
         meta = unpack_meta(request.metadata)
         h_proto, g_proto = request_tensors(request, 2)
-        run, step, mb, h = self._checked_input(meta, h_proto)
+        step, mb, h = self._checked_input(meta, h_proto)
         g = decode_hidden(g_proto, self.spec, "grad_output")
         if g.shape != h.shape:
             raise BadRequest("grad_output must have the input's shape")
         if unary:
             check_unary_reply(h.numel(), self.config.compression)
-        g_digest = tensor_digest(g)
-        check_verdict(
-            meta_verdict(meta, "grad_verdict"), manifest=self.manifest, run_id=run, step=step, microbatch=mb,
-            boundary=self.config.stage, direction=Direction.BACKWARD, digest=g_digest, allow_trainer=True,
-        )  # fmt: skip
+        self._check_verdict(meta, Direction.BACKWARD, tensor_digest(g))
         seen = (step, mb)
         if seen in self._seen_backward:  # a micro-batch's gradient applied twice would count double: answer it only
             self.backward_replays += 1

@@ -143,8 +143,10 @@ class TrainerConfig:
 def choose_replica(
     announcements: Sequence[StageAnnouncement], banned: set[str], exclude: set[str], rng: np.random.Generator,
     avoid: set[str] | frozenset[str] = frozenset(),
+    weigh: Callable[[Sequence[StageAnnouncement]], np.ndarray] | None = None,
 ) -> StageAnnouncement | None:
-    """Throughput-weighted random choice among ONLINE, non-banned, non-excluded, non-avoided replicas.
+    """Weighted random choice among ONLINE, non-banned, non-excluded, non-avoided replicas (``weigh(allowed)``; by
+    default their ``throughput_weights``).
 
     Fallbacks, in order: a non-banned replica that is avoided (it failed recently, it may be back), then a banned one
     (as in the mesh: routing through a banned replica, whose output the validators still check, beats stopping
@@ -153,7 +155,7 @@ def choose_replica(
     allowed = routable(announcements, banned, exclude, avoid)
     if not allowed:
         return None
-    weights = throughput_weights([a.throughput for a in allowed])
+    weights = throughput_weights([a.throughput for a in allowed]) if weigh is None else weigh(allowed)
     return allowed[int(rng.choice(len(allowed), p=weights / weights.sum()))]
 
 
@@ -330,16 +332,12 @@ class Trainer:
                 exclude.add(peer)
                 last = e
                 continue
-            except MalformedReply as e:
-                logger.warning(f"{peer[:12]}... sent a malformed reply ({e}); routing around it from now on")
-                self.metrics.retries += 1
-                self.misbehaved.add(peer)
-                self._mark_failed(peer)
-                exclude.add(peer)
-                last = e
-                continue
             except (TransportError, RemoteFailure) as e:
-                logger.warning(f"call to {peer[:12]}... failed ({type(e).__name__}: {e}); trying another peer")
+                if isinstance(e, MalformedReply):
+                    logger.warning(f"{peer[:12]}... sent a malformed reply ({e}); routing around it from now on")
+                    self.misbehaved.add(peer)
+                else:
+                    logger.warning(f"call to {peer[:12]}... failed ({type(e).__name__}: {e}); trying another peer")
                 self.metrics.retries += 1
                 self._mark_failed(peer)
                 exclude.add(peer)
@@ -366,11 +364,9 @@ class Trainer:
         return {peer for peer, (until, _) in self._down.items() if until > now}
 
     def _pick_stage(self, k: int, exclude: set[str]) -> str | None:
-        allowed = routable(self.stages.get(k, []), self.shunned, exclude, self.avoided())
-        if not allowed:
-            return None
-        weights = self._routing_weights(allowed)
-        return allowed[int(self.rng.choice(len(allowed), p=weights / weights.sum()))].peer
+        chosen = choose_replica(self.stages.get(k, []), self.shunned, exclude, self.rng, self.avoided(),
+                                self._routing_weights)  # fmt: skip
+        return None if chosen is None else chosen.peer
 
     def _routing_weights(self, allowed: Sequence[StageAnnouncement]) -> np.ndarray:
         """``throughput_weights``, with the replicas that have not answered this trainer yet (when some have) sharing

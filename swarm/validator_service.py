@@ -342,6 +342,10 @@ class ValidatorService(ServicerBase):
         digest, reference_digest = meta.get("digest"), meta.get("reference_digest")
         if any(type(d) is not bytes or len(d) != 32 for d in (digest, reference_digest)):
             raise Unauthorized("a streamed check names its tensors' digests in its metadata")
+        self._verify_signature(fields, trainer, signature, digest, reference_digest)
+
+    @staticmethod
+    def _verify_signature(fields: dict, trainer: bytes, signature: Any, digest: bytes, reference_digest: bytes):
         signed = check_request_bytes(**fields, digest=digest, reference_digest=reference_digest)
         if type(signature) is not bytes or not Identity.verify(trainer, signed, signature):
             raise Unauthorized("check request signature does not verify")
@@ -364,9 +368,7 @@ class ValidatorService(ServicerBase):
             reference_digest = tensor_digest(reference)
         x = decode_hidden(x_proto, self.spec, "tensor", require_finite=False)  # flagging NaN is our job
         digest = tensor_digest(x)
-        signed = check_request_bytes(**fields, digest=digest, reference_digest=reference_digest)
-        if type(signature) is not bytes or not Identity.verify(trainer, signed, signature):
-            raise Unauthorized("check request signature does not verify")
+        self._verify_signature(fields, trainer, signature, digest, reference_digest)
         if reference is None:  # only now: an unsigned request must not learn which tensors this validator holds
             reference = self._kept.get(reference_digest)
             if reference is None:
