@@ -255,8 +255,9 @@ class Trainer:
         self._plans: dict[tuple[int, int], list[str]] = {}  # (step, stage) -> the step's replica per micro-batch
         if config.routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {config.routing!r}")
-        if not 0.0 < config.explore <= 1.0 or config.max_retries < 0 or config.max_unproven_tries < 0:
-            raise ValueError("explore must be in (0, 1], max_retries and max_unproven_tries >= 0")
+        if not 0.0 < config.explore <= 1.0 or config.max_retries < 0 or config.max_unproven_tries < 1:
+            # (max_unproven_tries 0 would end every call before its first attempt: no peer is proven at first)
+            raise ValueError("explore must be in (0, 1], max_retries >= 0 and max_unproven_tries >= 1")
 
     async def start(self, dht: DHT) -> None:
         self._dht = dht

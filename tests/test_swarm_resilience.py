@@ -395,6 +395,8 @@ def test_replicas_that_never_answered_get_a_bounded_share_and_their_own_retry_bu
 
     with pytest.raises(NoRoute):  # 3 failures of replicas that had answered: max_retries (2) used up
         asyncio.run(trainer._with_retries(lambda exclude: next(proven_then_down), down))
+    with pytest.raises(ValueError, match="max_unproven_tries"):  # 0 would end every call before its first attempt
+        Trainer(TrainerConfig(seed=SEED, max_unproven_tries=0), manifest, trainer_id, CORPUS)
 
 
 def test_a_stage_reply_of_the_wrong_shape_is_retried_elsewhere_and_its_sender_shunned(monkeypatch):
