@@ -147,6 +147,10 @@ class BoundaryMonitor:
             for m in self.metrics
         }
         self.n_accepted = 0
+        # the token count the fences are learnt at: the most tokens of an accepted tensor (``token_scale``)
+        self.tokens: int | None = None
+        # backward: the token count of the first gradient learnt from, whose scale every gradient is summarised at
+        self.gradient_tokens: int | None = None
         # the references' own stream (input_excess): an EMA of their per-feature mean and std, and fences over their
         # l1 and l2 distances to it. Learnt from every reference of a check that learns (an honest sender's output,
         # or the trusted trainer's), whether or not the checked tensor was flagged
@@ -191,6 +195,8 @@ class BoundaryMonitor:
             return Observation(True, "shape")
         if x.numel() == 0 or x.dim() < 2:
             return Observation(True, "shape")
+        if self.direction == "backward":
+            x, reference = self._gradient_scale(x, reference, learn)
         if self.token_clip:
             x, reference = clip_tokens(x, reference, self.token_clip)
         projections = self.projections(x.shape[-1], x.device)
@@ -207,19 +213,41 @@ class BoundaryMonitor:
         if self.baseline.mean.shape != summary.mean.shape:
             return Observation(True, "shape")
         scores = distances(summary, self.baseline, self.metrics)
-        fences = {m: self.fence(m) for m in scores}
+        scale = self.token_scale(summary.tokens)
+        fences = {m: self.fence(m) * scale for m in scores}
         flagged, reason = False, ""
         if detect and self.ready:
             flagged, reason = self.decide(scores, fences)
-        input_excess = self._input_excess(summary, learn)
+        input_excess = self._input_excess(summary, learn, scale)
         if not flagged and learn:
-            self._accept(summary, scores, x, reference)
+            self._accept(summary, {m: v / scale for m, v in scores.items()}, x, reference)
         return Observation(flagged, reason, scores, fences, summary, input_excess)
 
-    def _input_excess(self, summary: Summary, learn: bool) -> float | None:
+    def _gradient_scale(
+        self, x: torch.Tensor, reference: torch.Tensor | None, learn: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A gradient (and its reference) as the monitor summarises it: on the scale of ``gradient_tokens`` tokens.
+
+        The trainer's loss is a mean over the micro-batch's tokens, so each token's gradient is proportional to
+        ``1 / tokens``: a micro-batch of 1 x 32 tokens carries gradients 4x those of 4 x 32, which the spread and
+        quantile distances flagged as a rescaling (an honest 3 x 2 mesh switched to --batch-size 1 had 11 of 13
+        backward flags on l2 and wasserstein). Multiplying by ``tokens / gradient_tokens`` undoes it; a gradient
+        with as many tokens as the first one learnt from is summarised as it is."""
+        tokens = x.numel() // x.shape[-1]
+        if self.gradient_tokens is None:
+            if learn:
+                self.gradient_tokens = tokens
+            return x, reference
+        if tokens == self.gradient_tokens:
+            return x, reference
+        factor = tokens / self.gradient_tokens
+        return x.detach().float() * factor, None if reference is None else reference.detach().float() * factor
+
+    def _input_excess(self, summary: Summary, learn: bool, scale: float = 1.0) -> float | None:
         """The reference's distance from its stream's baseline over the fences (``Observation.input_excess``); with
         ``learn``, the reference is then folded into that stream. Its ``l1`` and ``l2`` distances are taken on the
-        differences that the EMA update then reuses."""
+        differences that the EMA update then reuses. ``scale``: ``token_scale`` of the reference's token count (the
+        checked tensor's), which widens the fences and shrinks what the window learns alike."""
         if summary.ref_mean is None or summary.ref_std is None:
             return None
         if self.input_baseline is not None and self.input_baseline[0].shape != summary.ref_mean.shape:
@@ -236,14 +264,30 @@ class BoundaryMonitor:
         fences = self.input_fences
         excess = None
         if all(len(f) >= self.config.min_window - 1 for f in fences.values()):
-            excess = max(scores[m] / max(fences[m].fence(), 1e-12) for m in INPUT_METRICS)
+            excess = max(scores[m] / max(fences[m].fence() * scale, 1e-12) for m in INPUT_METRICS)
         if learn:
             for m, value in scores.items():
-                fences[m].add(value)
+                fences[m].add(value / scale)
             weight = np.float32(1.0 - self.beta)
             mean += weight * shift
             std += weight * spread
         return excess
+
+    def token_scale(self, tokens: int | None) -> float:
+        """How much wider the fences are for a tensor of ``tokens`` tokens: ``sqrt(self.tokens / tokens)`` when it
+        has fewer than the fences were learnt at (``self.tokens``), else 1.
+
+        Every distance compares statistics estimated over the tensor's tokens, whose sampling noise grows as
+        ``1 / sqrt(tokens)``: fences learnt on 4 x 32-token micro-batches flagged 18 of 20 honest 1 x 32 ones (a
+        review's script; a trainer with a smaller --batch-size than the others would have framed every stage it
+        used). The distances of such a tensor are compared with fences widened by this factor and, if it is
+        accepted, enter the windows divided by it: what the windows hold stays on the scale of ``self.tokens``
+        tokens. A tensor with as many tokens as the fences were learnt at (every tensor, when all micro-batches have
+        one shape) is checked exactly as before. The token count is the trainer's choice (a stage's output and
+        gradient must match their reference's shape), so a sender cannot widen its own fences."""
+        if tokens is None or self.tokens is None or tokens >= self.tokens:
+            return 1.0
+        return math.sqrt(self.tokens / max(tokens, 1))
 
     def decide(self, scores: dict[str, float], fences: dict[str, float]) -> tuple[bool, str]:
         """Whether ``scores`` (distances to the baseline) flag against ``fences``, and the reason."""
@@ -286,6 +330,8 @@ class BoundaryMonitor:
         if scores is not None:
             for m, value in scores.items():
                 self.fences[m].add(value)
+        if summary.tokens is not None and (self.tokens is None or summary.tokens > self.tokens):
+            self.tokens = summary.tokens
         if self.baseline is None:
             self.baseline = summary.clone()
         else:
@@ -327,6 +373,8 @@ class BoundaryMonitor:
             "fences": {m: list(f.values) for m, f in self.fences.items()},
             "fence_cache": {m: {"cached": f._cached, "stale": f._stale} for m, f in self.fences.items()},
             "n_accepted": self.n_accepted,
+            "tokens": self.tokens,
+            "gradient_tokens": self.gradient_tokens,
             "predictor": None if self.predictor is None else self.predictor.state_dict(),
             "input_baseline": None if self.input_baseline is None else {
                 "mean": torch.from_numpy(self.input_baseline[0].copy()),
@@ -349,6 +397,10 @@ class BoundaryMonitor:
                 else:
                     self.fences[m].load(values)
         self.n_accepted = int(d["n_accepted"])
+        tokens = d.get("tokens")  # absent from older states: learnt again from the next accepted tensor
+        self.tokens = None if tokens is None else int(tokens)
+        tokens = d.get("gradient_tokens")
+        self.gradient_tokens = None if tokens is None else int(tokens)
         if self.predictor is not None and d.get("predictor") is not None:
             self.predictor.load_state_dict(d["predictor"])
         base = d.get("input_baseline")  # absent from older states: the input stream starts over

@@ -56,6 +56,7 @@ class Summary:
     # Of this one tensor only: an EMA, a clone and a saved state leave them out
     ref_mean: np.ndarray | None = None
     ref_std: np.ndarray | None = None
+    tokens: int | None = None  # how many tokens (rows of ``[N, D]``) this summary was measured on; None for an EMA
 
     def lerp_(self, other: Summary, weight: float) -> None:
         """EMA update in place: ``self = (1 - weight) * self + weight * other``."""
@@ -95,14 +96,17 @@ class Summary:
             "gain": self.gain,
             "residual": None if self.residual is None else torch.from_numpy(self.residual.copy()),
             "fit": self.fit,
+            "tokens": self.tokens,
         }
 
     @classmethod
     def from_state_dict(cls, d: dict) -> Summary:
-        """Tensors (on any device) or arrays; a state saved before ``residual`` existed loads with none."""
-        residual = d.get("residual")
+        """Tensors (on any device) or arrays; a state saved before ``residual`` (or ``tokens``) existed loads with
+        none."""
+        residual, tokens = d.get("residual"), d.get("tokens")
         return cls(host_array(d["mean"]), host_array(d["std"]), host_array(d["quantiles"]), d["cosine"], d["gain"],
-                   None if residual is None else host_array(residual), d.get("fit"))  # fmt: skip
+                   None if residual is None else host_array(residual), d.get("fit"),
+                   tokens=None if tokens is None else int(tokens))  # fmt: skip
 
 
 def host_array(x) -> np.ndarray:
@@ -249,7 +253,7 @@ def _summarize_host(x, projections, n_quantiles, reference, predictor) -> Summar
         sq_mean = torch.mm(ones, squares).numpy()[0].astype(np.float64) / n_tokens
         proj_t = torch.mm(projections.T, xt.T).numpy()  # [K, N]: each projection's values as a row, for the sort
         if reference is None:
-            return _assemble(mean, sq_mean, _sorted_quantiles(proj_t, n_quantiles))
+            return _assemble(mean, sq_mean, _sorted_quantiles(proj_t, n_quantiles), tokens=n_tokens)
         rt = _rows(reference)
         xs, rs = xt.numpy(), rt.numpy()
         ref_mean = torch.mm(ones, rt).numpy()[0] / np.float32(n_tokens)
@@ -264,25 +268,32 @@ def _summarize_host(x, projections, n_quantiles, reference, predictor) -> Summar
             centred = proj_t - proj_t.mean(axis=1, keepdims=True)
             fit_sums = float(np.einsum("ij,ij->", miss, miss)), float(np.einsum("ij,ij->", centred, centred))
         coupling = (ref_mean, ref_sq_mean, sq_x, sq_r, dots, fit_sums)
-        return _assemble(mean, sq_mean, _sorted_quantiles(proj_t, n_quantiles), coupling)
+        return _assemble(mean, sq_mean, _sorted_quantiles(proj_t, n_quantiles), coupling, n_tokens)
 
 
-def _assemble(mean: np.ndarray, sq_mean: np.ndarray, quantiles: np.ndarray, coupling: tuple | None = None) -> Summary:
+def _assemble(
+    mean: np.ndarray,
+    sq_mean: np.ndarray,
+    quantiles: np.ndarray,
+    coupling: tuple | None = None,
+    tokens: int | None = None,
+) -> Summary:
     """The summary from the reductions that both implementations compute: per-feature ``mean`` and mean square
     (``sq_mean``, float64: the variance is one-pass), the projections' ``quantiles`` and, with a reference,
     ``coupling`` = (the reference's per-feature mean and mean square, per-token squared norms of x and of the
-    reference, per-token dot products, and (missed, total) projected variance under the predictor, or None)."""
+    reference, per-token dot products, and (missed, total) projected variance under the predictor, or None), and the
+    token count the reductions ran over (``tokens``)."""
     with np.errstate(all="ignore"):  # a non-finite or overflowing x gives inf/nan here: Summary.finite() says so
         std = _std(mean, sq_mean)
         if coupling is None:
-            return Summary(mean=mean, std=std, quantiles=quantiles)
+            return Summary(mean=mean, std=std, quantiles=quantiles, tokens=tokens)
         ref_mean, ref_sq_mean, sq_x, sq_r, dots, fit_sums = coupling
         ref_std = _std(ref_mean, ref_sq_mean)
         cosine = float((dots / np.sqrt(np.maximum(sq_x * sq_r, _EPS * _EPS))).sum()) / dots.shape[0]
         gain = math.log((float(sq_x.sum()) + _EPS) / (float(sq_r.sum()) + _EPS)) / 2
         fit = None if fit_sums is None else fit_sums[0] / max(fit_sums[1], _EPS)
         return Summary(mean=mean, std=std, quantiles=quantiles, cosine=cosine, gain=gain, residual=mean - ref_mean,
-                       fit=fit, ref_mean=ref_mean, ref_std=ref_std)  # fmt: skip
+                       fit=fit, ref_mean=ref_mean, ref_std=ref_std, tokens=tokens)  # fmt: skip
 
 
 def _std(mean: np.ndarray, sq_mean: np.ndarray) -> np.ndarray:
@@ -317,11 +328,11 @@ def _summarize_device(x, projections, n_quantiles, reference, predictor) -> Summ
     quantiles, host = host[-k * n_quantiles :].reshape(k, n_quantiles), host[: -k * n_quantiles]
     mean, sq_mean = host[:dim], host[dim : 2 * dim].astype(np.float64)
     if reference is None:
-        return _assemble(mean, sq_mean, quantiles)
+        return _assemble(mean, sq_mean, quantiles, tokens=n_tokens)
     sq_x, sq_r, dots = (host[4 * dim + i * n_tokens : 4 * dim + (i + 1) * n_tokens] for i in range(3))
     fit_sums = tuple(host[-2:].tolist()) if predictor is not None else None
     ref_mean, ref_sq_mean = host[2 * dim : 3 * dim], host[3 * dim : 4 * dim].astype(np.float64)
-    return _assemble(mean, sq_mean, quantiles, (ref_mean, ref_sq_mean, sq_x, sq_r, dots, fit_sums))
+    return _assemble(mean, sq_mean, quantiles, (ref_mean, ref_sq_mean, sq_x, sq_r, dots, fit_sums), n_tokens)
 
 
 def _joint(gram: torch.Tensor, cross: torch.Tensor, second: torch.Tensor) -> torch.Tensor:

@@ -311,7 +311,9 @@ class Validator:
                 continue
             if summary.mean.shape != obs.summary.mean.shape:
                 continue
-            if not monitor.decide(distances(obs.summary, summary, monitor.metrics), fences)[0]:
+            scale = monitor.token_scale(_fewest(obs.summary, summary))
+            if not monitor.decide(distances(obs.summary, summary, monitor.metrics),
+                                  {m: f * scale for m, f in fences.items()})[0]:  # fmt: skip
                 return True
         return False
 
@@ -347,7 +349,7 @@ class Validator:
 
         def excess(s: Summary, anchor: Summary) -> float:
             scores = distances(s, anchor, monitor.metrics)
-            return max(scores[m] / fences[m] for m in scores)
+            return max(scores[m] / fences[m] for m in scores) / monitor.token_scale(_fewest(s, anchor))
 
         best: tuple[int, float, Summary, set[int]] | None = None  # (senders, total excess, anchor, ids within)
         for _, _, anchor in window:
@@ -509,3 +511,11 @@ def _monitor_key(key: str) -> tuple[int, str]:
     b, direction = key.split("/")
     return int(b), direction
 
+
+
+def _fewest(a: Summary, b: Summary) -> int | None:
+    """The smaller token count of two summaries compared with each other (the noisier one sets the fences'
+    ``token_scale``); None when either has none."""
+    if a.tokens is None or b.tokens is None:
+        return a.tokens if b.tokens is None else b.tokens
+    return min(a.tokens, b.tokens)

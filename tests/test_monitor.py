@@ -299,3 +299,59 @@ def test_token_clip_keeps_one_outlier_gradient_token_from_deciding_the_tensor(cl
         assert mon.observe(attacked, ref).flagged
     with pytest.raises(ConfigError):
         SentinelConfig(token_clip_backward=0.5)
+
+
+def stage_like(seed: int, n: int, batch: int = 4, dim: int = 64):
+    """A residual stage's traffic: the output is the input plus a fixed linear map of it and a little noise."""
+    weights = torch.randn(dim, dim, generator=torch.Generator().manual_seed(99)) / dim**0.5
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        ref = torch.randn(batch, 32, dim, generator=g) + 0.5
+        yield ref + 0.3 * ref @ weights + 0.05 * torch.randn(batch, 32, dim, generator=g), ref
+
+
+def test_fewer_tokens_widen_the_fences_instead_of_flagging_honest_tensors():
+    """Fences learnt on 4 x 32-token tensors: honest 1 x 32 tensors are compared with fences widened by sqrt(4) (with
+    fences unwidened, most were flagged: their statistics are twice as noisy), attacks on them are still flagged, a
+    full-size tensor meets the fences unwidened, and what the small tensors add to the windows is on the 4 x 32
+    scale."""
+
+    def learnt() -> BoundaryMonitor:
+        mon = BoundaryMonitor(SentinelConfig(), "forward", boundary=1)
+        for i, (out, ref) in enumerate(stage_like(0, 40)):
+            mon.observe(out, ref, detect=i >= 20)
+        return mon
+
+    mon = learnt()
+    assert mon.tokens == 128 and mon.token_scale(32) == pytest.approx(2.0) and mon.token_scale(128) == 1.0
+    before = {m: mon.fence(m) for m in ("l1", "l2")}
+    small = list(stage_like(1, 30, batch=1))
+    assert sum(mon.observe(out, ref).flagged for out, ref in small) <= 1
+    for m in ("l1", "l2"):  # the windows stayed on the 128-token scale: not doubled by 30 tensors of 32 tokens
+        assert mon.fence(m) < 1.4 * before[m]
+    out, ref = small[0]
+    for attacked in (torch.zeros_like(out), -out, 3 * out, out + 0.5, torch.randn_like(out) * 10):
+        assert mon.observe(attacked, ref).flagged
+    full_out, full_ref = next(stage_like(2, 1))
+    fence = mon.fence("l1")
+    assert mon.observe(full_out, full_ref).fences["l1"] == fence
+    plain = learnt()  # the same monitor with fences that ignore the token count (as before this rule)
+    plain.token_scale = lambda tokens: 1.0
+    assert sum(plain.observe(out, ref).flagged for out, ref in small) >= 15
+
+
+def test_gradients_of_fewer_tokens_are_summarised_at_the_first_gradients_scale():
+    """A mean loss gives each token a gradient proportional to 1 / tokens: honest gradients of one sequence out of
+    four are 4x larger, which is no rescaling attack; a rescaled one still is."""
+    mon = BoundaryMonitor(SentinelConfig(), "backward", boundary=1)
+    for out, ref in gradients(0, 48):
+        mon.observe(out, ref, detect=False)
+    assert mon.gradient_tokens == 32
+    small = [(4 * out[:1], 4 * ref[:1]) for out, ref in gradients(1, 24)]
+    assert sum(mon.observe(out, ref).flagged for out, ref in small) == 0
+    out, ref = small[0]
+    assert mon.observe(3 * out, ref).flagged and mon.observe(torch.zeros_like(out), ref).flagged
+    clone = BoundaryMonitor(SentinelConfig(), "backward", boundary=1)
+    clone.load_state_dict(mon.state_dict())
+    assert (clone.tokens, clone.gradient_tokens) == (mon.tokens, mon.gradient_tokens)
+    assert clone.observe(out, ref).scores == pytest.approx(mon.observe(out, ref).scores)
