@@ -13,7 +13,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "status",
         help="print what the DHT says about a run: manifest, stages, validators, strikes, bans",
         description="Connect to the swarm (as a DHT client), verify the run's manifest and print its stage replicas "
-        "(state, throughput), validators, strike records and the peers banned by the manifest's quorum.",
+        "(state, throughput), validators, strike records and the peers banned by the manifest's quorum, those that no "
+        "longer announce a stage included (marked offline; found through the validators' strike index).",
         formatter_class=HelpFormatter,
     )
     p.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR",
@@ -28,14 +29,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def collect(dht, manifest) -> dict:
-    """The run's state as plain data (pure reads of the DHT)."""
-    from swarm.dht_schema import banned_peers, fetch_stages, fetch_strikes, fetch_validators, manifest_copies
+    """The run's state as plain data (pure reads of the DHT).
+
+    Strike records are read for every peer that announces a stage and every peer in the run's strike index (the peers
+    the manifest's validators ban, ``fetch_strike_index``), so a banned peer that went offline (its announcement
+    expired) is still listed while its strike records live. A peer is online when it announces a state other than
+    OFFLINE."""
+    from swarm.dht_schema import (
+        banned_peers,
+        fetch_stages,
+        fetch_strike_index,
+        fetch_strikes_of,
+        fetch_validators,
+        manifest_copies,
+    )
+    from swarm.records import StageState
 
     run = manifest.run_id
     stages = {k: fetch_stages(dht, run, k - 1) for k in range(1, manifest.n_stages + 1)}
     validators = {b: fetch_validators(dht, run, b) for b in range(manifest.n_stages + 1)}
-    peers = sorted({a.peer for anns in stages.values() for a in anns})
-    strikes = [r for p in peers for r in fetch_strikes(dht, run, p)]
+    announced = {a.peer for anns in stages.values() for a in anns}
+    online = {a.peer for anns in stages.values() for a in anns if a.state != StageState.OFFLINE}
+    # the DHT's record validator admits only authorized validators' signed entries; checked again against the manifest
+    indexed = {e.peer for e in fetch_strike_index(dht, run) if manifest.is_validator(e.validator)}
+    strikes = fetch_strikes_of(dht, run, announced | indexed)
+    banned = sorted(banned_peers(strikes, manifest))
     copies = manifest_copies(dht, run, manifest.authority)
     return {
         "manifest": {
@@ -54,8 +72,9 @@ def collect(dht, manifest) -> dict:
         "validators": {b: [{"peer": a.peer, "throughput": a.throughput, "key": a.validator.hex()[:16]} for a in anns]
                        for b, anns in validators.items()},
         "strikes": [{"peer": r.peer, "validator": r.validator.hex()[:16], "count": r.count, "banned": r.banned,
-                     "step": r.step} for r in strikes],
-        "banned": sorted(banned_peers(strikes, manifest)),
+                     "step": r.step, "online": r.peer in online} for r in strikes],
+        "banned": banned,
+        "bans": [{"peer": p, "online": p in online} for p in banned],
     }  # fmt: skip
 
 
@@ -97,9 +116,16 @@ def format_status(state: dict) -> str:
             lines.append(f"  {a['peer']}  {a['state']:<8} {a['throughput']:8.2f} mb/s{mark}")
     for b, anns in state["validators"].items():
         lines.append(f"boundary {b}: validators {[a['peer'][:16] + '...' for a in anns] or 'NONE'}")
+    online = _online(state)
     lines.append(f"strike records: {len(state['strikes'])}")
     for r in state["strikes"]:
-        lines.append(f"  {r['peer']} by {r['validator']}: {r['count']} strike(s), banned={r['banned']}, "
-                     f"step {r['step']}")  # fmt: skip
+        lines.append(f"  {r['peer']}{'' if r['peer'] in online else ' (offline)'} by {r['validator']}: "
+                     f"{r['count']} strike(s), banned={r['banned']}, step {r['step']}")  # fmt: skip
     lines.append(f"banned by quorum ({m['ban_quorum']}): {state['banned'] or 'none'}")
+    lines += [f"  {p} (offline)" for p in state["banned"] if p not in online]
     return "\n".join(lines)
+
+
+def _online(state: dict) -> set[str]:
+    """Peers announcing a stage in a state other than OFFLINE: ``collect``'s ``online``."""
+    return {a["peer"] for anns in state["stages"].values() for a in anns if a["state"] != "OFFLINE"}

@@ -7,6 +7,11 @@ Key layout (all under the run's prefix; the key is hashed by hivemind, so every 
     sentinel.{run}.validator.{b}         subkey [ed25519:<validator>]                 ValidatorAnnouncement
     sentinel.{run}.taint.{bucket}        subkey <step.mb.boundary.dir>[ed25519:<v>]   TaintNotice
     sentinel.{run}.strikes.{peer}        subkey [ed25519:<validator>]                 StrikeRecord
+    sentinel.{run}.strike_index          subkey <sha256(peer)[:32 hex]>[ed25519:<v>]  StrikeIndexEntry
+
+The strike index lists, per validator, the peers it bans (one entry each, written with the ban's strike record and
+with the same expiration, so republished with it): how ``sentinel-node status`` finds a banned peer that no longer
+announces a stage, whose strike key it could not otherwise name.
 
 Stored value: ``msgpack([payload, signature])`` where `payload` is the msgpack of the record's wire tuple (what the
 application stored) and `signature` is the subkey owner's Ed25519 signature of
@@ -18,6 +23,7 @@ hivemind hands to `sign_value` on the writer and to `validate` on every storing 
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import os
 import pickle
 import re
@@ -42,6 +48,7 @@ from swarm.records import (
     RecordKind,
     SignedManifest,
     StageAnnouncement,
+    StrikeIndexEntry,
     StrikeRecord,
     TaintNotice,
     ValidatorAnnouncement,
@@ -101,6 +108,11 @@ def strikes_key(run: str, peer: str) -> str:
     if not isinstance(peer, str) or not 1 <= len(peer) <= 128:
         raise ValueError("peer must be a str of 1 to 128 characters")
     return f"{KEY_PREFIX}.{_run(run)}.strikes.{peer}"
+
+
+def strike_index_key(run: str) -> str:
+    """The run's index of banned peers (``StrikeIndexEntry``): one key, one entry per (validator, peer)."""
+    return f"{KEY_PREFIX}.{_run(run)}.strike_index"
 
 
 def step_bucket(step: int, size: int = DEFAULT_BUCKET_SIZE) -> int:
@@ -179,6 +191,15 @@ def unpack_signed_value(value: bytes) -> tuple[bytes, bytes]:
     if type(payload) is not bytes or type(signature) is not bytes or len(signature) != SIGNATURE_BYTES:
         raise RecordError("signed value must be [payload bytes, 64-byte signature]")
     return payload, signature
+
+
+def strike_index_discriminator(peer: str) -> bytes:
+    """Tells apart one validator's strike-index entries: 32 hex digits of sha256(peer id). A peer id itself may not fit
+    a discriminator ([0-9A-Za-z._:-]{0,64}): it is any string of up to 128 characters that a stage announced."""
+    if not isinstance(peer, str) or not 1 <= len(peer) <= 128:
+        raise RecordError("peer must be a str of 1 to 128 characters")
+    digest = hashlib.sha256(b"sentinel-swarm/strike-index/v1\x00" + peer.encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()[:32].encode()
 
 
 def taint_discriminator(notice: TaintNotice) -> bytes:
@@ -273,7 +294,8 @@ class SentinelRecordValidator(RecordValidatorBase):
     * the record sits under the key (and discriminator) its own fields determine, so it cannot be moved elsewhere;
     * writers: manifest -> anyone (the authority or a relay), but only a manifest of this run signed inside by the
       configured authority; stage announcement -> anyone, self-signed; validator
-      announcement, taint notice and strike record -> an authorized validator of the manifest;
+      announcement, taint notice, strike record and strike-index entry -> an authorized validator of the manifest
+      (an index entry under the run's one index key, its discriminator derived from the peer it names);
     * strike records must not be older (in steps) than the newest seen from the same validator for the same peer.
 
     Records without a marker would belong to other hivemind components (none of a sentinel node uses the DHT) and are
@@ -334,7 +356,7 @@ class SentinelRecordValidator(RecordValidatorBase):
         return cls(run_id, authority=authority, local_seed=identity.seed() if identity is not None else None, **kwargs)
 
     def _compute_protected_keys(self) -> frozenset[bytes]:
-        keys = [manifest_key(self.run_id)]
+        keys = [manifest_key(self.run_id), strike_index_key(self.run_id)]  # the index: only validators write there
         if self.n_stages is not None:
             keys += [stage_key(self.run_id, k) for k in range(self.n_stages)]
             keys += [validator_key(self.run_id, b) for b in range(self.n_stages + 1)]
@@ -461,6 +483,8 @@ class SentinelRecordValidator(RecordValidatorBase):
             return taint_key(self.run_id, bucket), taint_discriminator(item), item.validator
         if isinstance(item, StrikeRecord):
             return strikes_key(self.run_id, item.peer), b"", item.validator
+        if isinstance(item, StrikeIndexEntry):
+            return strike_index_key(self.run_id), strike_index_discriminator(item.peer), item.validator
         raise RecordError(f"{type(item).__name__} records are not stored in the DHT")
 
     def _validate_foreign(self, record: DHTRecord) -> None:
@@ -487,13 +511,19 @@ def fetch_banned(dht: DHT, manifest: Manifest, peers: Iterable[str]) -> set[str]
     """Which of ``peers`` a quorum of the manifest's validators bans now (``banned_peers`` over their strike records
     in the DHT). Blocking: call it from a worker thread in async code."""
     peers = sorted(set(peers))
-    run = manifest.run_id
+    return banned_peers(fetch_strikes_of(dht, manifest.run_id, peers), manifest) & set(peers)
+
+
+def fetch_strikes_of(dht: DHT, run: str, peers: Iterable[str]) -> list[StrikeRecord]:
+    """The strike records of every peer in ``peers`` (``fetch_strikes`` of each, in one lookup). Blocking."""
+    peers = sorted(set(peers))
+    if not peers:
+        return []
     # one lookup of every key inside the DHT's process: one get each, 3000 announced peers (anyone may announce) took
     # 8.4 s, longer than a trainer's refresh period
     keys = [strikes_key(run, p) for p in peers]
     found = _bounded(dht, dht.run_coroutine(partial(_get_many, keys), return_future=True), "get of strikes", {})
-    strikes = [r for p, key in zip(peers, keys) for r in _strikes(found.get(key), run, p)]
-    return banned_peers(strikes, manifest) & set(peers)
+    return [r for p, key in zip(peers, keys) for r in _strikes(found.get(key), run, p)]
 
 
 async def _get_many(keys: list[str], _dht: DHT, node: DHTNode) -> dict:
@@ -663,7 +693,30 @@ def fetch_taints(dht: DHT, run: str, bucket: int, bucket_size: int = DEFAULT_BUC
 
 
 def publish_strike(dht: DHT, identity: Identity, record: StrikeRecord, expiration: float) -> bool:
-    return _publish(dht, identity, record.validator, strikes_key(record.run_id, record.peer), b"", record, expiration)
+    """Publish a strike record; a ban (``record.banned``) also gets its entry in the run's strike index, with the same
+    expiration (``publish_strike_index``), so that readers find the banned peer once it stops announcing. Returns
+    whether the strike record was stored (the index entry is logged if refused: a newer one may already be there)."""
+    key = strikes_key(record.run_id, record.peer)
+    stored = _publish(dht, identity, record.validator, key, b"", record, expiration)
+    if record.banned:
+        entry = StrikeIndexEntry(record.run_id, record.peer, record.validator)
+        if not publish_strike_index(dht, identity, entry, expiration):
+            logger.warning(f"strike index entry for {record.peer[:64]!r} was not stored")
+    return stored
+
+
+def publish_strike_index(dht: DHT, identity: Identity, entry: StrikeIndexEntry, expiration: float) -> bool:
+    """Store ``entry`` under the run's strike index (``publish_strike`` does it for every ban it publishes)."""
+    key, discriminator = strike_index_key(entry.run_id), strike_index_discriminator(entry.peer)
+    return _publish(dht, identity, entry.validator, key, discriminator, entry, expiration)
+
+
+def fetch_strike_index(dht: DHT, run: str) -> list[StrikeIndexEntry]:
+    """Every validator's strike-index entries of the run: the peers they ban (one entry per validator and peer). Only
+    signed entries of authorized validators survive the DHT's record validator; callers still check the writer
+    against their manifest, and read the strike records themselves to decide bans: an entry is a pointer, no vote."""
+    entries = _fetch(dht, strike_index_key(run), StrikeIndexEntry.from_tuple, lambda e: e.validator)
+    return [e for _, e in entries if e.run_id == run]
 
 
 def fetch_strikes(dht: DHT, run: str, peer: str) -> list[StrikeRecord]:

@@ -1,4 +1,5 @@
-"""Typed, strictly validated wire records: the manifest, announcements, taint notices, strikes and verdicts.
+"""Typed, strictly validated wire records: the manifest, announcements, taint notices, strikes (and their index) and
+verdicts.
 
 Every record arrives from peers we do not trust, so each one is checked field by field when it is built, whether by
 application code or by `from_tuple` on bytes from the network. Anything malformed (a wrong type, a bool where an int
@@ -65,6 +66,7 @@ class RecordKind(IntEnum):
     TAINT = 5
     STRIKE = 6
     VERDICT = 7
+    STRIKE_INDEX = 8
 
 
 class Verdict(IntEnum):
@@ -515,6 +517,30 @@ class StrikeRecord(WireRecord):
         )
 
 
+@dataclass(frozen=True)
+class StrikeIndexEntry(WireRecord):
+    """A validator's pointer to a peer it bans: "read my strike record under `strikes.{peer}`".
+
+    Stored under the run's one `sentinel.{run}.strike_index` key (one entry per validator and peer), so that a reader
+    who does not know the peer (it no longer announces a stage: it went offline after its ban) can still find its
+    strike records. It carries no verdict itself: the strike records, and the manifest's quorum over them
+    (`dht_schema.banned_peers`), decide whether the peer is banned.
+    """
+
+    KIND: ClassVar[RecordKind] = RecordKind.STRIKE_INDEX
+
+    run_id: str
+    peer: str
+    validator: bytes
+
+    def _check(self) -> dict[str, Any]:
+        return dict(
+            run_id=_run_id(self.run_id),
+            peer=_str(self.peer, "peer", max_len=MAX_PEER),
+            validator=_key(self.validator, "validator"),
+        )
+
+
 # -------------------------------------------------------------------------------------------------------- verdicts
 @dataclass(frozen=True)
 class SignedVerdict(WireRecord):
@@ -565,6 +591,7 @@ _BY_KIND: dict[int, type[WireRecord]] = {
         ValidatorAnnouncement,
         TaintNotice,
         StrikeRecord,
+        StrikeIndexEntry,
         SignedVerdict,
     )
 }

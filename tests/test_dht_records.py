@@ -2,6 +2,7 @@
 
 import dataclasses
 import pickle
+import time
 
 import hivemind
 import pytest
@@ -16,6 +17,7 @@ from swarm.dht_schema import (
     dht_signing_bytes,
     fetch_manifest,
     fetch_stages,
+    fetch_strike_index,
     fetch_strikes,
     fetch_taints,
     make_subkey,
@@ -24,15 +26,27 @@ from swarm.dht_schema import (
     publish_manifest,
     publish_stage,
     publish_strike,
+    publish_strike_index,
     publish_taint,
     stage_key,
     step_bucket,
+    strike_index_discriminator,
+    strike_index_key,
     strikes_key,
     taint_discriminator,
     taint_key,
 )
 from swarm.identity import Identity
-from swarm.records import Direction, Manifest, StageAnnouncement, StageState, StrikeRecord, TaintNotice
+from swarm.records import (
+    Direction,
+    Manifest,
+    RecordError,
+    StageAnnouncement,
+    StageState,
+    StrikeIndexEntry,
+    StrikeRecord,
+    TaintNotice,
+)
 
 AUTHORITY = Identity.generate()
 V0, V1, V2 = (Identity.generate() for _ in range(3))
@@ -49,6 +63,10 @@ EXP = 2_000_000_000.0  # a fixed expiration for the pure tests
 
 def strike(validator: Identity, step: int = 5, peer: str = "QmBad", banned: bool = True, count: int = 3):
     return StrikeRecord(RUN, peer, count, banned, [DIGEST], step, validator.public_key)
+
+
+def index_entry(validator: Identity, peer: str = "QmBad", run: str = RUN):
+    return StrikeIndexEntry(run, peer, validator.public_key)
 
 
 def taint(validator: Identity, step: int = 33, microbatch: int = 1):
@@ -138,6 +156,58 @@ def test_validator_rejects_forgeries():
     assert validator.validate(genuine)
     for name, record in rejected.items():
         assert not validator.validate(record), name
+
+
+def test_strike_index_entries_are_validated_like_strike_records():
+    """The run's strike index (how status finds banned peers that announce nothing): only an authorized validator's
+    signed entry, under the index key, with the discriminator of the peer it names, is accepted."""
+    key = strike_index_key(RUN)
+    disc = strike_index_discriminator("QmBad")
+    genuine = signed_record(V0, key, index_entry(V0), discriminator=disc)
+    payload = MSGPackSerializer.dumps(index_entry(V0).to_tuple())
+    framed = MSGPackSerializer.dumps(index_entry(V0, peer="QmHonest").to_tuple())
+    rejected = {
+        "unauthorized writer": signed_record(OUTSIDER, key, index_entry(OUTSIDER), discriminator=disc),
+        "unsigned (raw payload)": dataclasses.replace(genuine, value=payload),
+        "payload swapped after signing": dataclasses.replace(
+            genuine, value=pack_signed_value(framed, MSGPackSerializer.loads(genuine.value)[1])
+        ),
+        "V1 marker signed by outsider": dataclasses.replace(
+            signed_record(V1, key, index_entry(V1), discriminator=disc),
+            value=pack_signed_value(
+                payload, OUTSIDER.sign(dht_signing_bytes(genuine.key, genuine.subkey, payload, EXP))
+            ),
+        ),
+        "marker of V1, signed by V0": signed_record(V0, key, index_entry(V1), discriminator=disc, marker_of=V1),
+        "payload names another validator": signed_record(V0, key, index_entry(V1), discriminator=disc),
+        "discriminator of another peer": signed_record(
+            V0, key, index_entry(V0), discriminator=strike_index_discriminator("QmHonest")
+        ),
+        "no discriminator": signed_record(V0, key, index_entry(V0)),
+        "under a strike key": signed_record(V0, strikes_key(RUN, "QmBad"), index_entry(V0)),
+        "under another run's index": signed_record(V0, strike_index_key("other"), index_entry(V0),
+                                                   discriminator=disc),  # fmt: skip
+        "another run": signed_record(V0, key, index_entry(V0, run="other"), discriminator=disc),
+        "expiration extended": dataclasses.replace(genuine, expiration_time=EXP + 1000),
+        "unmarked sentinel payload": dataclasses.replace(genuine, subkey=MSGPackSerializer.dumps(b"x"), value=payload),
+        "unmarked padding": DHTRecord(dht_key_id(key), MSGPackSerializer.dumps(b"pad"),
+                                      MSGPackSerializer.dumps(b"x" * 1000), EXP),  # fmt: skip
+    }
+    for policy in (reader(), SentinelRecordValidator.from_manifest(MANIFEST, allow_foreign=True)):
+        assert policy.validate(genuine)
+        assert MSGPackSerializer.loads(policy.strip_value(genuine)) == index_entry(V0).to_tuple()
+        for name, record in rejected.items():
+            assert not policy.validate(record), name
+    # before the manifest is known there are no authorized validators: nothing is accepted there
+    boot = SentinelRecordValidator.for_bootstrap(RUN, AUTHORITY.public_key)
+    assert not boot.validate(genuine) and not boot.validate(rejected["unmarked padding"])
+    # the discriminator fits a subkey whatever the (untrusted) peer id: up to 128 characters of anything
+    for peer in ("12D3KooW" + "x" * 120, "Qm/..\u00e9 \x00", "Q"):
+        disc = strike_index_discriminator(peer)
+        assert reader().validate(signed_record(V0, key, index_entry(V0, peer=peer), discriminator=disc)), peer
+    assert strike_index_discriminator("QmA") != strike_index_discriminator("QmB")
+    with pytest.raises(RecordError):
+        strike_index_discriminator("")
 
 
 def test_foreign_records_and_bootstrap_upgrade():
@@ -309,6 +379,81 @@ def test_older_strike_record_does_not_replace_newer():
         assert fetch_strikes(honest, RUN, "QmBad") == [newer]
     finally:
         shutdown(attacker, reader_dht, honest)
+
+
+@pytest.mark.forked
+@pytest.mark.timeout(90)
+def test_status_lists_banned_peers_that_announce_no_stage():
+    """`sentinel-node status` used to read strike records only for peers announcing a stage: a peer the quorum banned
+    that then went offline (its announcement expired) vanished from its bans. Bans now go into the run's strike index
+    too, and status reads it; forged index entries are refused by the DHT or, as pointers without a quorum's strike
+    records, ban nobody."""
+    from node.status import collect, format_status
+
+    v0 = v1 = reader_dht = attacker = None
+    try:
+        v0 = start_dht([SentinelRecordValidator.from_manifest(MANIFEST, V0)])
+        v1 = start_dht([SentinelRecordValidator.from_manifest(MANIFEST, V1)], v0.get_visible_maddrs())
+        # status joins as a client knowing the authority only, and upgrades once it has the manifest (node/status.py)
+        reader_dht = start_dht([SentinelRecordValidator.for_bootstrap(RUN, AUTHORITY.public_key)],
+                               v0.get_visible_maddrs(), client_mode=True)  # fmt: skip
+        reader_dht.add_validators([SentinelRecordValidator.from_manifest(MANIFEST)])
+        attacker = start_dht([], v0.get_visible_maddrs(), client_mode=True)  # runs no validator: sends any bytes
+        now = get_dht_time()
+
+        for peer in ("QmOnline", "QmLeaving", "QmGone"):  # banned by the quorum (2 of V0, V1, V2)
+            assert publish_strike(v0, V0, strike(V0, step=5, peer=peer), now + 60)
+            assert publish_strike(v1, V1, strike(V1, step=6, peer=peer), now + 60)
+        assert publish_strike(v0, V0, strike(V0, step=5, peer="QmHalf"), now + 60)  # one vote of two
+        assert publish_strike(v1, V1, strike(V1, peer="QmStruck", banned=False, count=1), now + 60)  # no index entry
+        assert fetch_strike_index(reader_dht, RUN) and {e.peer for e in fetch_strike_index(reader_dht, RUN)} == {
+            "QmOnline", "QmLeaving", "QmGone", "QmHalf"}  # fmt: skip
+
+        # forged index entries naming QmFramed (and strike records for it) from the attacker: all refused
+        key, disc = strike_index_key(RUN), strike_index_discriminator("QmFramed")
+
+        def raw_index(owner: Identity, signer: Identity | None, entry) -> bool:
+            subkey = make_subkey(owner.public_key, disc)
+            payload = MSGPackSerializer.dumps(entry.to_tuple())
+            if signer is None:
+                return attacker.store(key, entry.to_tuple(), now + 60, subkey=subkey, exclude_self=True)
+            sig = signer.sign(dht_signing_bytes(dht_key_id(key), MSGPackSerializer.dumps(subkey), payload, now + 60))
+            return attacker.store(key, [payload, sig], now + 60, subkey=subkey, exclude_self=True)
+
+        assert not raw_index(OUTSIDER, OUTSIDER, index_entry(OUTSIDER, "QmFramed"))  # signed, but no validator's
+        assert not raw_index(V0, OUTSIDER, index_entry(V0, "QmFramed"))  # V0's marker, someone else's signature
+        assert not raw_index(V0, None, index_entry(V0, "QmFramed"))  # V0's marker, unsigned
+        assert not attacker.store(key, index_entry(V0, "QmFramed").to_tuple(), now + 60, subkey=b"QmFramed",
+                                  exclude_self=True)  # unmarked  # fmt: skip
+        assert not attacker.store(key, "QmFramed", now + 60, subkey=b"pad", exclude_self=True)  # foreign padding
+        # a genuine validator's pointer is no vote: QmPointer has no strike records
+        assert publish_strike_index(v0, V0, index_entry(V0, "QmPointer"), now + 60)
+
+        # QmOnline announces stage 2, QmLeaving stage 1 for 6 s only, QmGone never (any key may announce a stage: the
+        # DHTs at hand sign with V0's and V1's)
+        online = StageAnnouncement(RUN, 1, "QmOnline", StageState.ONLINE, (2, 4), 1.0, V0.public_key)
+        leaving = StageAnnouncement(RUN, 0, "QmLeaving", StageState.ONLINE, (0, 2), 1.0, V1.public_key)
+        assert publish_stage(v0, V0, online, now + 60)
+        leave_at = get_dht_time() + 6
+        assert publish_stage(v1, V1, leaving, leave_at)
+        state = collect(reader_dht, MANIFEST)
+        assert state["banned"] == ["QmGone", "QmLeaving", "QmOnline"], state
+        assert state["bans"] == [{"peer": "QmGone", "online": False}, {"peer": "QmLeaving", "online": True},
+                                 {"peer": "QmOnline", "online": True}]  # fmt: skip
+        time.sleep(max(0.0, leave_at + 1 - get_dht_time()))  # QmLeaving's announcement expires
+
+        state = collect(reader_dht, MANIFEST)
+        assert [a["peer"] for anns in state["stages"].values() for a in anns] == ["QmOnline"], state["stages"]
+        assert state["banned"] == ["QmGone", "QmLeaving", "QmOnline"], state
+        assert state["bans"] == [{"peer": "QmGone", "online": False}, {"peer": "QmLeaving", "online": False},
+                                 {"peer": "QmOnline", "online": True}]  # fmt: skip
+        struck = {(r["peer"], r["online"]) for r in state["strikes"]}
+        assert struck == {("QmGone", False), ("QmLeaving", False), ("QmOnline", True), ("QmHalf", False)}, struck
+        text = format_status(state)
+        assert "QmGone (offline)" in text and "QmLeaving (offline)" in text and "QmOnline (offline)" not in text
+        assert "QmFramed" not in text and "QmPointer" not in text and "QmStruck" not in text
+    finally:
+        shutdown(attacker, reader_dht, v1, v0)
 
 
 def _raise_eof():

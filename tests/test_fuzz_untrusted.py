@@ -13,7 +13,15 @@ import torch
 from hivemind.dht.validation import DHTRecord
 from hivemind.utils import MSGPackSerializer
 
-from swarm.dht_schema import SentinelRecordValidator, dht_key_id, make_subkey, stage_key, strikes_key
+from swarm.dht_schema import (
+    SentinelRecordValidator,
+    dht_key_id,
+    make_subkey,
+    stage_key,
+    strike_index_discriminator,
+    strike_index_key,
+    strikes_key,
+)
 from swarm.identity import Identity
 from swarm.protocol import BadRequest, TensorSpec, decode_hidden, encode_tensor, meta_bool, meta_int, unpack_meta
 from swarm.records import (
@@ -23,6 +31,7 @@ from swarm.records import (
     RecordError,
     StageAnnouncement,
     StageState,
+    StrikeIndexEntry,
     StrikeRecord,
     TaintNotice,
     ValidatorAnnouncement,
@@ -56,6 +65,7 @@ def records() -> list:
         ValidatorAnnouncement(RUN, 1, "QmValidator", 10.0, v),
         TaintNotice(RUN, 7, 3, 1, Direction.BACKWARD, "QmPeer", DIGEST, {"l1": 1.5}, "fence", v),
         StrikeRecord(RUN, "QmPeer", 2, False, [DIGEST], 7, v),
+        StrikeIndexEntry(RUN, "QmPeer", v),
         verdict,
     ]
 
@@ -141,8 +151,8 @@ def test_mutated_verdicts_are_rejected_with_a_typed_error(seed):
         assert bad[2:] == list(verdict.to_tuple())[2:], bad
 
 
-def signed(writer: Identity, key: str, item) -> DHTRecord:
-    record = DHTRecord(dht_key_id(key), MSGPackSerializer.dumps(make_subkey(writer.public_key, b"")),
+def signed(writer: Identity, key: str, item, discriminator: bytes = b"") -> DHTRecord:
+    record = DHTRecord(dht_key_id(key), MSGPackSerializer.dumps(make_subkey(writer.public_key, discriminator)),
                        MSGPackSerializer.dumps(item.to_tuple()), 2_000_000_000.0)  # fmt: skip
     policy = SentinelRecordValidator.from_manifest(MANIFEST, writer)
     return dataclasses.replace(record, value=policy.sign_value(record))
@@ -158,6 +168,8 @@ def test_corrupted_signed_dht_values_raise_only_record_error(seed):
                                                                    VALIDATOR.public_key)),
         signed(TRAINER, stage_key(RUN, 1), StageAnnouncement(RUN, 1, "QmPeer", StageState.ONLINE, (2, 4), 1.0,
                                                                TRAINER.public_key)),
+        signed(VALIDATOR, strike_index_key(RUN), StrikeIndexEntry(RUN, "QmBad", VALIDATOR.public_key),
+               strike_index_discriminator("QmBad")),
     ]  # fmt: skip
     for record in genuine:
         policy = SentinelRecordValidator.from_manifest(MANIFEST)

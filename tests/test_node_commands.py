@@ -223,6 +223,31 @@ def test_status_text_view_marks_banned_replicas():
     assert "published by 1 relay(s) (the authority is not publishing it)" in text
     state["manifest"]["copies"].append({"publisher": "aa" * 8, "authority": True, "digest": "bb" * 32})
     assert "published by the authority and 1 relay(s)\n" in format_status(state)
+    assert "(offline)" not in text
+
+
+def test_status_text_view_marks_banned_peers_that_went_offline():
+    """A banned peer that announces no stage any more (found through the strike index) is listed as offline, and so
+    is one whose last announcement says OFFLINE."""
+    from node.status import format_status
+
+    state = {
+        "manifest": {"run_id": "r", "preset": "tiny", "n_stages": 1, "layer_spans": [[0, 4]], "validators": 1,
+                     "trainers": 1, "ban_quorum": 1, "authority": "aa" * 32, "digest": "bb" * 32, "copies": []},
+        "stages": {"1": [{"peer": "PeerBad", "state": "ONLINE", "throughput": 2.0, "span": [0, 4]},
+                         {"peer": "PeerStopping", "state": "OFFLINE", "throughput": 0.0, "span": [0, 4]}]},
+        "validators": {"0": [], "1": []},
+        "strikes": [{"peer": p, "validator": "cc" * 8, "count": 3, "banned": True, "step": 7, "online": p == "PeerBad"}
+                    for p in ("PeerBad", "PeerGone", "PeerStopping")],
+        "banned": ["PeerBad", "PeerGone", "PeerStopping"],
+        "bans": [{"peer": "PeerBad", "online": True}, {"peer": "PeerGone", "online": False},
+                 {"peer": "PeerStopping", "online": False}],
+    }  # fmt: skip
+    text = format_status(state)
+    assert "banned by quorum (1): ['PeerBad', 'PeerGone', 'PeerStopping']\n" in text
+    assert "\n  PeerGone (offline)" in text and "\n  PeerStopping (offline)" in text
+    assert "PeerBad (offline)" not in text
+    assert "\n  PeerGone (offline) by cccccccccccccccc: 3 strike(s)" in text
 
 
 def test_at_path_arguments_read_pub_files_and_ready_files(tmp_path, capsys):

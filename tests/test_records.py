@@ -23,6 +23,7 @@ from swarm.records import (
     SignedVerdict,
     StageAnnouncement,
     StageState,
+    StrikeIndexEntry,
     StrikeRecord,
     TaintedInput,
     TaintNotice,
@@ -72,6 +73,7 @@ def make_records():
         ValidatorAnnouncement(RUN, 1, "QmValidator", 10.0, v),
         TaintNotice(RUN, 7, 3, 1, Direction.BACKWARD, "QmPeer", DIGEST, {"l1": 1.5, "swd": 0.25}, "fence", v),
         StrikeRecord(RUN, "QmPeer", 2, False, [DIGEST, bytes(32)], 7, v),
+        StrikeIndexEntry(RUN, "QmPeer", v),
         sign_verdict(
             VALIDATORS[0],
             run_id=RUN,

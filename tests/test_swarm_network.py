@@ -14,7 +14,14 @@ from hivemind.proto import runtime_pb2
 from sentinel.attacks import MaliciousBehaviour, make_attack
 from sentinel.config import SentinelConfig
 from swarm.data import BatchSampler, Corpus
-from swarm.dht_schema import SentinelRecordValidator, banned_peers, fetch_strikes, fetch_taints, step_bucket
+from swarm.dht_schema import (
+    SentinelRecordValidator,
+    banned_peers,
+    fetch_strike_index,
+    fetch_strikes,
+    fetch_taints,
+    step_bucket,
+)
 from swarm.identity import Identity
 from swarm.model import build_pipeline
 from swarm.protocol import BadRequest, call, encode_tensors, pack_meta
@@ -292,9 +299,14 @@ def test_a_validator_keeps_its_bans_in_the_dht_past_the_strike_records_lifetime(
             banned, records = await asyncio.to_thread(read)
             assert banned == {"QmBad"} and {r.peer for r in records} == {"QmBad"}, records  # the other one expired
             assert all(r.step >= 4 and r.banned for r in records)
+            # the ban's entry in the run's strike index (how status finds it once QmBad stops announcing) is
+            # republished with it; the peer that was struck but not banned has none
+            index = await asyncio.to_thread(fetch_strike_index, reader_dht, RUN)
+            assert [(e.peer, e.validator) for e in index] == [("QmBad", VALIDATOR.public_key)], index
             await service.shutdown()
             await asyncio.sleep(4)  # nobody republishes now: the ban expires from the DHT
             assert await asyncio.to_thread(read) == (set(), [])
+            assert await asyncio.to_thread(fetch_strike_index, reader_dht, RUN) == []  # and so does its index entry
 
             again = ValidatorService(config, MANIFEST, VALIDATOR, SentinelConfig(ban_level=1))
             assert again.validator.ledger.is_banned("QmBad") and again._published_step["QmBad"] >= 4
