@@ -364,10 +364,11 @@ def test_replicas_that_never_answered_get_a_bounded_share_and_their_own_retry_bu
     """Anyone may announce a replica. 50 announcements of peers that never answer used to draw 50 of every 52
     micro-batches and use up a call's 3 attempts (NoRoute, the trainer stopped). Replicas that have answered this
     trainer now carry the traffic, the others share ``explore`` (10%) of it, and their failures count against
-    ``max_unproven_tries`` (8), not ``max_retries``."""
+    ``max_unproven_tries`` (8), not ``max_retries``. (``fast_failure`` 0: every failure here counts as a slow one;
+    the next test has the fast ones.)"""
     trainer_id = Identity.generate()
     manifest = local_manifest(RUN, "tiny", 1, Identity.generate(), trainer_id, Identity.generate())
-    trainer = Trainer(TrainerConfig(seed=SEED, routing="random"), manifest, trainer_id, CORPUS)
+    trainer = Trainer(TrainerConfig(seed=SEED, routing="random", fast_failure=0.0), manifest, trainer_id, CORPUS)
     peers = ["good0", "good1", *[f"fake{i}" for i in range(50)]]
     trainer.stages = {1: [StageAnnouncement(RUN, 0, p, StageState.ONLINE, (0, 1), 1.0, bytes(32)) for p in peers]}
     picks = [trainer._pick_stage(1, set()) for _ in range(1000)]
@@ -397,6 +398,37 @@ def test_replicas_that_never_answered_get_a_bounded_share_and_their_own_retry_bu
         asyncio.run(trainer._with_retries(lambda exclude: next(proven_then_down), down))
     with pytest.raises(ValueError, match="max_unproven_tries"):  # 0 would end every call before its first attempt
         Trainer(TrainerConfig(seed=SEED, max_unproven_tries=0), manifest, trainer_id, CORPUS)
+
+
+def test_peers_that_fail_to_dial_at_once_do_not_use_up_the_unproven_tries():
+    """A peer id that nobody serves fails to dial at once, and announcing one is free: 1000 such announcements left a
+    cold-started trainer without a route for its whole --swarm-timeout (120 s; a review's script). Failures within
+    ``fast_failure`` seconds count apart, up to ``max_fast_failures`` a call; slow ones (a peer that accepts the call
+    and never answers) still count against ``max_unproven_tries``."""
+    trainer_id = Identity.generate()
+    manifest = local_manifest(RUN, "tiny", 1, Identity.generate(), trainer_id, Identity.generate())
+    trainer = Trainer(TrainerConfig(seed=SEED, max_fast_failures=300), manifest, trainer_id, CORPUS)
+    order = iter([*[f"fake{i}" for i in range(290)], "good"])
+
+    async def attempt(peer):
+        if peer.startswith("fake"):
+            raise TransportError("P2PDaemonError: failed to find any peer in table")
+        if peer.startswith("slow"):
+            await asyncio.sleep(0.05)
+            raise TransportError("timed out")
+        return "ok"
+
+    assert asyncio.run(trainer._with_retries(lambda exclude: next(order), attempt)) == ("good", "ok")
+    assert trainer.metrics.retries == 290 and "good" in trainer.proven
+    endless = (f"fake{i}" for i in range(1000))
+    with pytest.raises(NoRoute, match="300 failure"):  # bounded all the same
+        asyncio.run(trainer._with_retries(lambda exclude: next(endless), attempt))
+    slow = Trainer(TrainerConfig(seed=SEED, fast_failure=0.01), manifest, trainer_id, CORPUS)
+    mixed = iter([*[f"slow{i}" for i in range(7)], *[f"fake{i}" for i in range(100)], "slow7", "good"])
+    with pytest.raises(NoRoute, match="108 failure"):  # 8 slow ones end it, whatever the fast ones between
+        asyncio.run(slow._with_retries(lambda exclude: next(mixed), attempt))
+    with pytest.raises(ValueError, match="fast_failure"):
+        Trainer(TrainerConfig(seed=SEED, fast_failure=-1.0), manifest, trainer_id, CORPUS)
 
 
 def test_a_stage_reply_of_the_wrong_shape_is_retried_elsewhere_and_its_sender_shunned(monkeypatch):
