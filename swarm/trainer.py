@@ -22,11 +22,11 @@ step's micro-batches are shared among a stage's replicas in proportion to those 
 (``swarm.routing.balanced_plan``); retries, and a planned replica banned or failed since, fall back to the weighted
 random choice. Transport failures are retried on another replica, at most ``max_retries`` times per call for replicas
 that have answered before and ``max_unproven_tries`` for others (plus up to ``max_fast_failures`` that fail within
-``fast_failure`` seconds: peer ids nobody serves, which announcing costs nothing); a bad request or a rejected input is never retried. A
-peer that failed a call is avoided for ``failure_ban`` seconds (doubling with each consecutive failure, up to
-``failure_ban_max``; cleared by a success), like Petals' ``Blacklist``: a replica that died without announcing OFFLINE
-stays in the DHT until its record expires, and without this every micro-batch would pay one failed call for it. Avoided
-peers are still used when nothing else is left (they may be back).
+``fast_failure`` seconds: peer ids nobody serves, which announcing costs nothing); a bad request or a rejected input
+is never retried. A peer that failed a call is avoided for ``failure_ban`` seconds (doubling with each consecutive
+failure, up to ``failure_ban_max``; cleared by a success), like Petals' ``Blacklist``: a replica that died without
+announcing OFFLINE stays in the DHT until its record expires, and without this every micro-batch would pay one failed
+call for it. Avoided peers are still used when nothing else is left (they may be back).
 
 
 A replica that dies between the forward and the backward of a micro-batch loses nothing: backward is stateless (the
