@@ -72,6 +72,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="a gradient's tokens count in its summary with norms capped at this multiple of its median "
                         "token norm (honest gradients are heavy-tailed per token; 0: off)")
     g.add_argument("--fence-k", type=float, default=s.fence_k)
+    g.add_argument("--median-baseline", type=int, default=s.median_baseline, metavar="N",
+                   help="with N (>= 3) senders at a monitor, the baseline is the median of per-sender EMAs (against "
+                        "the fence ratchet; 0: one EMA of all traffic, the paper's)")
+    g.add_argument("--fence-upper-spread", type=float, default=s.fence_upper_spread, metavar="X",
+                   help="cap each fence's Q3 at the median + X x (median - Q1) (against the fence ratchet; 0: off)")
     g.add_argument("--window", type=int, default=s.window)
     g.add_argument("--ban-level", type=int, default=s.ban_level)
     g.add_argument("--forgive-after", type=int, default=s.forgive_after)
@@ -142,6 +147,8 @@ def config_from_args(args: argparse.Namespace) -> MeshConfig:
         solo_excess_forward=args.solo_excess_forward,
         solo_excess_backward=args.solo_excess_backward,
         token_clip_backward=args.token_clip_backward,
+        median_baseline=args.median_baseline,
+        fence_upper_spread=args.fence_upper_spread,
         fence_k=args.fence_k,
         window=args.window,
         min_window=min(SentinelConfig.min_window, args.window),

@@ -50,6 +50,13 @@ class SentinelConfig:
     window: int = 128  # accepted distances kept per (boundary, direction, metric) for the fence
     min_window: int = 16  # accepted observations needed before a monitor may flag (a late joiner warms itself)
     min_iqr_fraction: float = 0.1  # IQR floor, as a fraction of the window's median (a flat window is no licence)
+    fence_upper_spread: float = 0.0  # Q3 is capped at median + this x (median - Q1): senders that fill the top of
+    # a window with distances just under the fence cannot lift Q3 (and the fence) past what the window's lower half
+    # supports. 0: off (plain Tukey). Against the fence ratchet, with median_baseline (README, "Fence ratchet")
+    median_baseline: int = 0  # with at least this many senders holding a baseline at a monitor (each updated within
+    # its last `window` accepted tensors), the baseline is the coordinate-wise median of per-sender EMAs, which a
+    # minority of senders cannot move; with fewer, one EMA of all accepted traffic (the paper's). 0: always the
+    # paper's. Needs 3 or more (README, "Fence ratchet")
     # absolute fence floors, in each metric's own scale-free unit: e.g. a 5% change of the output/input norm ratio
     # (gain) or a 0.1 change of the mean token cosine is never worth a strike, however quiet the window was
     floor_l1: float = 0.0
@@ -213,6 +220,10 @@ class SentinelConfig:
             raise ConfigError("fit_ridge must be positive and fit_fence_scale >= 1")
         if self.min_iqr_fraction < 0:
             raise ConfigError("min_iqr_fraction must be >= 0")
+        if not self.fence_upper_spread >= 0:
+            raise ConfigError(f"fence_upper_spread must be >= 0 (0: off), got {self.fence_upper_spread}")
+        if self.median_baseline != 0 and self.median_baseline < 3:
+            raise ConfigError(f"median_baseline must be 0 (off) or >= 3, got {self.median_baseline}")
 
     def beta(self, direction: str) -> float:
         if direction == "forward":

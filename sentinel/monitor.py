@@ -48,14 +48,16 @@ def _percentile(ordered: list[float], q: float) -> float:
 class TukeyFence:
     """Upper Tukey fence over a sliding window of accepted distances.
 
-    ``fence = max(Q3 + k * max(IQR, min_iqr_fraction * median), floor)``. The IQR floor matters for distances that
+    ``fence = max(Q3 + k * max(IQR, min_iqr_fraction * median), floor)``, Q3 optionally capped at ``median +
+    upper_spread * (median - Q1)`` (``SentinelConfig.fence_upper_spread``). The IQR floor matters for distances that
     are almost constant on honest traffic: without it a window of near-identical values yields a fence so tight that
     ordinary numerical noise crosses it. The absolute ``floor`` is a tolerance in the metric's own scale-free unit
     (all our distances are relative), below which no deviation is worth a strike.
     """
 
-    def __init__(self, window: int, k: float, min_iqr_fraction: float, floor: float = 0.0):
+    def __init__(self, window: int, k: float, min_iqr_fraction: float, floor: float = 0.0, upper_spread: float = 0.0):
         self.values: deque[float] = deque(maxlen=window)
+        self.upper_spread = upper_spread  # Q3 <= median + upper_spread * (median - Q1) when set (see fence())
         self._sorted: list[float] = []  # the window's values in order, kept in step with `values`
         self.k = k
         self.min_iqr_fraction = min_iqr_fraction
@@ -105,6 +107,11 @@ class TukeyFence:
         if self._cached is None:
             self._stale = 0
             q1, median, q3 = (_percentile(self._sorted, q) for q in (0.25, 0.5, 0.75))
+            if self.upper_spread:
+                # the lower half, which distances placed at the top of the window cannot reach while they are under
+                # half of it, bounds the upper quartile (floored like the IQR, so a flat lower half is no licence)
+                lower = max(median - q1, 0.5 * self.min_iqr_fraction * abs(median))
+                q3 = min(q3, median + self.upper_spread * lower)
             iqr = max(q3 - q1, self.min_iqr_fraction * abs(median), 1e-9)
             self._cached = max(float(q3 + self.k * iqr), self.floor)
         return self._cached
@@ -142,8 +149,13 @@ class BoundaryMonitor:
         self.token_clip = config.token_clip(direction)
         self.metrics = config.metrics_for(direction)  # the distances measured and fenced here
         self.baseline: Summary | None = None  # its ``residual`` (EMA of mean(x - reference)) shapes replacements
+        # median_baseline: one EMA of all accepted traffic (the baseline while fewer senders hold their own), and one
+        # per sender with the count of accepted tensors at the monitor when it was last updated
+        self.pooled: Summary | None = None
+        self.senders: dict[str, tuple[Summary, int]] = {}
         self.fences = {
-            m: TukeyFence(config.window, config.fence_k, config.min_iqr_fraction, config.fence_floor(m))
+            m: TukeyFence(config.window, config.fence_k, config.min_iqr_fraction, config.fence_floor(m),
+                          config.fence_upper_spread)  # fmt: skip
             for m in self.metrics
         }
         self.n_accepted = 0
@@ -179,7 +191,13 @@ class BoundaryMonitor:
         return self._projections
 
     def observe(
-        self, x: torch.Tensor, reference: torch.Tensor | None = None, *, detect: bool = True, learn: bool = True
+        self,
+        x: torch.Tensor,
+        reference: torch.Tensor | None = None,
+        *,
+        detect: bool = True,
+        learn: bool = True,
+        sender: str | None = None,
     ) -> Observation:
         """Check ``x`` and, if it is accepted and ``learn`` is set, fold it into the baseline.
 
@@ -188,6 +206,7 @@ class BoundaryMonitor:
         With a token clip for this direction (``SentinelConfig.token_clip``), the summary and the predictor see ``x``
         and ``reference`` through ``clip_tokens``; ``x`` itself is not changed. With a reference, ``input_excess``
         measures the reference against the references seen before (``_input_excess``), whatever ``x`` does.
+        ``sender`` names who sent ``x``: with ``median_baseline`` its accepted tensors update its own EMA.
         """
         if not x.is_floating_point():
             raise InvalidTensor(f"expected a floating-point tensor, got {x.dtype}")
@@ -208,7 +227,7 @@ class BoundaryMonitor:
             return Observation(True, "non-finite")
         if self.baseline is None:
             if learn:
-                self._accept(summary, None, x, reference)
+                self._accept(summary, None, x, reference, sender)
             return Observation(False, "", summary=summary)
         if self.baseline.mean.shape != summary.mean.shape:
             return Observation(True, "shape")
@@ -220,7 +239,7 @@ class BoundaryMonitor:
             flagged, reason = self.decide(scores, fences)
         input_excess = self._input_excess(summary, learn, scale)
         if not flagged and learn:
-            self._accept(summary, {m: v / scale for m, v in scores.items()}, x, reference)
+            self._accept(summary, {m: v / scale for m, v in scores.items()}, x, reference, sender)
         return Observation(flagged, reason, scores, fences, summary, input_excess)
 
     def _gradient_scale(
@@ -317,7 +336,12 @@ class BoundaryMonitor:
         return value
 
     def _accept(
-        self, summary: Summary, scores: dict[str, float] | None, x: torch.Tensor, reference: torch.Tensor | None
+        self,
+        summary: Summary,
+        scores: dict[str, float] | None,
+        x: torch.Tensor,
+        reference: torch.Tensor | None,
+        sender: str | None = None,
     ) -> None:
         if self.predictor is not None and reference is not None:
             solves = self.predictor.solves
@@ -325,25 +349,73 @@ class BoundaryMonitor:
             if self.predictor.solves != solves and self.baseline is not None and self.predictor.expected is not None:
                 # a new M changes what every later tensor's fit measures: the baseline restarts from what the new
                 # M leaves of the traffic it was fitted on (an EMA of fits under older Ms would flag the change)
-                self.baseline.fit = self.predictor.expected
+                for base in self._baselines():
+                    base.fit = self.predictor.expected
                 summary.fit = None  # measured under the old M: not folded in below
         if scores is not None:
             for m, value in scores.items():
                 self.fences[m].add(value)
         if summary.tokens is not None and (self.tokens is None or summary.tokens > self.tokens):
             self.tokens = summary.tokens
-        if self.baseline is None:
-            self.baseline = summary.clone()
-        else:
-            self.baseline.lerp_(summary, 1.0 - self.beta)
         self.n_accepted += 1
+        if not self.config.median_baseline:
+            if self.baseline is None:
+                self.baseline = summary.clone()
+            else:
+                self.baseline.lerp_(summary, 1.0 - self.beta)
+            return
+        if self.pooled is None:
+            self.pooled = summary.clone()
+        else:
+            self.pooled.lerp_(summary, 1.0 - self.beta)
+        if sender is not None:
+            own = self.senders.get(sender)
+            if own is None:  # a newcomer starts from the pooled EMA, as one EMA of all traffic would have
+                own = (self.pooled.clone(), 0)
+            else:
+                # weighted as if the EMA had decayed once for every tensor accepted here since its sender's last:
+                # each sender's EMA keeps the pooled one's time constant, and does not lag a drifting stage more
+                # than it because its sender has a third of the traffic
+                own[0].lerp_(summary, 1.0 - self.beta ** (self.n_accepted - own[1]))
+            self.senders[sender] = (own[0], self.n_accepted)
+        self.baseline = self._combined()
+
+    def _baselines(self) -> list[Summary]:
+        """Every EMA the monitor keeps: the baseline, and with ``median_baseline`` the pooled and per-sender ones."""
+        found = [b for b in (self.baseline, self.pooled) if b is not None]
+        return found + [b for b, _ in self.senders.values()]
+
+    def _combined(self) -> Summary | None:
+        """``median_baseline``: the coordinate-wise median of the per-sender EMAs updated within the last ``window``
+        accepted tensors, when at least ``median_baseline`` of them are; else the pooled EMA. Senders not updated
+        for ``4 x window`` accepted tensors are dropped (gone, banned or always flagged).
+
+        Why: every accepted tensor moves an EMA of all traffic, and an attacker that stays under the fences moves it
+        towards itself; honest tensors then sit further from the baseline, their distances widen the fences, and the
+        attacker moves further (README, "Fence ratchet"). A median over senders is moved by none of a minority."""
+        recent = self.n_accepted - self.config.window
+        for sender in [w for w, (_, seen) in self.senders.items() if seen <= self.n_accepted - 4 * self.config.window]:
+            del self.senders[sender]
+        live = [b for b, seen in self.senders.values() if seen > recent]
+        if len(live) < self.config.median_baseline:
+            return None if self.pooled is None else self.pooled.clone()
+        return _median_summary(live)
+
+    def forget(self, sender: str) -> None:
+        """Drop ``sender``'s own EMA (``median_baseline``; a banned sender is no longer part of the median)."""
+        if self.senders.pop(sender, None) is not None:
+            self.baseline = self._combined()
 
     def reanchor(self, summary: Summary) -> None:
         """Move the baseline to ``summary`` after honest drift; the fences (honest variability) are kept.
 
         Called by the validator's drift guard when a majority of a stage's senders stopped matching the baseline.
+        With ``median_baseline`` every EMA moves there.
         """
         self.baseline = summary.clone()
+        if self.config.median_baseline:
+            self.pooled = summary.clone()
+            self.senders = {w: (summary.clone(), seen) for w, (_, seen) in self.senders.items()}
 
     def replacement(self, like: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
         """A harmless stand-in for a tainted tensor, derived from the baseline: the stage is bypassed.
@@ -374,6 +446,8 @@ class BoundaryMonitor:
             "fence_cache": {m: {"cached": f._cached, "stale": f._stale} for m, f in self.fences.items()},
             "n_accepted": self.n_accepted,
             "tokens": self.tokens,
+            "pooled": None if self.pooled is None else self.pooled.state_dict(),
+            "senders": {w: {"baseline": b.state_dict(), "seen": seen} for w, (b, seen) in self.senders.items()},
             "gradient_tokens": self.gradient_tokens,
             "predictor": None if self.predictor is None else self.predictor.state_dict(),
             "input_baseline": None if self.input_baseline is None else {
@@ -399,6 +473,13 @@ class BoundaryMonitor:
         self.n_accepted = int(d["n_accepted"])
         tokens = d.get("tokens")  # absent from older states: learnt again from the next accepted tensor
         self.tokens = None if tokens is None else int(tokens)
+        pooled = d.get("pooled")  # absent from older states: the pooled EMA starts from the baseline
+        if pooled is not None:
+            self.pooled = Summary.from_state_dict(pooled)
+        else:
+            self.pooled = None if self.baseline is None or not self.config.median_baseline else self.baseline.clone()
+        self.senders = {str(w): (Summary.from_state_dict(e["baseline"]), int(e["seen"]))
+                        for w, e in d.get("senders", {}).items()}  # fmt: skip
         tokens = d.get("gradient_tokens")
         self.gradient_tokens = None if tokens is None else int(tokens)
         if self.predictor is not None and d.get("predictor") is not None:
@@ -417,3 +498,19 @@ class BoundaryMonitor:
             f"BoundaryMonitor(boundary={self.boundary}, direction={self.direction}, beta={self.beta}, "
             f"accepted={self.n_accepted}, ready={self.ready})"
         )
+
+
+def _median_summary(summaries: list[Summary]) -> Summary:
+    """The coordinate-wise median of ``summaries`` (each array and scalar statistic, over those that have it)."""
+
+    def scalar(name: str) -> float | None:
+        values = [getattr(s, name) for s in summaries if getattr(s, name) is not None]
+        return float(np.median(values)) if values else None
+
+    def array(name: str) -> np.ndarray:
+        return np.median(np.stack([getattr(s, name) for s in summaries]), axis=0).astype(np.float32)
+
+    residuals = [s.residual for s in summaries if s.residual is not None]
+    residual = np.median(np.stack(residuals), axis=0).astype(np.float32) if residuals else None
+    return Summary(array("mean"), array("std"), array("quantiles"), scalar("cosine"), scalar("gain"), residual,
+                   scalar("fit"))  # fmt: skip

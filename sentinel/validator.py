@@ -129,7 +129,7 @@ class Validator:
         if tainted and not warmup:
             counts[2] += 1
             learn = self._starved((boundary, direction), step)
-        obs: Observation = mon.observe(tensor, reference, detect=not warmup, learn=learn)
+        obs: Observation = mon.observe(tensor, reference, detect=not warmup, learn=learn, sender=sender)
         blamed = False
         if not tainted and not warmup:
             counts[0] += 1
@@ -174,6 +174,8 @@ class Validator:
             struck[sender] = struck.get(sender, 0) + 1
             if self.ledger.record(sender, True, step):
                 banned.append(sender)
+                for monitor in self.monitors.values():
+                    monitor.forget(sender)
 
         for key in list(self.window_counts):
             counts = {s: c for s, c in self.window_counts[key].items() if s > step - self.config.drift_steps}

@@ -355,3 +355,83 @@ def test_gradients_of_fewer_tokens_are_summarised_at_the_first_gradients_scale()
     clone.load_state_dict(mon.state_dict())
     assert (clone.tokens, clone.gradient_tokens) == (mon.tokens, mon.gradient_tokens)
     assert clone.observe(out, ref).scores == pytest.approx(mon.observe(out, ref).scores)
+
+
+def test_upper_spread_caps_q3_by_the_lower_half():
+    plain = TukeyFence(window=8, k=1.0, min_iqr_fraction=0.0)
+    capped = TukeyFence(window=8, k=1.0, min_iqr_fraction=0.0, upper_spread=2.0)
+    for v in [1, 2, 3, 4, 20, 20, 20, 20]:  # a top half filled by one sender: Q3 = 20
+        plain.add(v)
+        capped.add(v)
+    # numpy: q1 = 2.75, median = 12, q3 = 20; capped q3 = 12 + 2 * (12 - 2.75) = 30.5 -> not binding here
+    assert capped.fence() == plain.fence() == pytest.approx(20 + (20 - 2.75))
+    for v in [1, 2, 3, 4, 5, 20, 20, 20]:  # the top quarter and a bit: q1 = 2.75, median = 4.5, q3 = 20
+        plain.add(v)
+        capped.add(v)
+    assert plain.fence() == pytest.approx(20 + (20 - 2.75))
+    assert capped.fence() == pytest.approx(4.5 + 2 * 1.75 + (4.5 + 2 * 1.75 - 2.75))  # q3 capped at 8
+    with pytest.raises(ConfigError):
+        SentinelConfig(fence_upper_spread=-1)
+    with pytest.raises(ConfigError):
+        SentinelConfig(median_baseline=2)
+
+
+def ratchet(config: SentinelConfig, steps: int = 40) -> tuple[float, float]:
+    """Three senders at one forward monitor; from step 10 the third sets its tensors' mean to the baseline's plus a
+    bias along a fixed +-1 pattern, sized (reading the monitor: an upper bound on what an attacker knows) at 0.8 x
+    the l1 fence. Returns the l1 fence at the end over the fence at step 9, and the baseline's mean along the pattern.
+    """
+    from sentinel.validator import Validator
+
+    g = torch.Generator().manual_seed(0)
+    dim = 32
+    weights = torch.randn(dim, dim, generator=g) / dim**0.5
+    pattern = (torch.randint(0, 2, (dim,), generator=g) * 2 - 1).float()
+    validator = Validator(config)
+    mon = validator.monitor(1, "forward")
+    start = None
+    for step in range(steps):
+        for mb in range(6):
+            sender = f"s{mb % 3}"
+            ref = torch.randn(4, 16, dim, generator=g) + 0.5
+            x = ref + 0.3 * ref @ weights + 0.05 * torch.randn(4, 16, dim, generator=g)
+            if sender == "s2" and step >= 10:
+                shift = 0.8 * mon.fence("l1") * float(mon.baseline.std.sum()) / dim
+                x = x - x.mean(dim=(0, 1)) + torch.from_numpy(mon.baseline.mean) + shift * pattern
+            validator.check(x, boundary=1, direction="forward", sender=sender, step=step, reference=ref,
+                            warmup=step < 6)  # fmt: skip
+        validator.end_step(step)
+        if step == 9:
+            start = mon.fence("l1")
+    return mon.fence("l1") / start, float(mon.baseline.mean @ pattern.numpy()) / dim
+
+
+def test_a_median_baseline_and_capped_fences_stop_the_fence_ratchet():
+    """An attacker under the fences drags one EMA of all traffic towards itself, the honest tensors' distances and
+    with them the fences grow, and it moves further (README, "Fence ratchet"): the l1 fence grew 4.5x in 30 steps.
+    With per-sender EMAs and their median as the baseline, and Q3 capped at the median plus 4x the window's lower
+    spread, it grew 2.9x in 30 steps and no further (2.6x after 70)."""
+    grown, _ = ratchet(SentinelConfig())
+    assert grown > 4.0
+    robust = SentinelConfig(median_baseline=3, fence_upper_spread=4.0)
+    for steps in (40, 80):
+        grown, along = ratchet(robust, steps)
+        assert grown < 3.2 and abs(along) < 0.2
+
+
+def test_median_baseline_state_and_forgetting():
+    config = SentinelConfig(median_baseline=3)
+    mon = BoundaryMonitor(config, "forward", boundary=1)
+    for i, (out, ref) in enumerate(stream(0, 30)):
+        mon.observe(out, ref, detect=False, sender=f"s{i % 3}")
+    assert set(mon.senders) == {"s0", "s1", "s2"} and mon.pooled is not None
+    clone = BoundaryMonitor(config, "forward", boundary=1)
+    clone.load_state_dict(mon.state_dict())
+    assert set(clone.senders) == set(mon.senders)
+    np.testing.assert_allclose(clone.baseline.mean, mon.baseline.mean)
+    for i, (out, ref) in enumerate(stream(6, 5)):
+        a, b = mon.observe(out, ref, sender=f"s{i % 3}"), clone.observe(out, ref, sender=f"s{i % 3}")
+        assert a.flagged == b.flagged and a.scores == pytest.approx(b.scores)
+    mon.forget("s2")  # two senders left, under median_baseline: the pooled EMA is the baseline
+    assert "s2" not in mon.senders
+    np.testing.assert_allclose(mon.baseline.mean, mon.pooled.mean)
