@@ -130,14 +130,15 @@ class TensorHistory:
             raise AttackError("history state holds something other than tensors")
         self._tensors = {int(s): t.detach().to("cpu").clone() for s, t in sorted(tensors.items())}
 
-    def stale(self, step: int, delta: int, like: torch.Tensor) -> torch.Tensor | None:
+    def stale(self, step: int, delta: int, like: torch.Tensor, before: int | None = None) -> torch.Tensor | None:
         """
         The tensor recorded at the latest step ``<= step - delta``; if none is that old, the OLDEST recorded one (a
-        replay as stale as the history allows). Only tensors of ``like``'s shape are considered; returns None if there
-        is none (empty history, or every recorded tensor has another shape). The result is a new tensor with the dtype
-        and device of ``like``.
+        replay as stale as the history allows). Only tensors of ``like``'s shape are considered, and with ``before``
+        only those of steps before it; returns None if there is none (empty history, or every recorded tensor has
+        another shape or is too recent). The result is a new tensor with the dtype and device of ``like``.
         """
-        candidates = sorted(s for s, t in self._tensors.items() if t.shape == like.shape)
+        candidates = sorted(s for s, t in self._tensors.items()
+                            if t.shape == like.shape and (before is None or s < before))  # fmt: skip
         if not candidates:
             return None
         target = int(step) - int(delta)
@@ -423,7 +424,8 @@ class NoiseAttack(AttackBase):
 class DelayAttack(AttackBase):
     """
     A8: h' = ``context.history.stale(step, delta, h)``, the honest tensor of ``delta`` steps earlier (or the oldest
-    one the history holds). With nothing to replay (empty history, or no tensor of h's shape), h' = h and
+    one the history holds). With nothing to replay (empty history, or no tensor of h's shape), or when the only
+    tensor to replay is h itself (the attacker's first step: the history has just recorded it), h' = h and
     ``context.tainted`` is set to False.
     """
 
@@ -439,7 +441,9 @@ class DelayAttack(AttackBase):
         self.delta = int(delta)
 
     def __call__(self, h, context):
-        old = context.history.stale(context.step, self.delta, h)
+        # only earlier steps: at the attacker's first step the history holds just h, recorded a moment ago, and
+        # "replaying" it was labelled a poisoned micro-batch
+        old = context.history.stale(context.step, self.delta, h, before=context.step)
         if old is None:
             context.tainted = False
             return h.clone()

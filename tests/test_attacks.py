@@ -165,6 +165,21 @@ def test_delay_through_behaviour_replays_honest_tensors():
             assert torch.equal(out, expected)
 
 
+def test_delay_at_an_attackers_first_step_is_no_replay_and_not_labelled_one():
+    """From step 0 (no honest history yet), the history holds only the tensor just recorded: the replay is h itself,
+    which the benchmark's ground truth counted as a poisoned micro-batch."""
+    behaviour = MaliciousBehaviour(worker=0, attack=make_attack("delay", {"delta": 2}), directions=parse_direction(
+        "forward"), onset=0, seed=0)  # fmt: skip
+    labels = []
+    for step in range(4):
+        h = torch.full((2, 3, D), float(step))
+        out = behaviour.apply(h, step=step, microbatch=step, direction="forward")
+        labels.append(behaviour.last_tainted)
+        replayed = {0: step, 1: 0, 2: 0, 3: 1}[step]  # delta 2 back, or the oldest earlier step
+        assert torch.equal(out, torch.full_like(h, float(replayed)))
+    assert labels == [False, True, True, True]
+
+
 @pytest.mark.parametrize("fraction", [1e-4, 0.3, 1.0])
 def test_nonfinite_fraction(fraction):
     h = sample(8, 16, D)
