@@ -547,7 +547,9 @@ class SignedVerdict(WireRecord):
     """A validator's (or, at boundary 0, the trainer's) signed statement accepting or tainting one tensor.
 
     Bound to the run, step, micro-batch, boundary, direction and tensor digest, so it cannot be reused for another
-    tensor or replayed at another position.
+    tensor or replayed at another position; and to ``caller``, the peer id of the one who asked for it (the trainer,
+    which sends the tensor on), so that no other peer can present it: a stage replica that had seen genuine verdicts
+    in its own requests used them to open streams to other servers and stall them there, holding their stream slots.
     """
 
     KIND: ClassVar[RecordKind] = RecordKind.VERDICT
@@ -559,6 +561,7 @@ class SignedVerdict(WireRecord):
     direction: Direction
     verdict: Verdict
     digest: bytes
+    caller: str
     signer: bytes
     signature: bytes
 
@@ -571,6 +574,7 @@ class SignedVerdict(WireRecord):
             direction=_enum(self.direction, Direction, "direction"),
             verdict=_enum(self.verdict, Verdict, "verdict"),
             digest=_digest(self.digest, "digest"),
+            caller=_str(self.caller, "caller", max_len=MAX_PEER, min_len=0),  # "": in-process (no peer can show it)
             signer=_key(self.signer, "signer"),
             signature=_fixed_bytes(self.signature, "signature", SIGNATURE_BYTES),
         )
@@ -623,9 +627,12 @@ def sign_verdict(
     direction: Direction,
     verdict: Verdict,
     digest: bytes,
+    caller: str,
 ) -> SignedVerdict:
+    """``caller``: the peer id of the one the verdict is for (it alone may present it to a stage)."""
     unsigned = SignedVerdict(
-        run_id, step, microbatch, boundary, direction, verdict, digest, identity.public_key, bytes(SIGNATURE_BYTES)
+        run_id, step, microbatch, boundary, direction, verdict, digest, caller, identity.public_key,
+        bytes(SIGNATURE_BYTES),
     )
     return dataclasses.replace(unsigned, signature=identity.sign(unsigned.signing_bytes()))
 
@@ -662,7 +669,8 @@ class ForgedVerdict(InputRejected):
 
 
 class VerdictMismatch(InputRejected):
-    """A genuine verdict, but for another tensor or position: digest, run, step, micro-batch, boundary or direction."""
+    """A genuine verdict, but for another tensor or position (digest, run, step, micro-batch, boundary or direction),
+    or presented by another peer than the one it was issued to."""
 
     code = "verdict_mismatch"
 
@@ -690,6 +698,7 @@ def check_verdict(
     direction: Direction,
     digest: bytes | None,
     allow_trainer: bool,
+    caller: str | None = None,
 ) -> None:
     """Accept an input tensor only with a genuine ACCEPT verdict for exactly this tensor at exactly this position.
 
@@ -698,7 +707,8 @@ def check_verdict(
     missing -> malformed -> forged/unauthorized -> mismatch -> tainted, so a forged verdict is reported as forged
     even if it also mismatches. Returns None or raises a subclass of InputRejected. ``digest`` None: the tensor has
     not arrived yet (a streamed request's first part); everything but the digest is checked, and the caller checks
-    again with the digest once it has the tensor.
+    again with the digest once it has the tensor. ``caller``: the peer presenting it, which must be the one it was
+    issued to (None: not checked; every RPC handler passes the remote peer id).
     """
     if verdict is None:
         raise MissingVerdict("no verdict accompanies the tensor")
@@ -721,5 +731,7 @@ def check_verdict(
         raise VerdictMismatch("verdict checked against the manifest of another run")
     if digest is not None and verdict.digest != digest:
         raise VerdictMismatch("verdict is for another tensor (digest differs)")
+    if caller is not None and verdict.caller != caller:
+        raise VerdictMismatch("verdict was issued to another peer than the one presenting it")
     if verdict.verdict != Verdict.ACCEPT:
         raise TaintedInput(f"validator {fingerprint(verdict.signer)} tainted this tensor")

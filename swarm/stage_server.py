@@ -345,40 +345,46 @@ class StageServer(ServicerBase):
     async def rpc_forward(
         self, request: runtime_pb2.ExpertRequest, context: P2PContext
     ) -> runtime_pb2.ExpertResponse:
-        return await self._serve("forward", request)
+        return await self._serve("forward", request, context.remote_id.to_base58())
 
     async def rpc_backward(
         self, request: runtime_pb2.ExpertRequest, context: P2PContext
     ) -> runtime_pb2.ExpertResponse:
-        return await self._serve("backward", request)
+        return await self._serve("backward", request, context.remote_id.to_base58())
 
     async def rpc_forward_stream(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        async for part in answer_stream(requests, partial(self._serve, "forward")):
+        async for part in answer_stream(requests, partial(self._serve, "forward",
+                                                          caller=context.remote_id.to_base58())):  # fmt: skip
             yield part
 
     async def rpc_backward_stream(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        async for part in answer_stream(requests, partial(self._serve, "backward")):
+        async for part in answer_stream(requests, partial(self._serve, "backward",
+                                                          caller=context.remote_id.to_base58())):  # fmt: skip
             yield part
 
     async def _serve(
-        self, kind: str, request: runtime_pb2.ExpertRequest | AsyncIterator[runtime_pb2.ExpertRequest]
+        self,
+        kind: str,
+        request: runtime_pb2.ExpertRequest | AsyncIterator[runtime_pb2.ExpertRequest],
+        caller: str | None = None,
     ) -> runtime_pb2.ExpertResponse:
         """Both paths: a unary request, or the parts of a streamed one (reassembled within the stage's bounds, then
-        handled by the same code). Every error becomes the typed error reply."""
+        handled by the same code). Every error becomes the typed error reply. ``caller``: the requesting peer's id,
+        which every verdict must have been issued to (the RPC handlers pass it; None, in-process only: not checked)."""
         unary = isinstance(request, runtime_pb2.ExpertRequest)
         try:
             if unary:
                 check_unary_request(request)
-                return await self._handle(kind, request, unary=True)
+                return await self._handle(kind, request, unary=True, caller=caller)
             self.stream_calls[kind] += 1
             with self.streams.take():
                 request = await receive_stream(request, max_tensors=1 if kind == "forward" else 2, spec=self.spec,
-                                               authorize=partial(self._authorize, kind))  # fmt: skip
-                return await self._handle(kind, request, unary=False)
+                                               authorize=partial(self._authorize, kind, caller))  # fmt: skip
+                return await self._handle(kind, request, unary=False, caller=caller)
         except Busy as e:
             logger.debug(f"stage {self.config.stage}: {kind} refused: {e}")
             return error_response(e)
@@ -390,45 +396,50 @@ class StageServer(ServicerBase):
             logger.exception(f"stage {self.config.stage}: {kind} failed")
             return error_response(e)
 
-    async def _handle(self, kind: str, request: runtime_pb2.ExpertRequest, *, unary: bool):
+    async def _handle(self, kind: str, request: runtime_pb2.ExpertRequest, *, unary: bool, caller: str | None):
         if kind == "forward":
-            return await self._forward(request, unary=unary)
-        return await self._backward(request, unary=unary)
+            return await self._forward(request, unary=unary, caller=caller)
+        return await self._backward(request, unary=unary, caller=caller)
 
-    def _authorize(self, kind: str, meta: dict) -> None:
+    def _authorize(self, kind: str, caller: str | None, meta: dict) -> None:
         """A streamed request's verdicts, checked on its first part (all but the digests: the tensors are still to
-        come, and are checked in full once in): a stranger cannot hold a stream slot."""
-        self._check_verdict(meta, Direction.FORWARD, None)
+        come, and are checked in full once in): a stranger, or a peer presenting verdicts issued to another, cannot
+        hold a stream slot."""
+        self._check_verdict(meta, Direction.FORWARD, None, caller)
         if kind == "backward":
-            self._check_verdict(meta, Direction.BACKWARD, None)
+            self._check_verdict(meta, Direction.BACKWARD, None, caller)
 
     @staticmethod
     def _position(meta: dict) -> tuple[str, int, int]:
         return meta_str(meta, "run", max_len=64), meta_int(meta, "step"), meta_int(meta, "mb")
 
-    def _check_verdict(self, meta: dict, direction: Direction, digest: bytes | None) -> None:
+    def _check_verdict(self, meta: dict, direction: Direction, digest: bytes | None, caller: str | None) -> None:
         """The verdict on this stage's input (FORWARD: boundary ``stage - 1``, ``verdict``) or on the gradient it got
-        (BACKWARD: boundary ``stage``, ``grad_verdict``) at the request's (run, step, micro-batch); ``digest`` None:
-        all but the digest (the tensor is still to come)."""
+        (BACKWARD: boundary ``stage``, ``grad_verdict``) at the request's (run, step, micro-batch), issued to
+        ``caller``; ``digest`` None: all but the digest (the tensor is still to come)."""
         run, step, mb = self._position(meta)
         forward = direction == Direction.FORWARD
         check_verdict(
             meta_verdict(meta, "verdict" if forward else "grad_verdict"), manifest=self.manifest, run_id=run,
             step=step, microbatch=mb, boundary=self.config.stage - 1 if forward else self.config.stage,
             direction=direction, digest=digest,
-            allow_trainer=not forward or self.config.stage == 1 or self.config.trust_trainer,
+            allow_trainer=not forward or self.config.stage == 1 or self.config.trust_trainer, caller=caller,
         )  # fmt: skip
 
-    def _checked_input(self, meta: dict, proto: runtime_pb2.Tensor) -> tuple[int, int, torch.Tensor]:
+    def _checked_input(
+        self, meta: dict, proto: runtime_pb2.Tensor, caller: str | None
+    ) -> tuple[int, int, torch.Tensor]:
         _, step, mb = self._position(meta)
         h = decode_hidden(proto, self.spec, "input")
-        self._check_verdict(meta, Direction.FORWARD, tensor_digest(h))
+        self._check_verdict(meta, Direction.FORWARD, tensor_digest(h), caller)
         return step, mb, h
 
-    async def _forward(self, request: runtime_pb2.ExpertRequest, *, unary: bool) -> runtime_pb2.ExpertResponse:
+    async def _forward(
+        self, request: runtime_pb2.ExpertRequest, *, unary: bool, caller: str | None = None
+    ) -> runtime_pb2.ExpertResponse:
         meta = unpack_meta(request.metadata)
         (proto,) = request_tensors(request, 1)
-        step, mb, h = self._checked_input(meta, proto)
+        step, mb, h = self._checked_input(meta, proto, caller)
         if unary:
             check_unary_reply(h.numel(), self.config.compression)
         self.forward_calls += 1
@@ -436,16 +447,18 @@ class StageServer(ServicerBase):
         out = self._send(out, step, mb, "forward")
         return runtime_pb2.ExpertResponse(tensors=encode_tensors([out], self.config.compression))
 
-    async def _backward(self, request: runtime_pb2.ExpertRequest, *, unary: bool) -> runtime_pb2.ExpertResponse:
+    async def _backward(
+        self, request: runtime_pb2.ExpertRequest, *, unary: bool, caller: str | None = None
+    ) -> runtime_pb2.ExpertResponse:
         meta = unpack_meta(request.metadata)
         h_proto, g_proto = request_tensors(request, 2)
-        step, mb, h = self._checked_input(meta, h_proto)
+        step, mb, h = self._checked_input(meta, h_proto, caller)
         g = decode_hidden(g_proto, self.spec, "grad_output")
         if g.shape != h.shape:
             raise BadRequest("grad_output must have the input's shape")
         if unary:
             check_unary_reply(h.numel(), self.config.compression)
-        self._check_verdict(meta, Direction.BACKWARD, tensor_digest(g))
+        self._check_verdict(meta, Direction.BACKWARD, tensor_digest(g), caller)
         seen = (step, mb)
         if seen in self._seen_backward:  # a micro-batch's gradient applied twice would count double: answer it only
             self.backward_replays += 1

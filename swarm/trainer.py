@@ -531,8 +531,13 @@ class Trainer:
     def _trainer_verdict(self, tensor: torch.Tensor, *, step: int, mb: int, boundary: int, direction: Direction):
         return sign_verdict(
             self.identity, run_id=self.run, step=step, microbatch=mb, boundary=boundary, direction=direction,
-            verdict=Verdict.ACCEPT, digest=tensor_digest(tensor),
+            verdict=Verdict.ACCEPT, digest=tensor_digest(tensor), caller=self.peer_id,
         )  # fmt: skip
+
+    @property
+    def peer_id(self) -> str:
+        """This trainer's peer id (the one its verdicts are issued to; "" before ``start``)."""
+        return "" if self._p2p is None else self._p2p.peer_id.to_base58()
 
     def _screen(self, tainted: bool) -> bool:
         """What the mesh passes as ``tainted`` to the validator (see MeshConfig.taint_scope)."""

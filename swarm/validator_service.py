@@ -30,6 +30,7 @@ import time
 from collections import OrderedDict, defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, AsyncIterator  # noqa: UP035 (ServicerBase detects stream handlers by typing's AsyncIterator only)
 
@@ -286,28 +287,29 @@ class ValidatorService(ServicerBase):
 
     # ------------------------------------------------------------------------------------------------- handler
     async def rpc_check(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        return await self._serve(request)
+        return await self._serve(request, context.remote_id.to_base58())
 
     async def rpc_check_stream(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        async for part in answer_stream(requests, self._serve):
+        async for part in answer_stream(requests, partial(self._serve, caller=context.remote_id.to_base58())):
             yield part
 
     async def _serve(
-        self, request: runtime_pb2.ExpertRequest | AsyncIterator[runtime_pb2.ExpertRequest]
+        self, request: runtime_pb2.ExpertRequest | AsyncIterator[runtime_pb2.ExpertRequest], caller: str = ""
     ) -> runtime_pb2.ExpertResponse:
         """Both paths: a unary request, or the parts of a streamed one (reassembled within the service's bounds, then
-        checked by the same code). Every error becomes the typed error reply."""
+        checked by the same code). Every error becomes the typed error reply. ``caller``: the requesting peer's id,
+        which the verdict is issued to (only that peer can present it to a stage)."""
         unary = isinstance(request, runtime_pb2.ExpertRequest)
         try:
             if unary:
                 check_unary_request(request)
-                return await self._check(request, unary=True)
+                return await self._check(request, unary=True, caller=caller)
             self.stream_calls += 1
             with self.streams.take():
                 request = await receive_stream(request, max_tensors=2, spec=self.spec, authorize=self._authorize)
-                return await self._check(request, unary=False)
+                return await self._check(request, unary=False, caller=caller)
         except ProtocolError as e:
             logger.debug(f"validator: check rejected ({e.code}): {e}")
             return error_response(e)
@@ -350,7 +352,9 @@ class ValidatorService(ServicerBase):
         if type(signature) is not bytes or not Identity.verify(trainer, signed, signature):
             raise Unauthorized("check request signature does not verify")
 
-    async def _check(self, request: runtime_pb2.ExpertRequest, *, unary: bool) -> runtime_pb2.ExpertResponse:
+    async def _check(
+        self, request: runtime_pb2.ExpertRequest, *, unary: bool, caller: str = ""
+    ) -> runtime_pb2.ExpertResponse:
         meta = unpack_meta(request.metadata)
         fields, trainer, signature = self._request_fields(meta)
         run, step, mb = fields["run_id"], fields["step"], fields["microbatch"]
@@ -407,7 +411,7 @@ class ValidatorService(ServicerBase):
         def verdict(kind: Verdict, tensor_digest_: bytes):
             return sign_verdict(
                 self.identity, run_id=run, step=step, microbatch=mb, boundary=boundary, direction=direction,
-                verdict=kind, digest=tensor_digest_,
+                verdict=kind, digest=tensor_digest_, caller=caller,
             ).to_tuple()  # fmt: skip
 
         reply: dict = {"tainted": res.tainted, "reason": res.reason[:MAX_REASON], "scores": _finite(res.scores)}

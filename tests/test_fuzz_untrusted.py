@@ -57,7 +57,7 @@ POOL = [None, True, False, 0, -1, 1, 7, 2**31, 2**63 - 1, 2**64, -(2**63), 0.0, 
 def records() -> list:
     v = VALIDATOR.public_key
     verdict = sign_verdict(VALIDATOR, run_id=RUN, step=3, microbatch=1, boundary=1, direction=Direction.FORWARD,
-                           verdict=Verdict.ACCEPT, digest=DIGEST)  # fmt: skip
+                           verdict=Verdict.ACCEPT, digest=DIGEST, caller="QmTrainer")  # fmt: skip
     return [
         MANIFEST,
         MANIFEST.sign(AUTHORITY),
@@ -333,7 +333,8 @@ def test_the_stage_server_answers_hostile_requests_with_typed_errors(kind):
 
     def verdict(signer: Identity, boundary: int, direction: Direction, tensor: torch.Tensor, mb: int) -> list:
         return list(sign_verdict(signer, run_id=RUN, step=3, microbatch=mb, boundary=boundary, direction=direction,
-                                 verdict=Verdict.ACCEPT, digest=tensor_digest(tensor)).to_tuple())  # fmt: skip
+                                 verdict=Verdict.ACCEPT, digest=tensor_digest(tensor),
+                                 caller="QmTrainer").to_tuple())  # fmt: skip
 
     def genuine(mb: int) -> tuple[dict, list]:
         meta = {"run": RUN, "step": 3, "mb": mb, "verdict": verdict(TRAINER, 0, Direction.FORWARD, h, mb)}

@@ -83,6 +83,7 @@ def make_records():
             direction=Direction.FORWARD,
             verdict=Verdict.ACCEPT,
             digest=DIGEST,
+            caller="QmTrainer",
         ),
     ]
 
@@ -276,12 +277,13 @@ def test_tensor_digest_binds_dtype_shape_and_bytes():
 POSITION = dict(run_id=RUN, step=10, microbatch=2, boundary=1, direction=Direction.FORWARD)
 
 
-def _verdict(signer=VALIDATORS[0], verdict=Verdict.ACCEPT, digest=DIGEST, **position):
-    return sign_verdict(signer, **{**POSITION, **position}, verdict=verdict, digest=digest)
+def _verdict(signer=VALIDATORS[0], verdict=Verdict.ACCEPT, digest=DIGEST, caller="QmTrainer", **position):
+    return sign_verdict(signer, **{**POSITION, **position}, verdict=verdict, digest=digest, caller=caller)
 
 
-def _check(verdict, allow_trainer=False, **position):
-    check_verdict(verdict, manifest=MANIFEST, **{**POSITION, **position}, digest=DIGEST, allow_trainer=allow_trainer)
+def _check(verdict, allow_trainer=False, caller="QmTrainer", **position):
+    check_verdict(verdict, manifest=MANIFEST, **{**POSITION, **position}, digest=DIGEST, allow_trainer=allow_trainer,
+                  caller=caller)  # fmt: skip
 
 
 def test_check_verdict_accepts_genuine_verdicts():
@@ -307,6 +309,8 @@ def test_check_verdict_accepts_genuine_verdicts():
         (lambda: _verdict(boundary=2), VerdictMismatch),
         (lambda: _verdict(direction=Direction.BACKWARD), VerdictMismatch),
         (lambda: _verdict(run_id="other-run"), VerdictMismatch),
+        (lambda: _verdict(caller="QmAnotherReplica"), VerdictMismatch),  # issued to the trainer, shown by another
+        (lambda: dataclasses.replace(_verdict(), caller="QmTrainer2"), ForgedVerdict),  # rebound after signing
         (lambda: _verdict(verdict=Verdict.TAINT), TaintedInput),
     ],
 )

@@ -54,10 +54,10 @@ def forward_request(h, verdict, step=0, mb=0):
     return runtime_pb2.ExpertRequest(tensors=encode_tensors([h]), metadata=pack_meta(meta))
 
 
-def trainer_verdict(signer, h, step=0, mb=0):
+def trainer_verdict(signer, h, step=0, mb=0, caller="QmTrainer"):
     return sign_verdict(
         signer, run_id=RUN, step=step, microbatch=mb, boundary=0, direction=Direction.FORWARD,
-        verdict=Verdict.ACCEPT, digest=digest(h),
+        verdict=Verdict.ACCEPT, digest=digest(h), caller=caller,
     )  # fmt: skip
 
 
@@ -127,27 +127,30 @@ def test_stage_server_rejects_unvalidated_inputs_with_distinct_codes():
             try:
                 p2p = await client_dht.replicate_p2p()
                 stub = StageServer.get_stub(p2p, PeerID.from_base58(server.peer_id), namespace=rpc_namespace(RUN))
+                me = p2p.peer_id.to_base58()
                 h = torch.randn(2, 8, CFG.d_model)
                 with pytest.raises(MissingVerdict):
                     await call(stub.rpc_forward, forward_request(h, None), 10)
                 with pytest.raises(ForgedVerdict):  # well signed, but by a key the manifest does not authorize
-                    await call(stub.rpc_forward, forward_request(h, trainer_verdict(OUTSIDER, h)), 10)
+                    await call(stub.rpc_forward, forward_request(h, trainer_verdict(OUTSIDER, h, caller=me)), 10)
                 with pytest.raises(VerdictMismatch):  # genuine verdict, for another tensor
-                    await call(stub.rpc_forward, forward_request(h, trainer_verdict(TRAINER, h + 1)), 10)
+                    await call(stub.rpc_forward, forward_request(h, trainer_verdict(TRAINER, h + 1, caller=me)), 10)
                 with pytest.raises(VerdictMismatch):  # genuine verdict, for another micro-batch
-                    await call(stub.rpc_forward, forward_request(h, trainer_verdict(TRAINER, h, mb=1)), 10)
+                    await call(stub.rpc_forward, forward_request(h, trainer_verdict(TRAINER, h, mb=1, caller=me)), 10)
+                with pytest.raises(VerdictMismatch, match="another peer"):  # genuine, but issued to another peer
+                    await call(stub.rpc_forward, forward_request(h, trainer_verdict(TRAINER, h, caller="QmElse")), 10)
                 bad = torch.randn(2, 8, CFG.d_model + 1)
                 with pytest.raises(BadRequest):
-                    await call(stub.rpc_forward, forward_request(bad, trainer_verdict(TRAINER, bad)), 10)
+                    await call(stub.rpc_forward, forward_request(bad, trainer_verdict(TRAINER, bad, caller=me)), 10)
                 nan = h.clone()
                 nan[0, 0, 0] = math.nan
                 with pytest.raises(BadRequest):
-                    await call(stub.rpc_forward, forward_request(nan, trainer_verdict(TRAINER, nan)), 10)
-                reply = await call(stub.rpc_forward, forward_request(h, trainer_verdict(TRAINER, h)), 10)
+                    await call(stub.rpc_forward, forward_request(nan, trainer_verdict(TRAINER, nan, caller=me)), 10)
+                reply = await call(stub.rpc_forward, forward_request(h, trainer_verdict(TRAINER, h, caller=me)), 10)
                 out = hivemind.compression.deserialize_torch_tensor(reply.tensors[0])
                 with torch.no_grad():
                     assert torch.equal(out, server.module(h))
-                assert server.rejected == {"missing_verdict": 1, "forged_verdict": 1, "verdict_mismatch": 2,
+                assert server.rejected == {"missing_verdict": 1, "forged_verdict": 1, "verdict_mismatch": 3,
                                            "bad_request": 2}  # fmt: skip
             finally:
                 await server.shutdown()
@@ -333,7 +336,7 @@ def test_a_replayed_backward_is_answered_but_applied_once_and_so_is_a_redo():
 
     def verdict(signer, boundary, direction, tensor, step, mb):
         return sign_verdict(signer, run_id=RUN, step=step, microbatch=mb, boundary=boundary, direction=direction,
-                            verdict=Verdict.ACCEPT, digest=digest(tensor)).to_tuple()  # fmt: skip
+                            verdict=Verdict.ACCEPT, digest=digest(tensor), caller="QmTrainer").to_tuple()  # fmt: skip
 
     def request(h, g, step=5, mb=3):
         meta = {"run": RUN, "step": step, "mb": mb, "verdict": verdict(VALIDATOR, 1, Direction.FORWARD, h, step, mb),

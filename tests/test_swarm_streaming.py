@@ -28,7 +28,7 @@ from swarm.protocol import (
     split_message,
     unpack_meta,
 )
-from swarm.records import Direction, ForgedVerdict, Verdict, sign_verdict, tensor_digest
+from swarm.records import Direction, ForgedVerdict, Verdict, VerdictMismatch, sign_verdict, tensor_digest
 from swarm.stage_server import StageServer, rpc_namespace
 from swarm.trainer import TrainerConfig
 from swarm.validator_service import ValidatorService, ValidatorServiceConfig
@@ -250,8 +250,9 @@ def test_streamed_requests_get_the_same_typed_errors(monkeypatch):
         checker = ValidatorService.get_stub(p2p, PeerID.from_base58(validator.peer_id), namespace=rpc_namespace(run))
         spec = swarm.trainer.spec
         h = torch.randn(2, 32, spec.d_model)
+        me = p2p.peer_id.to_base58()
         forged = sign_verdict(outsider, run_id=run, step=0, microbatch=0, boundary=0, direction=Direction.FORWARD,
-                              verdict=Verdict.ACCEPT, digest=tensor_digest(h))  # fmt: skip
+                              verdict=Verdict.ACCEPT, digest=tensor_digest(h), caller=me)  # fmt: skip
         meta = {"run": run, "step": 0, "mb": 0, "verdict": forged.to_tuple()}
         fields = dict(run_id=run, step=0, microbatch=0, boundary=1, direction=Direction.FORWARD, sender="x",
                       tainted=False, warmup=False, digest=tensor_digest(h), reference_digest=tensor_digest(h))
@@ -280,9 +281,20 @@ def test_streamed_requests_get_the_same_typed_errors(monkeypatch):
         assert unpack_meta(replies[0].metadata)["error"] == ForgedVerdict.code and time.monotonic() - start < 5
         assert server.rejected == {"forged_verdict": 3}
 
+        # nor can a peer presenting a genuine verdict issued to another (a stage replica that saw one in its own
+        # requests): refused at the first part too
+        issued_elsewhere = sign_verdict(swarm.trainer.identity, run_id=run, step=0, microbatch=0, boundary=0,
+                                        direction=Direction.FORWARD, verdict=Verdict.ACCEPT, digest=tensor_digest(h),
+                                        caller="QmTheTrainer")  # fmt: skip
+        stalled = Req(metadata=pack_meta({**meta, "verdict": issued_elsewhere.to_tuple()}), tensors=stalled.tensors)
+        start = time.monotonic()
+        replies = await _raw_stream(stage.rpc_forward_stream, [stalled])
+        assert unpack_meta(replies[0].metadata)["error"] == VerdictMismatch.code and time.monotonic() - start < 5
+        assert server.rejected == {"forged_verdict": 3, "verdict_mismatch": 1}
+
         # the shape checks of streams from a caller with a genuine verdict
         genuine = sign_verdict(swarm.trainer.identity, run_id=run, step=0, microbatch=0, boundary=0,
-                               direction=Direction.FORWARD, verdict=Verdict.ACCEPT, digest=tensor_digest(h))
+                               direction=Direction.FORWARD, verdict=Verdict.ACCEPT, digest=tensor_digest(h), caller=me)
         meta = {**meta, "verdict": genuine.to_tuple()}
         # a unary request over the limit is refused, not served
         request = Req(tensors=[encode_tensor(h)], metadata=pack_meta(meta))
@@ -303,7 +315,7 @@ def test_streamed_requests_get_the_same_typed_errors(monkeypatch):
             await call_auto(stage, "rpc_forward", "rpc_forward_stream", [wide], meta, 10, NONE,
                             TensorSpec(spec.d_model, spec.seq_len, 128))  # fmt: skip
         assert time.monotonic() - start < 5
-        assert server.rejected == {"forged_verdict": 3, "bad_request": 4}
+        assert server.rejected == {"forged_verdict": 3, "verdict_mismatch": 1, "bad_request": 4}
 
     swarm.run(body)
 
