@@ -50,9 +50,10 @@ class SentinelConfig:
     window: int = 128  # accepted distances kept per (boundary, direction, metric) for the fence
     min_window: int = 16  # accepted observations needed before a monitor may flag (a late joiner warms itself)
     min_iqr_fraction: float = 0.1  # IQR floor, as a fraction of the window's median (a flat window is no licence)
-    fence_upper_spread: float = 0.0  # Q3 is capped at median + this x (median - Q1): senders that fill the top of
-    # a window with distances just under the fence cannot lift Q3 (and the fence) past what the window's lower half
-    # supports. 0: off (plain Tukey). Against the fence ratchet, with median_baseline (README, "Fence ratchet")
+    fence_upper_spread: float = 0.0  # a full window's Q3 is capped at median + this x (median - Q1): senders that
+    # fill the top of a window with distances just under the fence cannot lift Q3 (and the fence) past what the
+    # window's lower half supports. 0: off (plain Tukey). Against the fence ratchet, with median_baseline (README,
+    # "Fence ratchet")
     median_baseline: int = 0  # with at least this many senders holding a baseline at a monitor (each updated within
     # its last `window` accepted tensors), the baseline is the coordinate-wise median of per-sender EMAs, which a
     # minority of senders cannot move; with fewer, one EMA of all accepted traffic (the paper's). 0: always the

@@ -48,11 +48,11 @@ def _percentile(ordered: list[float], q: float) -> float:
 class TukeyFence:
     """Upper Tukey fence over a sliding window of accepted distances.
 
-    ``fence = max(Q3 + k * max(IQR, min_iqr_fraction * median), floor)``, Q3 optionally capped at ``median +
-    upper_spread * (median - Q1)`` (``SentinelConfig.fence_upper_spread``). The IQR floor matters for distances that
-    are almost constant on honest traffic: without it a window of near-identical values yields a fence so tight that
-    ordinary numerical noise crosses it. The absolute ``floor`` is a tolerance in the metric's own scale-free unit
-    (all our distances are relative), below which no deviation is worth a strike.
+    ``fence = max(Q3 + k * max(IQR, min_iqr_fraction * median), floor)``, Q3 optionally capped, once the window
+    is full, at ``median + upper_spread * (median - Q1)`` (``SentinelConfig.fence_upper_spread``). The IQR floor
+    matters for distances that are almost constant on honest traffic: without it a window of near-identical values
+    yields a fence so tight that ordinary numerical noise crosses it. The absolute ``floor`` is a tolerance in the
+    metric's own scale-free unit (all our distances are relative), below which no deviation is worth a strike.
     """
 
     def __init__(self, window: int, k: float, min_iqr_fraction: float, floor: float = 0.0, upper_spread: float = 0.0):
@@ -107,9 +107,11 @@ class TukeyFence:
         if self._cached is None:
             self._stale = 0
             q1, median, q3 = (_percentile(self._sorted, q) for q in (0.25, 0.5, 0.75))
-            if self.upper_spread:
+            if self.upper_spread and len(self.values) == self.values.maxlen:
                 # the lower half, which distances placed at the top of the window cannot reach while they are under
-                # half of it, bounds the upper quartile (floored like the IQR, so a flat lower half is no licence)
+                # half of it, bounds the upper quartile (floored like the IQR, so a flat lower half is no licence).
+                # Only over a full window: a young one holds the warm-up's fast drift, skewed upwards, and capped it
+                # banned honest replicas (README, "Fence ratchet")
                 lower = max(median - q1, 0.5 * self.min_iqr_fraction * abs(median))
                 q3 = min(q3, median + self.upper_spread * lower)
             iqr = max(q3 - q1, self.min_iqr_fraction * abs(median), 1e-9)
