@@ -509,10 +509,9 @@ def _median_summary(summaries: list[Summary]) -> Summary:
         values = [getattr(s, name) for s in summaries if getattr(s, name) is not None]
         return float(np.median(values)) if values else None
 
-    def array(name: str) -> np.ndarray:
-        return np.median(np.stack([getattr(s, name) for s in summaries]), axis=0).astype(np.float32)
+    def array(name: str) -> np.ndarray | None:
+        values = [getattr(s, name) for s in summaries if getattr(s, name) is not None]
+        return np.median(np.stack(values), axis=0).astype(np.float32) if values else None
 
-    residuals = [s.residual for s in summaries if s.residual is not None]
-    residual = np.median(np.stack(residuals), axis=0).astype(np.float32) if residuals else None
-    return Summary(array("mean"), array("std"), array("quantiles"), scalar("cosine"), scalar("gain"), residual,
-                   scalar("fit"))  # fmt: skip
+    return Summary(array("mean"), array("std"), array("quantiles"), scalar("cosine"), scalar("gain"),
+                   array("residual"), scalar("fit"))  # fmt: skip

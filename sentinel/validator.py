@@ -514,10 +514,8 @@ def _monitor_key(key: str) -> tuple[int, str]:
     return int(b), direction
 
 
-
 def _fewest(a: Summary, b: Summary) -> int | None:
     """The smaller token count of two summaries compared with each other (the noisier one sets the fences'
-    ``token_scale``); None when either has none."""
-    if a.tokens is None or b.tokens is None:
-        return a.tokens if b.tokens is None else b.tokens
-    return min(a.tokens, b.tokens)
+    ``token_scale``); the one count there is when only one has it, None when neither has."""
+    counts = [t for t in (a.tokens, b.tokens) if t is not None]
+    return min(counts) if counts else None

@@ -510,8 +510,8 @@ class SentinelRecordValidator(RecordValidatorBase):
 def fetch_banned(dht: DHT, manifest: Manifest, peers: Iterable[str]) -> set[str]:
     """Which of ``peers`` a quorum of the manifest's validators bans now (``banned_peers`` over their strike records
     in the DHT). Blocking: call it from a worker thread in async code."""
-    peers = sorted(set(peers))
-    return banned_peers(fetch_strikes_of(dht, manifest.run_id, peers), manifest) & set(peers)
+    peers = set(peers)
+    return banned_peers(fetch_strikes_of(dht, manifest.run_id, peers), manifest) & peers
 
 
 def fetch_strikes_of(dht: DHT, run: str, peers: Iterable[str]) -> list[StrikeRecord]:
@@ -617,8 +617,12 @@ def _fetch(
     Relies on the DHT running SentinelRecordValidator (signatures are checked there, then stripped); entries without
     an owner marker are foreign and skipped. Sorted by subkey, so the result does not depend on arrival order.
     """
-    found = _bounded(dht, dht.get(key, latest=True, return_future=True), f"get of {key}", None)
-    return _entries(found, key, parse, owner_of)
+    return _entries(_get(dht, key), key, parse, owner_of)
+
+
+def _get(dht: DHT, key: str) -> Any:
+    """The latest value of ``key`` (None if absent, or if the get failed or timed out: ``_bounded``)."""
+    return _bounded(dht, dht.get(key, latest=True, return_future=True), f"get of {key}", None)
 
 
 def _entries(
@@ -720,8 +724,7 @@ def fetch_strike_index(dht: DHT, run: str) -> list[StrikeIndexEntry]:
 
 
 def fetch_strikes(dht: DHT, run: str, peer: str) -> list[StrikeRecord]:
-    key = strikes_key(run, peer)
-    return _strikes(_bounded(dht, dht.get(key, latest=True, return_future=True), f"get of {key}", None), run, peer)
+    return _strikes(_get(dht, strikes_key(run, peer)), run, peer)
 
 
 def _strikes(found: Any, run: str, peer: str) -> list[StrikeRecord]:

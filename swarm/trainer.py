@@ -28,7 +28,6 @@ failure, up to ``failure_ban_max``; cleared by a success), like Petals' ``Blackl
 announcing OFFLINE stays in the DHT until its record expires, and without this every micro-batch would pay one failed
 call for it. Avoided peers are still used when nothing else is left (they may be back).
 
-
 A replica that dies between the forward and the backward of a micro-batch loses nothing: backward is stateless (the
 server recomputes the forward from the stage input the trainer kept) and every replica of stage ``k`` serves the same
 layer span, so the backward goes to another replica of the same stage with the same input. No re-forward is needed
@@ -324,7 +323,7 @@ class Trainer:
         exclude: set[str] = set()
         last: Exception | None = None
         failed = {True: 0, False: 0}  # by whether the peer had answered before
-        fast = 0  # failures of unproven peers within fast_failure seconds, counted apart (refunded from failed[False])
+        fast = 0  # failures of unproven peers within fast_failure seconds, counted apart
         while (failed[True] <= self.config.max_retries and failed[False] < self.config.max_unproven_tries
                and fast < self.config.max_fast_failures):  # fmt: skip
             peer = pick(exclude)
@@ -334,11 +333,11 @@ class Trainer:
             if peer is None:
                 break
             proven = peer in self.proven
-            failed[proven] += 1  # (returned at once if it answers)
             started = time.monotonic()
             try:
                 result = await attempt(peer)
             except Busy as e:  # healthy but full: sidestep it briefly, without counting a failure
+                failed[proven] += 1  # (an attempt all the same)
                 logger.info(f"{peer[:12]}... is busy ({e}); trying another peer")
                 self.metrics.retries += 1
                 self.metrics.busy += 1
@@ -358,8 +357,9 @@ class Trainer:
                 exclude.add(peer)
                 last = e
                 if not proven and time.monotonic() - started < self.config.fast_failure:
-                    failed[False] -= 1
                     fast += 1
+                else:
+                    failed[proven] += 1
                 continue
             self._down.pop(peer, None)
             self.proven.add(peer)
