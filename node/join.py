@@ -138,6 +138,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="send each check to K distinct validators at once (tainted if any taints it; default 0: "
                         "the manifest's ban quorum, so that each validator of a quorum sees all the evidence "
                         "instead of a share of it)")
+    g.add_argument("--hedge-after", type=float, default=2.0, metavar="SECONDS",
+                   help="try a stage forward not answered within this long (or 3x the stage's recent 90th-percentile "
+                        "forward latency, if longer) on another replica beside it, and take the first answer: a peer "
+                        "that accepts calls and never answers then costs this, not the RPC timeout (0: off)")
     g.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (trainer and gpu-stage)")
     g.add_argument("--warmup", type=int, default=5, help="honest warm-up steps announced to the validators")
     g.add_argument("--data", default=None, help="text file or folder (default: the Python standard library)")
@@ -171,9 +175,10 @@ def _check_args(args) -> None:
     if args.role == "gpu-stage" and args.average_peers < 1:
         raise CommandError("--average-peers must be >= 1")
     if args.role == "trainer" and (min(args.steps, args.microbatches, args.batch_size, args.max_inflight) < 1
-                                   or min(args.check_fanout, args.checkpoint_every) < 0):  # fmt: skip
-        raise CommandError("--steps, --microbatches, --batch-size and --max-inflight must be >= 1, --check-fanout "
-                           "and --checkpoint-every >= 0")  # fmt: skip
+                                   or min(args.check_fanout, args.checkpoint_every) < 0
+                                   or not args.hedge_after >= 0 or not math.isfinite(args.hedge_after)):  # fmt: skip
+        raise CommandError("--steps, --microbatches, --batch-size and --max-inflight must be >= 1, --check-fanout, "
+                           "--checkpoint-every and --hedge-after >= 0 (--hedge-after: finite)")  # fmt: skip
     if args.role == "gpu-stage":
         from swarm.model import resolve_device
 
@@ -503,7 +508,7 @@ async def _trainer(args, dht, manifest, identity, stop: StopFlag) -> int:
     config = TrainerConfig(
         seed=args.seed, batch_size=args.batch_size, microbatches=args.microbatches, lr=args.lr, warmup=args.warmup,
         taint_scope=args.taint_scope, max_inflight=args.max_inflight, check_fanout=args.check_fanout,
-        routing=args.routing,
+        routing=args.routing, hedge_after=args.hedge_after,
     )  # fmt: skip
     trainer = Trainer(config, manifest, identity, corpus)
     start_step = 0
@@ -535,8 +540,8 @@ async def _trainer(args, dht, manifest, identity, stop: StopFlag) -> int:
             done = step - start_step
             record = {"step": step - 1, "loss": loss, "tainted": trainer.metrics.tainted,
                       "microbatches": trainer.metrics.microbatches, "retries": trainer.metrics.retries,
-                      "banned": sorted(trainer.banned), "tokens_per_s": done * tokens_per_step / wall,
-                      "time": time.time()}  # fmt: skip
+                      "hedged": trainer.metrics.hedged, "banned": sorted(trainer.banned),
+                      "tokens_per_s": done * tokens_per_step / wall, "time": time.time()}  # fmt: skip
             if metrics is not None:
                 with metrics.open("a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -557,7 +562,8 @@ async def _trainer(args, dht, manifest, identity, stop: StopFlag) -> int:
             "first_loss": losses[0] if losses else math.nan,
             "tokens_per_s": (step - start_step) * tokens_per_step / wall if wall > 0 else 0.0,
             "tainted_microbatches": trainer.metrics.tainted, "microbatches": trainer.metrics.microbatches,
-            "dropped": trainer.metrics.dropped, "retries": trainer.metrics.retries, "banned": sorted(trainer.banned),
+            "dropped": trainer.metrics.dropped, "retries": trainer.metrics.retries, "hedged": trainer.metrics.hedged,
+            "banned": sorted(trainer.banned),
             "wall_s": wall, "stopped_early": step < args.steps,
             "mean_loss_last": float(np.mean(losses[-3:])) if losses else math.nan,
         }  # fmt: skip

@@ -45,10 +45,11 @@ def start_local_dht(manifest: Manifest, identity: Identity, initial_peers=()) ->
 class LocalSwarm:
     """``replicas[k - 1]`` stage servers for each stage k, one validator (or ``validators`` of them, of which
     ``ban_quorum`` must ban a peer) and a trainer. ``attackers`` maps a slot (stage, replica) to a red-team
-    MaliciousBehaviour; ``stage_config`` and ``validator_config`` hold StageServerConfig and
-    ValidatorServiceConfig overrides. ``validator=False`` leaves the validator
-    out of this process: one started elsewhere with ``validator_identity`` (and ``initial_peers()``) serves the swarm
-    instead."""
+    MaliciousBehaviour; ``stallers`` maps a stage to a number of red-team peers that announce a replica of it (each
+    under its own key, with its own DHT) and accept every call without ever answering; ``stage_config`` and
+    ``validator_config`` hold StageServerConfig and ValidatorServiceConfig overrides. ``validator=False`` leaves the
+    validator out of this process: one started elsewhere with ``validator_identity`` (and ``initial_peers()``) serves
+    the swarm instead."""
 
     def __init__(
         self, replicas: tuple[int, ...], *, preset: str = "tiny", run_id: str = "local", seed: int = 0,
@@ -56,7 +57,7 @@ class LocalSwarm:
         sentinel: SentinelConfig | None = None, trainer_config: TrainerConfig | None = None,
         stage_config: dict | None = None, validator_identity: Identity | None = None,
         trainer_identity: Identity | None = None, validator: bool = True, validators: int = 1, ban_quorum: int = 1,
-        validator_config: dict | None = None,
+        validator_config: dict | None = None, stallers: dict[int, int] | None = None,
     ):  # fmt: skip
         self.run_id = run_id
         self.seed = seed
@@ -79,6 +80,9 @@ class LocalSwarm:
         self.validator: ValidatorService | None = None  # the first of ``validators``
         self.validators: list[ValidatorService] = []
         self.trainer: Trainer | None = None
+        # red team: stage -> how many strangers announce a replica of it that accepts every call and never answers
+        self.staller_ids = {(k, i): Identity.generate() for k, n in (stallers or {}).items() for i in range(n)}
+        self.stallers: list[StageServer] = []
 
     def start_dhts(self) -> None:
         """Start every node's DHT (blocking; call it outside the event loop)."""
@@ -86,6 +90,7 @@ class LocalSwarm:
                  *([("validator", self.validator_identity)] if self.with_validator else []),
                  *((f"validator{i}", identity) for i, identity in enumerate(self.validator_identities[1:], 1)
                    if self.with_validator),
+                 *((("staller", *key), identity) for key, identity in self.staller_ids.items()),
                  ("trainer", self.trainer_identity)]  # fmt: skip
         names, identities = zip(*nodes)
         first = start_local_dht(self.manifest, identities[0])
@@ -108,7 +113,21 @@ class LocalSwarm:
             await server.start(self.dhts[slot])
         for i, validator in enumerate(self.validators):
             await validator.start(self.dhts["validator" if i == 0 else f"validator{i}"])
+        for key, identity in self.staller_ids.items():
+            await self._start_staller(key[0], identity, self.dhts[("staller", *key)])
         await self.trainer.start(self.dhts["trainer"])
+
+    async def _start_staller(self, stage: int, identity: Identity, dht) -> None:
+        async def never(kind: str, *args, **kwargs):
+            if kind == "forward":
+                server.forward_calls += 1  # (counted: how often one was drawn)
+            await asyncio.Event().wait()
+
+        config = StageServerConfig(stage=stage, seed=self.seed, sync_on_join=False)
+        server = StageServer(config, self.manifest, identity)
+        server._serve = never  # every handler, unary or streamed: the call is accepted and never answered
+        self.stallers.append(server)
+        await server.start(dht)  # (its handlers, its ONLINE announcement and its announcer)
 
     def initial_peers(self) -> list:
         """Addresses through which a node started elsewhere joins this swarm's DHT (after ``start_dhts``)."""
@@ -129,7 +148,8 @@ class LocalSwarm:
     async def stop(self) -> None:
         """Shut every node down; one node's failure does not leave the others running (the first error is raised
         once all have been tried)."""
-        nodes = [*self.servers.values(), *self.validators, *([self.trainer] if self.trainer is not None else [])]
+        nodes = [*self.servers.values(), *self.stallers, *self.validators,
+                 *([self.trainer] if self.trainer is not None else [])]  # fmt: skip
         errors = []
         for node in nodes:
             try:

@@ -23,7 +23,10 @@ step's micro-batches are shared among a stage's replicas in proportion to those 
 random choice. Transport failures are retried on another replica, at most ``max_retries`` times per call for replicas
 that have answered before and ``max_unproven_tries`` for others (plus up to ``max_fast_failures`` that fail within
 ``fast_failure`` seconds: peer ids nobody serves, which announcing costs nothing); a bad request or a rejected input
-is never retried. A peer that failed a call is avoided for ``failure_ban`` seconds (doubling with each consecutive
+is never retried. Forwards are hedged (``hedge_after``): one not answered within a few times the stage's usual
+latency (2 s at least) is tried on another replica beside it, and the first answer is taken, so that a peer that
+accepts calls and never answers costs a call that long, not ``rpc_timeout``; backwards, which apply gradients, are
+not. A peer that failed a call is avoided for ``failure_ban`` seconds (doubling with each consecutive
 failure, up to ``failure_ban_max``; cleared by a success), like Petals' ``Blacklist``: a replica that died without
 announcing OFFLINE stays in the DHT until its record expires, and without this every micro-batch would pay one failed
 call for it. Avoided peers are still used when nothing else is left (they may be back).
@@ -41,7 +44,7 @@ import asyncio
 import logging
 import math
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -122,6 +125,15 @@ class TrainerConfig:
     # replicas among them. A peer that accepts the call and never answers costs rpc_timeout and counts as a try
     fast_failure: float = 1.0
     max_fast_failures: int = 256
+    # hedged forwards: a stage forward not answered within max(hedge_after, hedge_factor x the 90th percentile of
+    # that stage's recent forward latencies) seconds is tried on another replica beside it, and so on, up to
+    # max_hedged at once; the first answer is taken (a forward changes nothing at the server; backwards, which apply
+    # gradients, are never hedged). A peer that accepts calls and never answers then costs hedge_after seconds, not
+    # rpc_timeout: 24 of them beside 2 honest replicas (benchmarks/stalling_peers.py) ... 0: off
+    hedge_after: float = 2.0
+    hedge_factor: float = 3.0
+    max_hedged: int = 8
+    max_background: int = 16  # hedged attempts that lost and run on to learn their outcome (past it: cancelled)
     explore: float = 0.1  # the share of a stage's traffic (its routing weight) offered to replicas that have not yet
     # answered this trainer, once some have: anyone may announce a replica, and announcements of peers that never
     # answer would otherwise draw traffic in proportion to their number (each such draw costs a failed call)
@@ -221,6 +233,7 @@ class TrainerMetrics:
     dropped: int = 0
     retries: int = 0  # calls that failed and were retried on another peer
     busy: int = 0  # of those, refused with Busy
+    hedged: int = 0  # attempts started beside a running one (hedged forwards)
     references_by_digest: int = 0  # checks whose reference went by digest (the validator held it)
     losses: list[float] = field(default_factory=list)  # one per optimizer step
     step_completed: list[int] = field(default_factory=list)  # completed micro-batches of each optimizer step
@@ -259,6 +272,8 @@ class Trainer:
         self._p2p: P2P | None = None
         self._refreshing: asyncio.Future | None = None
         self._plans: dict[tuple[int, int], list[str]] = {}  # (step, stage) -> the step's replica per micro-batch
+        self._latency: dict[int, deque[float]] = {}  # stage -> seconds of its recent answered forwards
+        self._background: set[asyncio.Future] = set()  # hedged attempts that lost, running on (``_learn``)
         if config.routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {config.routing!r}")
         if not 0.0 < config.explore <= 1.0 or config.max_retries < 0 or config.max_unproven_tries < 1:
@@ -266,6 +281,9 @@ class Trainer:
             raise ValueError("explore must be in (0, 1], max_retries >= 0 and max_unproven_tries >= 1")
         if config.fast_failure < 0 or config.max_fast_failures < 0:
             raise ValueError("fast_failure and max_fast_failures must be >= 0")
+        if (not config.hedge_after >= 0 or not config.hedge_factor >= 0 or config.max_hedged < 1
+                or config.max_background < 0):  # fmt: skip
+            raise ValueError("hedge_after and hedge_factor must be >= 0, max_hedged >= 1 and max_background >= 0")
 
     async def start(self, dht: DHT) -> None:
         self._dht = dht
@@ -273,6 +291,10 @@ class Trainer:
         await self.refresh()
 
     async def shutdown(self) -> None:
+        background = list(self._background)
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         self._p2p = None  # the DHT's shared replica (dht.replicate_p2p caches it): not ours to close
 
     # ------------------------------------------------------------------------------------------------- routing
@@ -316,55 +338,134 @@ class Trainer:
         if time.monotonic() - self._refreshed_at > self.config.refresh_period:
             await self.refresh()
 
-    async def _with_retries(self, pick, attempt):
+    async def _with_retries(self, pick, attempt, hedge_after: float = 0.0):
         """``attempt(peer)`` on distinct peers from ``pick(exclude)`` until one answers: at most ``1 + max_retries``
         failures of peers that have answered this trainer before, and ``max_unproven_tries`` of others (failures of
-        those within ``fast_failure`` seconds counted apart, up to ``max_fast_failures``)."""
+        those within ``fast_failure`` seconds counted apart, up to ``max_fast_failures``).
+
+        ``hedge_after`` > 0 (stage forwards, which change nothing at the server): an attempt that has not answered
+        within that many seconds is not waited for alone; the next peer is tried beside it, and so on every
+        ``hedge_after`` seconds, up to ``max_hedged`` attempts at once, and the first answer is taken. A peer that
+        accepts calls and never answers then costs a call ``hedge_after`` seconds instead of ``rpc_timeout``. The
+        attempts that lose run on in the background (``_learn``): a slow honest replica becomes proven, a staller
+        fails at its ``rpc_timeout`` and is avoided like any failed peer."""
+        c = self.config
         exclude: set[str] = set()
         last: Exception | None = None
         failed = {True: 0, False: 0}  # by whether the peer had answered before
         fast = 0  # failures of unproven peers within fast_failure seconds, counted apart
-        while (failed[True] <= self.config.max_retries and failed[False] < self.config.max_unproven_tries
-               and fast < self.config.max_fast_failures):  # fmt: skip
-            peer = pick(exclude)
-            if peer is None and exclude:
-                await self.refresh()
-                peer = pick(exclude)
-            if peer is None:
-                break
-            proven = peer in self.proven
-            started = time.monotonic()
-            try:
-                result = await attempt(peer)
-            except Busy as e:  # healthy but full: sidestep it briefly, without counting a failure
-                failed[proven] += 1  # (an attempt all the same)
-                logger.info(f"{peer[:12]}... is busy ({e}); trying another peer")
-                self.metrics.retries += 1
-                self.metrics.busy += 1
-                _, failures = self._down.get(peer, (0.0, 0))
-                self._down[peer] = (time.monotonic() + self.config.busy_backoff, failures)
-                exclude.add(peer)
-                last = e
-                continue
-            except (TransportError, RemoteFailure) as e:
-                if isinstance(e, MalformedReply):
-                    logger.warning(f"{peer[:12]}... sent a malformed reply ({e}); routing around it from now on")
-                    self.misbehaved.add(peer)
-                else:
-                    logger.warning(f"call to {peer[:12]}... failed ({type(e).__name__}: {e}); trying another peer")
-                self.metrics.retries += 1
-                self._mark_failed(peer)
-                exclude.add(peer)
-                last = e
-                if not proven and time.monotonic() - started < self.config.fast_failure:
-                    fast += 1
-                else:
-                    failed[proven] += 1
-                continue
-            self._down.pop(peer, None)
-            self.proven.add(peer)
-            return peer, result
-        raise NoRoute(f"no peer answered after {len(exclude)} failure(s): {last}")
+        running: dict[asyncio.Future, tuple[str, bool, float]] = {}  # attempt -> (peer, proven then, started)
+        exhausted = False  # pick had no peer left while attempts were running: wait for one of them
+
+        def may_start() -> bool:  # another attempt, within the budget
+            return (not exhausted and failed[True] <= c.max_retries and failed[False] < c.max_unproven_tries
+                    and fast < c.max_fast_failures)  # fmt: skip
+
+        def hedge_in() -> float | None:  # seconds until the next hedge is due; None: none will be
+            if hedge_after <= 0 or not 0 < len(running) < c.max_hedged or not may_start():
+                return None
+            return max(started for _, _, started in running.values()) + hedge_after - time.monotonic()
+
+        try:
+            while True:
+                due = hedge_in()
+                if may_start() and (not running or (due is not None and due <= 0)):
+                    peer = pick(exclude)
+                    if peer is None and exclude:
+                        await self.refresh()
+                        peer = pick(exclude)
+                    if peer is None:
+                        exhausted = True
+                    else:
+                        if running:
+                            self.metrics.hedged += 1
+                        exclude.add(peer)
+                        running[asyncio.ensure_future(attempt(peer))] = (peer, peer in self.proven, time.monotonic())
+                        continue
+                if not running:
+                    break
+                due = hedge_in()
+                done, _ = await asyncio.wait(running, timeout=None if due is None else max(0.0, due),
+                                             return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+                for task in done:
+                    peer, proven, started = running.pop(task)
+                    exhausted = False  # a failure below may leave room for another pick (after a refresh)
+                    try:
+                        result = task.result()
+                    except (Busy, TransportError, RemoteFailure) as e:
+                        self.metrics.retries += 1
+                        last = e
+                        busy = self._failed(peer, e)
+                        if not busy and not proven and time.monotonic() - started < c.fast_failure:
+                            fast += 1
+                        else:  # (Busy: healthy but full, and an attempt all the same)
+                            failed[proven] += 1
+                        continue
+                    self._answered(peer)
+                    for other, (other_peer, _, _) in running.items():
+                        self._learn(other, other_peer)
+                    running.clear()
+                    return peer, result
+        finally:  # an error not retried, or this call cancelled: stop what still runs
+            for task in running:
+                if not task.done():
+                    task.cancel()
+                elif not task.cancelled():
+                    task.exception()  # retrieved: done beside the one that raised, it is dropped
+        raise NoRoute(f"no peer answered after {sum(failed.values()) + fast} failure(s): {last}")
+
+    def _answered(self, peer: str) -> None:
+        self._down.pop(peer, None)
+        self.proven.add(peer)
+
+    def _failed(self, peer: str, e: Exception) -> bool:
+        """Book a failed call of ``peer``: Busy (healthy but full) sidesteps it for ``busy_backoff`` seconds, a
+        MalformedReply shuns it, any other failure avoids it (``_mark_failed``). True for Busy."""
+        if isinstance(e, Busy):
+            logger.info(f"{peer[:12]}... is busy ({e}); trying another peer")
+            self.metrics.busy += 1
+            _, failures = self._down.get(peer, (0.0, 0))
+            self._down[peer] = (time.monotonic() + self.config.busy_backoff, failures)
+            return True
+        if isinstance(e, MalformedReply):
+            logger.warning(f"{peer[:12]}... sent a malformed reply ({e}); routing around it from now on")
+            self.misbehaved.add(peer)
+        else:
+            logger.warning(f"call to {peer[:12]}... failed ({type(e).__name__}: {e}); trying another peer")
+        self._mark_failed(peer)
+        return False
+
+    def _learn(self, task: asyncio.Future, peer: str) -> None:
+        """A hedged attempt that lost the race runs on in the background, and its outcome is booked like any call's
+        (proven, or failed and avoided); its result is dropped. At most ``max_background`` at once: past that it is
+        cancelled (and the peer booked as failed: it did not answer within ``hedge_after``)."""
+        if len(self._background) >= self.config.max_background:
+            task.cancel()
+            self._mark_failed(peer)
+            return
+
+        def booked(t: asyncio.Future) -> None:
+            self._background.discard(t)
+            if t.cancelled():
+                return
+            e = t.exception()
+            if e is None:
+                self._answered(peer)
+            elif isinstance(e, (Busy, TransportError, RemoteFailure)):
+                self._failed(peer, e)
+            else:
+                logger.warning(f"background call to {peer[:12]}... raised {type(e).__name__}: {e}")
+
+        self._background.add(task)
+        task.add_done_callback(booked)
+
+    def _hedge_delay(self, k: int) -> float:
+        """Seconds after which a forward at stage ``k`` is hedged (``TrainerConfig.hedge_after``); 0: never."""
+        c = self.config
+        if c.hedge_after <= 0:
+            return 0.0
+        seen = self._latency.get(k)
+        return max(c.hedge_after, c.hedge_factor * float(np.percentile(seen, 90))) if seen else c.hedge_after
 
     def _mark_failed(self, peer: str) -> None:
         _, failures = self._down.get(peer, (0.0, 0))
@@ -548,10 +649,13 @@ class Trainer:
     ) -> tuple[str, CheckReply]:
         """Stage ``k``'s forward of ``inp`` on some replica, then a validator's check of its output at boundary k."""
         meta = {"run": self.run, "step": step, "mb": mb, "verdict": inp_verdict.to_tuple()}
-        peer, out = await self._with_retries(
-            self._planned_pick(k, step, mb),
-            lambda p: self._stage_call(p, "rpc_forward", [inp], meta),
-        )
+
+        async def timed(p: str) -> tuple[torch.Tensor, float]:
+            started = time.monotonic()
+            return await self._stage_call(p, "rpc_forward", [inp], meta), time.monotonic() - started
+
+        peer, (out, seconds) = await self._with_retries(self._planned_pick(k, step, mb), timed, self._hedge_delay(k))
+        self._latency.setdefault(k, deque(maxlen=32)).append(seconds)
         if not self.config.validate:
             out = as_received(out, self.config.compression)
             return peer, CheckReply(False, out, self._trainer_verdict(out, step=step, mb=mb, boundary=k,

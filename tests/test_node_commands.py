@@ -149,6 +149,8 @@ def test_key_and_override_parsing():
           "00" * 32, "--identity", "{tmp}/missing.key"], "keygen"),
         (["join", "--role", "trainer", "--initial-peers", "/ip4/127.0.0.1/tcp/1", "--run-id", "r", "--authority",
           "00" * 32, "--identity", "{tmp}/t.key", "--checkpoint-every", "-1"], "--checkpoint-every"),
+        (["join", "--role", "trainer", "--initial-peers", "/ip4/127.0.0.1/tcp/1", "--run-id", "r", "--authority",
+          "00" * 32, "--identity", "{tmp}/t.key", "--hedge-after", "nan"], "--hedge-after >= 0"),
         (["join", "--role", "validator", "--initial-peers", "/ip4/127.0.0.1/tcp/1", "--run-id", "r", "--authority",
           "00" * 32, "--identity", "{tmp}/v.key", "--manifest", "{tmp}/missing.json"], "--manifest"),
         (["demo", "--stages", "1", "--replicas", "1", "--attackers", "1"], "honest replica"),

@@ -8,6 +8,7 @@ import asyncio
 import copy
 import math
 import time
+from collections import deque
 
 import numpy as np
 import psutil
@@ -429,6 +430,121 @@ def test_peers_that_fail_to_dial_at_once_do_not_use_up_the_unproven_tries():
         asyncio.run(slow._with_retries(lambda exclude: next(mixed), attempt))
     with pytest.raises(ValueError, match="fast_failure"):
         Trainer(TrainerConfig(seed=SEED, fast_failure=-1.0), manifest, trainer_id, CORPUS)
+
+
+@pytest.mark.forked
+@pytest.mark.timeout(150)
+def test_announced_replicas_that_accept_calls_and_never_answer_cost_a_hedge_each():
+    """Three strangers announce replicas of stage 1 beside its one honest replica; each accepts every call (over real
+    P2P) and never answers. A cold-started trainer routes to all four alike, and used to wait ``rpc_timeout`` on each
+    staller it drew. Hedged forwards try the next replica after ``hedge_after`` instead: every micro-batch completes
+    while no call to a staller has even timed out yet (rpc_timeout 60 s), and no staller counts as having answered."""
+    microbatches = 4
+    config = TrainerConfig(seed=SEED, batch_size=2, microbatches=microbatches, warmup=100, rpc_timeout=60.0,
+                           hedge_after=0.5)  # fmt: skip
+    swarm = LocalSwarm((1,), trainer_config=config, stallers={1: 3})
+
+    async def body(swarm: LocalSwarm):
+        trainer = swarm.trainer
+        stallers = {server.peer_id for server in swarm.stallers}
+        assert {a.peer for a in trainer.stages[1]} == {swarm.servers[(1, 0)].peer_id, *stallers}
+        started = time.monotonic()
+        for step in range(2):
+            await trainer.step(step)
+        elapsed = time.monotonic() - started
+        assert trainer.metrics.step_completed == [microbatches] * 2
+        assert all(math.isfinite(x) for x in trainer.metrics.losses)
+        assert trainer.metrics.hedged >= 1  # the plan of step 0 gave stallers micro-batches (all four alike)
+        assert elapsed < config.rpc_timeout and trainer.metrics.retries == 0  # no staller's call ended yet
+        assert swarm.servers[(1, 0)].peer_id in trainer.proven and not trainer.proven & stallers
+        assert len(trainer._background) >= 1  # the stallers' calls, still waiting
+        assert swarm.servers[(1, 0)].backward_calls == 2 * microbatches  # backwards: never hedged, never repeated
+
+    run_swarm(swarm, body)
+
+
+def test_a_peer_that_never_answers_is_hedged_past_and_its_outcome_learnt_later():
+    """A peer that accepts a call and never answers cost the call ``rpc_timeout`` (30 s) before the next replica was
+    tried, up to 8 of them. A hedged call (stage forwards: ``hedge_after``) tries the next peer beside it once
+    ``hedge_after`` seconds have passed, takes the first answer, and lets the others run on: their failure (here, a
+    simulated rpc_timeout) is booked when it comes, and avoids them as any failure does."""
+    trainer_id = Identity.generate()
+    manifest = local_manifest(RUN, "tiny", 1, Identity.generate(), trainer_id, Identity.generate())
+    trainer = Trainer(TrainerConfig(seed=SEED), manifest, trainer_id, CORPUS)
+    events: list[str] = []
+    release = asyncio.Event()  # the stallers' "rpc_timeout": they fail when it is set
+
+    async def attempt(peer):
+        events.append(f"start {peer}")
+        if peer.startswith("stall"):
+            await release.wait()
+            events.append(f"fail {peer}")
+            raise TransportError("timed out")
+        return peer.upper()
+
+    async def body():
+        order = iter([f"stall{i}" for i in range(5)] + ["good"])
+        peer, result = await trainer._with_retries(lambda exclude: next(order), attempt, hedge_after=0.01)
+        assert (peer, result) == ("good", "GOOD")
+        assert not any(e.startswith("fail") for e in events)  # nobody waited for a staller's timeout
+        assert trainer.metrics.hedged == 5 and trainer.metrics.retries == 0 and len(trainer._background) == 5
+        assert trainer.proven == {"good"} and trainer.avoided() == set()
+        release.set()
+        while trainer._background:
+            await asyncio.sleep(0.01)
+        assert trainer.avoided() == {f"stall{i}" for i in range(5)}  # booked when their calls failed
+
+        # at most max_hedged at once; then the call waits for one of them to end
+        capped = Trainer(TrainerConfig(seed=SEED, max_hedged=3), manifest, trainer_id, CORPUS)
+        release.clear()
+        events.clear()
+        order = iter([f"stall{i}" for i in range(5, 10)] + ["good"])
+        call = asyncio.ensure_future(capped._with_retries(lambda exclude: next(order), attempt, hedge_after=0.01))
+        await asyncio.sleep(0.3)
+        assert events == ["start stall5", "start stall6", "start stall7"] and not call.done()
+        release.set()  # the three fail, and so do the next two (released too); then the good one
+        assert await call == ("good", "GOOD") and capped.metrics.retries == 5
+        # a cancelled call stops its attempts, and a trainer's shutdown those running on in the background
+        release.clear()
+        events.clear()
+        order = iter([f"stall{i}" for i in range(10, 13)])
+        call = asyncio.ensure_future(capped._with_retries(lambda exclude: next(order), attempt, hedge_after=0.01))
+        await asyncio.sleep(0.1)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert not capped._background and not any(e.startswith("fail") for e in events)
+        order = iter(["stall13", "good"])
+        assert await capped._with_retries(lambda exclude: next(order), attempt, hedge_after=0.01) == ("good", "GOOD")
+        assert len(capped._background) == 1
+        await capped.shutdown()
+        assert not capped._background and "fail stall13" not in events
+
+    asyncio.run(body())
+    # unhedged (backwards, validator checks): the next peer only after a failure, as before
+    trainer = Trainer(TrainerConfig(seed=SEED), manifest, trainer_id, CORPUS)
+    events.clear()
+    release.set()
+    order = iter(["stall20", "good"])
+    assert asyncio.run(trainer._with_retries(lambda exclude: next(order), attempt)) == ("good", "GOOD")
+    assert events == ["start stall20", "fail stall20", "start good"] and trainer.metrics.hedged == 0
+    with pytest.raises(ValueError, match="max_hedged"):
+        Trainer(TrainerConfig(seed=SEED, max_hedged=0), manifest, trainer_id, CORPUS)
+
+
+def test_the_hedge_waits_for_a_multiple_of_the_stage_s_recent_latency():
+    """A slow stage is not hedged at every call: the hedge comes after ``hedge_factor`` times the 90th percentile of
+    its recent forwards, and never before ``hedge_after``."""
+    trainer_id = Identity.generate()
+    manifest = local_manifest(RUN, "tiny", 2, Identity.generate(), trainer_id, Identity.generate())
+    trainer = Trainer(TrainerConfig(seed=SEED, hedge_after=2.0, hedge_factor=3.0), manifest, trainer_id, CORPUS)
+    assert trainer._hedge_delay(1) == 2.0  # nothing measured yet
+    trainer._latency[1] = deque([0.01] * 30, maxlen=32)
+    trainer._latency[2] = deque([1.5] * 30, maxlen=32)
+    assert trainer._hedge_delay(1) == 2.0 and trainer._hedge_delay(2) == pytest.approx(4.5)
+    off = Trainer(TrainerConfig(seed=SEED, hedge_after=0.0), manifest, trainer_id, CORPUS)
+    off._latency[1] = deque([1.5], maxlen=32)
+    assert off._hedge_delay(1) == 0.0
 
 
 def test_a_stage_reply_of_the_wrong_shape_is_retried_elsewhere_and_its_sender_shunned(monkeypatch):
