@@ -345,7 +345,8 @@ class Trainer:
 
         ``hedge_after`` > 0 (stage forwards, which change nothing at the server): an attempt that has not answered
         within that many seconds is not waited for alone; the next peer is tried beside it, and so on every
-        ``hedge_after`` seconds, up to ``max_hedged`` attempts at once, and the first answer is taken. A peer that
+        ``hedge_after`` seconds, up to ``max_hedged`` attempts at once (never on a banned, misbehaving or recently
+        failed peer, which only a call with nothing else left goes to), and the first answer is taken. A peer that
         accepts calls and never answers then costs a call ``hedge_after`` seconds instead of ``rpc_timeout``. The
         attempts that lose run on in the background (``_learn``): a slow honest replica becomes proven, a staller
         fails at its ``rpc_timeout`` and is avoided like any failed peer."""
@@ -370,10 +371,13 @@ class Trainer:
             while True:
                 due = hedge_in()
                 if may_start() and (not running or (due is not None and due <= 0)):
-                    peer = pick(exclude)
-                    if peer is None and exclude:
-                        await self.refresh()
+                    if running:  # a hedge goes only to a peer in good standing, never to the last resorts
+                        peer = pick(exclude | self.shunned | self.avoided())
+                    else:
                         peer = pick(exclude)
+                        if peer is None and exclude:
+                            await self.refresh()
+                            peer = pick(exclude)
                     if peer is None:
                         exhausted = True
                     else:

@@ -521,6 +521,22 @@ def test_a_peer_that_never_answers_is_hedged_past_and_its_outcome_learnt_later()
         assert not capped._background and "fail stall13" not in events
 
     asyncio.run(body())
+    # a hedge never goes to a peer routed to only as a last resort (banned, misbehaving, recently failed): with only
+    # such peers left beside a slow one, the call waits for the slow one
+    trainer = Trainer(TrainerConfig(seed=SEED), manifest, trainer_id, CORPUS)
+    trainer.banned, trainer.misbehaved = {"banned"}, {"malformed"}
+    trainer._mark_failed("failed")
+    candidates = ["slow", "banned", "malformed", "failed"]
+
+    async def slow(peer):
+        events.append(f"start {peer}")
+        await asyncio.sleep(0.2)
+        return peer
+
+    events.clear()
+    pick = lambda exclude: next((p for p in candidates if p not in exclude), None)  # noqa: E731
+    assert asyncio.run(trainer._with_retries(pick, slow, hedge_after=0.01)) == ("slow", "slow")
+    assert events == ["start slow"] and trainer.metrics.hedged == 0
     # unhedged (backwards, validator checks): the next peer only after a failure, as before
     trainer = Trainer(TrainerConfig(seed=SEED), manifest, trainer_id, CORPUS)
     events.clear()
