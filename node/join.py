@@ -236,9 +236,19 @@ def run(args: argparse.Namespace) -> int:
         say(f"{args.role}: joined run {manifest.run_id!r} ({manifest.preset}, {manifest.n_stages} stages, "
             f"{len(manifest.validators)} validators, ban quorum {manifest.ban_quorum}) as {identity.fingerprint}")
         main = {"gpu-stage": _stage, "validator": _validator, "trainer": _trainer}[args.role]
-        return asyncio.run(main(args, dht, manifest, identity, stop))
+        return asyncio.run(_releasing(dht, main(args, dht, manifest, identity, stop)))
     finally:
         dht.shutdown()
+
+
+async def _releasing(dht, role):
+    """Run ``role``, then close the DHT's P2P replica it used (``release_p2p_replica``: else its socket file stays)."""
+    from swarm.dht_schema import release_p2p_replica
+
+    try:
+        return await role
+    finally:
+        await release_p2p_replica(dht)
 
 
 def _join_manifest(dht, args, authority: bytes, digest: bytes | None, fallbacks: list[Path], stop: StopFlag):

@@ -608,6 +608,21 @@ def dht_alive(dht: DHT) -> bool:
         return True
 
 
+async def release_p2p_replica(dht: DHT) -> None:
+    """Close the P2P replica that ``dht.replicate_p2p()`` cached in this process, if any: its client socket
+    (``/tmp/hivemind-p2pclient-*.sock``) is removed only when the replica is shut down, and hivemind never shuts the
+    cached one down, so each process that used it left one such file behind. The daemon is the DHT's and stays up
+    (``dht.shutdown()`` stops it). Call it from the event loop that used the replica, once nothing uses it."""
+    replica = getattr(dht, "_p2p_replica", None)
+    if replica is None:
+        return
+    dht._p2p_replica = None
+    try:
+        await replica.shutdown()
+    except Exception as e:  # noqa: BLE001 - a leftover socket file is not worth failing a shutdown for
+        logger.debug(f"closing the DHT's P2P replica failed: {type(e).__name__}: {e}")
+
+
 def _fetch(
     dht: DHT, key: str, parse: Callable[[Any], _T], owner_of: Callable[[_T], bytes] | None
 ) -> list[tuple[bytes, _T]]:

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from sentinel.attacks import MaliciousBehaviour
 from sentinel.config import SentinelConfig
 from swarm.data import Corpus
-from swarm.dht_schema import SentinelDHT, SentinelRecordValidator
+from swarm.dht_schema import SentinelDHT, SentinelRecordValidator, release_p2p_replica
 from swarm.identity import Identity
 from swarm.model import resolve_config, split_layers
 from swarm.records import Manifest
@@ -142,7 +142,9 @@ class LocalSwarm:
             server._announcer = None
         await server.remove_p2p_handlers(server._p2p, namespace=rpc_namespace(self.run_id))
         server._serving, server._p2p = False, None
-        await asyncio.to_thread(self.dhts.pop(slot).shutdown)
+        dht = self.dhts.pop(slot)
+        await release_p2p_replica(dht)
+        await asyncio.to_thread(dht.shutdown)
         await server.shutdown()  # now only stops its averaging task and its compute thread
 
     async def stop(self) -> None:
@@ -156,6 +158,8 @@ class LocalSwarm:
                 await node.shutdown()
             except Exception as e:  # noqa: BLE001 - re-raised below, after the other nodes
                 errors.append(e)
+        for dht in self.dhts.values():
+            await release_p2p_replica(dht)
         if errors:
             raise errors[0]
 

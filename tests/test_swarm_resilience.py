@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import math
+import os
 import time
 from collections import deque
 
@@ -459,8 +460,16 @@ def test_announced_replicas_that_accept_calls_and_never_answer_cost_a_hedge_each
         assert swarm.servers[(1, 0)].peer_id in trainer.proven and not trainer.proven & stallers
         assert len(trainer._background) >= 1  # the stallers' calls, still waiting
         assert swarm.servers[(1, 0)].backward_calls == 2 * microbatches  # backwards: never hedged, never repeated
+        sockets.extend(dht._p2p_replica._client_listen_maddr["unix"] for dht in swarm.dhts.values()
+                       if dht._p2p_replica is not None)  # fmt: skip
+        # (a replica listens on its socket once it serves handlers: the stage servers' and the validator's)
+        assert sum(os.path.exists(path) for path in sockets) == 5
 
+    sockets: list[str] = []
     run_swarm(swarm, body)
+    # each node's P2P replica was closed with it: hivemind never closes the one it caches, which left a
+    # /tmp/hivemind-p2pclient-*.sock file behind for every node process (release_p2p_replica)
+    assert not any(os.path.exists(path) for path in sockets)
 
 
 def test_a_peer_that_never_answers_is_hedged_past_and_its_outcome_learnt_later():
