@@ -119,7 +119,8 @@ def test_compose_commands_run_a_swarm_on_loopback(tmp_path):
         for proc in [*dht_process[0].children(recursive=True), *dht_process]:  # its p2pd, then the DHT process
             proc.kill()
         assert stage2.wait(30) == 1, log("stage2")
-        assert "DHT process died" in log("stage2"), log("stage2")
+        # (which death it notices first is a race: the check may run between the two kills)
+        assert "DHT process died" in log("stage2") or "p2p daemon (p2pd) died" in log("stage2"), log("stage2")
         (checkpoint,) = (data / "stage2").glob("stage2-*.pt")
         assert torch.load(checkpoint, weights_only=True)["optimizer_steps"] >= 1
         others = {name: proc for name, proc in procs.items() if name != "stage2"}
