@@ -34,9 +34,11 @@ def collect(dht, manifest) -> dict:
     Strike records are read for every peer that announces a stage and every peer in the run's strike index (the peers
     the manifest's validators ban, ``fetch_strike_index``), so a banned peer that went offline (its announcement
     expired) is still listed while its strike records live. A peer is online when it announces a state other than
-    OFFLINE."""
+    OFFLINE. ``directories``: the replicas each validator lists as having answered lately (``ReplicaDirectory``),
+    which is how trainers still find them when a stage's announcements cannot be read."""
     from swarm.dht_schema import (
         banned_peers,
+        fetch_directories,
         fetch_stages,
         fetch_strike_index,
         fetch_strikes_of,
@@ -48,11 +50,14 @@ def collect(dht, manifest) -> dict:
     run = manifest.run_id
     stages = {k: fetch_stages(dht, run, k - 1) for k in range(1, manifest.n_stages + 1)}
     validators = {b: fetch_validators(dht, run, b) for b in range(manifest.n_stages + 1)}
+    directories = {k: [d for d in fetch_directories(dht, run, k - 1) if manifest.is_validator(d.validator)]
+                   for k in range(1, manifest.n_stages + 1)}  # fmt: skip
     announced = {a.peer for anns in stages.values() for a in anns}
+    listed = {p for dirs in directories.values() for d in dirs for p in d.peers}
     online = {a.peer for anns in stages.values() for a in anns if a.state != StageState.OFFLINE}
     # the DHT's record validator admits only authorized validators' signed entries; checked again against the manifest
     indexed = {e.peer for e in fetch_strike_index(dht, run) if manifest.is_validator(e.validator)}
-    strikes = fetch_strikes_of(dht, run, announced | indexed)
+    strikes = fetch_strikes_of(dht, run, announced | listed | indexed)
     banned = sorted(banned_peers(strikes, manifest))
     copies = manifest_copies(dht, run, manifest.authority)
     return {
@@ -71,6 +76,8 @@ def collect(dht, manifest) -> dict:
         },
         "validators": {b: [{"peer": a.peer, "throughput": a.throughput, "key": a.validator.hex()[:16]} for a in anns]
                        for b, anns in validators.items()},
+        "directories": {k: [{"validator": d.validator.hex()[:16], "peers": list(d.peers)} for d in dirs]
+                        for k, dirs in directories.items()},
         "strikes": [{"peer": r.peer, "validator": r.validator.hex()[:16], "count": r.count, "banned": r.banned,
                      "step": r.step, "online": r.peer in online} for r in strikes],
         "banned": banned,
@@ -114,6 +121,10 @@ def format_status(state: dict) -> str:
         for a in anns:
             mark = "  BANNED" if a["peer"] in state["banned"] else ""
             lines.append(f"  {a['peer']}  {a['state']:<8} {a['throughput']:8.2f} mb/s{mark}")
+        dirs = state.get("directories", {}).get(k, [])
+        unannounced = sorted({p for d in dirs for p in d["peers"]} - {a["peer"] for a in anns})
+        lines.append(f"  listed by {len(dirs)} validator(s) as answering lately"
+                     f"{f'; not announced: {unannounced}' if unannounced else ''}")  # fmt: skip
     for b, anns in state["validators"].items():
         lines.append(f"boundary {b}: validators {[a['peer'][:16] + '...' for a in anns] or 'NONE'}")
     online = _online(state)

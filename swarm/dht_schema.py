@@ -46,6 +46,7 @@ from swarm.records import (
     Manifest,
     RecordError,
     RecordKind,
+    ReplicaDirectory,
     SignedManifest,
     StageAnnouncement,
     StrikeIndexEntry,
@@ -98,6 +99,11 @@ def stage_key(run: str, stage: int) -> str:
 
 def validator_key(run: str, boundary: int) -> str:
     return f"{KEY_PREFIX}.{_run(run)}.validator.{_index(boundary, 'boundary')}"
+
+
+def directory_key(run: str, stage: int) -> str:
+    """The validators' directories of stage ``stage``'s replicas (``ReplicaDirectory``; 0-based like stage_key)."""
+    return f"{KEY_PREFIX}.{_run(run)}.directory.{_index(stage, 'stage')}"
 
 
 def taint_key(run: str, bucket: int) -> str:
@@ -254,11 +260,58 @@ class SentinelDHT(DHT):
     resource sharer (a Unix socket of the calling process). If that hand-over fails (seen once in CI: ``EOFError``
     in the sharer's handshake), hivemind's request loop, which catches ``OSError``, ``ConnectionError`` and
     ``RuntimeError`` only, lets the ``EOFError`` kill the DHT process and its p2pd: the node would lose the swarm
-    over one lost request. Here that one request is dropped instead (its caller's bounded wait treats it as empty)."""
+    over one lost request. Here that one request is dropped instead (its caller's bounded wait treats it as empty).
+
+    It also keeps in its routing table a peer that fails one call within ``ROUTING_GRACE`` seconds of its last answer
+    (``_keep_recent_peers``)."""
 
     def run(self) -> None:
         self._inner_pipe = _TolerantPipe(self._inner_pipe)
+        _keep_recent_peers()
         super().run()
+
+
+ROUTING_GRACE = 60.0  # seconds
+_ANSWERED: dict = {}  # (in the DHT's process) peer id -> time.monotonic() of its last answer
+
+
+def _answered_lately(peer_id) -> bool:
+    return time.monotonic() - _ANSWERED.get(peer_id, -float("inf")) < ROUTING_GRACE
+
+
+def _keep_recent_peers() -> None:
+    """In this (the DHT's) process: hivemind drops a peer from the routing table, and blacklists it for 5 s (doubling
+    with each failure), as soon as one call to it fails; and a get of a key whose dictionary is over hivemind's 4 MiB
+    message limit fails at every node holding it (about 20 000 self-signed stage announcements, which anyone may
+    publish: ``benchmarks/dht_flood.py``). One read of such a key emptied a reader's routing table, so that its every
+    later read found nothing (a client-mode node is never called back: it stayed cut off), and the blacklist hid every
+    other key for a while after each such read. A peer that answered within ``ROUTING_GRACE`` seconds now survives a
+    failed call in both; one silent for longer is dropped and blacklisted at its next failure, as before."""
+    from hivemind.dht.node import Blacklist
+    from hivemind.dht.protocol import DHTProtocol
+
+    original = DHTProtocol.update_routing_table
+    if getattr(original, "sentinel_grace", False):
+        return
+    register_failure = Blacklist.register_failure
+
+    async def update_routing_table(self, node_id, peer_id, responded=True):
+        if responded:
+            _ANSWERED[peer_id] = time.monotonic()
+            if len(_ANSWERED) > 4096:  # forget the longest silent
+                for peer, _ in sorted(_ANSWERED.items(), key=lambda kv: kv[1])[:1024]:
+                    _ANSWERED.pop(peer, None)
+        elif _answered_lately(peer_id):
+            return
+        return await original(self, node_id, peer_id, responded)
+
+    def register_failure_unless_recent(self, peer) -> None:
+        if not _answered_lately(peer):
+            register_failure(self, peer)
+
+    update_routing_table.sentinel_grace = True
+    DHTProtocol.update_routing_table = update_routing_table
+    Blacklist.register_failure = register_failure_unless_recent
 
 
 class _TolerantPipe:
@@ -360,6 +413,7 @@ class SentinelRecordValidator(RecordValidatorBase):
         if self.n_stages is not None:
             keys += [stage_key(self.run_id, k) for k in range(self.n_stages)]
             keys += [validator_key(self.run_id, b) for b in range(self.n_stages + 1)]
+            keys += [directory_key(self.run_id, k) for k in range(self.n_stages)]
         return frozenset(dht_key_id(key) for key in keys)
 
     @property
@@ -485,6 +539,10 @@ class SentinelRecordValidator(RecordValidatorBase):
             return strikes_key(self.run_id, item.peer), b"", item.validator
         if isinstance(item, StrikeIndexEntry):
             return strike_index_key(self.run_id), strike_index_discriminator(item.peer), item.validator
+        if isinstance(item, ReplicaDirectory):
+            if self.n_stages is not None and item.stage >= self.n_stages:
+                raise RecordError("stage index outside the manifest")
+            return directory_key(self.run_id, item.stage), b"", item.validator
         raise RecordError(f"{type(item).__name__} records are not stored in the DHT")
 
     def _validate_foreign(self, record: DHTRecord) -> None:
@@ -692,6 +750,18 @@ def manifest_copies(dht: DHT, run: str, authority_key: bytes) -> list[tuple[byte
 def publish_stage(dht: DHT, identity: Identity, announcement: StageAnnouncement, expiration: float) -> bool:
     key = stage_key(announcement.run_id, announcement.stage)
     return _publish(dht, identity, announcement.owner, key, b"", announcement, expiration)
+
+
+def publish_directory(dht: DHT, identity: Identity, directory: ReplicaDirectory, expiration: float) -> bool:
+    key = directory_key(directory.run_id, directory.stage)
+    return _publish(dht, identity, directory.validator, key, b"", directory, expiration)
+
+
+def fetch_directories(dht: DHT, run: str, stage: int) -> list[ReplicaDirectory]:
+    """The validators' directories of stage ``stage`` (each written by an authorized validator: the DHT's record
+    policy refuses anyone else's). Blocking."""
+    entries = _fetch(dht, directory_key(run, stage), ReplicaDirectory.from_tuple, lambda d: d.validator)
+    return [d for _, d in entries if d.run_id == run and d.stage == stage]
 
 
 def fetch_stages(dht: DHT, run: str, stage: int) -> list[StageAnnouncement]:

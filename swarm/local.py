@@ -13,13 +13,24 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+from hivemind.dht.routing import DHTID
+from hivemind.utils import MSGPackSerializer
+
 from sentinel.attacks import MaliciousBehaviour
 from sentinel.config import SentinelConfig
 from swarm.data import Corpus
-from swarm.dht_schema import SentinelDHT, SentinelRecordValidator, release_p2p_replica
+from swarm.dht_schema import (
+    SentinelDHT,
+    SentinelRecordValidator,
+    dht_signing_bytes,
+    make_subkey,
+    pack_signed_value,
+    release_p2p_replica,
+    stage_key,
+)
 from swarm.identity import Identity
 from swarm.model import resolve_config, split_layers
-from swarm.records import Manifest
+from swarm.records import Manifest, StageAnnouncement, StageState
 from swarm.stage_server import StageServer, StageServerConfig, rpc_namespace
 from swarm.trainer import Trainer, TrainerConfig
 from swarm.validator_service import ValidatorService, ValidatorServiceConfig
@@ -35,11 +46,41 @@ def local_manifest(run_id: str, preset: str, n_stages: int, validator: Identity 
                     [trainer.public_key], ban_quorum, 1.0, authority.public_key)  # fmt: skip
 
 
-def start_local_dht(manifest: Manifest, identity: Identity, initial_peers=()) -> SentinelDHT:
+def start_local_dht(
+    manifest: Manifest, identity: Identity, initial_peers=(), client_mode: bool = False
+) -> SentinelDHT:
     return SentinelDHT(
         initial_peers=list(initial_peers), start=True, startup_timeout=30, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-        record_validators=[SentinelRecordValidator.from_manifest(manifest, identity)],
+        record_validators=[SentinelRecordValidator.from_manifest(manifest, identity)], client_mode=client_mode,
     )  # fmt: skip
+
+
+async def flood_stage_key(
+    _dht, node, run: str, stage: int, n: int, expiration: float, span: tuple[int, int], batch: int = 2000
+) -> int:
+    """Red team, run inside a DHT's process (``dht.run_coroutine(partial(flood_stage_key, run=..., ...))``): ``n``
+    ONLINE announcements of stage ``stage`` (0-based), each of a peer id nobody serves and self-signed under a fresh
+    key, as anyone may publish them, stored through the DHT protocol at every peer this node knows and in its own
+    storage. Each receiving node checks every record's signature. Returns how many records the peers accepted."""
+    key_id = DHTID.generate(source=stage_key(run, stage))
+    subkeys, values = [], []
+    for i in range(n):
+        identity = Identity.generate()
+        ann = StageAnnouncement(run, stage, f"12D3KooWFlood{i:039d}", StageState.ONLINE, span, 1.0,
+                                identity.public_key)  # fmt: skip
+        payload, subkey = MSGPackSerializer.dumps(ann.to_tuple()), make_subkey(identity.public_key)
+        signature = identity.sign(dht_signing_bytes(key_id.to_bytes(), MSGPackSerializer.dumps(subkey), payload,
+                                                    expiration))  # fmt: skip
+        subkeys.append(subkey)
+        values.append(pack_signed_value(payload, signature))
+        node.protocol.storage.store_subkey(key_id, subkey, values[-1], expiration)
+    accepted = 0
+    for peer in list(node.protocol.routing_table.peer_id_to_uid):
+        for i in range(0, n, batch):
+            ok = await node.protocol.call_store(peer, [key_id] * len(values[i:i + batch]), values[i:i + batch],
+                                                expiration, subkeys[i:i + batch])  # fmt: skip
+            accepted += sum(ok or [])
+    return accepted
 
 
 class LocalSwarm:

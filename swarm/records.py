@@ -41,6 +41,7 @@ MAX_REASON = 200
 MAX_SCORES = 16
 MAX_SCORE_NAME = 64
 MAX_EVIDENCE = 16
+MAX_DIRECTORY = 64  # replicas in one validator's directory of a stage
 MAX_STAGES = 1024
 MAX_KEYS = 256  # validators or trainers in one manifest
 MAX_CONFIG_ENTRIES = 64
@@ -67,6 +68,7 @@ class RecordKind(IntEnum):
     STRIKE = 6
     VERDICT = 7
     STRIKE_INDEX = 8
+    DIRECTORY = 9
 
 
 class Verdict(IntEnum):
@@ -541,6 +543,37 @@ class StrikeIndexEntry(WireRecord):
         )
 
 
+@dataclass(frozen=True)
+class ReplicaDirectory(WireRecord):
+    """An authorized validator's list of the replicas of stage ``stage`` (0-based, as in StageAnnouncement) whose
+    outputs it has checked and accepted lately, under `sentinel.{run}.directory.{stage}`.
+
+    A second way to find a stage's replicas, written by the manifest's validators only: anyone may announce a replica,
+    so anyone can fill a stage's announcement key, and hivemind answers a key with its whole dictionary or nothing
+    (about 20 000 self-signed announcements at each node holding the key hid every replica from a fresh reader). Each
+    peer listed was routed to by an authorized trainer (the check's signed ``sender``) and answered with a tensor the
+    validator accepted; the list proves nothing more (bans still decide who is routed around)."""
+
+    KIND: ClassVar[RecordKind] = RecordKind.DIRECTORY
+
+    run_id: str
+    stage: int
+    peers: tuple[str, ...]  # at most MAX_DIRECTORY, distinct, sorted
+    validator: bytes
+
+    def _check(self) -> dict[str, Any]:
+        peers = _seq(self.peers, "peers", max_len=MAX_DIRECTORY)
+        peers = tuple(_str(p, f"peers[{i}]", max_len=MAX_PEER) for i, p in enumerate(peers))
+        if len(set(peers)) != len(peers):
+            raise RecordError("peers must be distinct")
+        return dict(
+            run_id=_run_id(self.run_id),
+            stage=_int(self.stage, "stage", hi=MAX_STAGES - 1),
+            peers=tuple(sorted(peers)),
+            validator=_key(self.validator, "validator"),
+        )
+
+
 # -------------------------------------------------------------------------------------------------------- verdicts
 @dataclass(frozen=True)
 class SignedVerdict(WireRecord):
@@ -596,6 +629,7 @@ _BY_KIND: dict[int, type[WireRecord]] = {
         TaintNotice,
         StrikeRecord,
         StrikeIndexEntry,
+        ReplicaDirectory,
         SignedVerdict,
     )
 }

@@ -82,7 +82,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
 
 from sentinel.attacks import MaliciousBehaviour
-from swarm.dht_schema import fetch_banned, fetch_stages, publish_stage
+from swarm.dht_schema import fetch_banned, fetch_directories, fetch_stages, publish_stage
 from swarm.identity import Identity
 from swarm.model import ModelConfig, Stage, resolve_config, resolve_device
 from swarm.protocol import (
@@ -619,13 +619,17 @@ class StageServer(ServicerBase):
 
     async def _stage_peers(self, *, joining: bool = False) -> set[str]:
         """Other ONLINE (and, with ``joining``, JOINING) replicas of this stage that no quorum of validators has
-        banned (from the DHT)."""
+        banned (from the DHT), and those the validators' directories list (``ReplicaDirectory``: the announcements'
+        key can be filled by anyone until it reads as nothing)."""
         dht, run, me = self._dht, self.manifest.run_id, self.peer_id
         states = (StageState.ONLINE, StageState.JOINING) if joining else (StageState.ONLINE,)
 
         def read() -> set[str]:
-            peers = {a.peer for a in fetch_stages(dht, run, self.config.stage - 1)
-                     if a.state in states and a.peer != me}  # fmt: skip
+            announced = fetch_stages(dht, run, self.config.stage - 1)
+            peers = {a.peer for a in announced if a.state in states}
+            gone = {a.peer for a in announced if a.state not in states}  # an OFFLINE record is the peer's own word
+            peers |= {p for d in fetch_directories(dht, run, self.config.stage - 1) for p in d.peers} - gone
+            peers.discard(me)
             return peers - fetch_banned(dht, self.manifest, peers)
 
         return await asyncio.to_thread(read)

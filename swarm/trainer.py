@@ -12,24 +12,25 @@ The data path of one micro-batch mirrors ``swarm.mesh.Mesh.microbatch`` over the
    through unchanged, as in the mesh); the trainer re-signs that gradient for the boundary below, which the stage
    servers accept from a trainer.
 
-Routing: among the ONLINE announcements of a stage, weighted by throughput (``throughput_weights``: a peer that has not
-measured itself yet weighs as the lower median measured one, and none more than 4 times that), with the replicas that
-have not answered this trainer yet sharing ``explore`` times the weight of those that have, excluding peers that a
-quorum of validators has banned (``fetch_banned``), peers announced only by keys that announced a banned peer, peers
-that sent a malformed reply (all of these: unless nothing else is left) and peers that failed during this micro-batch;
-the view is refreshed from the DHT every ``refresh_period`` seconds. With ``routing="balanced"`` (the default) each
-step's micro-batches are shared among a stage's replicas in proportion to those weights
-(``swarm.routing.balanced_plan``); retries, and a planned replica banned or failed since, fall back to the weighted
-random choice. Transport failures are retried on another replica, at most ``max_retries`` times per call for replicas
-that have answered before and ``max_unproven_tries`` for others (plus up to ``max_fast_failures`` that fail within
-``fast_failure`` seconds: peer ids nobody serves, which announcing costs nothing); a bad request or a rejected input
-is never retried. Forwards are hedged (``hedge_after``): one not answered within a few times the stage's usual
-latency (2 s at least) is tried on another replica beside it, and the first answer is taken, so that a peer that
-accepts calls and never answers costs a call that long, not ``rpc_timeout``; backwards, which apply gradients, are
-not. A peer that failed a call is avoided for ``failure_ban`` seconds (doubling with each consecutive
-failure, up to ``failure_ban_max``; cleared by a success), like Petals' ``Blacklist``: a replica that died without
-announcing OFFLINE stays in the DHT until its record expires, and without this every micro-batch would pay one failed
-call for it. Avoided peers are still used when nothing else is left (they may be back).
+Routing: among the ONLINE announcements of a stage (and the replicas that the validators' directories list,
+``ReplicaDirectory``: anyone can fill a stage's announcement key until it reads as nothing), weighted by throughput
+(``throughput_weights``: a peer that has not measured itself yet weighs as the lower median measured one, and none more
+than 4 times that), with the replicas that have not answered this trainer yet sharing ``explore`` times the weight of
+those that have, excluding peers that a quorum of validators has banned (``fetch_banned``), peers announced only by
+keys that announced a banned peer, peers that sent a malformed reply (all of these: unless nothing else is left) and
+peers that failed during this micro-batch; the view is refreshed from the DHT every ``refresh_period`` seconds (in the
+background, once there is one). With ``routing="balanced"`` (the default) each step's micro-batches are shared among a
+stage's replicas in proportion to those weights (``swarm.routing.balanced_plan``); retries, and a planned replica
+banned or failed since, fall back to the weighted random choice. Transport failures are retried on another replica, at
+most ``max_retries`` times per call for replicas that have answered before and ``max_unproven_tries`` for others (plus
+up to ``max_fast_failures`` that fail within ``fast_failure`` seconds: peer ids nobody serves, which announcing costs
+nothing); a bad request or a rejected input is never retried. Forwards are hedged (``hedge_after``): one not answered
+within a few times the stage's usual latency (2 s at least) is tried on another replica beside it, and the first answer
+is taken, so that a peer that accepts calls and never answers costs a call that long, not ``rpc_timeout``; backwards,
+which apply gradients, are not. A peer that failed a call is avoided for ``failure_ban`` seconds (doubling with each
+consecutive failure, up to ``failure_ban_max``; cleared by a success), like Petals' ``Blacklist``: a replica that died
+without announcing OFFLINE stays in the DHT until its record expires, and without this every micro-batch would pay one
+failed call for it. Avoided peers are still used when nothing else is left (they may be back).
 
 A replica that dies between the forward and the backward of a micro-batch loses nothing: backward is stateless (the
 server recomputes the forward from the stage input the trainer kept) and every replica of stage ``k`` serves the same
@@ -55,7 +56,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from swarm.data import BatchSampler, Corpus, load_corpus
-from swarm.dht_schema import fetch_banned, fetch_stages, fetch_validators
+from swarm.dht_schema import fetch_banned, fetch_directories, fetch_stages, fetch_validators
 from swarm.identity import Identity
 from swarm.model import Embedding, Head
 from swarm.protocol import (
@@ -74,6 +75,7 @@ from swarm.protocol import (
 )
 from swarm.records import (
     Direction,
+    ReplicaDirectory,
     SignedVerdict,
     StageAnnouncement,
     StageState,
@@ -225,6 +227,12 @@ def throughput_weights(throughputs: Sequence[float]) -> np.ndarray:
     return np.array([min(t, THROUGHPUT_CAP * fill) if t > 0 else fill for t in values], dtype=np.float64)
 
 
+def _log_failed_refresh(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        e = task.exception()
+        logger.warning(f"background refresh of the routing view failed: {type(e).__name__}: {e}")
+
+
 @dataclass
 class TrainerMetrics:
     microbatches: int = 0  # started
@@ -291,6 +299,9 @@ class Trainer:
         await self.refresh()
 
     async def shutdown(self) -> None:
+        if self._refreshing is not None and not self._refreshing.done():
+            self._refreshing.cancel()
+            await asyncio.gather(self._refreshing, return_exceptions=True)
         background = list(self._background)
         for task in background:
             task.cancel()
@@ -312,11 +323,13 @@ class Trainer:
 
         def read():
             stages = {k: fetch_stages(dht, self.run, k - 1) for k in range(1, self.n_stages + 1)}
+            directories = {k: fetch_directories(dht, self.run, k - 1) for k in range(1, self.n_stages + 1)}
             validators = {b: fetch_validators(dht, self.run, b) for b in range(self.n_stages + 1)}
             peers = {a.peer for anns in stages.values() for a in anns}
-            return stages, validators, fetch_banned(dht, self.manifest, peers)
+            peers |= {p for dirs in directories.values() for d in dirs for p in d.peers}
+            return stages, directories, validators, fetch_banned(dht, self.manifest, peers)
 
-        self.stages, self.validators, banned = await asyncio.to_thread(read)
+        stages, directories, self.validators, banned = await asyncio.to_thread(read)
         # bans are for the whole run: one seen stays, whatever a later read misses (a DHT read that timed out, a
         # record not yet published again, the peer's announcement gone for a while)
         self.banned |= banned
@@ -327,16 +340,41 @@ class Trainer:
         # banned (by announcing a banned peer) and then announced an honest replica got that replica banned (the
         # docs audit), while the replica's own key, announcing it too, now keeps it in
         announcers: dict[str, set[bytes]] = {}
-        for anns in self.stages.values():
+        for anns in stages.values():
             for a in anns:
                 announcers.setdefault(a.peer, set()).add(a.owner)
         self.banned_owners |= {owner for peer, owners in announcers.items() if peer in self.banned for owner in owners}
         self.banned |= {peer for peer, owners in announcers.items() if owners <= self.banned_owners}
+        self.stages = {k: self._with_directories(k, stages[k], directories[k]) for k in stages}
         self._refreshed_at = time.monotonic()
 
+    def _with_directories(
+        self, k: int, announced: list[StageAnnouncement], directories: list[ReplicaDirectory]
+    ) -> list[StageAnnouncement]:
+        """Stage ``k``'s announcements, and an ONLINE entry (throughput 0: weighed as a typical replica) for each
+        replica that only the validators' directories list: anyone can fill a stage's announcement key until a fresh
+        reader gets nothing from it (``ReplicaDirectory``), while the directories are the manifest's validators' own.
+        A listed replica that is gone fails its first call and is avoided like any other."""
+        known = {a.peer for a in announced}
+        span = tuple(self.manifest.layer_spans[k - 1])
+        extra = {}
+        for d in directories:
+            for peer in d.peers:
+                if peer not in known and peer not in extra:
+                    extra[peer] = StageAnnouncement(self.run, k - 1, peer, StageState.ONLINE, span, 0.0, d.validator)
+        return [*announced, *(extra[p] for p in sorted(extra))]
+
     async def _maybe_refresh(self) -> None:
-        if time.monotonic() - self._refreshed_at > self.config.refresh_period:
+        """A refresh once the view is ``refresh_period`` old: awaited while there is no view yet, else run in the
+        background while micro-batches route on the current view (a read of a key filled by strangers takes seconds,
+        ``ReplicaDirectory``, and every micro-batch used to wait for it)."""
+        if time.monotonic() - self._refreshed_at <= self.config.refresh_period:
+            return
+        if not any(self.stages.values()):
             await self.refresh()
+        elif self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self._read_routing())
+            self._refreshing.add_done_callback(_log_failed_refresh)
 
     async def _with_retries(self, pick, attempt, hedge_after: float = 0.0):
         """``attempt(peer)`` on distinct peers from ``pick(exclude)`` until one answers: at most ``1 + max_retries``

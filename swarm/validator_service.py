@@ -42,7 +42,7 @@ from hivemind.utils import get_dht_time
 
 from sentinel.config import SentinelConfig
 from sentinel.validator import CheckResult, Validator
-from swarm.dht_schema import publish_strike, publish_taint, publish_validator
+from swarm.dht_schema import publish_directory, publish_strike, publish_taint, publish_validator
 from swarm.identity import Identity
 from swarm.protocol import (
     BadRequest,
@@ -68,11 +68,13 @@ from swarm.protocol import (
     unpack_meta,
 )
 from swarm.records import (
+    MAX_DIRECTORY,
     MAX_EVIDENCE,
     MAX_REASON,
     MAX_SCORES,
     Direction,
     Manifest,
+    ReplicaDirectory,
     StrikeRecord,
     TaintNotice,
     ValidatorAnnouncement,
@@ -101,6 +103,9 @@ class ValidatorServiceConfig:
     max_batch: int = 64
     compression: int = runtime_pb2.CompressionType.NONE
     announce_period: float = 10.0
+    directory_window: float = 300.0  # seconds a stage replica stays in this validator's directory of its stage
+    # (``ReplicaDirectory``, published with each announcement) after the last output of it this validator accepted;
+    # 0: no directory
     taint_ttl: float = 600.0  # seconds a taint notice stays in the DHT
     strike_ttl: float = 3600.0  # seconds a strike record stays in the DHT; the records of the peers this validator
     # bans are published again every strike_ttl / 3 (and on start, from the saved state): a ban is for the whole run
@@ -164,6 +169,7 @@ class ValidatorService(ServicerBase):
         self._announcer: asyncio.Task | None = None
         self._republisher: asyncio.Task | None = None
         self._published_step: dict[str, int] = {}  # peer -> the step of the latest strike record published for it
+        self._vouched: dict[int, OrderedDict[str, float]] = defaultdict(OrderedDict)  # stage -> peer -> last accepted
         self._saved_step: int | None = None  # the highest step seen before a restart (for republish_bans only)
         if config.state_path and Path(config.state_path).exists():
             # our own file, written by save_state below: its pickled deques and floats need the full unpickler
@@ -251,6 +257,30 @@ class ValidatorService(ServicerBase):
                 self.manifest.run_id, b, self.peer_id, self.throughput, self.identity.public_key
             )
             await asyncio.to_thread(publish_validator, self._dht, self.identity, record, expiration)
+        for directory in self.directories():
+            await asyncio.to_thread(publish_directory, self._dht, self.identity, directory, expiration)
+
+    def _vouch(self, stage: int, peer: str) -> None:
+        """``peer``'s output at stage ``stage`` (0-based) was accepted now."""
+        seen = self._vouched[stage]
+        seen[peer] = time.monotonic()
+        seen.move_to_end(peer)
+        while len(seen) > 4 * MAX_DIRECTORY:
+            seen.popitem(last=False)
+
+    def directories(self) -> list[ReplicaDirectory]:
+        """This validator's directory of each stage it has accepted outputs of: the replicas whose last accepted
+        output is at most ``directory_window`` seconds old, not banned here, the latest ``MAX_DIRECTORY``."""
+        if self.config.directory_window <= 0:
+            return []
+        since = time.monotonic() - self.config.directory_window
+        out = []
+        for stage, seen in sorted(self._vouched.items()):
+            peers = [p for p, t in reversed(seen.items()) if t >= since and not self.validator.ledger.is_banned(p)]
+            if peers:
+                out.append(ReplicaDirectory(self.manifest.run_id, stage, peers[:MAX_DIRECTORY],
+                                            self.identity.public_key))  # fmt: skip
+        return out
 
     async def republish_bans(self) -> int:
         """Publish again the strike record of every peer this validator bans (bans last the whole run; a record
@@ -419,6 +449,8 @@ class ValidatorService(ServicerBase):
         if not res.tainted:
             reply["verdict"] = verdict(Verdict.ACCEPT, digest)
             self._keep(digest, x)
+            if direction == Direction.FORWARD and boundary >= 1:  # the output of a replica of stage `boundary`
+                self._vouch(boundary - 1, sender)
         else:
             self.n_tainted += 1
             self.taint_events.append(TaintEvent(self.n_tainted, step, mb, boundary, name, sender, res.reason,

@@ -15,6 +15,7 @@ from swarm.dht_schema import (
     banned_peers,
     dht_key_id,
     dht_signing_bytes,
+    directory_key,
     fetch_manifest,
     fetch_stages,
     fetch_strike_index,
@@ -38,9 +39,11 @@ from swarm.dht_schema import (
 )
 from swarm.identity import Identity
 from swarm.records import (
+    MAX_DIRECTORY,
     Direction,
     Manifest,
     RecordError,
+    ReplicaDirectory,
     StageAnnouncement,
     StageState,
     StrikeIndexEntry,
@@ -208,6 +211,42 @@ def test_strike_index_entries_are_validated_like_strike_records():
     assert strike_index_discriminator("QmA") != strike_index_discriminator("QmB")
     with pytest.raises(RecordError):
         strike_index_discriminator("")
+
+
+def test_replica_directories_are_written_by_authorized_validators_only():
+    """A stage's announcement key is open to anyone (and can be filled until it reads as nothing); its directory key
+    is the validators' own: only an authorized validator's signed directory, of a stage of the manifest, under that
+    stage's directory key, is accepted."""
+    def directory(writer: Identity, stage: int = 1, peers=("QmA", "QmB"), run: str = RUN):
+        return ReplicaDirectory(run, stage, peers, writer.public_key)
+
+    key = directory_key(RUN, 1)
+    genuine = signed_record(V2, key, directory(V2))
+    payload = MSGPackSerializer.dumps(directory(V2).to_tuple())
+    padded = MSGPackSerializer.dumps(directory(V2, peers=("QmA", "QmB", "QmStranger")).to_tuple())
+    rejected = {
+        "unauthorized writer": signed_record(OUTSIDER, key, directory(OUTSIDER)),
+        "unsigned (raw payload)": dataclasses.replace(genuine, value=payload),
+        "peers added after signing": dataclasses.replace(
+            genuine, value=pack_signed_value(padded, MSGPackSerializer.loads(genuine.value)[1])
+        ),
+        "payload names another validator": signed_record(V0, key, directory(V1)),
+        "under another stage's key": signed_record(V2, directory_key(RUN, 0), directory(V2)),
+        "under the stage's announcement key": signed_record(V2, stage_key(RUN, 1), directory(V2)),
+        "a stage outside the manifest": signed_record(V2, directory_key(RUN, 2), directory(V2, stage=2)),
+        "another run": signed_record(V2, key, directory(V2, run="other")),
+        "unmarked padding": DHTRecord(dht_key_id(key), MSGPackSerializer.dumps(b"pad"),
+                                      MSGPackSerializer.dumps(b"x" * 1000), EXP),  # fmt: skip
+    }
+    policy = reader()
+    assert policy.validate(genuine)
+    assert MSGPackSerializer.loads(policy.strip_value(genuine)) == directory(V2).to_tuple()
+    for name, record in rejected.items():
+        assert not policy.validate(record), name
+    for bad in (("QmA", "QmA"), tuple(f"Qm{i}" for i in range(MAX_DIRECTORY + 1)), ("",), (7,)):
+        with pytest.raises(RecordError):
+            ReplicaDirectory(RUN, 1, bad, V2.public_key)
+    assert directory(V2, peers=("QmB", "QmA")).peers == ("QmA", "QmB")  # canonical order: one signing form
 
 
 def test_foreign_records_and_bootstrap_upgrade():

@@ -16,6 +16,7 @@ from hivemind.utils import MSGPackSerializer
 from swarm.dht_schema import (
     SentinelRecordValidator,
     dht_key_id,
+    directory_key,
     make_subkey,
     stage_key,
     strike_index_discriminator,
@@ -29,6 +30,7 @@ from swarm.records import (
     InputRejected,
     Manifest,
     RecordError,
+    ReplicaDirectory,
     StageAnnouncement,
     StageState,
     StrikeIndexEntry,
@@ -66,6 +68,7 @@ def records() -> list:
         TaintNotice(RUN, 7, 3, 1, Direction.BACKWARD, "QmPeer", DIGEST, {"l1": 1.5}, "fence", v),
         StrikeRecord(RUN, "QmPeer", 2, False, [DIGEST], 7, v),
         StrikeIndexEntry(RUN, "QmPeer", v),
+        ReplicaDirectory(RUN, 1, ("QmPeer", "QmOther"), v),
         verdict,
     ]
 
@@ -170,6 +173,7 @@ def test_corrupted_signed_dht_values_raise_only_record_error(seed):
                                                                TRAINER.public_key)),
         signed(VALIDATOR, strike_index_key(RUN), StrikeIndexEntry(RUN, "QmBad", VALIDATOR.public_key),
                strike_index_discriminator("QmBad")),
+        signed(VALIDATOR, directory_key(RUN, 1), ReplicaDirectory(RUN, 1, ("QmPeer",), VALIDATOR.public_key)),
     ]  # fmt: skip
     for record in genuine:
         policy = SentinelRecordValidator.from_manifest(MANIFEST)

@@ -226,6 +226,10 @@ def test_status_text_view_marks_banned_replicas():
     state["manifest"]["copies"].append({"publisher": "aa" * 8, "authority": True, "digest": "bb" * 32})
     assert "published by the authority and 1 relay(s)\n" in format_status(state)
     assert "(offline)" not in text
+    assert "  listed by 0 validator(s) as answering lately\n" in text  # a state without directories (older JSON)
+    # the validators' directories: a replica they list that no announcement shows (its stage key unreadable)
+    state["directories"] = {"1": [{"validator": "cc" * 8, "peers": ["PeerGood", "PeerHidden"]}]}
+    assert "  listed by 1 validator(s) as answering lately; not announced: ['PeerHidden']\n" in format_status(state)
 
 
 def test_status_text_view_marks_banned_peers_that_went_offline():

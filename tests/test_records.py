@@ -19,6 +19,7 @@ from swarm.records import (
     Manifest,
     MissingVerdict,
     RecordError,
+    ReplicaDirectory,
     SignedManifest,
     SignedVerdict,
     StageAnnouncement,
@@ -74,6 +75,7 @@ def make_records():
         TaintNotice(RUN, 7, 3, 1, Direction.BACKWARD, "QmPeer", DIGEST, {"l1": 1.5, "swd": 0.25}, "fence", v),
         StrikeRecord(RUN, "QmPeer", 2, False, [DIGEST, bytes(32)], 7, v),
         StrikeIndexEntry(RUN, "QmPeer", v),
+        ReplicaDirectory(RUN, 1, ("QmPeer", "QmOther"), v),
         sign_verdict(
             VALIDATORS[0],
             run_id=RUN,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import math
 import os
 import time
@@ -15,15 +16,16 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from swarm_helpers import CORPUS, RUN, SEED, LocalSwarm, run_swarm
+from hivemind.utils import get_dht_time
+from swarm_helpers import CORPUS, RUN, SEED, LocalSwarm, run_swarm, start_dht
 
 from sentinel.attacks import MaliciousBehaviour, make_attack
 from sentinel.config import SentinelConfig
-from swarm.dht_schema import DHT_OP_TIMEOUT, banned_peers, fetch_strikes
+from swarm.dht_schema import DHT_OP_TIMEOUT, banned_peers, fetch_stages, fetch_strikes, release_p2p_replica
 from swarm.identity import Identity
-from swarm.local import local_manifest
+from swarm.local import flood_stage_key, local_manifest
 from swarm.protocol import Busy, TransportError
-from swarm.records import StageAnnouncement, StageState
+from swarm.records import ReplicaDirectory, StageAnnouncement, StageState
 from swarm.trainer import NoRoute, Trainer, TrainerConfig, choose_replica
 
 
@@ -297,6 +299,7 @@ def test_a_ban_the_trainer_has_seen_stays_whatever_a_later_read_misses(monkeypat
     trainer = Trainer(TrainerConfig(seed=SEED), manifest, trainer_id, CORPUS)
     reads = iter([{"QmBad"}, set(), {"QmWorse"}])
     monkeypatch.setattr(trainer_module, "fetch_stages", lambda dht, run, k: [])
+    monkeypatch.setattr(trainer_module, "fetch_directories", lambda dht, run, k: [])
     monkeypatch.setattr(trainer_module, "fetch_validators", lambda dht, run, b: [])
     monkeypatch.setattr(trainer_module, "fetch_banned", lambda dht, manifest, peers: next(reads))
     for expected in ({"QmBad"}, {"QmBad"}, {"QmBad", "QmWorse"}):
@@ -322,6 +325,7 @@ def test_a_banned_replica_restarted_under_a_new_peer_id_with_its_key_stays_banne
                   (announce(("QmReborn", bad_key), ("QmGood", good_key)), set())])  # fmt: skip
     view = {}
     monkeypatch.setattr(trainer_module, "fetch_stages", lambda dht, run, k: view["stages"])
+    monkeypatch.setattr(trainer_module, "fetch_directories", lambda dht, run, k: view.get("directories", []))
     monkeypatch.setattr(trainer_module, "fetch_validators", lambda dht, run, b: [])
     monkeypatch.setattr(trainer_module, "fetch_banned", lambda dht, manifest, peers: view["banned"])
     for expected in ({"QmBad"}, {"QmBad", "QmReborn"}):
@@ -337,6 +341,41 @@ def test_a_banned_replica_restarted_under_a_new_peer_id_with_its_key_stays_banne
     view["banned"] = set()
     asyncio.run(trainer.refresh())
     assert stranger in trainer.banned_owners and "QmGood" not in trainer.banned
+
+
+def test_replicas_listed_only_by_the_validators_directories_are_routed_to(monkeypatch):
+    """Anyone can fill a stage's announcement key until a fresh reader gets nothing from it (about 20 000 self-signed
+    announcements at each node holding it: benchmarks/dht_flood.py). The validators' directories list the replicas
+    whose outputs they accepted, and only the manifest's validators can write them: a trainer whose read of the
+    announcements came back empty routes to those replicas, checks them for bans like any other, and does not ban
+    by key for them (the directory's writer is not the replica's announcer)."""
+    import swarm.trainer as trainer_module
+
+    trainer_id, validator = Identity.generate(), Identity.generate()
+    manifest = local_manifest(RUN, "tiny", 1, validator, trainer_id, Identity.generate())
+    trainer = Trainer(TrainerConfig(seed=SEED), manifest, trainer_id, CORPUS)
+    asked: list[set[str]] = []
+
+    def banned(dht, manifest, peers):
+        asked.append(set(peers))
+        return {"QmListedBad"} & set(peers)
+
+    directory = ReplicaDirectory(RUN, 0, ("QmListed", "QmListedBad"), validator.public_key)
+    monkeypatch.setattr(trainer_module, "fetch_stages", lambda dht, run, k: [])  # the flooded key: nothing read
+    monkeypatch.setattr(trainer_module, "fetch_directories", lambda dht, run, k: [directory])
+    monkeypatch.setattr(trainer_module, "fetch_validators", lambda dht, run, b: [])
+    monkeypatch.setattr(trainer_module, "fetch_banned", banned)
+    asyncio.run(trainer.refresh())
+    listed = {a.peer: a for a in trainer.stages[1]}
+    assert set(listed) == {"QmListed", "QmListedBad"} and asked == [{"QmListed", "QmListedBad"}]
+    assert all(a.state == StageState.ONLINE and a.span == tuple(manifest.layer_spans[0]) for a in listed.values())
+    assert trainer.banned == {"QmListedBad"} and trainer.banned_owners == set()  # the validator's key: not banned
+    assert {trainer._pick_stage(1, set()) for _ in range(20)} == {"QmListed"}
+    # announced and listed: one entry, the announcement's
+    ann = StageAnnouncement(RUN, 0, "QmListed", StageState.ONLINE, (0, 1), 7.0, bytes([9]) * 32)
+    monkeypatch.setattr(trainer_module, "fetch_stages", lambda dht, run, k: [ann])
+    asyncio.run(trainer.refresh())
+    assert [a for a in trainer.stages[1] if a.peer == "QmListed"] == [ann] and len(trainer.stages[1]) == 2
 
 
 def test_busy_peer_is_sidestepped_briefly_and_a_failed_one_for_longer():
@@ -470,6 +509,48 @@ def test_announced_replicas_that_accept_calls_and_never_answer_cost_a_hedge_each
     # each node's P2P replica was closed with it: hivemind never closes the one it caches, which left a
     # /tmp/hivemind-p2pclient-*.sock file behind for every node process (release_p2p_replica)
     assert not any(os.path.exists(path) for path in sockets)
+
+
+@pytest.mark.forked
+@pytest.mark.timeout(180)
+def test_a_flooded_stage_key_hides_no_replica_from_a_trainer_that_joins_later():
+    """Anyone may announce a replica, and hivemind answers a key with its whole dictionary or not at all: 20 000
+    self-signed announcements (each under a fresh key, stored through the DHT protocol at every node, which checks
+    each signature) make a fresh reader's get of the stage key fail, and that failure used to empty its routing
+    table and blacklist its peers, so its reads of every other key failed too. A trainer that joins now (client mode:
+    it stores nothing) still finds the honest replica in the validator's directory and trains through it."""
+    config = TrainerConfig(seed=SEED, batch_size=2, microbatches=2, warmup=100)
+    swarm = LocalSwarm((1,), trainer_config=config, stage_config={"average_every": 0})
+    late: dict = {}
+
+    def join_late():  # before the flood: a node that joined the DHT earlier and reads the key only now
+        late["dht"] = start_dht(swarm.manifest, swarm.trainer_identity, swarm.initial_peers(), client_mode=True)
+
+    async def body(swarm: LocalSwarm):
+        honest = swarm.servers[(1, 0)].peer_id
+        await swarm.trainer.step(0)  # the validator accepts the replica's outputs: its directory lists it
+        await swarm.validator.announce()
+        flood = functools.partial(flood_stage_key, run=RUN, stage=0, n=20_000, expiration=get_dht_time() + 600,
+                                  span=tuple(swarm.manifest.layer_spans[0]))  # fmt: skip
+        accepted = await asyncio.to_thread(swarm.dhts["trainer"].run_coroutine, flood)
+        assert accepted >= 2 * 20_000  # by the stage server's and the validator's nodes
+        dht = late["dht"]
+        assert await asyncio.to_thread(fetch_stages, dht, RUN, 0) == []  # the announcements: unreadable
+        trainer = Trainer(config, swarm.manifest, swarm.trainer_identity, CORPUS)
+        await trainer.start(dht)
+        try:
+            assert [a.peer for a in trainer.stages[1]] == [honest]  # from the directory
+            await trainer.step(1)
+            assert trainer.metrics.step_completed == [2] and trainer.metrics.stage_calls[honest] == 4
+        finally:
+            await trainer.shutdown()
+            await release_p2p_replica(dht)
+
+    try:
+        swarm.run(body, after_dhts=join_late)
+    finally:
+        if "dht" in late:
+            late["dht"].shutdown()
 
 
 def test_a_peer_that_never_answers_is_hedged_past_and_its_outcome_learnt_later():
