@@ -222,10 +222,11 @@ def run(args: argparse.Namespace) -> int:
     policy = SentinelRecordValidator.for_bootstrap(args.run_id, authority, identity)
     dht = start_dht(args, expand_peers(args.initial_peers), [policy])
     try:
-        manifest = _join_manifest(dht, args, authority, digest, fallbacks, stop)
+        signed = _join_manifest(dht, args, authority, digest, fallbacks, stop)
         if saved is not None:
-            write_json_atomic(saved, manifest_json(manifest))
-        manifest = manifest.manifest
+            write_json_atomic(saved, manifest_json(signed))
+        args.signed_manifest = signed  # (a validator keeps a copy of it published)
+        manifest = signed.manifest
         if args.role == "gpu-stage" and not 1 <= args.stage <= manifest.n_stages:  # before saying "joined"
             raise CommandError(f"--stage must be in 1..{manifest.n_stages} (the manifest's stages)")
         listed = {"validator": manifest.is_validator, "trainer": manifest.is_trainer}.get(args.role)
@@ -384,7 +385,8 @@ async def _validator(args, dht, manifest, identity, stop: StopFlag) -> int:
         boundaries=_boundaries(args.boundaries, manifest.n_stages), state_path=str(state) if state else None,
         check_log=args.check_log, private_projections=args.private_projections,
     )
-    service = ValidatorService(config, manifest, identity, sentinel_from_manifest(manifest))
+    service = ValidatorService(config, manifest, identity, sentinel_from_manifest(manifest),
+                               signed_manifest=getattr(args, "signed_manifest", None))  # fmt: skip
     await service.start(dht)
     peer_id = service.peer_id
     say(f"validator: checking boundaries {list(service.boundaries)} as peer {peer_id}")

@@ -59,7 +59,8 @@ def collect(dht, manifest) -> dict:
     indexed = {e.peer for e in fetch_strike_index(dht, run) if manifest.is_validator(e.validator)}
     strikes = fetch_strikes_of(dht, run, announced | listed | indexed)
     banned = sorted(banned_peers(strikes, manifest))
-    copies = manifest_copies(dht, run, manifest.authority)
+    copies = manifest_copies(dht, run, manifest.authority, validators=False)
+    kept = manifest_copies(dht, run, manifest.authority, relayed=False)  # the validators' own copies
     return {
         "manifest": {
             "run_id": run, "preset": manifest.preset, "n_stages": manifest.n_stages,
@@ -68,6 +69,7 @@ def collect(dht, manifest) -> dict:
             "authority": manifest.authority.hex(), "digest": manifest.digest().hex(),
             "copies": [{"publisher": publisher.hex()[:16], "authority": publisher == manifest.authority,
                         "digest": signed.manifest.digest().hex()} for publisher, signed in copies],
+            "validator_copies": [publisher.hex()[:16] for publisher, _ in kept],
         },
         "stages": {
             k: [{"peer": a.peer, "state": a.state.name, "throughput": a.throughput, "span": list(a.span)}
@@ -113,9 +115,11 @@ def format_status(state: dict) -> str:
     relays = sum(not c["authority"] for c in m["copies"])
     own = any(c["authority"] for c in m["copies"])
     others = sum(c["digest"] != m["digest"] for c in m["copies"])
+    kept = len(m.get("validator_copies", []))
     lines.append(f"  published by {'the authority and ' if own else ''}{relays} relay(s)"
                  f"{'' if own else ' (the authority is not publishing it)'}"
-                 f"{f', and {others} copies of another version' if others else ''}")  # fmt: skip
+                 f"{f', and {others} copies of another version' if others else ''}"
+                 f"{f'; kept by {kept} validator(s)' if kept else ''}")  # fmt: skip
     for k, anns in state["stages"].items():
         lines.append(f"stage {k}: {len(anns)} replica(s)")
         for a in anns:

@@ -93,6 +93,12 @@ def manifest_key(run: str) -> str:
     return f"{KEY_PREFIX}.{_run(run)}.manifest"
 
 
+def validator_manifest_key(run: str) -> str:
+    """The manifest copies that the manifest's validators keep published (writable by them alone, where the manifest
+    is known: see ``SentinelRecordValidator._binding``), beside ``manifest_key``, which anyone may fill."""
+    return f"{KEY_PREFIX}.{_run(run)}.manifest.validators"
+
+
 def stage_key(run: str, stage: int) -> str:
     return f"{KEY_PREFIX}.{_run(run)}.stage.{_index(stage, 'stage')}"
 
@@ -409,7 +415,8 @@ class SentinelRecordValidator(RecordValidatorBase):
         return cls(run_id, authority=authority, local_seed=identity.seed() if identity is not None else None, **kwargs)
 
     def _compute_protected_keys(self) -> frozenset[bytes]:
-        keys = [manifest_key(self.run_id), strike_index_key(self.run_id)]  # the index: only validators write there
+        keys = [manifest_key(self.run_id), validator_manifest_key(self.run_id),
+                strike_index_key(self.run_id)]  # the index: only validators write there
         if self.n_stages is not None:
             keys += [stage_key(self.run_id, k) for k in range(self.n_stages)]
             keys += [validator_key(self.run_id, b) for b in range(self.n_stages + 1)]
@@ -501,7 +508,7 @@ class SentinelRecordValidator(RecordValidatorBase):
         if getattr(item, "run_id", None) != self.run_id and not isinstance(item, SignedManifest):
             raise RecordError("record is for another run")
 
-        expected_key, expected_discriminator, owner = self._binding(item, signer)
+        expected_key, expected_discriminator, owner = self._binding(item, signer, record.key)
         if owner != signer:
             raise RecordError("record's own key field is not the subkey owner")
         if record.key != dht_key_id(expected_key) or discriminator != expected_discriminator:
@@ -509,8 +516,9 @@ class SentinelRecordValidator(RecordValidatorBase):
         if isinstance(item, StrikeRecord) and not self.replay_guard.admit(signer, item.peer, item.step):
             raise RecordError("strike record older than one already seen (replay)")
 
-    def _binding(self, item: WireRecord, signer: bytes) -> tuple[str, bytes, bytes]:
-        """(key, discriminator, owner) that a record must have; raises RecordError if its writer may not write it."""
+    def _binding(self, item: WireRecord, signer: bytes, key: bytes = b"") -> tuple[str, bytes, bytes]:
+        """(key, discriminator, owner) that a record must have; raises RecordError if its writer may not write it.
+        ``key``: the hashed key it is stored under (a manifest may sit under two)."""
         if isinstance(item, SignedManifest):
             manifest = item.manifest
             if manifest.run_id != self.run_id:
@@ -520,7 +528,14 @@ class SentinelRecordValidator(RecordValidatorBase):
             if not item.is_self_consistent():
                 raise RecordError("manifest signature does not verify")
             # the authority's signature inside is what makes a manifest; any peer may keep a copy published under its
-            # own subkey (a relay: bootstrap --run-id --authority), so that joining does not need the authority up
+            # own subkey (a relay: bootstrap --run-id --authority), so that joining does not need the authority up.
+            # That key can be filled by anyone until it reads as nothing; the validators' copies sit under a key of
+            # their own, which a node that knows the manifest lets only its validators write. A node that does not
+            # know it yet (joining: for_bootstrap) reads them all the same: the authority's signature is checked
+            if key == dht_key_id(validator_manifest_key(self.run_id)):
+                if self.n_stages is not None and signer not in self.validators:
+                    raise RecordError("writer is not an authorized validator")
+                return validator_manifest_key(self.run_id), b"", signer
             return manifest_key(self.run_id), b"", signer
         if isinstance(item, StageAnnouncement):
             if self.n_stages is not None and item.stage >= self.n_stages:
@@ -733,11 +748,20 @@ def fetch_manifest(dht: DHT, run: str, authority_key: bytes, digest: bytes | Non
     return max(found, key=lambda s: (s.manifest.created_at, s.manifest.digest()), default=None)
 
 
-def manifest_copies(dht: DHT, run: str, authority_key: bytes) -> list[tuple[bytes, SignedManifest]]:
+def publish_validator_manifest(dht: DHT, identity: Identity, signed: SignedManifest, expiration: float) -> bool:
+    """A validator's copy of the manifest, under the key only the manifest's validators may write."""
+    return _publish(dht, identity, identity.public_key, validator_manifest_key(signed.manifest.run_id), b"", signed,
+                    expiration)  # fmt: skip
+
+
+def manifest_copies(
+    dht: DHT, run: str, authority_key: bytes, *, relayed: bool = True, validators: bool = True
+) -> list[tuple[bytes, SignedManifest]]:
     """Every valid published copy of the run's manifests signed by `authority_key`: (publisher's key, manifest), the
-    authority's own copy and the relays'."""
+    authority's own copy and the relays' (``relayed``), then the validators' copies (``validators``)."""
     out = []
-    for publisher, signed in _fetch(dht, manifest_key(run), SignedManifest.from_tuple, None):
+    keys = [*([manifest_key(run)] if relayed else []), *([validator_manifest_key(run)] if validators else [])]
+    for publisher, signed in [entry for key in keys for entry in _fetch(dht, key, SignedManifest.from_tuple, None)]:
         try:
             manifest = signed.verify(authority=authority_key)
         except RecordError:

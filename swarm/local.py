@@ -24,13 +24,14 @@ from swarm.dht_schema import (
     SentinelRecordValidator,
     dht_signing_bytes,
     make_subkey,
+    manifest_key,
     pack_signed_value,
     release_p2p_replica,
     stage_key,
 )
 from swarm.identity import Identity
 from swarm.model import resolve_config, split_layers
-from swarm.records import Manifest, StageAnnouncement, StageState
+from swarm.records import Manifest, SignedManifest, StageAnnouncement, StageState
 from swarm.stage_server import StageServer, StageServerConfig, rpc_namespace
 from swarm.trainer import Trainer, TrainerConfig
 from swarm.validator_service import ValidatorService, ValidatorServiceConfig
@@ -62,13 +63,26 @@ async def flood_stage_key(
     ONLINE announcements of stage ``stage`` (0-based), each of a peer id nobody serves and self-signed under a fresh
     key, as anyone may publish them, stored through the DHT protocol at every peer this node knows and in its own
     storage. Each receiving node checks every record's signature. Returns how many records the peers accepted."""
-    key_id = DHTID.generate(source=stage_key(run, stage))
+
+    def item(i: int, owner: bytes) -> tuple:
+        return StageAnnouncement(run, stage, f"12D3KooWFlood{i:039d}", StageState.ONLINE, span, 1.0, owner).to_tuple()
+
+    return await _flood(node, stage_key(run, stage), item, n, expiration, batch)
+
+
+async def flood_manifest_key(_dht, node, signed: tuple, n: int, expiration: float, batch: int = 500) -> int:
+    """Red team, as ``flood_stage_key``: ``n`` copies of the authority-signed manifest (``signed``: its wire tuple),
+    each published under a fresh key as any relay may, under the run's manifest key."""
+    run = SignedManifest.from_tuple(signed).manifest.run_id
+    return await _flood(node, manifest_key(run), lambda i, owner: signed, n, expiration, batch)
+
+
+async def _flood(node, key: str, item: Callable[[int, bytes], tuple], n: int, expiration: float, batch: int) -> int:
+    key_id = DHTID.generate(source=key)
     subkeys, values = [], []
     for i in range(n):
         identity = Identity.generate()
-        ann = StageAnnouncement(run, stage, f"12D3KooWFlood{i:039d}", StageState.ONLINE, span, 1.0,
-                                identity.public_key)  # fmt: skip
-        payload, subkey = MSGPackSerializer.dumps(ann.to_tuple()), make_subkey(identity.public_key)
+        payload, subkey = MSGPackSerializer.dumps(item(i, identity.public_key)), make_subkey(identity.public_key)
         signature = identity.sign(dht_signing_bytes(key_id.to_bytes(), MSGPackSerializer.dumps(subkey), payload,
                                                     expiration))  # fmt: skip
         subkeys.append(subkey)
@@ -106,8 +120,10 @@ class LocalSwarm:
         self.validator_identity = validator_identity or Identity.generate()
         self.validator_identities = [self.validator_identity, *(Identity.generate() for _ in range(validators - 1))]
         self.trainer_identity = trainer_identity or Identity.generate()
+        self.authority = Identity.generate()
         self.manifest = local_manifest(run_id, preset, len(replicas), self.validator_identities, self.trainer_identity,
-                                       Identity.generate(), ban_quorum)  # fmt: skip
+                                       self.authority, ban_quorum)  # fmt: skip
+        self.signed_manifest = self.manifest.sign(self.authority)
         self.slots: list[Slot] = [(k, r) for k in range(1, len(replicas) + 1) for r in range(replicas[k - 1])]
         self.ids = {slot: Identity.generate() for slot in self.slots}
         self.attackers = attackers or {}
@@ -146,7 +162,8 @@ class LocalSwarm:
             self.servers[slot] = StageServer(config, self.manifest, self.ids[slot], attack=self.attackers.get(slot))
         if self.with_validator:
             config = ValidatorServiceConfig(**self.validator_config)
-            self.validators = [ValidatorService(config, self.manifest, identity, self.sentinel)
+            self.validators = [ValidatorService(config, self.manifest, identity, self.sentinel,
+                                                signed_manifest=self.signed_manifest)
                                for identity in self.validator_identities]  # fmt: skip
             self.validator = self.validators[0]
         self.trainer = Trainer(self.trainer_config, self.manifest, self.trainer_identity, self.corpus)

@@ -42,7 +42,13 @@ from hivemind.utils import get_dht_time
 
 from sentinel.config import SentinelConfig
 from sentinel.validator import CheckResult, Validator
-from swarm.dht_schema import publish_directory, publish_strike, publish_taint, publish_validator
+from swarm.dht_schema import (
+    publish_directory,
+    publish_strike,
+    publish_taint,
+    publish_validator,
+    publish_validator_manifest,
+)
 from swarm.identity import Identity
 from swarm.protocol import (
     BadRequest,
@@ -75,6 +81,7 @@ from swarm.records import (
     Direction,
     Manifest,
     ReplicaDirectory,
+    SignedManifest,
     StrikeRecord,
     TaintNotice,
     ValidatorAnnouncement,
@@ -130,10 +137,17 @@ class ValidatorServiceConfig:
 
 class ValidatorService(ServicerBase):
     def __init__(
-        self, config: ValidatorServiceConfig, manifest: Manifest, identity: Identity, sentinel: SentinelConfig
-    ):
+        self, config: ValidatorServiceConfig, manifest: Manifest, identity: Identity, sentinel: SentinelConfig,
+        signed_manifest: SignedManifest | None = None,
+    ):  # fmt: skip
+        """``signed_manifest``: the authority-signed ``manifest``, which this validator then keeps published under the
+        key only the manifest's validators may write (``validator_manifest_key``: the relays' key can be filled by
+        anyone until it reads as nothing)."""
         if not manifest.is_validator(identity.public_key):
             raise ValueError("this identity is not an authorized validator of the manifest")
+        if signed_manifest is not None and signed_manifest.manifest != manifest:
+            raise ValueError("signed_manifest is not this manifest")
+        self.signed_manifest = signed_manifest
         self.config = config
         self.manifest = manifest
         self.identity = identity
@@ -259,6 +273,9 @@ class ValidatorService(ServicerBase):
             await asyncio.to_thread(publish_validator, self._dht, self.identity, record, expiration)
         for directory in self.directories():
             await asyncio.to_thread(publish_directory, self._dht, self.identity, directory, expiration)
+        if self.signed_manifest is not None:
+            await asyncio.to_thread(publish_validator_manifest, self._dht, self.identity, self.signed_manifest,
+                                    expiration)  # fmt: skip
 
     def _vouch(self, stage: int, peer: str) -> None:
         """``peer``'s output at stage ``stage`` (0-based) was accepted now."""

@@ -36,6 +36,7 @@ from swarm.dht_schema import (
     strikes_key,
     taint_discriminator,
     taint_key,
+    validator_manifest_key,
 )
 from swarm.identity import Identity
 from swarm.records import (
@@ -44,6 +45,7 @@ from swarm.records import (
     Manifest,
     RecordError,
     ReplicaDirectory,
+    SignedManifest,
     StageAnnouncement,
     StageState,
     StrikeIndexEntry,
@@ -247,6 +249,26 @@ def test_replica_directories_are_written_by_authorized_validators_only():
         with pytest.raises(RecordError):
             ReplicaDirectory(RUN, 1, bad, V2.public_key)
     assert directory(V2, peers=("QmB", "QmA")).peers == ("QmA", "QmB")  # canonical order: one signing form
+
+
+def test_the_validators_manifest_copies_are_theirs_to_write_where_the_manifest_is_known():
+    """The relays' manifest key can be filled by anyone (any key may publish a copy of the authority-signed
+    manifest); the validators keep copies under a key of their own, which nodes that know the manifest let only its
+    validators write. A node that is still joining (bootstrap policy: no validators known) reads every copy there
+    whose authority signature holds, since it cannot tell the writers apart yet."""
+    key = validator_manifest_key(RUN)
+    by_validator = signed_record(V1, key, SIGNED_MANIFEST)
+    by_outsider = signed_record(OUTSIDER, key, SIGNED_MANIFEST)
+    forged = SignedManifest(MANIFEST, OUTSIDER.sign(MANIFEST.signing_bytes()))  # signed by someone else
+    full, joining = reader(), SentinelRecordValidator.for_bootstrap(RUN, AUTHORITY.public_key)
+    assert full.validate(by_validator) and not full.validate(by_outsider)
+    assert joining.validate(by_validator) and joining.validate(by_outsider)
+    for policy in (full, joining):
+        assert not policy.validate(signed_record(V1, key, forged))  # the authority's signature, always
+        assert not policy.validate(signed_record(V1, stage_key(RUN, 1), SIGNED_MANIFEST))  # not under another key
+        assert policy.validate(signed_record(OUTSIDER, manifest_key(RUN), SIGNED_MANIFEST))  # a relay, as before
+    announcement = StageAnnouncement(RUN, 1, "QmS", StageState.ONLINE, (2, 4), 1.0, V1.public_key)
+    assert not full.validate(signed_record(V1, key, announcement))
 
 
 def test_foreign_records_and_bootstrap_upgrade():

@@ -21,9 +21,19 @@ from swarm_helpers import CORPUS, RUN, SEED, LocalSwarm, run_swarm, start_dht
 
 from sentinel.attacks import MaliciousBehaviour, make_attack
 from sentinel.config import SentinelConfig
-from swarm.dht_schema import DHT_OP_TIMEOUT, banned_peers, fetch_stages, fetch_strikes, release_p2p_replica
+from swarm.dht_schema import (
+    DHT_OP_TIMEOUT,
+    SentinelDHT,
+    SentinelRecordValidator,
+    banned_peers,
+    fetch_manifest,
+    fetch_stages,
+    fetch_strikes,
+    manifest_copies,
+    release_p2p_replica,
+)
 from swarm.identity import Identity
-from swarm.local import flood_stage_key, local_manifest
+from swarm.local import flood_manifest_key, flood_stage_key, local_manifest
 from swarm.protocol import Busy, TransportError
 from swarm.records import ReplicaDirectory, StageAnnouncement, StageState
 from swarm.trainer import NoRoute, Trainer, TrainerConfig, choose_replica
@@ -545,6 +555,44 @@ def test_a_flooded_stage_key_hides_no_replica_from_a_trainer_that_joins_later():
         finally:
             await trainer.shutdown()
             await release_p2p_replica(dht)
+
+    try:
+        swarm.run(body, after_dhts=join_late)
+    finally:
+        if "dht" in late:
+            late["dht"].shutdown()
+
+
+@pytest.mark.forked
+@pytest.mark.timeout(180)
+def test_a_flooded_manifest_key_hides_no_manifest_from_a_node_that_joins_later():
+    """Any key may publish a copy of the authority-signed manifest under the run's manifest key (that is what a relay
+    does), so 12 000 such copies fill it until a fresh reader gets nothing from it, and a node could no longer join
+    without a manifest file. The validators keep their copies under a key only they may write: a node that joins
+    after the flood (client mode, with the bootstrap policy of a node that does not know the manifest yet) reads the
+    manifest there."""
+    swarm = LocalSwarm((1,), stage_config={"average_every": 0})
+    late: dict = {}
+
+    def join_late():
+        policy = SentinelRecordValidator.for_bootstrap(RUN, swarm.authority.public_key)
+        late["dht"] = SentinelDHT(initial_peers=swarm.initial_peers(), start=True, startup_timeout=30,
+                                  host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=[policy],
+                                  client_mode=True)  # fmt: skip
+
+    async def body(swarm: LocalSwarm):
+        authority = swarm.authority.public_key
+        flood = functools.partial(flood_manifest_key, signed=swarm.signed_manifest.to_tuple(), n=12_000,
+                                  expiration=get_dht_time() + 600)  # fmt: skip
+        accepted = await asyncio.to_thread(swarm.dhts["trainer"].run_coroutine, flood)
+        assert accepted >= 2 * 12_000  # by the stage server's and the validator's nodes
+        dht = late["dht"]
+        relayed = await asyncio.to_thread(manifest_copies, dht, RUN, authority, validators=False)
+        assert relayed == []  # the relays' key: unreadable
+        found = await asyncio.to_thread(fetch_manifest, dht, RUN, authority)
+        assert found == swarm.signed_manifest  # the validator's copy
+        kept = await asyncio.to_thread(manifest_copies, dht, RUN, authority, relayed=False)
+        assert [publisher for publisher, _ in kept] == [swarm.validator_identity.public_key]
 
     try:
         swarm.run(body, after_dhts=join_late)
