@@ -23,6 +23,7 @@ hivemind hands to `sign_value` on the writer and to `validate` on every storing 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import os
 import pickle
@@ -275,6 +276,17 @@ class SentinelDHT(DHT):
         self._inner_pipe = _TolerantPipe(self._inner_pipe)
         _keep_recent_peers()
         super().run()
+
+    def shutdown(self) -> None:
+        """hivemind's shutdown, then the socket file of a P2P replica still open in this process (one that nobody
+        released: ``release_p2p_replica``) is removed, so that it does not stay in /tmp."""
+        replica = getattr(self, "_p2p_replica", None)
+        try:
+            super().shutdown()
+        finally:
+            if replica is not None and replica.is_alive:
+                with contextlib.suppress(Exception):
+                    os.remove(replica._client_listen_maddr["unix"])
 
 
 ROUTING_GRACE = 60.0  # seconds

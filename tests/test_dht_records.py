@@ -593,3 +593,34 @@ def test_shared_tensors_use_file_descriptors_not_the_shm_manager():
 
     expected = os.environ.get("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
     assert torch_mp.get_sharing_strategy() == expected
+
+
+@pytest.mark.forked
+@pytest.mark.timeout(60)
+def test_a_dht_shut_down_removes_the_socket_of_a_p2p_replica_left_open():
+    """hivemind never closes the P2P replica that ``dht.replicate_p2p()`` caches, and its client socket file stayed
+    in /tmp for every node process (nodes now close it: ``release_p2p_replica``). One left open is removed with the
+    DHT."""
+    import asyncio
+    import os
+
+    from hivemind.proto import runtime_pb2
+
+    dht = start_dht([SentinelRecordValidator.from_manifest(MANIFEST, V0)])
+    try:
+
+        async def serve() -> str:
+            replica = await dht.replicate_p2p()
+
+            async def handler(request, context):  # a streamed one: the replica listens on its socket for it
+                yield request
+
+            await replica.add_protobuf_handler("sentinel-test", handler, runtime_pb2.ExpertRequest,
+                                               stream_output=True)  # fmt: skip
+            return replica._client_listen_maddr["unix"]
+
+        path = asyncio.run(serve())
+        assert os.path.exists(path)
+    finally:
+        dht.shutdown()
+    assert not os.path.exists(path)

@@ -15,7 +15,6 @@ from sentinel.attacks import MaliciousBehaviour, make_attack
 from sentinel.config import SentinelConfig
 from swarm.data import BatchSampler, Corpus
 from swarm.dht_schema import (
-    SentinelRecordValidator,
     banned_peers,
     fetch_strike_index,
     fetch_strikes,
@@ -23,6 +22,7 @@ from swarm.dht_schema import (
     step_bucket,
 )
 from swarm.identity import Identity
+from swarm.local import start_local_dht
 from swarm.model import build_pipeline
 from swarm.protocol import BadRequest, call, encode_tensors, pack_meta
 from swarm.records import Direction, ForgedVerdict, Manifest, MissingVerdict, Verdict, VerdictMismatch, sign_verdict
@@ -43,10 +43,7 @@ CORPUS = Corpus(np.random.default_rng(0).integers(0, 256, 20_000).astype(np.uint
 
 
 def start_dht(identity, initial_peers=()):
-    return hivemind.DHT(
-        initial_peers=list(initial_peers), start=True, startup_timeout=30, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-        record_validators=[SentinelRecordValidator.from_manifest(MANIFEST, identity)],
-    )  # fmt: skip
+    return start_local_dht(MANIFEST, identity, initial_peers)
 
 
 def forward_request(h, verdict, step=0, mb=0):
