@@ -25,7 +25,7 @@ from swarm.local import flood_stage_key, local_manifest, start_local_dht
 from swarm.records import ReplicaDirectory, StageAnnouncement, StageState
 
 
-async def table(_dht, node):
+async def routing_table_size(_dht, node):
     return len(node.protocol.routing_table.peer_id_to_uid)
 
 
@@ -54,7 +54,7 @@ def one(n: int) -> dict:
         read_s = time.monotonic() - started
         at_node = fetch_stages(dhts[0], "flood", 0)
         listed = {p for d in fetch_directories(reader, "flood", 0) for p in d.peers}
-        peers_known = reader.run_coroutine(table)
+        peers_known = reader.run_coroutine(routing_table_size)
         return {"n": n, "accepted": accepted, "flood_s": flood_s, "seen": len(seen),
                 "honest_seen": any(a.peer == "QmHonest" for a in seen), "read_s": read_s, "at_node": len(at_node),
                 "listed": "QmHonest" in listed, "peers_known": peers_known}  # fmt: skip

@@ -528,7 +528,7 @@ class SentinelRecordValidator(RecordValidatorBase):
         if isinstance(item, StrikeRecord) and not self.replay_guard.admit(signer, item.peer, item.step):
             raise RecordError("strike record older than one already seen (replay)")
 
-    def _binding(self, item: WireRecord, signer: bytes, key: bytes = b"") -> tuple[str, bytes, bytes]:
+    def _binding(self, item: WireRecord, signer: bytes, key: bytes) -> tuple[str, bytes, bytes]:
         """(key, discriminator, owner) that a record must have; raises RecordError if its writer may not write it.
         ``key``: the hashed key it is stored under (a manifest may sit under two)."""
         if isinstance(item, SignedManifest):

@@ -627,8 +627,8 @@ class StageServer(ServicerBase):
         def read() -> set[str]:
             announced = fetch_stages(dht, run, self.config.stage - 1)
             peers = {a.peer for a in announced if a.state in states}
-            gone = {a.peer for a in announced if a.state not in states}  # an OFFLINE record is the peer's own word
-            peers |= {p for d in fetch_directories(dht, run, self.config.stage - 1) for p in d.peers} - gone
+            listed = {p for d in fetch_directories(dht, run, self.config.stage - 1) for p in d.peers}
+            peers |= listed - {a.peer for a in announced}  # only where no announcement was read (as the trainer)
             peers.discard(me)
             return peers - fetch_banned(dht, self.manifest, peers)
 
