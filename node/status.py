@@ -38,20 +38,19 @@ def collect(dht, manifest) -> dict:
     which is how trainers still find them when a stage's announcements cannot be read."""
     from swarm.dht_schema import (
         banned_peers,
-        fetch_directories,
-        fetch_stages,
         fetch_strike_index,
         fetch_strikes_of,
-        fetch_validators,
+        fetch_view,
         manifest_copies,
     )
     from swarm.records import StageState
 
     run = manifest.run_id
-    stages = {k: fetch_stages(dht, run, k - 1) for k in range(1, manifest.n_stages + 1)}
-    validators = {b: fetch_validators(dht, run, b) for b in range(manifest.n_stages + 1)}
-    directories = {k: [d for d in fetch_directories(dht, run, k - 1) if manifest.is_validator(d.validator)]
-                   for k in range(1, manifest.n_stages + 1)}  # fmt: skip
+    view = fetch_view(dht, run, range(manifest.n_stages), range(manifest.n_stages + 1))  # every key at once
+    stages = {k + 1: anns for k, anns in view.stages.items()}
+    validators = view.validators
+    directories = {k + 1: [d for d in dirs if manifest.is_validator(d.validator)]
+                   for k, dirs in view.directories.items()}  # fmt: skip
     announced = {a.peer for anns in stages.values() for a in anns}
     listed = {p for dirs in directories.values() for d in dirs for p in d.peers}
     online = {a.peer for anns in stages.values() for a in anns if a.state != StageState.OFFLINE}

@@ -3,7 +3,9 @@
 Key layout (all under the run's prefix; the key is hashed by hivemind, so every protection lives in the subkey)::
 
     sentinel.{run}.manifest              subkey [ed25519:<authority or a relay>]      SignedManifest
+    sentinel.{run}.manifest.validators   subkey [ed25519:<validator>]                 SignedManifest
     sentinel.{run}.stage.{k}             subkey [ed25519:<owner>]                     StageAnnouncement
+    sentinel.{run}.directory.{k}         subkey [ed25519:<validator>]                 ReplicaDirectory
     sentinel.{run}.validator.{b}         subkey [ed25519:<validator>]                 ValidatorAnnouncement
     sentinel.{run}.taint.{bucket}        subkey <step.mb.boundary.dir>[ed25519:<v>]   TaintNotice
     sentinel.{run}.strikes.{peer}        subkey [ed25519:<validator>]                 StrikeRecord
@@ -32,7 +34,7 @@ import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import msgpack
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -725,6 +727,23 @@ def _get(dht: DHT, key: str) -> Any:
     return _bounded(dht, dht.get(key, latest=True, return_future=True), f"get of {key}", None)
 
 
+def _get_each(dht: DHT, keys: Iterable[str]) -> dict[str, Any]:
+    """``_get`` of every key in ``keys``, all in flight at once (the DHT's process runs each request as a task of
+    its own), so that reading them takes about as long as the slowest one, not the sum. One get per key, not one
+    ``get_many``: hivemind asks a peer for all the keys of a ``get_many`` in one request, whose reply shares one 4 MiB
+    limit, so a key filled by strangers (a stage's announcements: ``ReplicaDirectory``) would fail every key read
+    with it, the validators' directories included."""
+    futures = {key: dht.get(key, latest=True, return_future=True) for key in dict.fromkeys(keys)}
+    found = {}
+    for key, future in futures.items():
+        try:
+            found[key] = _bounded(dht, future, f"get of {key}", None)
+        except Exception as e:  # noqa: BLE001 - one key's failure (raised in the DHT's process) empties that key only
+            logger.warning(f"DHT get of {key} failed: {type(e).__name__}: {e}; treated as empty")
+            found[key] = None
+    return found
+
+
 def _entries(
     found: Any, key: str, parse: Callable[[Any], _T], owner_of: Callable[[_T], bytes] | None
 ) -> list[tuple[bytes, _T]]:
@@ -796,13 +815,48 @@ def publish_directory(dht: DHT, identity: Identity, directory: ReplicaDirectory,
 def fetch_directories(dht: DHT, run: str, stage: int) -> list[ReplicaDirectory]:
     """The validators' directories of stage ``stage`` (each written by an authorized validator: the DHT's record
     policy refuses anyone else's). Blocking."""
-    entries = _fetch(dht, directory_key(run, stage), ReplicaDirectory.from_tuple, lambda d: d.validator)
+    return _directories(_get(dht, directory_key(run, stage)), run, stage)
+
+
+def _directories(found: Any, run: str, stage: int) -> list[ReplicaDirectory]:
+    entries = _entries(found, directory_key(run, stage), ReplicaDirectory.from_tuple, lambda d: d.validator)
     return [d for _, d in entries if d.run_id == run and d.stage == stage]
 
 
 def fetch_stages(dht: DHT, run: str, stage: int) -> list[StageAnnouncement]:
-    entries = _fetch(dht, stage_key(run, stage), StageAnnouncement.from_tuple, lambda a: a.owner)
+    return _stages(_get(dht, stage_key(run, stage)), run, stage)
+
+
+def _stages(found: Any, run: str, stage: int) -> list[StageAnnouncement]:
+    entries = _entries(found, stage_key(run, stage), StageAnnouncement.from_tuple, lambda a: a.owner)
     return [a for _, a in entries if a.run_id == run and a.stage == stage]
+
+
+class SwarmView(NamedTuple):
+    """What ``fetch_view`` read: per stage index (0-based, as in the keys) its announcements and its validators'
+    directories, per boundary its validators' announcements."""
+
+    stages: dict[int, list[StageAnnouncement]]
+    directories: dict[int, list[ReplicaDirectory]]
+    validators: dict[int, list[ValidatorAnnouncement]]
+
+
+def fetch_view(
+    dht: DHT, run: str, stages: Iterable[int] = (), boundaries: Iterable[int] = (), *, directories: bool = True
+) -> SwarmView:
+    """The announcements and (with ``directories``) the validators' directories of every stage index in ``stages``,
+    and the validator announcements of every boundary in ``boundaries``: ``fetch_stages``, ``fetch_directories`` and
+    ``fetch_validators`` of each, read all at once (``_get_each``). A trainer's view of an S-stage run is 3S + 1 keys;
+    read one after another, a flooded stage key (about 3 s a read) cost its 3 s once per flooded stage. Blocking."""
+    stages, boundaries = list(dict.fromkeys(stages)), list(dict.fromkeys(boundaries))
+    keys = [*(stage_key(run, k) for k in stages), *(directory_key(run, k) for k in stages if directories),
+            *(validator_key(run, b) for b in boundaries)]  # fmt: skip
+    found = _get_each(dht, keys)
+    return SwarmView(
+        {k: _stages(found[stage_key(run, k)], run, k) for k in stages},
+        {k: _directories(found[directory_key(run, k)], run, k) if directories else [] for k in stages},
+        {b: _validators(found[validator_key(run, b)], run, b) for b in boundaries},
+    )
 
 
 def publish_taint(
@@ -859,5 +913,9 @@ def publish_validator(dht: DHT, identity: Identity, announcement: ValidatorAnnou
 
 
 def fetch_validators(dht: DHT, run: str, boundary: int) -> list[ValidatorAnnouncement]:
-    entries = _fetch(dht, validator_key(run, boundary), ValidatorAnnouncement.from_tuple, lambda a: a.validator)
+    return _validators(_get(dht, validator_key(run, boundary)), run, boundary)
+
+
+def _validators(found: Any, run: str, boundary: int) -> list[ValidatorAnnouncement]:
+    entries = _entries(found, validator_key(run, boundary), ValidatorAnnouncement.from_tuple, lambda a: a.validator)
     return [a for _, a in entries if a.run_id == run and a.boundary == boundary]

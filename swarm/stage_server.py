@@ -82,7 +82,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
 
 from sentinel.attacks import MaliciousBehaviour
-from swarm.dht_schema import fetch_banned, fetch_directories, fetch_stages, publish_stage
+from swarm.dht_schema import fetch_banned, fetch_view, publish_stage
 from swarm.identity import Identity
 from swarm.model import ModelConfig, Stage, resolve_config, resolve_device
 from swarm.protocol import (
@@ -625,9 +625,10 @@ class StageServer(ServicerBase):
         states = (StageState.ONLINE, StageState.JOINING) if joining else (StageState.ONLINE,)
 
         def read() -> set[str]:
-            announced = fetch_stages(dht, run, self.config.stage - 1)
+            view = fetch_view(dht, run, [self.config.stage - 1])
+            announced = view.stages[self.config.stage - 1]
             peers = {a.peer for a in announced if a.state in states}
-            listed = {p for d in fetch_directories(dht, run, self.config.stage - 1) for p in d.peers}
+            listed = {p for d in view.directories[self.config.stage - 1] for p in d.peers}
             peers |= listed - {a.peer for a in announced}  # only where no announcement was read (as the trainer)
             peers.discard(me)
             return peers - fetch_banned(dht, self.manifest, peers)

@@ -56,7 +56,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from swarm.data import BatchSampler, Corpus, load_corpus
-from swarm.dht_schema import fetch_banned, fetch_directories, fetch_stages, fetch_validators
+from swarm.dht_schema import fetch_banned, fetch_view
 from swarm.identity import Identity
 from swarm.model import Embedding, Head
 from swarm.protocol import (
@@ -323,9 +323,10 @@ class Trainer:
         dht = self._dht
 
         def read():
-            stages = {k: fetch_stages(dht, self.run, k - 1) for k in range(1, self.n_stages + 1)}
-            directories = {k: fetch_directories(dht, self.run, k - 1) for k in range(1, self.n_stages + 1)}
-            validators = {b: fetch_validators(dht, self.run, b) for b in range(self.n_stages + 1)}
+            view = fetch_view(dht, self.run, range(self.n_stages), range(self.n_stages + 1))  # 3S + 1 keys at once
+            stages = {k + 1: anns for k, anns in view.stages.items()}
+            directories = {k + 1: dirs for k, dirs in view.directories.items()}
+            validators = view.validators
             peers = {a.peer for anns in stages.values() for a in anns}
             peers |= {p for dirs in directories.values() for d in dirs for p in d.peers}
             return stages, directories, validators, fetch_banned(dht, self.manifest, peers)

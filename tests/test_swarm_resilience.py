@@ -25,10 +25,12 @@ from swarm.dht_schema import (
     DHT_OP_TIMEOUT,
     SentinelDHT,
     SentinelRecordValidator,
+    SwarmView,
     banned_peers,
     fetch_manifest,
     fetch_stages,
     fetch_strikes,
+    fetch_view,
     manifest_copies,
     release_p2p_replica,
 )
@@ -37,6 +39,19 @@ from swarm.local import flood_manifest_key, flood_stage_key, local_manifest
 from swarm.protocol import Busy, TransportError
 from swarm.records import ReplicaDirectory, StageAnnouncement, StageState
 from swarm.trainer import NoRoute, Trainer, TrainerConfig, choose_replica
+
+
+def _view_of(monkeypatch, stages=lambda k: [], directories=lambda k: []) -> None:
+    """The trainer's DHT read of its routing view, replaced: ``stages(k)`` and ``directories(k)`` for each stage
+    index k (0-based), no validators."""
+    import swarm.trainer as trainer_module
+
+    def fetch_view(dht, run, stage_indices, boundaries):
+        stage_indices, boundaries = list(stage_indices), list(boundaries)
+        return SwarmView({k: stages(k) for k in stage_indices}, {k: directories(k) for k in stage_indices},
+                         {b: [] for b in boundaries})  # fmt: skip
+
+    monkeypatch.setattr(trainer_module, "fetch_view", fetch_view)
 
 
 def test_choose_replica_prefers_healthy_then_recently_failed_then_banned():
@@ -299,6 +314,42 @@ def test_a_trainer_restarted_from_an_older_checkpoint_redoes_its_steps():
     run_swarm(swarm, body)
 
 
+def test_the_view_is_read_with_every_get_in_flight_at_once():
+    """fetch_view reads its 3S + 1 keys all at once (a flooded stage key takes seconds to fail, and one after
+    another a trainer paid that once per flooded stage), one get per key (a get_many shares one reply limit at each
+    peer: a flooded key would fail the others with it), and a get that failed leaves its key empty, not the view."""
+    import concurrent.futures
+
+    events: list[str] = []
+
+    class RecordingDHT:
+        def get(self, key, latest, return_future):
+            assert latest and return_future
+            events.append(f"get {key}")
+            future = concurrent.futures.Future()
+            if ".stage.1" in key:
+                future.set_exception(RuntimeError("reply over the size limit"))
+            else:
+                future.set_result(None)
+            original = future.result
+
+            def result(timeout=None):
+                events.append(f"wait {key}")
+                return original(timeout)
+
+            future.result = result
+            return future
+
+        def is_alive(self):
+            return True
+
+    view = fetch_view(RecordingDHT(), RUN, range(2), range(3))
+    gets = [e for e in events if e.startswith("get ")]
+    assert len(gets) == 7 and len(set(gets)) == 7  # 2 stage keys, 2 directories, 3 validator boundaries
+    assert events[:7] == gets  # every get issued before the first wait
+    assert view == SwarmView({0: [], 1: []}, {0: [], 1: []}, {0: [], 1: [], 2: []})
+
+
 def test_a_ban_the_trainer_has_seen_stays_whatever_a_later_read_misses(monkeypatch):
     """Bans are for the whole run: a peer once banned by the quorum stays out of the trainer's routing when a later
     DHT read does not show it (a read that timed out, a record not yet published again)."""
@@ -308,9 +359,7 @@ def test_a_ban_the_trainer_has_seen_stays_whatever_a_later_read_misses(monkeypat
     manifest = local_manifest(RUN, "tiny", 1, Identity.generate(), trainer_id, Identity.generate())
     trainer = Trainer(TrainerConfig(seed=SEED), manifest, trainer_id, CORPUS)
     reads = iter([{"QmBad"}, set(), {"QmWorse"}])
-    monkeypatch.setattr(trainer_module, "fetch_stages", lambda dht, run, k: [])
-    monkeypatch.setattr(trainer_module, "fetch_directories", lambda dht, run, k: [])
-    monkeypatch.setattr(trainer_module, "fetch_validators", lambda dht, run, b: [])
+    _view_of(monkeypatch)
     monkeypatch.setattr(trainer_module, "fetch_banned", lambda dht, manifest, peers: next(reads))
     for expected in ({"QmBad"}, {"QmBad"}, {"QmBad", "QmWorse"}):
         asyncio.run(trainer.refresh())
@@ -334,9 +383,7 @@ def test_a_banned_replica_restarted_under_a_new_peer_id_with_its_key_stays_banne
     views = iter([(announce(("QmBad", bad_key), ("QmGood", good_key)), {"QmBad"}),
                   (announce(("QmReborn", bad_key), ("QmGood", good_key)), set())])  # fmt: skip
     view = {}
-    monkeypatch.setattr(trainer_module, "fetch_stages", lambda dht, run, k: view["stages"])
-    monkeypatch.setattr(trainer_module, "fetch_directories", lambda dht, run, k: view.get("directories", []))
-    monkeypatch.setattr(trainer_module, "fetch_validators", lambda dht, run, b: [])
+    _view_of(monkeypatch, lambda k: view["stages"], lambda k: view.get("directories", []))
     monkeypatch.setattr(trainer_module, "fetch_banned", lambda dht, manifest, peers: view["banned"])
     for expected in ({"QmBad"}, {"QmBad", "QmReborn"}):
         view["stages"], view["banned"] = next(views)
@@ -371,9 +418,7 @@ def test_replicas_listed_only_by_the_validators_directories_are_routed_to(monkey
         return {"QmListedBad"} & set(peers)
 
     directory = ReplicaDirectory(RUN, 0, ("QmListed", "QmListedBad"), validator.public_key)
-    monkeypatch.setattr(trainer_module, "fetch_stages", lambda dht, run, k: [])  # the flooded key: nothing read
-    monkeypatch.setattr(trainer_module, "fetch_directories", lambda dht, run, k: [directory])
-    monkeypatch.setattr(trainer_module, "fetch_validators", lambda dht, run, b: [])
+    _view_of(monkeypatch, lambda k: [], lambda k: [directory])  # the flooded key: nothing read
     monkeypatch.setattr(trainer_module, "fetch_banned", banned)
     asyncio.run(trainer.refresh())
     listed = {a.peer: a for a in trainer.stages[1]}
@@ -383,7 +428,7 @@ def test_replicas_listed_only_by_the_validators_directories_are_routed_to(monkey
     assert {trainer._pick_stage(1, set()) for _ in range(20)} == {"QmListed"}
     # announced and listed: one entry, the announcement's
     ann = StageAnnouncement(RUN, 0, "QmListed", StageState.ONLINE, (0, 1), 7.0, bytes([9]) * 32)
-    monkeypatch.setattr(trainer_module, "fetch_stages", lambda dht, run, k: [ann])
+    _view_of(monkeypatch, lambda k: [ann], lambda k: [directory])
     asyncio.run(trainer.refresh())
     assert [a for a in trainer.stages[1] if a.peer == "QmListed"] == [ann] and len(trainer.stages[1]) == 2
 
@@ -546,6 +591,10 @@ def test_a_flooded_stage_key_hides_no_replica_from_a_trainer_that_joins_later():
         assert accepted >= 2 * 20_000  # by the stage server's and the validator's nodes
         dht = late["dht"]
         assert await asyncio.to_thread(fetch_stages, dht, RUN, 0) == []  # the announcements: unreadable
+        # read with the other keys of the trainer's view, one get each: none of them fails with it
+        view = await asyncio.to_thread(fetch_view, dht, RUN, [0], [0, 1])
+        assert view.stages[0] == [] and [p for d in view.directories[0] for p in d.peers] == [honest]
+        assert all(len(view.validators[b]) == 1 for b in (0, 1))
         trainer = Trainer(config, swarm.manifest, swarm.trainer_identity, CORPUS)
         await trainer.start(dht)
         try:
