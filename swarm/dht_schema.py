@@ -24,12 +24,17 @@ hivemind hands to `sign_value` on the writer and to `validate` on every storing 
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
 import hashlib
 import os
 import pickle
 import re
+import signal
+import sys
+import threading
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable
@@ -272,12 +277,23 @@ class SentinelDHT(DHT):
     over one lost request. Here that one request is dropped instead (its caller's bounded wait treats it as empty).
 
     It also keeps in its routing table a peer that fails one call within ``ROUTING_GRACE`` seconds of its last answer
-    (``_keep_recent_peers``)."""
+    (``_keep_recent_peers``), and it does not outlive its node (``_bound_to_parent``): a node killed with SIGKILL (the
+    OOM killer, a crash) left its DHT's process and p2pd running for good, holding the node's port, so that the node
+    could not start again on it."""
 
     def run(self) -> None:
         self._inner_pipe = _TolerantPipe(self._inner_pipe)
         _keep_recent_peers()
+        _bound_to_parent(self._orphaned)
         super().run()
+
+    def _orphaned(self) -> None:
+        """(The parent-watch thread, just before this process exits) remove the socket file of the p2pd that this
+        process started: p2pd ends on its parent-death signal, and only hivemind's shutdown would remove it."""
+        p2p = getattr(getattr(self, "_node", None), "p2p", None)
+        if p2p is not None and getattr(p2p, "_child", None) is not None:
+            with contextlib.suppress(Exception):
+                os.remove(p2p._daemon_listen_maddr["unix"])
 
     def shutdown(self) -> None:
         """hivemind's shutdown, then the socket file of a P2P replica still open in this process (one that nobody
@@ -290,6 +306,52 @@ class SentinelDHT(DHT):
                 with contextlib.suppress(Exception):
                     os.remove(replica._client_listen_maddr["unix"])
 
+
+PARENT_POLL = 1.0  # seconds between the DHT process's checks that its node still runs
+
+
+def _bound_to_parent(orphaned: Callable[[], None] = lambda: None) -> None:
+    """In the DHT's process (``SentinelDHT.run``): exit once the node that started it is gone, and start p2pd so that
+    it exits with this process, however it ends, and in a session (so a process group) of its own.
+
+    hivemind's DHT process waits on its pipe from the node forever, and p2pd runs until told to stop, so a node
+    killed outright (SIGKILL) left both behind. A thread here sees the node gone (this process re-parented) within
+    ``PARENT_POLL`` seconds, calls ``orphaned`` and ends the process; p2pd is started with the kernel's parent-death
+    signal (SIGTERM; Linux), which covers this process being killed outright too. Its own process group keeps a
+    signal to the node's group (Ctrl-C in a terminal: SIGINT) from stopping p2pd before the node has published its
+    last records; the node stops it when it shuts its DHT down, and the parent-death signal when anything else ends
+    this process."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL)
+        logger.warning(f"the node (pid {parent}) is gone: its DHT process exits")
+        orphaned()
+        os._exit(0)  # p2pd receives its parent-death signal
+
+    threading.Thread(target=watch, name="sentinel-dht-parent-watch", daemon=True).start()
+    if not sys.platform.startswith("linux"):
+        return
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    me = os.getpid()
+
+    def die_with_this_process() -> None:  # in the child, between fork and exec
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != me:  # this process ended before the signal was set
+            os._exit(1)
+
+    spawn = asyncio.subprocess.create_subprocess_exec
+
+    async def create_subprocess_exec(*args, **kwargs):
+        if "preexec_fn" not in kwargs and "start_new_session" not in kwargs:  # (uvloop takes no process_group)
+            kwargs.update(preexec_fn=die_with_this_process, start_new_session=True)
+        return await spawn(*args, **kwargs)
+
+    asyncio.subprocess.create_subprocess_exec = create_subprocess_exec  # hivemind starts p2pd through it
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 ROUTING_GRACE = 60.0  # seconds
 _ANSWERED: dict = {}  # (in the DHT's process) peer id -> time.monotonic() of its last answer

@@ -1,9 +1,11 @@
 """Stopping nodes: Ctrl-C in a terminal (SIGINT) and service managers (SIGTERM) signal a node's whole process group,
 hivemind's forked DHT process included. The node must still stop, with status 0, and leave no process behind."""
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 
@@ -106,3 +108,80 @@ def test_a_signal_to_the_whole_process_group_stops_bootstrap_and_validator(tmp_p
             if process is not None and process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.forked
+@pytest.mark.timeout(120)
+def test_a_node_killed_outright_leaves_no_process_behind_and_frees_its_port(tmp_path):
+    """SIGKILL (the OOM killer, a crash) gives a node no chance to stop its DHT's process and p2pd: both ran on for
+    good, p2pd holding the node's port, so the node could not start again on it ("port ... is in use"). The DHT's
+    process now exits once its node is gone, and p2pd with it (its parent-death signal), its socket file removed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    port, ready = _free_port(), tmp_path / "ready.json"
+    with open(tmp_path / "bootstrap.log", "w") as out:
+        node = subprocess.Popen([*sentinel_node_command(), "bootstrap", "--port", str(port), "--ready-file",
+                                 str(ready)], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+    try:
+        _wait_for(ready, 90)
+        children = psutil.Process(node.pid).children(recursive=True)
+        daemons = [c for c in children if "p2pd" in c.name()]
+        assert len(daemons) == 1, [c.name() for c in children]
+        sockets = [a.split("=", 1)[1] for a in daemons[0].cmdline() if a.startswith("-listen=/unix")]
+        assert sockets and os.path.exists(sockets[0].removeprefix("/unix")), daemons[0].cmdline()
+        os.kill(node.pid, signal.SIGKILL)  # the node alone, as the OOM killer does
+        node.wait(10)
+        _, alive = psutil.wait_procs(children, timeout=15)
+        assert not [c.pid for c in alive if c.status() != psutil.STATUS_ZOMBIE], alive
+        assert not os.path.exists(sockets[0].removeprefix("/unix"))
+        with socket.socket() as s:  # the port is free again: the node can start on it
+            s.bind(("127.0.0.1", port))
+    finally:
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait()
+        for c in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                c.kill()
+
+
+@pytest.mark.forked
+@pytest.mark.timeout(120)
+def test_ctrl_c_to_a_busy_nodes_group_leaves_its_p2pd_to_the_node(tmp_path):
+    """Ctrl-C in a terminal signals the node's whole process group. p2pd was in it, and a bootstrap's p2pd closed
+    within a second (a joined node's happened to inherit SIGINT ignored), so whatever the node did with the swarm
+    after that failed: its DHT could no longer shut down and was killed after its grace period. p2pd now has a
+    process group of its own and stops when the node shuts its DHT down. The node is stopped (SIGSTOP) while its
+    group gets SIGINT, as a node busy in a long step would be, and resumed 3 s later."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ready, log = tmp_path / "ready.json", tmp_path / "bootstrap.log"
+    with open(log, "w") as out:
+        node = subprocess.Popen([*sentinel_node_command(), "bootstrap", "--port", "0", "--ready-file", str(ready)],
+                                cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+    try:
+        _wait_for(ready, 90)
+        daemons = [c for c in psutil.Process(node.pid).children(recursive=True) if "p2pd" in c.name()]
+        assert len(daemons) == 1
+        os.kill(node.pid, signal.SIGSTOP)
+        os.killpg(node.pid, signal.SIGINT)
+        time.sleep(3)
+        assert daemons[0].is_running() and daemons[0].status() != psutil.STATUS_ZOMBIE
+        os.kill(node.pid, signal.SIGCONT)
+        assert node.wait(30) == 0, log.read_text()[-2000:]
+        assert "did not shut down within the grace period" not in log.read_text()
+        psutil.wait_procs(daemons, timeout=10)
+        assert not daemons[0].is_running() or daemons[0].status() == psutil.STATUS_ZOMBIE
+    finally:
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait()
+        for c in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                c.kill()
