@@ -116,20 +116,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def _bootstrap(tmp_path, port: int = 0):
+    """A ``sentinel-node bootstrap`` on ``port`` in its own session, up (its ready file written): (process, log
+    path). Whatever of it is left afterwards is killed."""
+    ready, log = tmp_path / "ready.json", tmp_path / "bootstrap.log"
+    with open(log, "w") as out:
+        node = subprocess.Popen([*sentinel_node_command(), "bootstrap", "--port", str(port), "--ready-file",
+                                 str(ready)], cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        _wait_for(ready, 90)
+        yield node, log
+    finally:
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait()
+        for c in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                c.kill()
+
+
 @pytest.mark.forked
 @pytest.mark.timeout(120)
 def test_a_node_killed_outright_leaves_no_process_behind_and_frees_its_port(tmp_path):
     """SIGKILL (the OOM killer, a crash) gives a node no chance to stop its DHT's process and p2pd: both ran on for
     good, p2pd holding the node's port, so the node could not start again on it ("port ... is in use"). The DHT's
     process now exits once its node is gone, and p2pd with it (its parent-death signal), its socket file removed."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    port, ready = _free_port(), tmp_path / "ready.json"
-    with open(tmp_path / "bootstrap.log", "w") as out:
-        node = subprocess.Popen([*sentinel_node_command(), "bootstrap", "--port", str(port), "--ready-file",
-                                 str(ready)], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
-    try:
-        _wait_for(ready, 90)
+    port = _free_port()
+    with _bootstrap(tmp_path, port) as (node, _):
         children = psutil.Process(node.pid).children(recursive=True)
         daemons = [c for c in children if "p2pd" in c.name()]
         assert len(daemons) == 1, [c.name() for c in children]
@@ -142,13 +157,6 @@ def test_a_node_killed_outright_leaves_no_process_behind_and_frees_its_port(tmp_
         assert not os.path.exists(sockets[0].removeprefix("/unix"))
         with socket.socket() as s:  # the port is free again: the node can start on it
             s.bind(("127.0.0.1", port))
-    finally:
-        if node.poll() is None:
-            os.killpg(node.pid, signal.SIGKILL)
-            node.wait()
-        for c in psutil.Process().children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                c.kill()
 
 
 @pytest.mark.forked
@@ -159,14 +167,7 @@ def test_ctrl_c_to_a_busy_nodes_group_leaves_its_p2pd_to_the_node(tmp_path):
     after that failed: its DHT could no longer shut down and was killed after its grace period. p2pd now has a
     process group of its own and stops when the node shuts its DHT down. The node is stopped (SIGSTOP) while its
     group gets SIGINT, as a node busy in a long step would be, and resumed 3 s later."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ready, log = tmp_path / "ready.json", tmp_path / "bootstrap.log"
-    with open(log, "w") as out:
-        node = subprocess.Popen([*sentinel_node_command(), "bootstrap", "--port", "0", "--ready-file", str(ready)],
-                                cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
-    try:
-        _wait_for(ready, 90)
+    with _bootstrap(tmp_path) as (node, log):
         daemons = [c for c in psutil.Process(node.pid).children(recursive=True) if "p2pd" in c.name()]
         assert len(daemons) == 1
         os.kill(node.pid, signal.SIGSTOP)
@@ -178,10 +179,3 @@ def test_ctrl_c_to_a_busy_nodes_group_leaves_its_p2pd_to_the_node(tmp_path):
         assert "did not shut down within the grace period" not in log.read_text()
         psutil.wait_procs(daemons, timeout=10)
         assert not daemons[0].is_running() or daemons[0].status() == psutil.STATUS_ZOMBIE
-    finally:
-        if node.poll() is None:
-            os.killpg(node.pid, signal.SIGKILL)
-            node.wait()
-        for c in psutil.Process().children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                c.kill()
