@@ -38,12 +38,15 @@ class DHTDied(RuntimeError):
 def check_dht(dht, stop: StopFlag | None = None) -> None:
     """Raise ``DHTDied`` when ``dht``'s process, or the p2p daemon under it, is no longer running. Without p2pd the
     DHT's process lives on, but nothing reaches the node or leaves it: it used to stay up, silent and useless, where
-    a supervisor would have restarted it. A signal to the node's whole process group (Ctrl-C, a service manager)
-    stops p2pd at once too: with ``stop``, a p2pd found dead is a failure only if no stop signal arrives within a
-    second (seen in CI: a bootstrap's check ran between a group SIGINT and its own handler, and it exited 1)."""
+    a supervisor would have restarted it. A SIGTERM to the node's whole process group (a service manager) ends the
+    DHT's process at once too, and p2pd with it: with ``stop``, either found dead is a failure only if no stop signal
+    arrives within a second (seen in CI: a bootstrap's check ran between a group signal and its own handler, and it
+    exited 1; Ctrl-C no longer reaches p2pd, which has a process group of its own)."""
     from swarm.dht_schema import dht_alive
 
     if not dht_alive(dht):
+        if stop is not None and stop.wait(1.0):
+            return
         raise DHTDied(f"the DHT process died (exit code {dht.exitcode}); this node stopped (its state is saved) "
                       "and can be restarted with the same command")  # fmt: skip
     if not _p2pd_alive(dht):

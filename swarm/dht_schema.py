@@ -295,9 +295,20 @@ class SentinelDHT(DHT):
             with contextlib.suppress(Exception):
                 os.remove(p2p._daemon_listen_maddr["unix"])
 
+    def run_in_background(self, await_ready: bool = True, timeout: float | None = None) -> None:
+        """hivemind's, then (once ready, where this DHT started its own p2pd) the path of p2pd's socket file is
+        noted, for ``shutdown`` to remove it if p2pd could not: a p2pd that was killed, or that ended on its
+        parent-death signal, leaves it in /tmp."""
+        super().run_in_background(await_ready=await_ready, timeout=timeout)
+        self._daemon_socket = None
+        if await_ready and self._daemon_listen_maddr is None:
+            with contextlib.suppress(Exception):
+                self._daemon_socket = self.run_coroutine(_daemon_socket_path)
+
     def shutdown(self) -> None:
-        """hivemind's shutdown, then the socket file of a P2P replica still open in this process (one that nobody
-        released: ``release_p2p_replica``) is removed, so that it does not stay in /tmp."""
+        """hivemind's shutdown, then the socket files that would stay in /tmp are removed: that of a P2P replica
+        still open in this process (one that nobody released: ``release_p2p_replica``), and p2pd's own, once this
+        DHT's process has ended (hivemind removes it only when it stops a p2pd that is still running)."""
         replica = getattr(self, "_p2p_replica", None)
         try:
             super().shutdown()
@@ -305,6 +316,21 @@ class SentinelDHT(DHT):
             if replica is not None and replica.is_alive:
                 with contextlib.suppress(Exception):
                     os.remove(replica._client_listen_maddr["unix"])
+            daemon_socket = getattr(self, "_daemon_socket", None)
+            if daemon_socket is not None and dht_alive(self):
+                with contextlib.suppress(Exception):
+                    self.join(DHT_POLL)  # ended "the hard way" (SIGTERM) just now
+            if daemon_socket is not None and not dht_alive(self):
+                with contextlib.suppress(OSError):
+                    os.remove(daemon_socket)
+
+
+async def _daemon_socket_path(_dht: DHT, node: DHTNode) -> str | None:
+    """(In the DHT's process) the path of the Unix socket that its p2pd listens on, None if not one."""
+    try:
+        return str(node.p2p.daemon_listen_maddr["unix"])
+    except Exception:  # noqa: BLE001 - not a Unix socket (or no p2p): nothing to remove
+        return None
 
 
 PARENT_POLL = 1.0  # seconds between the DHT process's checks that its node still runs

@@ -1,6 +1,7 @@
 """SentinelRecordValidator: pure record-level checks, then real hivemind DHTs on 127.0.0.1 (forked, 2-3 peers)."""
 
 import dataclasses
+import os
 import pickle
 import time
 
@@ -12,6 +13,7 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 from swarm.dht_schema import (
     SentinelDHT,
     SentinelRecordValidator,
+    _daemon_socket_path,
     banned_peers,
     dht_key_id,
     dht_signing_bytes,
@@ -535,9 +537,11 @@ def test_a_request_the_dht_process_cannot_receive_does_not_kill_it():
     plain = ours = None
     try:
         plain = start_dht([], cls=hivemind.DHT)
+        daemon_socket = plain.run_coroutine(_daemon_socket_path)
         plain._outer_pipe.send(_UnreceivableRequest())
         plain.join(10)
         assert not plain.is_alive()  # the upstream behaviour this class exists for
+        os.remove(daemon_socket)  # (left by its p2pd, which went down with it)
 
         ours = start_dht([SentinelRecordValidator.from_manifest(MANIFEST, V0, allow_foreign=True)])  # stores "k"
         ours._outer_pipe.send(_UnreceivableRequest())
@@ -566,6 +570,7 @@ def test_a_node_notices_its_p2p_daemon_died():
         check_dht(dht)
         daemon = dht._sentinel_p2pd
         assert daemon.name().startswith("p2pd")
+        assert dht._daemon_socket is not None and os.path.exists(dht._daemon_socket)
         os.kill(daemon.pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
         with pytest.raises(DHTDied, match="p2pd"):
@@ -580,6 +585,7 @@ def test_a_node_notices_its_p2p_daemon_died():
             check_dht(dht, StopFlag())
     finally:
         shutdown(dht)
+    assert not os.path.exists(dht._daemon_socket)  # p2pd could not remove it, killed; the DHT's shutdown did
 
 
 def test_shared_tensors_use_file_descriptors_not_the_shm_manager():
