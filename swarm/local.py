@@ -195,9 +195,10 @@ class LocalSwarm:
         """Abrupt death of a replica: no OFFLINE announcement (its ONLINE record stays in the DHT until it expires),
         its handlers vanish and its DHT process (with its p2pd) goes down."""
         server = self.servers[slot]
-        if server._announcer is not None:
-            server._announcer.cancel()
-            server._announcer = None
+        for task in (server._announcer, server._enlisting):
+            if task is not None:
+                task.cancel()
+        server._announcer = server._enlisting = None
         await server.remove_p2p_handlers(server._p2p, namespace=rpc_namespace(self.run_id))
         server._serving, server._p2p = False, None
         dht = self.dhts.pop(slot)

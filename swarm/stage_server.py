@@ -93,6 +93,7 @@ from swarm.protocol import (
     TensorSpec,
     Unauthorized,
     answer_stream,
+    call,
     call_reply_stream,
     check_unary_reply,
     check_unary_request,
@@ -122,6 +123,10 @@ from swarm.records import (
 from swarm.state import load_state_file, save_state_file
 
 logger = logging.getLogger(__name__)
+
+ENLIST_TIMEOUT = 10.0  # seconds a validator has to answer an enlist request
+MAX_ENLIST = 16  # validators asked at once
+MAX_UNLISTED_PEERS = 64  # announced replicas that no validator's directory lists, taken into a view of the stage
 
 
 def manifest_model_config(manifest: Manifest) -> ModelConfig:
@@ -190,6 +195,10 @@ class StageServerConfig:
     # non-banned replicas before it serves (``sync_now``): a volunteer joining a running swarm, or one restarting
     # from an old checkpoint, then serves the trained stage at once instead of its initial (or stale) weights
     sync_on_join: bool = True
+    # once serving, and every announce_period, ask the validators of its outputs to list this replica in their
+    # directories (``enlist``; they probe it first): how a replica is found while strangers fill its stage's
+    # announcement key (``ReplicaDirectory``)
+    enlist: bool = True
     attack_averaging: float = 0.0  # RED-TEAM, for testing only: serve the other replicas this many times this
     # replica's parameters (0: honest); what it computes and sends down the pipeline stays honest
 
@@ -252,6 +261,8 @@ class StageServer(ServicerBase):
         self._dht: DHT | None = None
         self._p2p: P2P | None = None
         self._announcer: asyncio.Task | None = None
+        self._enlisting: asyncio.Task | None = None
+        self._listed: set[str] = set()  # the replicas of this stage the validators' directories listed, last read
         self._serving = False
         self._averaging: asyncio.Task | None = None
         self._average_lock = asyncio.Lock()
@@ -293,11 +304,13 @@ class StageServer(ServicerBase):
             await self.sync_now()  # routes to it yet
         await self.announce(StageState.ONLINE)
         self._announcer = asyncio.create_task(self._announce_loop())
+        self._enlisting = asyncio.create_task(self.enlist()) if self.config.enlist else None
 
     async def shutdown(self) -> None:
-        if self._announcer is not None:
-            self._announcer.cancel()
-            self._announcer = None
+        for task in (self._announcer, self._enlisting):
+            if task is not None:
+                task.cancel()
+        self._announcer = self._enlisting = None
         if self._averaging is not None:
             self._averaging.cancel()
             await asyncio.gather(self._averaging, return_exceptions=True)
@@ -338,8 +351,37 @@ class StageServer(ServicerBase):
             await asyncio.sleep(self.config.announce_period)
             try:
                 await self.announce(StageState.ONLINE)
+                if self.config.enlist:
+                    await self.enlist()
             except Exception as e:  # keep serving; the next period retries
                 logger.warning(f"stage {self.config.stage}: announce failed: {type(e).__name__}: {e}")
+
+    async def enlist(self) -> dict[str, bool | None]:
+        """Ask the validators that check this stage's outputs (boundary ``stage``; their announcements' key only the
+        manifest's validators may write) to list this replica in their directories: a replica no trainer has routed
+        to yet is in none, and while strangers fill the stage's announcement key it could not be found at all
+        (``ReplicaDirectory``). Each validator probes it in turn (``ValidatorService.probe_candidates``). Returns
+        {validator peer: listed already (None: no answer)}."""
+        from swarm.validator_service import ValidatorService  # (it imports this module)
+
+        if self._dht is None or self._p2p is None:
+            return {}
+        run, boundary = self.manifest.run_id, self.config.stage
+        view = await asyncio.to_thread(fetch_view, self._dht, run, (), [boundary])
+        peers = sorted({a.peer for a in view.validators[boundary] if self.manifest.is_validator(a.validator)})
+        meta = {"run": run, "stage": self.config.stage - 1}
+
+        async def ask(peer: str) -> bool | None:
+            stub = ValidatorService.get_stub(self._p2p, PeerID.from_base58(peer), namespace=rpc_namespace(run))
+            try:
+                response = await call(stub.rpc_enlist, runtime_pb2.ExpertRequest(metadata=pack_meta(meta)),
+                                      ENLIST_TIMEOUT)  # fmt: skip
+                return unpack_meta(response.metadata).get("listed") is True
+            except Exception as e:  # noqa: BLE001 - a validator down or refusing: the next period asks again
+                logger.debug(f"stage {self.config.stage}: enlisting with {peer} failed: {type(e).__name__}: {e}")
+                return None
+
+        return dict(zip(peers, await asyncio.gather(*(ask(p) for p in peers[:MAX_ENLIST]))))
 
     # ------------------------------------------------------------------------------------------------ handlers
     async def rpc_forward(
@@ -605,7 +647,7 @@ class StageServer(ServicerBase):
             seen, peers = self._peer_view
             age = time.monotonic() - seen
             if age > min(5.0, self.config.announce_period) or (peer not in peers and age > 1.0):
-                peers = await self._stage_peers(joining=True)
+                peers = await self._stage_peers(joining=True, keep=peer)
                 self._peer_view = (time.monotonic(), peers)
         return peer in peers
 
@@ -617,10 +659,22 @@ class StageServer(ServicerBase):
         self._next_average = self.optimizer_steps + self.config.average_every
         self._averaging = asyncio.create_task(self.average_now())
 
-    async def _stage_peers(self, *, joining: bool = False) -> set[str]:
+    def _choose(self, peers: list[str], n: int) -> list[str]:
+        """Up to ``n`` of ``peers`` at random, those the validators' directories list first (replicas whose outputs
+        a validator accepted lately, or whose probe passed), then the others: anyone may announce a replica."""
+        listed = [p for p in peers if p in self._listed]
+        rest = [p for p in peers if p not in self._listed]
+        chosen = self._rng.sample(listed, min(len(listed), n))
+        return chosen + self._rng.sample(rest, min(len(rest), n - len(chosen)))
+
+    async def _stage_peers(self, *, joining: bool = False, keep: str | None = None) -> set[str]:
         """Other ONLINE (and, with ``joining``, JOINING) replicas of this stage that no quorum of validators has
         banned (from the DHT), and those the validators' directories list (``ReplicaDirectory``: the announcements'
-        key can be filled by anyone until it reads as nothing)."""
+        key can be filled by anyone until it reads as nothing). Of the announced replicas that no directory lists, at
+        most ``MAX_UNLISTED_PEERS`` drawn at random, and ``keep`` (a peer asking for parameters) whatever the draw:
+        a replica whose DHT node holds a key filled with 20 000 strangers' announcements read them all, checked each
+        for bans (33 s) and, joining, tried to take parameters from strangers that never answer (93 s, and it served
+        its own); ``_choose`` prefers the listed ones."""
         dht, run, me = self._dht, self.manifest.run_id, self.peer_id
         states = (StageState.ONLINE, StageState.JOINING) if joining else (StageState.ONLINE,)
 
@@ -629,6 +683,10 @@ class StageServer(ServicerBase):
             announced = view.stages[self.config.stage - 1]
             peers = {a.peer for a in announced if a.state in states}
             listed = {p for d in view.directories[self.config.stage - 1] for p in d.peers}
+            self._listed = listed
+            unlisted = sorted(peers - listed - {me, keep})
+            if len(unlisted) > MAX_UNLISTED_PEERS:  # strangers filling the key (a node holding it reads them all)
+                peers -= set(unlisted) - set(random.sample(unlisted, MAX_UNLISTED_PEERS))
             peers |= listed - {a.peer for a in announced}  # only where no announcement was read (as the trainer)
             peers.discard(me)
             return peers - fetch_banned(dht, self.manifest, peers)
@@ -649,7 +707,7 @@ class StageServer(ServicerBase):
                 self.sync["reason"] = "no other replica online"
                 logger.info(f"stage {stage}: no other replica to take parameters from: serving its own")
                 return False
-            chosen = self._rng.sample(peers, min(len(peers), c.average_peers))
+            chosen = self._choose(peers, c.average_peers)
             snapshot = await self._run(self._snapshot)
             heard: dict[str, list[torch.Tensor]] = {}
             for attempt in range(2):  # a peer may not have seen this replica's JOINING announcement yet (its view
@@ -723,7 +781,7 @@ class StageServer(ServicerBase):
             self.averaging["skipped"] += 1
             logger.debug(f"stage {stage}: no other replica to average with")
             return False
-        chosen = self._rng.sample(peers, min(len(peers), c.average_peers))
+        chosen = self._choose(peers, c.average_peers)
         snapshot = await self._run(self._snapshot)
         fetched = await asyncio.gather(*(self._fetch_parameters(peer, snapshot) for peer in chosen),
                                        return_exceptions=True)  # fmt: skip

@@ -26,6 +26,7 @@ import hmac
 import json
 import logging
 import math
+import random
 import time
 from collections import OrderedDict, defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -95,6 +96,8 @@ from swarm.state import load_state_file, save_state_file
 logger = logging.getLogger(__name__)
 
 MAX_TAINT_EVENTS = 256  # taint events kept for operators (ValidatorService.taint_events)
+MAX_CANDIDATES = 256  # replicas waiting for a probe, per stage (the oldest request goes first)
+PROBE_MICROBATCH = 1 << 40  # micro-batch numbers of probes: far above any trainer's
 
 
 def private_seed(identity: Identity, run_id: str, seed: int) -> int:
@@ -113,6 +116,10 @@ class ValidatorServiceConfig:
     directory_window: float = 300.0  # seconds a stage replica stays in this validator's directory of its stage
     # (``ReplicaDirectory``, published with each announcement) after the last output of it this validator accepted;
     # 0: no directory
+    probe_period: float = 5.0  # seconds between probes of the replicas that asked to be listed (``rpc_enlist``):
+    # each period, one candidate of each stage, drawn at random, runs a forward of a recent input of that stage and
+    # is listed if its output passes this validator's check (0: no probes, candidates never listed)
+    probe_timeout: float = 10.0  # seconds a probed replica has to answer
     taint_ttl: float = 600.0  # seconds a taint notice stays in the DHT
     strike_ttl: float = 3600.0  # seconds a strike record stays in the DHT; the records of the peers this validator
     # bans are published again every strike_ttl / 3 (and on start, from the saved state): a ban is for the whole run
@@ -184,6 +191,14 @@ class ValidatorService(ServicerBase):
         self._republisher: asyncio.Task | None = None
         self._published_step: dict[str, int] = {}  # peer -> the step of the latest strike record published for it
         self._vouched: dict[int, OrderedDict[str, float]] = defaultdict(OrderedDict)  # stage -> peer -> last accepted
+        # replicas nobody has routed to yet that asked to be listed (rpc_enlist): stage -> peer -> when it asked; those
+        # whose probe passed: stage -> peer -> when; and the input of each stage that probes use (the latest accepted)
+        self._candidates: dict[int, OrderedDict[str, float]] = defaultdict(OrderedDict)
+        self._probed: dict[int, OrderedDict[str, float]] = defaultdict(OrderedDict)
+        self._probe_inputs: dict[int, torch.Tensor] = {}
+        self._prober: asyncio.Task | None = None
+        self.probes = {"passed": 0, "failed": 0}
+        self._rng = random.Random()
         self._saved_step: int | None = None  # the highest step seen before a restart (for republish_bans only)
         if config.state_path and Path(config.state_path).exists():
             # our own file, written by save_state below: its pickled deques and floats need the full unpickler
@@ -220,16 +235,18 @@ class ValidatorService(ServicerBase):
         self._announcer = asyncio.create_task(self._announce_loop())
         await self.republish_bans()  # a restarted validator's bans (from its saved state) are in force again at once
         self._republisher = asyncio.create_task(self._republish_loop())
+        if self.config.probe_period > 0:
+            self._prober = asyncio.create_task(self._probe_loop())
 
     async def shutdown(self) -> None:
         """Stop serving, settle and publish the last step's strikes, save the state. A second call does nothing."""
         if self._stopped:
             return
         self._stopped = True
-        for task in (self._announcer, self._republisher):
+        for task in (self._announcer, self._republisher, self._prober):
             if task is not None:
                 task.cancel()
-        self._announcer = self._republisher = None
+        self._announcer = self._republisher = self._prober = None
         await self.settle()
         await self.flush()
         if self._p2p is not None:
@@ -282,22 +299,124 @@ class ValidatorService(ServicerBase):
         seen = self._vouched[stage]
         seen[peer] = time.monotonic()
         seen.move_to_end(peer)
+        self._candidates[stage].pop(peer, None)  # listed now: no probe needed
         while len(seen) > 4 * MAX_DIRECTORY:
             seen.popitem(last=False)
 
     def directories(self) -> list[ReplicaDirectory]:
         """This validator's directory of each stage it has accepted outputs of: the replicas whose last accepted
-        output is at most ``directory_window`` seconds old, not banned here, the latest ``MAX_DIRECTORY``."""
+        output is at most ``directory_window`` seconds old, then those whose probe passed within that window
+        (``probe_candidates``), none banned here; at most ``MAX_DIRECTORY`` in all, taken in that order, latest first
+        (the record itself lists them sorted)."""
         if self.config.directory_window <= 0:
             return []
         since = time.monotonic() - self.config.directory_window
         out = []
-        for stage, seen in sorted(self._vouched.items()):
-            peers = [p for p, t in reversed(seen.items()) if t >= since and not self.validator.ledger.is_banned(p)]
+        for stage in sorted(set(self._vouched) | set(self._probed)):
+            peers = []
+            for seen in (self._vouched.get(stage, {}), self._probed.get(stage, {})):
+                peers += [p for p, t in reversed(seen.items()) if t >= since and not self.validator.ledger.is_banned(p)
+                          and p not in peers]  # fmt: skip
             if peers:
                 out.append(ReplicaDirectory(self.manifest.run_id, stage, peers[:MAX_DIRECTORY],
                                             self.identity.public_key))  # fmt: skip
         return out
+
+    # ------------------------------------------------------------------------------------ enlisting, probes
+    async def rpc_enlist(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """A stage replica asks to be listed in this validator's directory of its stage (``StageServer.enlist``).
+        The directories list the replicas whose outputs this validator accepted; one that no trainer has routed to
+        yet is in none, and while strangers fill the stage's announcement key it cannot be found at all
+        (``ReplicaDirectory``). The asking peer is the authenticated caller; it becomes a candidate, probed in turn
+        (``probe_candidates``). Metadata: run, stage (0-based, one whose outputs this validator checks). Reply:
+        ``{"listed": bool}``, whether it is listed already."""
+        try:
+            meta = unpack_meta(request.metadata)
+            if meta_str(meta, "run", max_len=64) != self.manifest.run_id:
+                raise BadRequest("enlisting for another run")
+            stage = meta_int(meta, "stage", hi=self.manifest.n_stages - 1)
+            if stage + 1 not in self.boundaries:
+                raise BadRequest(f"this validator does not check the outputs of stage {stage + 1}")
+            peer = context.remote_id.to_base58()
+            if self.validator.ledger.is_banned(peer):
+                raise Unauthorized("banned here")
+            since = time.monotonic() - self.config.directory_window
+            listed = any(seen.get(peer, -math.inf) >= since for seen in (self._vouched[stage], self._probed[stage]))
+            if not listed:
+                queue = self._candidates[stage]
+                queue[peer] = time.monotonic()
+                queue.move_to_end(peer)
+                while len(queue) > MAX_CANDIDATES:
+                    queue.popitem(last=False)
+            return runtime_pb2.ExpertResponse(metadata=pack_meta({"listed": listed}))
+        except ProtocolError as e:
+            return error_response(e)
+
+    async def probe_candidates(self) -> dict[str, bool]:
+        """One probe for each stage with candidates: one of them, drawn at random, runs a forward of the latest input
+        of that stage this validator has seen accepted (under its own verdict, issued to itself), and is listed in
+        the directory if the output has the input's shape and passes this validator's check of that stage's outputs
+        (scored only: nothing learnt, nobody struck). A candidate that fails is dropped until it asks again. Returns
+        {peer: passed} of the probes made."""
+        stages = [k for k, queue in self._candidates.items() if queue and k in self._probe_inputs]
+        if self._p2p is None or self._step is None or not stages:
+            return {}
+        peers = {}
+        for stage in stages:
+            queue = self._candidates[stage]
+            peer = self._rng.choice(list(queue))
+            del queue[peer]
+            if not self.validator.ledger.is_banned(peer):
+                peers[peer] = stage
+        results = await asyncio.gather(*(self._probe(stage, peer) for peer, stage in peers.items()))
+        for (peer, stage), passed in zip(peers.items(), results):
+            self.probes["passed" if passed else "failed"] += 1
+            if passed:
+                probed = self._probed[stage]
+                probed[peer] = time.monotonic()
+                probed.move_to_end(peer)
+                while len(probed) > MAX_DIRECTORY:
+                    probed.popitem(last=False)
+        return dict(zip(peers, results))
+
+    async def _probe(self, stage: int, peer: str) -> bool:
+        from hivemind.p2p import PeerID
+
+        from swarm.protocol import call_auto, decode_reply_tensor
+        from swarm.stage_server import StageServer
+
+        run, step, x = self.manifest.run_id, self._step, self._probe_inputs[stage]
+        mb = PROBE_MICROBATCH + self.probes["passed"] + self.probes["failed"]
+        verdict = sign_verdict(self.identity, run_id=run, step=step, microbatch=mb, boundary=stage,
+                               direction=Direction.FORWARD, verdict=Verdict.ACCEPT, digest=tensor_digest(x),
+                               caller=self.peer_id)  # fmt: skip
+        meta = {"run": run, "step": step, "mb": mb, "verdict": verdict.to_tuple()}
+        try:
+            stub = StageServer.get_stub(self._p2p, PeerID.from_base58(peer), namespace=rpc_namespace(run))
+            response = await call_auto(stub, "rpc_forward", "rpc_forward_stream", [x], meta,
+                                       self.config.probe_timeout, self.config.compression, self.spec)  # fmt: skip
+            out = decode_reply_tensor(response, self.spec)
+        except Exception as e:  # noqa: BLE001 - whatever went wrong, the probe failed
+            logger.debug(f"validator: probe of {peer} (stage {stage + 1}) failed: {type(e).__name__}: {e}")
+            return False
+        if out.shape != x.shape:
+            return False
+        monitor = self.validator.monitor(stage + 1, "forward")
+
+        def score() -> bool:
+            if not monitor.ready:
+                return False  # nothing to judge it by yet
+            return not monitor.observe(out, x, detect=True, learn=False).flagged
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, score)
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.probe_period)
+            try:
+                await self.probe_candidates()
+            except Exception as e:
+                logger.warning(f"validator: probing candidates failed: {type(e).__name__}: {e}")
 
     async def republish_bans(self) -> int:
         """Publish again the strike record of every peer this validator bans (bans last the whole run; a record
@@ -468,6 +587,7 @@ class ValidatorService(ServicerBase):
             self._keep(digest, x)
             if direction == Direction.FORWARD and boundary >= 1:  # the output of a replica of stage `boundary`
                 self._vouch(boundary - 1, sender)
+                self._probe_inputs[boundary - 1] = reference  # the input it got: what probes of that stage run
         else:
             self.n_tainted += 1
             self.taint_events.append(TaintEvent(self.n_tainted, step, mb, boundary, name, sender, res.reason,

@@ -38,6 +38,7 @@ from swarm.identity import Identity
 from swarm.local import flood_manifest_key, flood_stage_key, local_manifest
 from swarm.protocol import Busy, TransportError
 from swarm.records import ReplicaDirectory, StageAnnouncement, StageState
+from swarm.stage_server import StageServer, StageServerConfig
 from swarm.trainer import NoRoute, Trainer, TrainerConfig, choose_replica
 
 
@@ -573,17 +574,22 @@ def test_a_flooded_stage_key_hides_no_replica_from_a_trainer_that_joins_later():
     self-signed announcements (each under a fresh key, stored through the DHT protocol at every node, which checks
     each signature) make a fresh reader's get of the stage key fail, and that failure used to empty its routing
     table and blacklist its peers, so its reads of every other key failed too. A trainer that joins now (client mode:
-    it stores nothing) still finds the honest replica in the validator's directory and trains through it."""
+    it stores nothing) still finds the honest replica in the validator's directory and trains through it, and a
+    replica that joins after the flood is found too: it asks the validator to list it, and its probe passes."""
     config = TrainerConfig(seed=SEED, batch_size=2, microbatches=2, warmup=100)
-    swarm = LocalSwarm((1,), trainer_config=config, stage_config={"average_every": 0})
+    swarm = LocalSwarm((1,), trainer_config=config, stage_config={"average_every": 0},
+                       validator_config={"probe_period": 0})  # fmt: skip
     late: dict = {}
+    newcomer_id = Identity.generate()
 
     def join_late():  # before the flood: a node that joined the DHT earlier and reads the key only now
         late["dht"] = start_dht(swarm.manifest, swarm.trainer_identity, swarm.initial_peers(), client_mode=True)
+        late["newcomer"] = start_dht(swarm.manifest, newcomer_id, swarm.initial_peers())
 
     async def body(swarm: LocalSwarm):
         honest = swarm.servers[(1, 0)].peer_id
-        await swarm.trainer.step(0)  # the validator accepts the replica's outputs: its directory lists it
+        for step in range(8):  # the validator accepts the replica's outputs (its directory lists it), 16 of them:
+            await swarm.trainer.step(step)  # its check of that stage's outputs is ready (probes need it)
         await swarm.validator.announce()
         flood = functools.partial(flood_stage_key, run=RUN, stage=0, n=20_000, expiration=get_dht_time() + 600,
                                   span=tuple(swarm.manifest.layer_spans[0]))  # fmt: skip
@@ -595,21 +601,32 @@ def test_a_flooded_stage_key_hides_no_replica_from_a_trainer_that_joins_later():
         view = await asyncio.to_thread(fetch_view, dht, RUN, [0], [0, 1])
         assert view.stages[0] == [] and [p for d in view.directories[0] for p in d.peers] == [honest]
         assert all(len(view.validators[b]) == 1 for b in (0, 1))
+        newcomer = StageServer(StageServerConfig(stage=1, seed=SEED, average_every=0), swarm.manifest, newcomer_id)
         trainer = Trainer(config, swarm.manifest, swarm.trainer_identity, CORPUS)
-        await trainer.start(dht)
         try:
-            assert [a.peer for a in trainer.stages[1]] == [honest]  # from the directory
-            await trainer.step(1)
-            assert trainer.metrics.step_completed == [2] and trainer.metrics.stage_calls[honest] == 4
+            # its node holds the flooded key: it reads 20 000 strangers' announcements, and asks the replica the
+            # validator's directory lists for its parameters first (it asked strangers that never answer, for 93 s;
+            # one replica's word is not taken, by design: averaging brings it to the stage's parameters)
+            await newcomer.start(late["newcomer"])  # (its own announcement is lost in the flood)
+            assert newcomer.sync["from"] == [honest], newcomer.sync
+            await newcomer._enlisting
+            assert await swarm.validator.probe_candidates() == {newcomer.peer_id: True}
+            await swarm.validator.announce()
+            await trainer.start(dht)
+            assert {a.peer for a in trainer.stages[1]} == {honest, newcomer.peer_id}  # from the directory
+            await trainer.step(8)
+            assert trainer.metrics.step_completed == [2] and sum(trainer.metrics.stage_calls.values()) == 4
         finally:
             await trainer.shutdown()
+            await newcomer.shutdown()
             await release_p2p_replica(dht)
+            await release_p2p_replica(late["newcomer"])
 
     try:
         swarm.run(body, after_dhts=join_late)
     finally:
-        if "dht" in late:
-            late["dht"].shutdown()
+        for dht in late.values():
+            dht.shutdown()
 
 
 @pytest.mark.forked
@@ -819,3 +836,63 @@ def test_each_check_can_go_to_several_validators_and_any_taint_wins():
         assert routed >= 2 and trainer.banned == {bad}
 
     run_swarm(swarm, body)
+
+
+@pytest.mark.forked
+@pytest.mark.timeout(180)
+def test_a_replica_no_trainer_has_used_is_listed_once_its_probe_passes():
+    """A validator's directory listed only the replicas whose outputs it had accepted, so while strangers fill a
+    stage's announcement key, a replica that joined later could not be found by anyone. A replica now asks the
+    validators of its outputs to list it (``StageServer.enlist``); each probes one candidate per stage at a time
+    with a forward of a recent input of that stage (``ValidatorService.probe_candidates``), and lists it if the
+    output passes its check. Here an honest newcomer is listed beside the replica in use, and a newcomer that
+    corrupts its outputs is not; neither probe teaches the validator anything or strikes anyone."""
+    config = TrainerConfig(seed=SEED, batch_size=2, microbatches=4, warmup=100)
+    swarm = LocalSwarm((1,), trainer_config=config, stage_config={"average_every": 0},
+                       validator_config={"probe_period": 0})  # fmt: skip
+    late: dict = {}
+    identities = {"honest": Identity.generate(), "corrupt": Identity.generate()}
+
+    def join_late():
+        for name, identity in identities.items():
+            late[name] = start_dht(swarm.manifest, identity, swarm.initial_peers())
+
+    async def body(swarm: LocalSwarm):
+        in_use = swarm.servers[(1, 0)].peer_id
+        for step in range(5):  # 20 accepted outputs of stage 1: the validator's monitor of them is ready
+            await swarm.trainer.step(step)
+        validator = swarm.validator
+        monitor = validator.validator.monitor(1, "forward")
+        assert monitor.ready
+        corrupt = MaliciousBehaviour(worker=0, attack=make_attack("random"), directions="forward", onset=0, seed=0)
+        servers = {name: StageServer(StageServerConfig(stage=1, seed=SEED, average_every=0), swarm.manifest,
+                                     identities[name], attack=corrupt if name == "corrupt" else None)
+                   for name in identities}  # fmt: skip
+        try:
+            for name, server in servers.items():
+                await server.start(late[name])
+                await server._enlisting
+            assert {len(q) for q in validator._candidates.values()} == {2}
+            accepted, checks = monitor.n_accepted, validator.n_checks
+            results = {**await validator.probe_candidates(), **await validator.probe_candidates()}
+            assert results == {servers["honest"].peer_id: True, servers["corrupt"].peer_id: False}
+            assert monitor.n_accepted == accepted and validator.n_checks == checks  # scored only
+            assert not validator.validator.ledger.banned() and validator.probes == {"passed": 1, "failed": 1}
+            (directory,) = validator.directories()
+            assert set(directory.peers) == {in_use, servers["honest"].peer_id}
+            await validator.announce()
+            view = await asyncio.to_thread(fetch_view, swarm.dhts["trainer"], RUN, [0])
+            assert [d.peers for d in view.directories[0]] == [directory.peers]
+            assert await servers["honest"].enlist() == {validator.peer_id: True}  # listed: not queued again
+            assert not any(validator._candidates.values())
+        finally:
+            for server in servers.values():
+                await server.shutdown()
+            for dht in late.values():
+                await release_p2p_replica(dht)
+
+    try:
+        swarm.run(body, after_dhts=join_late)
+    finally:
+        for dht in late.values():
+            dht.shutdown()
