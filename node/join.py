@@ -404,13 +404,18 @@ async def _validator(args, dht, manifest, identity, stop: StopFlag) -> int:
     def stats() -> dict:
         strikes, banned = ledger_view()
         return {"role": "validator", "peer_id": peer_id, "checks": service.n_checks,
-                "tainted": service.n_tainted, "strikes": strikes, "banned": banned}  # fmt: skip
+                "tainted": service.n_tainted, "strikes": strikes, "banned": banned,
+                "probes": dict(service.probes)}  # fmt: skip
 
     if args.stats:
         write_json_atomic(args.stats, stats())
-    tainted, strikes, banned = 0, {}, {}
+    tainted, strikes, banned, probed = 0, {}, {}, 0
     try:
         while not await _sleep_until_stopped(stop, 0.5, dht):
+            for number, peer, stage, passed in [e for e in list(service.probe_events) if e[0] > probed]:
+                say(f"validator: PROBE of {peer} (a new replica of stage {stage + 1}): "
+                    + ("passed, listed in this validator's directory" if passed else "failed, not listed"))
+                probed = number
             if service.n_tainted > tainted:
                 events = [e for e in list(service.taint_events) if e.number > tainted]
                 missed = service.n_tainted - tainted - len(events)  # more than the event log holds since last time

@@ -198,6 +198,7 @@ class ValidatorService(ServicerBase):
         self._probe_inputs: dict[int, torch.Tensor] = {}
         self._prober: asyncio.Task | None = None
         self.probes = {"passed": 0, "failed": 0}
+        self.probe_events: deque[tuple[int, str, int, bool]] = deque(maxlen=MAX_TAINT_EVENTS)  # (n, peer, stage, ok)
         self._rng = random.Random()
         self._saved_step: int | None = None  # the highest step seen before a restart (for republish_bans only)
         if config.state_path and Path(config.state_path).exists():
@@ -371,6 +372,7 @@ class ValidatorService(ServicerBase):
         results = await asyncio.gather(*(self._probe(stage, peer) for peer, stage in peers.items()))
         for (peer, stage), passed in zip(peers.items(), results):
             self.probes["passed" if passed else "failed"] += 1
+            self.probe_events.append((sum(self.probes.values()), peer, stage, passed))
             if passed:
                 probed = self._probed[stage]
                 probed[peer] = time.monotonic()

@@ -878,6 +878,7 @@ def test_a_replica_no_trainer_has_used_is_listed_once_its_probe_passes():
             assert results == {servers["honest"].peer_id: True, servers["corrupt"].peer_id: False}
             assert monitor.n_accepted == accepted and validator.n_checks == checks  # scored only
             assert not validator.validator.ledger.banned() and validator.probes == {"passed": 1, "failed": 1}
+            assert {peer: ok for _, peer, stage, ok in validator.probe_events if stage == 0} == results  # (for join)
             (directory,) = validator.directories()
             assert set(directory.peers) == {in_use, servers["honest"].peer_id}
             await validator.announce()
