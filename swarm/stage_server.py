@@ -304,7 +304,7 @@ class StageServer(ServicerBase):
             await self.sync_now()  # routes to it yet
         await self.announce(StageState.ONLINE)
         self._announcer = asyncio.create_task(self._announce_loop())
-        self._enlisting = asyncio.create_task(self.enlist()) if self.config.enlist else None
+        self._enlisting = asyncio.create_task(self._enlist_quietly()) if self.config.enlist else None
 
     async def shutdown(self) -> None:
         for task in (self._announcer, self._enlisting):
@@ -351,10 +351,16 @@ class StageServer(ServicerBase):
             await asyncio.sleep(self.config.announce_period)
             try:
                 await self.announce(StageState.ONLINE)
-                if self.config.enlist:
-                    await self.enlist()
             except Exception as e:  # keep serving; the next period retries
                 logger.warning(f"stage {self.config.stage}: announce failed: {type(e).__name__}: {e}")
+            if self.config.enlist and (self._enlisting is None or self._enlisting.done()):
+                self._enlisting = asyncio.create_task(self._enlist_quietly())  # beside: announcing must not wait
+
+    async def _enlist_quietly(self) -> None:
+        try:
+            await self.enlist()
+        except Exception as e:  # noqa: BLE001 - the next period asks again
+            logger.warning(f"stage {self.config.stage}: enlisting failed: {type(e).__name__}: {e}")
 
     async def enlist(self) -> dict[str, bool | None]:
         """Ask the validators that check this stage's outputs (boundary ``stage``; their announcements' key only the
