@@ -897,3 +897,42 @@ def test_a_replica_no_trainer_has_used_is_listed_once_its_probe_passes():
     finally:
         for dht in late.values():
             dht.shutdown()
+
+
+def test_enlist_requests_are_checked_and_their_queue_is_bounded():
+    """``rpc_enlist`` takes untrusted metadata from any peer: another run, a stage out of range or one whose outputs
+    this validator does not check, and bytes that are not msgpack get BadRequest; a banned peer gets Unauthorized; a
+    replica listed already is told so and not queued; the candidates of a stage are bounded (the oldest go)."""
+    from hivemind.proto import runtime_pb2
+
+    from swarm.protocol import BadRequest, Unauthorized, pack_meta, unpack_meta
+    from swarm.validator_service import MAX_CANDIDATES, ValidatorService, ValidatorServiceConfig
+
+    validator_id = Identity.generate()
+    manifest = local_manifest(RUN, "tiny", 2, validator_id, Identity.generate(), Identity.generate())
+    service = ValidatorService(ValidatorServiceConfig(), manifest, validator_id, SentinelConfig())
+    only_input = ValidatorService(ValidatorServiceConfig(boundaries=(0,)), manifest, validator_id, SentinelConfig())
+
+    class Caller:  # what rpc_enlist reads of hivemind's P2PContext: the authenticated peer
+        def __init__(self, peer: str):
+            self.remote_id = type("PeerID", (), {"to_base58": lambda _: peer})()
+
+    def enlist(meta, peer: str = "QmNew", to: ValidatorService = service, raw: bytes | None = None) -> dict:
+        request = runtime_pb2.ExpertRequest(metadata=pack_meta(meta) if raw is None else raw)
+        return unpack_meta(asyncio.run(to.rpc_enlist(request, Caller(peer))).metadata)
+
+    assert enlist({"run": RUN, "stage": 1}) == {"listed": False} and list(service._candidates[1]) == ["QmNew"]
+    for meta, to, raw in [({"run": "other", "stage": 0}, service, None), ({"run": RUN, "stage": 2}, service, None),
+                          ({"run": RUN, "stage": -1}, service, None), ({"run": RUN, "stage": "0"}, service, None),
+                          ({"run": RUN}, service, None), ({"run": RUN, "stage": 0}, only_input, None),
+                          ({}, service, b"\xc1garbage")]:  # fmt: skip
+        assert enlist(meta, to=to, raw=raw)["error"] == BadRequest.code, meta
+    service.validator.ledger.ban_level = 1
+    service.validator.ledger.record("QmBanned", True, 0)
+    assert enlist({"run": RUN, "stage": 0}, "QmBanned")["error"] == Unauthorized.code
+    service._vouch(0, "QmUsed")
+    assert enlist({"run": RUN, "stage": 0}, "QmUsed") == {"listed": True} and "QmUsed" not in service._candidates[0]
+    for i in range(MAX_CANDIDATES + 10):
+        enlist({"run": RUN, "stage": 0}, f"QmSybil{i}")
+    queue = service._candidates[0]
+    assert len(queue) == MAX_CANDIDATES and next(iter(queue)) == "QmSybil10"
