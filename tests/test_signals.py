@@ -179,3 +179,24 @@ def test_ctrl_c_to_a_busy_nodes_group_leaves_its_p2pd_to_the_node(tmp_path):
         assert "did not shut down within the grace period" not in log.read_text()
         psutil.wait_procs(daemons, timeout=10)
         assert not daemons[0].is_running() or daemons[0].status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_dht_process_found_dead_just_before_a_stop_signal_is_a_shutdown():
+    """A SIGTERM to the node's whole group ends the DHT's process at once (hivemind stops it with SIGTERM, so it
+    keeps that default), and the node's check of its DHT may run before its own handler: a DHT process found dead is
+    a failure (DHTDied, exit 1) only if no stop signal arrives within a second, as for p2pd."""
+    import threading
+
+    from node.common import DHTDied, check_dht
+
+    class DeadDHT:
+        exitcode = -signal.SIGTERM
+
+        def is_alive(self) -> bool:
+            return False
+
+    stop = StopFlag()
+    threading.Timer(0.3, stop.event.set).start()
+    check_dht(DeadDHT(), stop)  # the stop came: no error
+    with pytest.raises(DHTDied, match="DHT process died"):
+        check_dht(DeadDHT(), StopFlag())
