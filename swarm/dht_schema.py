@@ -317,12 +317,13 @@ class SentinelDHT(DHT):
                 with contextlib.suppress(Exception):
                     os.remove(replica._client_listen_maddr["unix"])
             daemon_socket = getattr(self, "_daemon_socket", None)
-            if daemon_socket is not None and dht_alive(self):
-                with contextlib.suppress(Exception):
-                    self.join(DHT_POLL)  # ended "the hard way" (SIGTERM) just now
-            if daemon_socket is not None and not dht_alive(self):
-                with contextlib.suppress(OSError):
-                    os.remove(daemon_socket)
+            if daemon_socket is not None:
+                if dht_alive(self):
+                    with contextlib.suppress(Exception):
+                        self.join(DHT_POLL)  # ended "the hard way" (SIGTERM) just now
+                if not dht_alive(self):
+                    with contextlib.suppress(OSError):
+                        os.remove(daemon_socket)
 
 
 async def _daemon_socket_path(_dht: DHT, node: DHTNode) -> str | None:
@@ -880,7 +881,9 @@ def manifest_copies(
     authority's own copy and the relays' (``relayed``), then the validators' copies (``validators``)."""
     out = []
     keys = [*([manifest_key(run)] if relayed else []), *([validator_manifest_key(run)] if validators else [])]
-    for publisher, signed in [entry for key in keys for entry in _fetch(dht, key, SignedManifest.from_tuple, None)]:
+    found = _get_each(dht, keys)  # both at once: the relays' key may be filled by strangers (a read of seconds)
+    for publisher, signed in [entry for key in keys
+                              for entry in _entries(found[key], key, SignedManifest.from_tuple, None)]:  # fmt: skip
         try:
             manifest = signed.verify(authority=authority_key)
         except RecordError:
@@ -929,20 +932,18 @@ class SwarmView(NamedTuple):
     validators: dict[int, list[ValidatorAnnouncement]]
 
 
-def fetch_view(
-    dht: DHT, run: str, stages: Iterable[int] = (), boundaries: Iterable[int] = (), *, directories: bool = True
-) -> SwarmView:
-    """The announcements and (with ``directories``) the validators' directories of every stage index in ``stages``,
-    and the validator announcements of every boundary in ``boundaries``: ``fetch_stages``, ``fetch_directories`` and
+def fetch_view(dht: DHT, run: str, stages: Iterable[int] = (), boundaries: Iterable[int] = ()) -> SwarmView:
+    """The announcements and the validators' directories of every stage index in ``stages``, and the validator
+    announcements of every boundary in ``boundaries``: ``fetch_stages``, ``fetch_directories`` and
     ``fetch_validators`` of each, read all at once (``_get_each``). A trainer's view of an S-stage run is 3S + 1 keys;
     read one after another, a flooded stage key (about 3 s a read) cost its 3 s once per flooded stage. Blocking."""
     stages, boundaries = list(dict.fromkeys(stages)), list(dict.fromkeys(boundaries))
-    keys = [*(stage_key(run, k) for k in stages), *(directory_key(run, k) for k in stages if directories),
+    keys = [*(stage_key(run, k) for k in stages), *(directory_key(run, k) for k in stages),
             *(validator_key(run, b) for b in boundaries)]  # fmt: skip
     found = _get_each(dht, keys)
     return SwarmView(
         {k: _stages(found[stage_key(run, k)], run, k) for k in stages},
-        {k: _directories(found[directory_key(run, k)], run, k) if directories else [] for k in stages},
+        {k: _directories(found[directory_key(run, k)], run, k) for k in stages},
         {b: _validators(found[validator_key(run, b)], run, b) for b in boundaries},
     )
 

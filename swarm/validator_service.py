@@ -233,11 +233,13 @@ class ValidatorService(ServicerBase):
         self._p2p = await dht.replicate_p2p()
         await self.add_p2p_handlers(self._p2p, namespace=rpc_namespace(self.manifest.run_id))
         await self.announce()
-        self._announcer = asyncio.create_task(self._announce_loop())
+        self._announcer = asyncio.create_task(self._every(self.config.announce_period, self.announce, "announce"))
         await self.republish_bans()  # a restarted validator's bans (from its saved state) are in force again at once
-        self._republisher = asyncio.create_task(self._republish_loop())
+        self._republisher = asyncio.create_task(self._every(self.config.strike_ttl / 3, self.republish_bans,
+                                                           "republishing bans"))  # fmt: skip
         if self.config.probe_period > 0:
-            self._prober = asyncio.create_task(self._probe_loop())
+            self._prober = asyncio.create_task(self._every(self.config.probe_period, self.probe_candidates,
+                                                       "probing candidates"))  # fmt: skip
 
     async def shutdown(self) -> None:
         """Stop serving, settle and publish the last step's strikes, save the state. A second call does nothing."""
@@ -412,14 +414,6 @@ class ValidatorService(ServicerBase):
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, score)
 
-    async def _probe_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.probe_period)
-            try:
-                await self.probe_candidates()
-            except Exception as e:
-                logger.warning(f"validator: probing candidates failed: {type(e).__name__}: {e}")
-
     async def republish_bans(self) -> int:
         """Publish again the strike record of every peer this validator bans (bans last the whole run; a record
         lasts ``strike_ttl`` in the DHT). Each goes out at the latest step this validator has seen, never older than
@@ -437,21 +431,16 @@ class ValidatorService(ServicerBase):
             self._spawn(publish_strike, self._dht, self.identity, record, expiration)
         return len(banned)
 
-    async def _republish_loop(self) -> None:
+    @staticmethod
+    async def _every(seconds: float, work, what: str) -> None:
+        """``await work()`` every ``seconds`` seconds until cancelled; a failure is logged and the next period tries
+        again."""
         while True:
-            await asyncio.sleep(self.config.strike_ttl / 3)
+            await asyncio.sleep(seconds)
             try:
-                await self.republish_bans()
+                await work()
             except Exception as e:
-                logger.warning(f"validator: republishing bans failed: {type(e).__name__}: {e}")
-
-    async def _announce_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.announce_period)
-            try:
-                await self.announce()
-            except Exception as e:
-                logger.warning(f"validator: announce failed: {type(e).__name__}: {e}")
+                logger.warning(f"validator: {what} failed: {type(e).__name__}: {e}")
 
     # ------------------------------------------------------------------------------------------------- handler
     async def rpc_check(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
