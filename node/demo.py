@@ -26,6 +26,7 @@ import psutil
 
 from node.common import CommandError, HelpFormatter, parse_overrides, replace_sentinel, say, write_json_atomic
 from sentinel.config import SentinelConfig
+from swarm.lifetime import die_with_parent
 from swarm.model import PRESETS
 from swarm.routing import ROUTINGS
 
@@ -153,6 +154,8 @@ class Swarm:
         self._stop_relay = threading.Event()
         self._relay: threading.Thread | None = None
         self.descendants: dict[int, psutil.Process] = {}  # every process below a child (DHT, p2pd, shm managers)
+        # a child gets SIGTERM (and stops cleanly) if the demo dies without stopping it: SIGKILL, the OOM killer
+        self._die_with_demo = die_with_parent(signal.SIGTERM)
 
     def start(self, name: str, argv: list[str], **kwargs) -> Child:
         child = Child(name, argv, self.logs / f"{name}.out", self.logs / f"{name}.log", **kwargs)
@@ -160,7 +163,7 @@ class Swarm:
         child.files = [out, err]
         child.proc = subprocess.Popen(
             [sys.executable, "-m", "node.cli", *argv], stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-            env=self.env, start_new_session=True, cwd=self.workdir,
+            env=self.env, start_new_session=True, cwd=self.workdir, preexec_fn=self._die_with_demo,
         )  # fmt: skip
         self.children.append(child)
         return child
@@ -325,10 +328,11 @@ def run(args: argparse.Namespace) -> int:
     swarm = Swarm(workdir, args.threads, args.quiet)
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
-    def interrupted(signum, frame):
+    def on_sigterm(signum, frame):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGTERM, on_sigterm)
+    interrupted = False  # the first Ctrl-C (or SIGTERM) while the trainer runs ends the run early, with a summary
     try:
         swarm.relay()
         ready_file = workdir / "bootstrap.json"
@@ -383,11 +387,18 @@ def run(args: argparse.Namespace) -> int:
             argv += ["--data", str(Path(args.data).resolve())]
         tr = swarm.start("trainer", argv)
         deadline = started + args.timeout
-        while tr.proc.poll() is None:
-            swarm.check_alive(boot, *stages, *[c for c in swarm.children if c.name.startswith("validator")])
-            if time.monotonic() > deadline:
-                raise CommandError(f"the demo did not finish within --timeout {args.timeout:.0f} s")
-            time.sleep(0.5)
+        try:
+            while tr.proc.poll() is None:
+                swarm.check_alive(boot, *stages, *[c for c in swarm.children if c.name.startswith("validator")])
+                if time.monotonic() > deadline:
+                    raise CommandError(f"the demo did not finish within --timeout {args.timeout:.0f} s")
+                time.sleep(0.5)
+        except KeyboardInterrupt:  # the trainer first, while the swarm still runs: then the summary of the run so far
+            interrupted = True
+            say("demo: interrupted; stopping the trainer, then the swarm, for a summary so far (again: stop at once)")
+            swarm.stop([tr])
+        if interrupted and not trainer_stats.exists():
+            raise KeyboardInterrupt  # the trainer left nothing to summarise
         if tr.proc.returncode != 0 or not trainer_stats.exists():
             swarm.check_alive(tr)
         summary = json.loads(trainer_stats.read_text())
@@ -422,7 +433,7 @@ def run(args: argparse.Namespace) -> int:
         # and left out (too far to clip in), times a peer was left out for being clipped round after round
         "averaging": {key: sum(s.get("averaging", {}).get(key, 0) for s in stage_stats.values()
                                if s["peer_id"] in honest) for key in ("rounds", "clipped", "left_out", "distrusted")},
-        "wall_s": time.monotonic() - started, "workdir": str(workdir), "run_id": run_id,
+        "wall_s": time.monotonic() - started, "workdir": str(workdir), "run_id": run_id, "interrupted": interrupted,
         "config": {"stages": args.stages, "replicas": args.replicas, "attackers": args.attackers,
                    "attack": args.attack, "attack_direction": args.attack_direction,
                    "attack_averaging": args.attack_averaging, "validators": args.validators,
@@ -433,15 +444,22 @@ def run(args: argparse.Namespace) -> int:
     }  # fmt: skip
     if args.report:
         write_json_atomic(args.report, report)
-    say("\n=== demo summary ===")
+    say("\n=== demo summary" + (f" (interrupted after step {report['steps']} of {args.steps})" if interrupted
+                                   else "") + " ===")  # fmt: skip
     say(f"attackers: {[p[:16] + '...' for p in malicious]}")
     say(f"banned:    {[p[:16] + '...' for p in banned]} (false bans: {len(report['false_bans'])})")
     say(f"precision {report['precision']:.2f} recall {report['recall']:.2f} f1 {report['f1']:.2f}; tainted "
-        f"micro-batches {report['tainted_microbatches']} of {report['microbatches']}; rejected inputs "
+        f"micro-batches {_n(report['tainted_microbatches'])} of {_n(report['microbatches'])}; rejected inputs "
         f"{report['rejected_inputs']}")  # fmt: skip
     avg = report["averaging"]
     say(f"averaging between honest replicas: {avg['rounds']} round(s), {avg['clipped']} contribution(s) clipped and "
         f"{avg['left_out']} left out, a peer not heard {avg['distrusted']} time(s)")
-    say(f"loss {report['first_loss']:.3f} -> {report['train_loss']:.3f}, val loss {report['val_loss']:.3f}, "
-        f"{report['tokens_per_s']:.0f} tokens/s, {report['wall_s']:.0f} s in all; logs in {workdir / 'logs'}")
-    return 0
+    val = "not measured (stopped early)" if interrupted else _n(report["val_loss"], ".3f")
+    say(f"loss {_n(report['first_loss'], '.3f')} -> {_n(report['train_loss'], '.3f')}, val loss {val}, "
+        f"{_n(report['tokens_per_s'], '.0f')} tokens/s, {report['wall_s']:.0f} s in all; logs in {workdir / 'logs'}")
+    return 130 if interrupted else 0
+
+
+def _n(value, spec: str = "") -> str:
+    """A figure of the summary, or n/a where the trainer stopped before it had one."""
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)

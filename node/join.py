@@ -587,7 +587,8 @@ async def _trainer(args, dht, manifest, identity, stop: StopFlag) -> int:
         if metrics is not None:
             with metrics.open("a") as f:
                 f.write(json.dumps({"final": True, **summary}) + "\n")
-        val = "no validation (--eval-batches 0)" if args.eval_batches <= 0 else f"val loss {val_loss:.4f}"
+        val = ("no validation (--eval-batches 0)" if args.eval_batches <= 0 else "no validation (stopped early)"
+               if stop.is_set() else f"val loss {val_loss:.4f}")  # fmt: skip
         say(f"trainer: done: {step} steps, {val}, banned {len(trainer.banned)}")
     finally:
         await trainer.shutdown()

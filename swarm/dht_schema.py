@@ -27,13 +27,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import ctypes
 import hashlib
 import os
 import pickle
 import re
 import signal
-import sys
 import threading
 import time
 from collections import OrderedDict, defaultdict
@@ -50,6 +48,7 @@ from hivemind.utils import MSGPackSerializer, get_logger
 from torch import multiprocessing as torch_mp
 
 from swarm.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity
+from swarm.lifetime import die_with_parent
 from swarm.records import (
     Manifest,
     RecordError,
@@ -358,16 +357,9 @@ def _bound_to_parent(orphaned: Callable[[], None] = lambda: None) -> None:
         os._exit(0)  # p2pd receives its parent-death signal
 
     threading.Thread(target=watch, name="sentinel-dht-parent-watch", daemon=True).start()
-    if not sys.platform.startswith("linux"):
+    die_with_this_process = die_with_parent(signal.SIGTERM)
+    if die_with_this_process is None:
         return
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    me = os.getpid()
-
-    def die_with_this_process() -> None:  # in the child, between fork and exec
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != me:  # this process ended before the signal was set
-            os._exit(1)
-
     spawn = asyncio.subprocess.create_subprocess_exec
 
     async def create_subprocess_exec(*args, **kwargs):
@@ -377,8 +369,6 @@ def _bound_to_parent(orphaned: Callable[[], None] = lambda: None) -> None:
 
     asyncio.subprocess.create_subprocess_exec = create_subprocess_exec  # hivemind starts p2pd through it
 
-
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 ROUTING_GRACE = 60.0  # seconds
 _ANSWERED: dict = {}  # (in the DHT's process) peer id -> time.monotonic() of its last answer
