@@ -736,11 +736,33 @@ def _publish(
     The DHT's SentinelRecordValidator must hold `identity`'s seed: it signs inside the DHT process. Returns whether
     at least one peer accepted the record.
     """
-    if owner != identity.public_key:
-        raise ValueError("a record can only be published by the identity it names as its writer")
-    subkey = make_subkey(identity.public_key, discriminator)
-    future = dht.store(key, item.to_tuple(), expiration_time=expiration, subkey=subkey, return_future=True)
-    return bool(_bounded(dht, future, f"store under {key}", False))
+    return publish_each(dht, identity, [(owner, key, discriminator, item)], expiration)[0]
+
+
+Entry = tuple[bytes, str, bytes, WireRecord]  # what ``publish_each`` stores: (owner, key, discriminator, record)
+
+
+def publish_each(dht: DHT, identity: Identity, entries: Iterable[Entry], expiration: float) -> list[bool]:
+    """``_publish`` of every entry, all in flight at once (as ``_get_each`` reads), so that it takes about as long as
+    the slowest store, not the sum: a store waits for every peer it asks, and a peer that stopped answering (frozen,
+    or gone from a network that drops its packets) costs each store hivemind's timeout. Stored one after another, a
+    validator's records took 18-28 s to publish beside one such peer, past their 20 s lifetime, so that it vanished
+    from the swarm's view now and then. Whether at least one peer accepted each; a store that failed is False."""
+    futures = []
+    for owner, key, discriminator, item in entries:
+        if owner != identity.public_key:
+            raise ValueError("a record can only be published by the identity it names as its writer")
+        subkey = make_subkey(identity.public_key, discriminator)
+        futures.append((key, dht.store(key, item.to_tuple(), expiration_time=expiration, subkey=subkey,
+                                       return_future=True)))  # fmt: skip
+    stored = []
+    for key, future in futures:
+        try:
+            stored.append(bool(_bounded(dht, future, f"store under {key}", False)))
+        except Exception as e:  # noqa: BLE001 - one failed store (raised in the DHT's process) fails that entry only
+            logger.warning(f"DHT store under {key} failed: {type(e).__name__}: {e}")
+            stored.append(False)
+    return stored
 
 
 def _bounded(dht: DHT, future: Any, what: str, default: Any) -> Any:
@@ -860,8 +882,11 @@ def fetch_manifest(dht: DHT, run: str, authority_key: bytes, digest: bytes | Non
 
 def publish_validator_manifest(dht: DHT, identity: Identity, signed: SignedManifest, expiration: float) -> bool:
     """A validator's copy of the manifest, under the key only the manifest's validators may write."""
-    return _publish(dht, identity, identity.public_key, validator_manifest_key(signed.manifest.run_id), b"", signed,
-                    expiration)  # fmt: skip
+    return publish_each(dht, identity, [validator_manifest_entry(identity, signed)], expiration)[0]
+
+
+def validator_manifest_entry(identity: Identity, signed: SignedManifest) -> Entry:
+    return identity.public_key, validator_manifest_key(signed.manifest.run_id), b"", signed
 
 
 def manifest_copies(
@@ -889,8 +914,11 @@ def publish_stage(dht: DHT, identity: Identity, announcement: StageAnnouncement,
 
 
 def publish_directory(dht: DHT, identity: Identity, directory: ReplicaDirectory, expiration: float) -> bool:
-    key = directory_key(directory.run_id, directory.stage)
-    return _publish(dht, identity, directory.validator, key, b"", directory, expiration)
+    return publish_each(dht, identity, [directory_entry(directory)], expiration)[0]
+
+
+def directory_entry(directory: ReplicaDirectory) -> Entry:
+    return directory.validator, directory_key(directory.run_id, directory.stage), b"", directory
 
 
 def fetch_directories(dht: DHT, run: str, stage: int) -> list[ReplicaDirectory]:
@@ -987,8 +1015,11 @@ def _strikes(found: Any, run: str, peer: str) -> list[StrikeRecord]:
 
 
 def publish_validator(dht: DHT, identity: Identity, announcement: ValidatorAnnouncement, expiration: float) -> bool:
-    key = validator_key(announcement.run_id, announcement.boundary)
-    return _publish(dht, identity, announcement.validator, key, b"", announcement, expiration)
+    return publish_each(dht, identity, [validator_entry(announcement)], expiration)[0]
+
+
+def validator_entry(announcement: ValidatorAnnouncement) -> Entry:
+    return announcement.validator, validator_key(announcement.run_id, announcement.boundary), b"", announcement
 
 
 def fetch_validators(dht: DHT, run: str, boundary: int) -> list[ValidatorAnnouncement]:

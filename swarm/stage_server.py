@@ -84,6 +84,7 @@ from hivemind.utils import get_dht_time
 from sentinel.attacks import MaliciousBehaviour
 from swarm.dht_schema import fetch_banned, fetch_view, publish_stage
 from swarm.identity import Identity
+from swarm.lifetime import run_every
 from swarm.model import ModelConfig, Stage, resolve_config, resolve_device
 from swarm.protocol import (
     BadRequest,
@@ -347,14 +348,15 @@ class StageServer(ServicerBase):
         return await asyncio.to_thread(publish_stage, self._dht, self.identity, self.announcement(state), expiration)
 
     async def _announce_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.announce_period)
-            try:
-                await self.announce(StageState.ONLINE)
-            except Exception as e:  # keep serving; the next period retries
-                logger.warning(f"stage {self.config.stage}: announce failed: {type(e).__name__}: {e}")
-            if self.config.enlist and (self._enlisting is None or self._enlisting.done()):
-                self._enlisting = asyncio.create_task(self._enlist_quietly())  # beside: announcing must not wait
+        """Announce ONLINE every ``announce_period`` seconds, start to start (``run_every``: a slow store does not
+        push the next one past the record's lifetime), and enlist beside it."""
+        await run_every(self.config.announce_period, self._announce_round, f"stage {self.config.stage}: announce",
+                        logger)  # fmt: skip
+
+    async def _announce_round(self) -> None:
+        if self.config.enlist and (self._enlisting is None or self._enlisting.done()):
+            self._enlisting = asyncio.create_task(self._enlist_quietly())  # beside: announcing must not wait
+        await self.announce(StageState.ONLINE)
 
     async def _enlist_quietly(self) -> None:
         try:

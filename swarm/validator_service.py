@@ -44,13 +44,15 @@ from hivemind.utils import get_dht_time
 from sentinel.config import SentinelConfig
 from sentinel.validator import CheckResult, Validator
 from swarm.dht_schema import (
-    publish_directory,
+    directory_entry,
+    publish_each,
     publish_strike,
     publish_taint,
-    publish_validator,
-    publish_validator_manifest,
+    validator_entry,
+    validator_manifest_entry,
 )
 from swarm.identity import Identity
+from swarm.lifetime import run_every
 from swarm.protocol import (
     BadRequest,
     ProtocolError,
@@ -286,16 +288,17 @@ class ValidatorService(ServicerBase):
         if self._dht is None or not self.config.publish:
             return
         expiration = get_dht_time() + 2 * self.config.announce_period
-        for b in self.boundaries:
-            record = ValidatorAnnouncement(
-                self.manifest.run_id, b, self.peer_id, self.throughput, self.identity.public_key
-            )
-            await asyncio.to_thread(publish_validator, self._dht, self.identity, record, expiration)
-        for directory in self.directories():
-            await asyncio.to_thread(publish_directory, self._dht, self.identity, directory, expiration)
+        entries = [validator_entry(ValidatorAnnouncement(self.manifest.run_id, b, self.peer_id, self.throughput,
+                                                         self.identity.public_key)) for b in self.boundaries]
+        entries += [directory_entry(directory) for directory in self.directories()]
         if self.signed_manifest is not None:
-            await asyncio.to_thread(publish_validator_manifest, self._dht, self.identity, self.signed_manifest,
-                                    expiration)  # fmt: skip
+            entries.append(validator_manifest_entry(self.identity, self.signed_manifest))
+        started = time.monotonic()
+        stored = await asyncio.to_thread(publish_each, self._dht, self.identity, entries, expiration)  # all at once
+        took = time.monotonic() - started
+        if took > self.config.announce_period / 2:  # a peer that stopped answering costs each store a timeout
+            logger.warning(f"validator: announcing took {took:.1f} s ({sum(stored)} of {len(stored)} record(s) "
+                           f"stored; they live {2 * self.config.announce_period:.0f} s): a peer not answering?")
 
     def _vouch(self, stage: int, peer: str) -> None:
         """``peer``'s output at stage ``stage`` (0-based) was accepted now."""
@@ -433,14 +436,7 @@ class ValidatorService(ServicerBase):
 
     @staticmethod
     async def _every(seconds: float, work, what: str) -> None:
-        """``await work()`` every ``seconds`` seconds until cancelled; a failure is logged and the next period tries
-        again."""
-        while True:
-            await asyncio.sleep(seconds)
-            try:
-                await work()
-            except Exception as e:
-                logger.warning(f"validator: {what} failed: {type(e).__name__}: {e}")
+        await run_every(seconds, work, f"validator: {what}", logger)
 
     # ------------------------------------------------------------------------------------------------- handler
     async def rpc_check(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:

@@ -936,3 +936,95 @@ def test_enlist_requests_are_checked_and_their_queue_is_bounded():
         enlist({"run": RUN, "stage": 0}, f"QmSybil{i}")
     queue = service._candidates[0]
     assert len(queue) == MAX_CANDIDATES and next(iter(queue)) == "QmSybil10"
+
+
+def test_records_are_published_with_every_store_in_flight_at_once():
+    """publish_each issues every store before it waits for the first (a peer that stopped answering costs each store
+    a timeout: one after another, a validator's round outlasted its records), and a store that failed in the DHT's
+    process is False for that entry only."""
+    import concurrent.futures
+
+    from swarm.dht_schema import directory_entry, publish_each, validator_entry
+    from swarm.records import ValidatorAnnouncement
+
+    events: list[str] = []
+    identity = Identity.generate()
+
+    class RecordingDHT:
+        def store(self, key, value, expiration_time, subkey, return_future):
+            assert return_future
+            events.append(f"store {key}")
+            future = concurrent.futures.Future()
+            if ".directory." in key:
+                future.set_exception(RuntimeError("refused"))
+            else:
+                future.set_result(True)
+            original = future.result
+
+            def result(timeout=None):
+                events.append(f"wait {key}")
+                return original(timeout)
+
+            future.result = result
+            return future
+
+        def is_alive(self):
+            return True
+
+    announcements = [ValidatorAnnouncement(RUN, b, "QmValidator", 1.0, identity.public_key) for b in range(3)]
+    entries = [validator_entry(a) for a in announcements]
+    entries.append(directory_entry(ReplicaDirectory(RUN, 0, ("QmReplica",), identity.public_key)))
+    assert ".directory." in entries[-1][1]
+    stored = publish_each(RecordingDHT(), identity, entries, get_dht_time() + 20)
+    assert stored == [True, True, True, False]
+    assert [e.split()[0] for e in events] == ["store"] * 4 + ["wait"] * 4
+    with pytest.raises(ValueError):  # only the identity a record names as its writer may publish it
+        publish_each(RecordingDHT(), Identity.generate(), entries[:1], get_dht_time() + 20)
+
+
+@pytest.mark.forked
+@pytest.mark.timeout(180)
+def test_validators_stay_in_the_view_beside_a_peer_that_stopped_answering():
+    """A DHT peer that stops answering (frozen, or gone from a network that drops its packets: here SIGSTOP of its
+    DHT's process and p2pd) costs every store that asks it hivemind's timeout. The validator published its 6 records
+    one after another, 18-28 s a round against their 20 s lifetime, and vanished from the swarm's view now and then
+    (seen in the compose swarm after its trainer left; `sentinel-node status` listed no validator). They now go out
+    all at once, every announce_period start to start, and the view keeps them throughout."""
+    import signal
+
+    from swarm.local import start_local_dht
+
+    hung: list = []
+    misses: list[tuple[float, list[int]]] = []
+
+    def start_hung_peer():
+        hung.append(start_local_dht(swarm.manifest, Identity.generate(), swarm.initial_peers()))
+
+    async def body(swarm: LocalSwarm):
+        reader = swarm.dhts["trainer"]
+        view = await asyncio.to_thread(fetch_view, reader, RUN, range(2), range(3))
+        assert all(view.validators[b] for b in range(3)), view.validators
+        await asyncio.sleep(3)  # the peer is in the others' routing tables by now (it joined before they started)
+        frozen = [psutil.Process(hung[0].pid), *psutil.Process(hung[0].pid).children(recursive=True)]
+        assert any(p.name() == "p2pd" for p in frozen)
+        for p in frozen:
+            p.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            while time.monotonic() - started < 45:  # over two lifetimes of the records (20 s)
+                view = await asyncio.to_thread(fetch_view, reader, RUN, range(2), range(3))
+                missing = [b for b in range(3) if not view.validators[b]]
+                if missing:
+                    misses.append((round(time.monotonic() - started, 1), missing))
+                await asyncio.sleep(2)
+        finally:
+            for p in frozen:
+                p.send_signal(signal.SIGCONT)
+
+    swarm = LocalSwarm((1, 1), trainer_config=TrainerConfig(seed=SEED, batch_size=2, microbatches=2))
+    try:
+        swarm.run(body, after_dhts=start_hung_peer)
+    finally:
+        for dht in hung:
+            dht.shutdown()
+    assert not misses, f"the validator was missing from the view at (seconds, boundaries) {misses}"
