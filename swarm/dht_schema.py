@@ -736,20 +736,29 @@ def _publish(
     The DHT's SentinelRecordValidator must hold `identity`'s seed: it signs inside the DHT process. Returns whether
     at least one peer accepted the record.
     """
-    return publish_each(dht, identity, [(owner, key, discriminator, item)], expiration)[0]
+    return publish_each(dht, identity, [Publication(owner, key, discriminator, item, expiration)])[0]
 
 
-Entry = tuple[bytes, str, bytes, WireRecord]  # what ``publish_each`` stores: (owner, key, discriminator, record)
+class Publication(NamedTuple):
+    """One record for ``publish_each``: stored under ``key``, with the subkey of (``owner``, ``discriminator``), until
+    ``expiration`` (absolute DHT time)."""
+
+    owner: bytes
+    key: str
+    discriminator: bytes
+    record: WireRecord
+    expiration: float
 
 
-def publish_each(dht: DHT, identity: Identity, entries: Iterable[Entry], expiration: float) -> list[bool]:
-    """``_publish`` of every entry, all in flight at once (as ``_get_each`` reads), so that it takes about as long as
-    the slowest store, not the sum: a store waits for every peer it asks, and a peer that stopped answering (frozen,
-    or gone from a network that drops its packets) costs each store hivemind's timeout. Stored one after another, a
-    validator's records took 18-28 s to publish beside one such peer, past their 20 s lifetime, so that it vanished
-    from the swarm's view now and then. Whether at least one peer accepted each; a store that failed is False."""
+def publish_each(dht: DHT, identity: Identity, publications: Iterable[Publication]) -> list[bool]:
+    """``_publish`` of every publication, all in flight at once (as ``_get_each`` reads), so that it takes about as
+    long as the slowest store, not the sum: a store waits for every peer it asks, and a peer that stopped answering
+    (frozen, or gone from a network that drops its packets) costs each store hivemind's timeout. Stored one after
+    another, a validator's records took 18-28 s to publish beside one such peer, past their 20 s lifetime, so that it
+    vanished from the swarm's view now and then. Whether at least one peer accepted each; a store that failed is
+    False."""
     futures = []
-    for owner, key, discriminator, item in entries:
+    for owner, key, discriminator, item, expiration in publications:
         if owner != identity.public_key:
             raise ValueError("a record can only be published by the identity it names as its writer")
         subkey = make_subkey(identity.public_key, discriminator)
@@ -763,6 +772,17 @@ def publish_each(dht: DHT, identity: Identity, entries: Iterable[Entry], expirat
             logger.warning(f"DHT store under {key} failed: {type(e).__name__}: {e}")
             stored.append(False)
     return stored
+
+
+def latest_per_subkey(publications: Iterable[Publication]) -> list[Publication]:
+    """The last publication of each (key, owner, discriminator), in the order of those last ones: a later record
+    under the same subkey supersedes an earlier one (a peer's strike record, step after step)."""
+    latest: dict[tuple[str, bytes, bytes], Publication] = {}
+    for p in publications:
+        where = (p.key, p.owner, p.discriminator)
+        latest.pop(where, None)
+        latest[where] = p
+    return list(latest.values())
 
 
 def _bounded(dht: DHT, future: Any, what: str, default: Any) -> Any:
@@ -882,11 +902,11 @@ def fetch_manifest(dht: DHT, run: str, authority_key: bytes, digest: bytes | Non
 
 def publish_validator_manifest(dht: DHT, identity: Identity, signed: SignedManifest, expiration: float) -> bool:
     """A validator's copy of the manifest, under the key only the manifest's validators may write."""
-    return publish_each(dht, identity, [validator_manifest_entry(identity, signed)], expiration)[0]
+    return publish_each(dht, identity, [validator_manifest_publication(identity, signed, expiration)])[0]
 
 
-def validator_manifest_entry(identity: Identity, signed: SignedManifest) -> Entry:
-    return identity.public_key, validator_manifest_key(signed.manifest.run_id), b"", signed
+def validator_manifest_publication(identity: Identity, signed: SignedManifest, expiration: float) -> Publication:
+    return Publication(identity.public_key, validator_manifest_key(signed.manifest.run_id), b"", signed, expiration)
 
 
 def manifest_copies(
@@ -914,11 +934,12 @@ def publish_stage(dht: DHT, identity: Identity, announcement: StageAnnouncement,
 
 
 def publish_directory(dht: DHT, identity: Identity, directory: ReplicaDirectory, expiration: float) -> bool:
-    return publish_each(dht, identity, [directory_entry(directory)], expiration)[0]
+    return publish_each(dht, identity, [directory_publication(directory, expiration)])[0]
 
 
-def directory_entry(directory: ReplicaDirectory) -> Entry:
-    return directory.validator, directory_key(directory.run_id, directory.stage), b"", directory
+def directory_publication(directory: ReplicaDirectory, expiration: float) -> Publication:
+    key = directory_key(directory.run_id, directory.stage)
+    return Publication(directory.validator, key, b"", directory, expiration)
 
 
 def fetch_directories(dht: DHT, run: str, stage: int) -> list[ReplicaDirectory]:
@@ -969,8 +990,12 @@ def fetch_view(dht: DHT, run: str, stages: Iterable[int] = (), boundaries: Itera
 def publish_taint(
     dht: DHT, identity: Identity, notice: TaintNotice, expiration: float, bucket_size: int = DEFAULT_BUCKET_SIZE
 ) -> bool:
+    return publish_each(dht, identity, [taint_publication(notice, expiration, bucket_size)])[0]
+
+
+def taint_publication(notice: TaintNotice, expiration: float, bucket_size: int = DEFAULT_BUCKET_SIZE) -> Publication:
     key = taint_key(notice.run_id, step_bucket(notice.step, bucket_size))
-    return _publish(dht, identity, notice.validator, key, taint_discriminator(notice), notice, expiration)
+    return Publication(notice.validator, key, taint_discriminator(notice), notice, expiration)
 
 
 def fetch_taints(dht: DHT, run: str, bucket: int, bucket_size: int = DEFAULT_BUCKET_SIZE) -> list[TaintNotice]:
@@ -982,19 +1007,29 @@ def publish_strike(dht: DHT, identity: Identity, record: StrikeRecord, expiratio
     """Publish a strike record; a ban (``record.banned``) also gets its entry in the run's strike index, with the same
     expiration (``publish_strike_index``), so that readers find the banned peer once it stops announcing. Returns
     whether the strike record was stored (the index entry is logged if refused: a newer one may already be there)."""
-    key = strikes_key(record.run_id, record.peer)
-    stored = _publish(dht, identity, record.validator, key, b"", record, expiration)
+    stored = publish_each(dht, identity, strike_publications(record, expiration))
+    if record.banned and not stored[1]:
+        logger.warning(f"strike index entry for {record.peer[:64]!r} was not stored")
+    return stored[0]
+
+
+def strike_publications(record: StrikeRecord, expiration: float) -> list[Publication]:
+    """A strike record, and for a ban (``record.banned``) its entry in the run's strike index (``publish_strike``)."""
+    out = [Publication(record.validator, strikes_key(record.run_id, record.peer), b"", record, expiration)]
     if record.banned:
         entry = StrikeIndexEntry(record.run_id, record.peer, record.validator)
-        if not publish_strike_index(dht, identity, entry, expiration):
-            logger.warning(f"strike index entry for {record.peer[:64]!r} was not stored")
-    return stored
+        out.append(strike_index_publication(entry, expiration))
+    return out
 
 
 def publish_strike_index(dht: DHT, identity: Identity, entry: StrikeIndexEntry, expiration: float) -> bool:
     """Store ``entry`` under the run's strike index (``publish_strike`` does it for every ban it publishes)."""
+    return publish_each(dht, identity, [strike_index_publication(entry, expiration)])[0]
+
+
+def strike_index_publication(entry: StrikeIndexEntry, expiration: float) -> Publication:
     key, discriminator = strike_index_key(entry.run_id), strike_index_discriminator(entry.peer)
-    return _publish(dht, identity, entry.validator, key, discriminator, entry, expiration)
+    return Publication(entry.validator, key, discriminator, entry, expiration)
 
 
 def fetch_strike_index(dht: DHT, run: str) -> list[StrikeIndexEntry]:
@@ -1015,11 +1050,12 @@ def _strikes(found: Any, run: str, peer: str) -> list[StrikeRecord]:
 
 
 def publish_validator(dht: DHT, identity: Identity, announcement: ValidatorAnnouncement, expiration: float) -> bool:
-    return publish_each(dht, identity, [validator_entry(announcement)], expiration)[0]
+    return publish_each(dht, identity, [validator_publication(announcement, expiration)])[0]
 
 
-def validator_entry(announcement: ValidatorAnnouncement) -> Entry:
-    return announcement.validator, validator_key(announcement.run_id, announcement.boundary), b"", announcement
+def validator_publication(announcement: ValidatorAnnouncement, expiration: float) -> Publication:
+    key = validator_key(announcement.run_id, announcement.boundary)
+    return Publication(announcement.validator, key, b"", announcement, expiration)
 
 
 def fetch_validators(dht: DHT, run: str, boundary: int) -> list[ValidatorAnnouncement]:

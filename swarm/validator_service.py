@@ -44,12 +44,14 @@ from hivemind.utils import get_dht_time
 from sentinel.config import SentinelConfig
 from sentinel.validator import CheckResult, Validator
 from swarm.dht_schema import (
-    directory_entry,
+    Publication,
+    directory_publication,
+    latest_per_subkey,
     publish_each,
-    publish_strike,
-    publish_taint,
-    validator_entry,
-    validator_manifest_entry,
+    strike_publications,
+    taint_publication,
+    validator_manifest_publication,
+    validator_publication,
 )
 from swarm.identity import Identity
 from swarm.lifetime import run_every
@@ -187,6 +189,9 @@ class ValidatorService(ServicerBase):
         # one publisher thread: records go out in the order they were made (a later strike must not be overtaken)
         self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="validator-publish")
         self._pending: set[asyncio.Future] = set()
+        self._outbox: list[Publication] = []  # records made and not yet handed to the DHT (``_send``)
+        self._sender: asyncio.Future | None = None
+        self.n_publish_batches = 0
         self._dht: DHT | None = None
         self._p2p: P2P | None = None
         self._announcer: asyncio.Task | None = None
@@ -288,13 +293,14 @@ class ValidatorService(ServicerBase):
         if self._dht is None or not self.config.publish:
             return
         expiration = get_dht_time() + 2 * self.config.announce_period
-        entries = [validator_entry(ValidatorAnnouncement(self.manifest.run_id, b, self.peer_id, self.throughput,
-                                                         self.identity.public_key)) for b in self.boundaries]
-        entries += [directory_entry(directory) for directory in self.directories()]
+        records = [validator_publication(ValidatorAnnouncement(self.manifest.run_id, b, self.peer_id, self.throughput,
+                                                              self.identity.public_key), expiration)
+                   for b in self.boundaries]  # fmt: skip
+        records += [directory_publication(directory, expiration) for directory in self.directories()]
         if self.signed_manifest is not None:
-            entries.append(validator_manifest_entry(self.identity, self.signed_manifest))
+            records.append(validator_manifest_publication(self.identity, self.signed_manifest, expiration))
         started = time.monotonic()
-        stored = await asyncio.to_thread(publish_each, self._dht, self.identity, entries, expiration)  # all at once
+        stored = await asyncio.to_thread(publish_each, self._dht, self.identity, records)  # all at once
         took = time.monotonic() - started
         if took > self.config.announce_period / 2:  # a peer that stopped answering costs each store a timeout
             logger.warning(f"validator: announcing took {took:.1f} s ({sum(stored)} of {len(stored)} record(s) "
@@ -431,7 +437,7 @@ class ValidatorService(ServicerBase):
             record = StrikeRecord(self.manifest.run_id, peer, ledger.strikes(peer), True, list(self.evidence[peer]),
                                   step, self.identity.public_key)  # fmt: skip
             self._published_step[peer] = step
-            self._spawn(publish_strike, self._dht, self.identity, record, expiration)
+            self._send(strike_publications(record, expiration))
         return len(banned)
 
     @staticmethod
@@ -626,7 +632,7 @@ class ValidatorService(ServicerBase):
         key = self.identity.public_key
         notice = TaintNotice(run, step, mb, boundary, direction, sender, digest, _finite(res.scores),
                              res.reason[:MAX_REASON], key)  # fmt: skip
-        self._spawn(publish_taint, self._dht, self.identity, notice, now + self.config.taint_ttl)
+        self._send([taint_publication(notice, now + self.config.taint_ttl)])
         if res.blamed:
             self.evidence[sender].append(digest)
 
@@ -659,12 +665,29 @@ class ValidatorService(ServicerBase):
             record = StrikeRecord(self.manifest.run_id, sender, count, banned, list(self.evidence[sender]), step,
                                   self.identity.public_key)  # fmt: skip
             self._published_step[sender] = max(step, self._published_step.get(sender, step))
-            self._spawn(publish_strike, self._dht, self.identity, record, expiration)
+            self._send(strike_publications(record, expiration))
 
-    def _spawn(self, fn, *args) -> None:
-        task = asyncio.get_running_loop().run_in_executor(self._publisher, fn, *args)
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+    def _send(self, publications: list[Publication]) -> None:
+        """Queue records for the DHT. One task publishes them, in the order they were made, a batch at a time: all
+        that queued while the previous batch was out go at once (``publish_each``), a later record under the same
+        subkey in place of an earlier one (a peer's strike record, step after step). One after another, each store
+        beside a peer that stopped answering waited hivemind's timeout (about 5 s), and records queued up behind
+        it faster than they went out: a ban's strike record waited behind every taint notice made before it."""
+        self._outbox.extend(publications)
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.ensure_future(self._send_queued())
+            self._pending.add(self._sender)
+            self._sender.add_done_callback(self._pending.discard)
+
+    async def _send_queued(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._outbox:
+            batch, self._outbox = latest_per_subkey(self._outbox), []
+            self.n_publish_batches += 1
+            try:
+                await loop.run_in_executor(self._publisher, publish_each, self._dht, self.identity, batch)
+            except Exception as e:  # noqa: BLE001 - the next batch goes out all the same
+                logger.warning(f"validator: publishing {len(batch)} record(s) failed: {type(e).__name__}: {e}")
 
 
 @dataclass(frozen=True)

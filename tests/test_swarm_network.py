@@ -400,3 +400,67 @@ def test_a_validator_saves_a_new_ban_at_once(tmp_path):
     assert again.validator.ledger.is_banned("QmBad") and again.validator.ledger.banned() == {"QmBad": 4}
     again._executor.shutdown()
     again._publisher.shutdown()
+
+
+def test_validator_publishes_what_queued_meanwhile_as_one_batch_the_latest_strike_of_a_peer_only():
+    """While one batch of the validator's records is out (each store beside a peer that stopped answering waits
+    hivemind's timeout), what it makes queues, and goes out as the next batch, all at once, with a peer's later
+    strike record in place of its earlier one. Before, one thread stored them one after another: a ban's strike record
+    waited behind every taint notice made before it, about 5 s each beside such a peer."""
+    import concurrent.futures
+    import threading
+
+    from swarm.dht_schema import strike_publications, taint_publication
+    from swarm.records import StrikeRecord, TaintNotice
+
+    release = threading.Event()
+    stores: list[list[str]] = [[]]  # the keys of each batch, as the DHT received them
+
+    class SlowDHT:
+        def store(self, key, value, expiration_time, subkey, return_future):
+            kind = "strike_index" if key.endswith(".strike_index") else "strikes" if ".strikes." in key else "taint"
+            stores[-1].append(f"{kind}:{value[-2] if kind == 'strikes' else ''}")
+            future = concurrent.futures.Future()
+            if len(stores) == 1:  # the first batch waits for a peer that does not answer
+                threading.Thread(target=lambda: (release.wait(10), future.set_result(True)), daemon=True).start()
+            else:
+                future.set_result(True)
+            return future
+
+        def is_alive(self):
+            return True
+
+    service = ValidatorService(ValidatorServiceConfig(), MANIFEST, VALIDATOR, SentinelConfig())
+    key = VALIDATOR.public_key
+    now = hivemind.utils.get_dht_time()
+
+    def taint(step: int) -> TaintNotice:
+        return TaintNotice(RUN, step, 0, 1, Direction.FORWARD, "QmSender", bytes(32), {"l2": 1.0}, "distance:l2", key)
+
+    def strike(step: int, count: int, banned: bool) -> StrikeRecord:
+        return StrikeRecord(RUN, "QmSender", count, banned, [], step, key)
+
+    async def main() -> None:
+        service._dht = SlowDHT()
+        service._send([taint_publication(taint(1), now + 60)])
+        await asyncio.sleep(0.3)  # the first batch is out, waiting
+        assert len(stores[0]) == 1 and service.n_publish_batches == 1
+        stores.append([])
+        service._send([taint_publication(taint(2), now + 60)])
+        service._send(strike_publications(strike(2, 2, False), now + 60))
+        service._send([taint_publication(taint(3), now + 61)])
+        service._send(strike_publications(strike(3, 3, True), now + 61))  # the ban: its record and its index entry
+        await asyncio.sleep(0.3)
+        assert stores[1] == [] and service.n_publish_batches == 1  # queued behind the first batch
+        release.set()
+        await service.flush()
+
+    try:
+        asyncio.run(main())
+    finally:
+        service._executor.shutdown(wait=True)
+        service._publisher.shutdown(wait=True)
+    assert service.n_publish_batches == 2
+    assert stores[0] == ["taint:"]
+    # one batch: both taints, the peer's step-3 strike record only (its step-2 one superseded), the ban's index entry
+    assert sorted(stores[1]) == sorted(["taint:", "taint:", "strikes:3", "strike_index:"]), stores[1]

@@ -944,7 +944,7 @@ def test_records_are_published_with_every_store_in_flight_at_once():
     process is False for that entry only."""
     import concurrent.futures
 
-    from swarm.dht_schema import directory_entry, publish_each, validator_entry
+    from swarm.dht_schema import directory_publication, publish_each, validator_publication
     from swarm.records import ValidatorAnnouncement
 
     events: list[str] = []
@@ -972,14 +972,15 @@ def test_records_are_published_with_every_store_in_flight_at_once():
             return True
 
     announcements = [ValidatorAnnouncement(RUN, b, "QmValidator", 1.0, identity.public_key) for b in range(3)]
-    entries = [validator_entry(a) for a in announcements]
-    entries.append(directory_entry(ReplicaDirectory(RUN, 0, ("QmReplica",), identity.public_key)))
-    assert ".directory." in entries[-1][1]
-    stored = publish_each(RecordingDHT(), identity, entries, get_dht_time() + 20)
+    expiration = get_dht_time() + 20
+    entries = [validator_publication(a, expiration) for a in announcements]
+    entries.append(directory_publication(ReplicaDirectory(RUN, 0, ("QmReplica",), identity.public_key), expiration))
+    assert ".directory." in entries[-1].key
+    stored = publish_each(RecordingDHT(), identity, entries)
     assert stored == [True, True, True, False]
     assert [e.split()[0] for e in events] == ["store"] * 4 + ["wait"] * 4
     with pytest.raises(ValueError):  # only the identity a record names as its writer may publish it
-        publish_each(RecordingDHT(), Identity.generate(), entries[:1], get_dht_time() + 20)
+        publish_each(RecordingDHT(), Identity.generate(), entries[:1])
 
 
 @pytest.mark.forked
