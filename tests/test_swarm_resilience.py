@@ -315,36 +315,51 @@ def test_a_trainer_restarted_from_an_older_checkpoint_redoes_its_steps():
     run_swarm(swarm, body)
 
 
+class RecordingDHT:
+    """A DHT whose every get and store is answered at once (an exception for keys containing ``fail``), and which
+    records, in ``events``, when each was issued and when its result was waited for."""
+
+    def __init__(self, fail: str, result):
+        self.events: list[str] = []
+        self.fail, self.value = fail, result
+
+    def _future(self, what: str, key: str):
+        import concurrent.futures
+
+        self.events.append(f"{what} {key}")
+        future = concurrent.futures.Future()
+        if self.fail in key:
+            future.set_exception(RuntimeError("refused"))
+        else:
+            future.set_result(self.value)
+        original = future.result
+
+        def result(timeout=None):
+            self.events.append(f"wait {key}")
+            return original(timeout)
+
+        future.result = result
+        return future
+
+    def get(self, key, latest, return_future):
+        assert latest and return_future
+        return self._future("get", key)
+
+    def store(self, key, value, expiration_time, subkey, return_future):
+        assert return_future
+        return self._future("store", key)
+
+    def is_alive(self):
+        return True
+
+
 def test_the_view_is_read_with_every_get_in_flight_at_once():
     """fetch_view reads its 3S + 1 keys all at once (a flooded stage key takes seconds to fail, and one after
     another a trainer paid that once per flooded stage), one get per key (a get_many shares one reply limit at each
     peer: a flooded key would fail the others with it), and a get that failed leaves its key empty, not the view."""
-    import concurrent.futures
-
-    events: list[str] = []
-
-    class RecordingDHT:
-        def get(self, key, latest, return_future):
-            assert latest and return_future
-            events.append(f"get {key}")
-            future = concurrent.futures.Future()
-            if ".stage.1" in key:
-                future.set_exception(RuntimeError("reply over the size limit"))
-            else:
-                future.set_result(None)
-            original = future.result
-
-            def result(timeout=None):
-                events.append(f"wait {key}")
-                return original(timeout)
-
-            future.result = result
-            return future
-
-        def is_alive(self):
-            return True
-
-    view = fetch_view(RecordingDHT(), RUN, range(2), range(3))
+    dht = RecordingDHT(fail=".stage.1", result=None)
+    view = fetch_view(dht, RUN, range(2), range(3))
+    events = dht.events
     gets = [e for e in events if e.startswith("get ")]
     assert len(gets) == 7 and len(set(gets)) == 7  # 2 stage keys, 2 directories, 3 validator boundaries
     assert events[:7] == gets  # every get issued before the first wait
@@ -942,45 +957,21 @@ def test_records_are_published_with_every_store_in_flight_at_once():
     """publish_each issues every store before it waits for the first (a peer that stopped answering costs each store
     a timeout: one after another, a validator's round outlasted its records), and a store that failed in the DHT's
     process is False for that entry only."""
-    import concurrent.futures
-
     from swarm.dht_schema import directory_publication, publish_each, validator_publication
     from swarm.records import ValidatorAnnouncement
 
-    events: list[str] = []
     identity = Identity.generate()
-
-    class RecordingDHT:
-        def store(self, key, value, expiration_time, subkey, return_future):
-            assert return_future
-            events.append(f"store {key}")
-            future = concurrent.futures.Future()
-            if ".directory." in key:
-                future.set_exception(RuntimeError("refused"))
-            else:
-                future.set_result(True)
-            original = future.result
-
-            def result(timeout=None):
-                events.append(f"wait {key}")
-                return original(timeout)
-
-            future.result = result
-            return future
-
-        def is_alive(self):
-            return True
-
+    dht = RecordingDHT(fail=".directory.", result=True)
     announcements = [ValidatorAnnouncement(RUN, b, "QmValidator", 1.0, identity.public_key) for b in range(3)]
     expiration = get_dht_time() + 20
     entries = [validator_publication(a, expiration) for a in announcements]
     entries.append(directory_publication(ReplicaDirectory(RUN, 0, ("QmReplica",), identity.public_key), expiration))
     assert ".directory." in entries[-1].key
-    stored = publish_each(RecordingDHT(), identity, entries)
+    stored = publish_each(dht, identity, entries)
     assert stored == [True, True, True, False]
-    assert [e.split()[0] for e in events] == ["store"] * 4 + ["wait"] * 4
+    assert [e.split()[0] for e in dht.events] == ["store"] * 4 + ["wait"] * 4
     with pytest.raises(ValueError):  # only the identity a record names as its writer may publish it
-        publish_each(RecordingDHT(), Identity.generate(), entries[:1])
+        publish_each(dht, Identity.generate(), entries[:1])
 
 
 @pytest.mark.forked
