@@ -474,6 +474,8 @@ class Trainer:
         if isinstance(e, MalformedReply):
             logger.warning(f"{peer[:12]}... sent a malformed reply ({e}); routing around it from now on")
             self.misbehaved.add(peer)
+        elif peer in self.avoided():  # tried again as the least bad peer left: said once, not at every try
+            logger.debug(f"call to {peer[:12]}... failed again ({type(e).__name__}: {e})")
         else:
             logger.warning(f"call to {peer[:12]}... failed ({type(e).__name__}: {e}); trying another peer")
         self._mark_failed(peer)

@@ -472,6 +472,26 @@ def test_busy_peer_is_sidestepped_briefly_and_a_failed_one_for_longer():
     assert trainer.avoided() == {"full", "dead"}
 
 
+def test_a_peer_failing_again_while_avoided_is_warned_of_once(caplog):
+    """A peer tried again while it is avoided (the least bad one left: the only honest replica of a stage beside
+    banned ones) fails fast, again and again; the trainer logged a warning at every try (about 60 in 5 s with the
+    demo's only honest stage-1 replica frozen). It warns once per avoidance now, and again once it has expired."""
+    import logging
+
+    trainer_id = Identity.generate()
+    manifest = local_manifest(RUN, "tiny", 1, Identity.generate(), trainer_id, Identity.generate())
+    trainer = Trainer(TrainerConfig(seed=SEED, failure_ban=15.0), manifest, trainer_id, CORPUS)
+    with caplog.at_level(logging.DEBUG, logger="swarm.trainer"):
+        for _ in range(5):
+            trainer._failed("frozen", TransportError("all dials failed"))
+        trainer._down["frozen"] = (time.monotonic() - 1.0, trainer._down["frozen"][1])  # its avoidance expired
+        trainer._failed("frozen", TransportError("all dials failed"))
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "frozen" in r.getMessage()]
+    quiet = [r for r in caplog.records if r.levelno == logging.DEBUG and "failed again" in r.getMessage()]
+    assert len(warned) == 2 and len(quiet) == 4
+    assert trainer._down["frozen"][1] == 6  # every failure still counts
+
+
 def test_replicas_that_never_answered_get_a_bounded_share_and_their_own_retry_budget():
     """Anyone may announce a replica. 50 announcements of peers that never answer used to draw 50 of every 52
     micro-batches and use up a call's 3 attempts (NoRoute, the trainer stopped). Replicas that have answered this
