@@ -751,12 +751,12 @@ class Publication(NamedTuple):
 
 
 def publish_each(dht: DHT, identity: Identity, publications: Iterable[Publication]) -> list[bool]:
-    """``_publish`` of every publication, all in flight at once (as ``_get_each`` reads), so that it takes about as
-    long as the slowest store, not the sum: a store waits for every peer it asks, and a peer that stopped answering
-    (frozen, or gone from a network that drops its packets) costs each store hivemind's timeout. Stored one after
-    another, a validator's records took 18-28 s to publish beside one such peer, past their 20 s lifetime, so that it
-    vanished from the swarm's view now and then. Whether at least one peer accepted each; a store that failed is
-    False."""
+    """Store every publication (``_publish`` stores one), all in flight at once (as ``_get_each`` reads), so that it
+    takes about as long as the slowest store, not the sum: a store waits for every peer it asks, and a peer that
+    stopped answering (frozen, or gone from a network that drops its packets) costs each store hivemind's timeout.
+    Stored one after another, a validator's records took 18-28 s to publish beside one such peer, past their 20 s
+    lifetime, so that it vanished from the swarm's view now and then. Whether at least one peer accepted each; a
+    store that failed is False."""
     futures = []
     for owner, key, discriminator, item, expiration in publications:
         if owner != identity.public_key:

@@ -188,7 +188,6 @@ class ValidatorService(ServicerBase):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="validator")  # the Validator is serial
         # one publisher thread: records go out in the order they were made (a later strike must not be overtaken)
         self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="validator-publish")
-        self._pending: set[asyncio.Future] = set()
         self._outbox: list[Publication] = []  # records made and not yet handed to the DHT (``_send``)
         self._sender: asyncio.Future | None = None
         self.n_publish_batches = 0
@@ -240,13 +239,14 @@ class ValidatorService(ServicerBase):
         self._p2p = await dht.replicate_p2p()
         await self.add_p2p_handlers(self._p2p, namespace=rpc_namespace(self.manifest.run_id))
         await self.announce()
-        self._announcer = asyncio.create_task(self._every(self.config.announce_period, self.announce, "announce"))
+        self._announcer = asyncio.create_task(run_every(self.config.announce_period, self.announce,
+                                                        "validator: announce", logger))  # fmt: skip
         await self.republish_bans()  # a restarted validator's bans (from its saved state) are in force again at once
-        self._republisher = asyncio.create_task(self._every(self.config.strike_ttl / 3, self.republish_bans,
-                                                           "republishing bans"))  # fmt: skip
+        self._republisher = asyncio.create_task(run_every(self.config.strike_ttl / 3, self.republish_bans,
+                                                          "validator: republishing bans", logger))  # fmt: skip
         if self.config.probe_period > 0:
-            self._prober = asyncio.create_task(self._every(self.config.probe_period, self.probe_candidates,
-                                                       "probing candidates"))  # fmt: skip
+            self._prober = asyncio.create_task(run_every(self.config.probe_period, self.probe_candidates,
+                                                         "validator: probing candidates", logger))  # fmt: skip
 
     async def shutdown(self) -> None:
         """Stop serving, settle and publish the last step's strikes, save the state. A second call does nothing."""
@@ -272,9 +272,9 @@ class ValidatorService(ServicerBase):
             self._check_log = None
 
     async def flush(self) -> None:
-        """Wait for the DHT publications started so far."""
-        if self._pending:
-            await asyncio.gather(*list(self._pending), return_exceptions=True)
+        """Wait for the DHT publications queued so far (the sender publishes until its queue is empty)."""
+        if self._sender is not None:
+            await asyncio.gather(self._sender, return_exceptions=True)
 
     def save_state(self) -> None:
         if not self.config.state_path:
@@ -439,10 +439,6 @@ class ValidatorService(ServicerBase):
             self._published_step[peer] = step
             self._send(strike_publications(record, expiration))
         return len(banned)
-
-    @staticmethod
-    async def _every(seconds: float, work, what: str) -> None:
-        await run_every(seconds, work, f"validator: {what}", logger)
 
     # ------------------------------------------------------------------------------------------------- handler
     async def rpc_check(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
@@ -676,8 +672,6 @@ class ValidatorService(ServicerBase):
         self._outbox.extend(publications)
         if self._sender is None or self._sender.done():
             self._sender = asyncio.ensure_future(self._send_queued())
-            self._pending.add(self._sender)
-            self._sender.add_done_callback(self._pending.discard)
 
     async def _send_queued(self) -> None:
         loop = asyncio.get_running_loop()
